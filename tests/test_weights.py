@@ -1,0 +1,91 @@
+"""Strict checkpoint import: sharded safetensors load; missing, unexpected and misshapen keys fail."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from jaxtune import pretrained, sharding, weights
+from jaxtune.config import MeshConfig, ModelConfig
+from jaxtune.errors import UserError
+
+MESH = sharding.make_mesh(MeshConfig())
+
+
+def load(model_dir, **kw):
+  return pretrained.from_pretrained(ModelConfig(path=str(model_dir), **kw), 2, MESH, seed=0)
+
+
+def edited_copy(src, dst, edit):
+  """A copy of the model dir whose safetensors dict is passed through `edit`."""
+  shutil.copytree(src, dst)
+  tensors = load_file(dst / "model.safetensors")
+  save_file(edit(tensors), dst / "model.safetensors")
+  return dst
+
+
+def test_sharded_index_loads_the_same_params(tiny_bert_dir, tmp_path):
+  import transformers
+
+  sharded = tmp_path / "sharded"
+  transformers.BertModel.from_pretrained(tiny_bert_dir).save_pretrained(sharded, max_shard_size="300KB")
+  index = json.loads((sharded / weights.INDEX).read_text())
+  assert len(set(index["weight_map"].values())) > 1 and not (sharded / weights.SAFETENSORS).exists()
+  _, want = load(tiny_bert_dir)
+  _, got = load(sharded)
+  for path, value in sharding.flatten(want).items():
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(sharding.flatten(got)[path]), err_msg=path)
+
+
+def test_loaded_params_equal_the_checkpoint(tiny_bert_dir):
+  _, params = load(tiny_bert_dir)
+  raw = load_file(tiny_bert_dir / "model.safetensors")
+  np.testing.assert_array_equal(np.asarray(params["bert"]["layers"][1]["query"]["kernel"]),
+                                raw["encoder.layer.1.attention.self.query.weight"].T.reshape(32, 4, 8))
+  np.testing.assert_array_equal(np.asarray(params["bert"]["layers"][0]["attn_out"]["kernel"]),
+                                raw["encoder.layer.0.attention.output.dense.weight"].T.reshape(4, 8, 32))
+
+
+def test_missing_key_is_an_error(tiny_bert_dir, tmp_path):
+  d = edited_copy(tiny_bert_dir, tmp_path / "m", lambda t: {k: v for k, v in t.items() if "pooler.dense.bias" not in k})
+  with pytest.raises(UserError, match=r"lacks 1 parameter.*pooler\.dense\.bias.*model\.new_params"):
+    load(d)
+  load(d, new_params=(r"classifier\..*", r"bert\.pooler\..*"))  # declared new: initialised instead
+
+
+def test_unexpected_key_is_an_error(tiny_bert_dir, tmp_path):
+  extra = lambda t: {**t, "cls.predictions.bias": np.zeros(4, np.float32)}
+  d = edited_copy(tiny_bert_dir, tmp_path / "u", extra)
+  with pytest.raises(UserError, match=r"1 unexpected key.*cls\.predictions\.bias.*model\.unused_keys"):
+    load(d)
+  load(d, unused_keys=(r"cls\..*",))
+
+
+def test_shape_mismatch_is_an_error(tiny_bert_dir, tmp_path):
+  key = "encoder.layer.0.intermediate.dense.weight"
+  d = edited_copy(tiny_bert_dir, tmp_path / "s", lambda t: {**t, key: t[key][:, :-1].copy()})
+  with pytest.raises(UserError, match=rf"{key} has shape \(37, 31\).*needs \(32, 37\)"):
+    load(d)
+
+
+def test_unsupported_model_type_and_missing_dir(tiny_bert_dir, tmp_path):
+  d = tmp_path / "gpt"
+  shutil.copytree(tiny_bert_dir, d)
+  (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), "model_type": "t5"}))
+  with pytest.raises(UserError, match="model_type 't5'.*not supported"):
+    load(d)
+  with pytest.raises(UserError, match="no config.json"):
+    load(tmp_path / "does-not-exist")
+  with pytest.raises(UserError, match="downloading it from the hub failed"):
+    load("no-such-org/no-such-model")
+
+
+def test_layout_round_trip():
+  rng = np.random.default_rng(0)
+  for kind, ours in [("copy", (5, 3)), ("flat", (4, 2)), ("linear", (3, 4, 2)), ("linear_hk", (4, 2, 3))]:
+    hf = rng.normal(size=weights.hf_shape(kind, ours))
+    np.testing.assert_array_equal(weights.to_hf(weights.to_ours(hf, kind, ours), kind), hf)
