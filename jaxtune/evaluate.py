@@ -36,7 +36,7 @@ def evaluate_checkpoint(run_dir: Path, step: str = "latest", split: str | None =
   step_num = ckpts.resolve(step)
   meta = ckpts.meta(step_num)
   mesh = sharding.make_mesh(config_lib.MeshConfig())  # evaluation runs on whatever devices are here
-  train.check_devices(cfg, mesh)
+  train.check_devices(cfg, mesh, keys=("eval_batch_size",))
   family = pretrained.FAMILIES[meta["family"]]
   model = pretrained.describe(meta["family"], family.config(**meta["model"]), mesh)
   tokenizer = transformers.AutoTokenizer.from_pretrained(run_dir / "tokenizer")

@@ -41,7 +41,7 @@ def describe(family: str, cfg: Any, mesh: Mesh, seed: int = 0) -> Model:
   module = FAMILIES[family].module
   abstract_module = nnx.eval_shape(lambda: module(cfg, rngs=nnx.Rngs(seed)))
   graphdef, state = nnx.split(abstract_module)
-  abstract = {p: v.value for p, v in sharding.flat_variables(state).items()}
+  abstract = {p: v.get_value() for p, v in sharding.flat_variables(state).items()}
   return Model(family, cfg, graphdef, abstract, sharding.param_shardings(state, mesh))
 
 
@@ -53,7 +53,7 @@ def init_params(model: Model, seed: int, only: set[str] | None = None) -> dict[s
 
   def init() -> dict[str, jax.Array]:  # XLA drops the initialisers of params not returned
     state = nnx.state(module(model.cfg, rngs=nnx.Rngs(seed)))
-    return {p: v.value for p, v in sharding.flat_variables(state).items() if p in keep}
+    return {p: v.get_value() for p, v in sharding.flat_variables(state).items() if p in keep}
 
   return jax.jit(init, out_shardings={p: flat_shardings[p] for p in keep})()
 

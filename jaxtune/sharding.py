@@ -67,7 +67,7 @@ def spec_for(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh,
 
 def param_shardings(abstract_state: nnx.State, mesh: Mesh) -> dict[str, Any]:
   """Pure-dict tree of NamedShardings for an (abstract) nnx param state, from each param's `axes`."""
-  flat = {path: NamedSharding(mesh, spec_for(v.value.shape, v.get_metadata()["axes"], mesh))
+  flat = {path: NamedSharding(mesh, spec_for(v.get_value().shape, v.get_metadata()["axes"], mesh))
           for path, v in flat_variables(abstract_state).items()}
   return unflatten(flat)
 
@@ -79,6 +79,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def on_mesh(s: jax.sharding.Sharding, mesh: Mesh) -> NamedSharding:
+  """`s` if it is already a NamedSharding, else replicated over `mesh` (e.g. a scalar's)."""
+  return s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated(mesh)
 
 
 def flat_variables(state: nnx.State) -> dict[str, nnx.Variable]:

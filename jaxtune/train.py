@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -82,9 +81,11 @@ def evaluate(eval_step, params: Any, data: classification.Encoded, cfg: Config, 
   return metrics_lib.classification(np.concatenate(preds), data.labels, np.concatenate(losses), num_classes)
 
 
-def check_devices(cfg: Config, mesh: jax.sharding.Mesh) -> None:
+def check_devices(cfg: Config, mesh: jax.sharding.Mesh, keys: tuple[str, ...] = ("batch_size", "eval_batch_size")
+                  ) -> None:
+  """Each global batch size in `keys` must split evenly over the batch shards of `mesh`."""
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  for key in ("batch_size", "eval_batch_size"):
+  for key in keys:
     if getattr(cfg.train, key) % shards:
       raise UserError(f"config key train.{key}={getattr(cfg.train, key)} is not divisible by the {shards} "
                       "batch shards (mesh.data x mesh.fsdp); make it a multiple.")
@@ -120,7 +121,7 @@ def prepare(cfg: Config, run_dir: Path, resume: bool = False) -> Run:
   """Checks the config against devices and data, loads the model, restores state on --resume."""
   mesh = sharding.make_mesh(cfg.mesh)
   check_devices(cfg, mesh)
-  ckpts = _open_run(cfg, run_dir, resume)
+  _check_run_dir(cfg, run_dir, resume)
   tokenizer = transformers.AutoTokenizer.from_pretrained(pretrained.model_dir_of(cfg.model))
   names = ["train"] + (["validation"] if cfg.data.validation or cfg.data.validation_holdout else [])
   labels, splits = classification.load_splits(cfg.data, cfg.train.seed, tokenizer, names)
@@ -130,15 +131,15 @@ def prepare(cfg: Config, run_dir: Path, resume: bool = False) -> Run:
   tx = optim.make(cfg.optim, steps)
   state = TrainState(jnp.zeros((), jnp.int32), params, jax.jit(tx.init)(params),
                      jax.random.key_data(jax.random.key(cfg.train.seed)))
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  # Optimiser moments inherit their param's sharding through jit; scalars become replicated.
+  state_shardings = jax.tree.map(lambda x: sharding.on_mesh(x.sharding, mesh), state)
   state = jax.device_put(state, state_shardings)
+  ckpts = _start_run(cfg, run_dir, tokenizer)  # the first write, once everything above checked out
   if resume and ckpts.steps():
     state = _restore(ckpts, state)
-  if jax.process_index() == 0 and not (run_dir / "tokenizer").is_dir():
-    tokenizer.save_pretrained(run_dir / "tokenizer")
   batch_sharding = sharding.batch_sharding(mesh)
   meta = {"family": model.family, "model": dataclasses.asdict(model.cfg), "labels": labels,
-          "steps_per_epoch": per_epoch}
+          "steps_per_epoch": per_epoch, "mesh": dict(mesh.shape)}
   return Run(cfg, run_dir, ckpts, labels, splits, per_epoch, steps, state,
              make_train_step(model, tx, optim.schedule(cfg.optim, steps), dtype, state_shardings, batch_sharding),
              make_eval_step(model, dtype, state_shardings.params, batch_sharding), batch_sharding, meta)
@@ -157,6 +158,8 @@ def fit(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
 def _loop(run: Run) -> dict[str, Any]:
   cfg, state, step = run.cfg, run.state, int(run.state.step)
   log = metrics_lib.RunLog(run.dir, run.steps, step)
+  log.write({"step": step, "event": "start", "total_steps": run.steps, "mesh": run.meta["mesh"],
+             "processes": jax.process_count()})
   last_eval: dict[str, Any] = {}
   tick, seen = time.perf_counter(), {"examples": 0, "tokens": 0}
   save_every = cfg.checkpoint.save_every or cfg.train.eval_every
@@ -194,8 +197,8 @@ def _loop(run: Run) -> dict[str, Any]:
   return last_eval
 
 
-def _open_run(cfg: Config, run_dir: Path, resume: bool) -> Checkpoints:
-  """Creates or reopens run_dir; refuses to mix a new run into an old one's checkpoints."""
+def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:
+  """Refuses to mix a new run into an old one's directory, or to resume with a different config."""
   config_path = run_dir / "config.yaml"
   if config_path.exists() and not resume:
     raise UserError(f"run dir {run_dir} already holds a run; pass --resume to continue it or choose a "
@@ -205,11 +208,18 @@ def _open_run(cfg: Config, run_dir: Path, resume: bool) -> Checkpoints:
     if dataclasses.replace(saved, train=cfg.train) != dataclasses.replace(cfg, train=saved.train):
       raise UserError(f"--resume: the config differs from {config_path} outside the train section; resume "
                       "with the saved config (or start a new --run-dir).")
+
+
+def _start_run(cfg: Config, run_dir: Path, tokenizer: Any) -> Checkpoints:
+  """Writes config.yaml (atomically) and the tokenizer into run_dir; opens its checkpoints."""
   run_dir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
+    config_path = run_dir / "config.yaml"
     tmp = config_path.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
     tmp.replace(config_path)
+    if not (run_dir / "tokenizer").is_dir():
+      tokenizer.save_pretrained(run_dir / "tokenizer")
   return Checkpoints(run_dir, cfg.checkpoint)
 
 

@@ -17,7 +17,11 @@ def main() -> int:
   parser.add_argument("--output", help="metrics JSON path (default RUN_DIR/eval/<split>-<step>.json)")
   args = parser.parse_args()
 
+  from absl import logging
+
   from jaxtune import distributed, evaluate
+
+  logging.set_verbosity(logging.ERROR)  # Orbax warns that a read-only checkpoint dir is read-only
 
   distributed.initialize()
   run_dir = Path(args.checkpoint)

