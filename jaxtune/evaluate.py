@@ -29,12 +29,12 @@ def load_run_config(run_dir: Path) -> Config:
 def evaluate_checkpoint(run_dir: Path, step: str = "latest", split: str | None = None,
                         data_file: str | None = None) -> dict[str, Any]:
   """Restores the params (only) of one saved step and scores a split of the run's data or a file."""
-  cfg = load_run_config(run_dir)
   if (split is None) == (data_file is None):
     raise UserError("give exactly one of --split NAME or --data FILE.")
-  ckpts = Checkpoints(run_dir, cfg.checkpoint, read_only=True)
+  ckpts = Checkpoints(run_dir, load_run_config(run_dir).checkpoint, read_only=True)
   step_num = ckpts.resolve(step)
   meta = ckpts.meta(step_num)
+  cfg = config_lib.from_dict(Config, meta["config"])  # the config this checkpoint was trained with
   mesh = sharding.make_mesh(config_lib.MeshConfig())  # evaluation runs on whatever devices are here
   train.check_devices(cfg, mesh, keys=("eval_batch_size",))
   family = pretrained.FAMILIES[meta["family"]]

@@ -139,7 +139,7 @@ def prepare(cfg: Config, run_dir: Path, resume: bool = False) -> Run:
     state = _restore(ckpts, state)
   batch_sharding = sharding.batch_sharding(mesh)
   meta = {"family": model.family, "model": dataclasses.asdict(model.cfg), "labels": labels,
-          "steps_per_epoch": per_epoch, "mesh": dict(mesh.shape)}
+          "config": config_lib.to_dict(cfg), "steps_per_epoch": per_epoch, "mesh": dict(mesh.shape)}
   return Run(cfg, run_dir, ckpts, labels, splits, per_epoch, steps, state,
              make_train_step(model, tx, optim.schedule(cfg.optim, steps), dtype, state_shardings, batch_sharding),
              make_eval_step(model, dtype, state_shardings.params, batch_sharding), batch_sharding, meta)

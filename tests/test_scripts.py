@@ -58,7 +58,7 @@ def test_evaluate_test_split_best_step_and_data_file(trained_run, reviews):
     (["--config", "configs/nope.yaml"], "config file configs/nope.yaml does not exist"),
     (["--config", "configs/minilm_reviews.yaml", "optim.lrate=1"], "no key 'lrate'"),
     (["--config", "configs/minilm_reviews.yaml", "data.train=missing.csv"], "data file missing.csv does not exist"),
-    (["--config", "configs/minilm_reviews.yaml", "model.path=/nonexistent/model"], "has no config.json"),
+    (["--config", "configs/minilm_reviews.yaml", "model.path=/nonexistent/model"], "/nonexistent/model does not exist"),
 ])
 def test_finetune_user_errors_are_one_line(args, message, tmp_path):
   result = run_script("finetune.py", *args, "--run-dir", tmp_path / "r")

@@ -78,8 +78,11 @@ def test_unsupported_model_type_and_missing_dir(tiny_bert_dir, tmp_path):
   (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), "model_type": "t5"}))
   with pytest.raises(UserError, match="model_type 't5'.*not supported"):
     load(d)
-  with pytest.raises(UserError, match="no config.json"):
+  with pytest.raises(UserError, match="does-not-exist does not exist"):
     load(tmp_path / "does-not-exist")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(UserError, match="has no config.json"):
+    load(tmp_path / "empty")
   with pytest.raises(UserError, match="downloading it from the hub failed"):
     load("no-such-org/no-such-model")
 
