@@ -50,7 +50,7 @@ def make_train_step(model: pretrained.Model, tx: optax.GradientTransformation, s
     (loss, _), grads = grad_fn(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
     return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding),

@@ -23,8 +23,8 @@ def compare(model_dir) -> tuple[float, float]:
   assert (enc["attention_mask"] == 0).any(), "the batch must contain padding"
   ref = transformers.BertForSequenceClassification.from_pretrained(model_dir, num_labels=3).eval()
   with torch.no_grad():  # the head is new on both sides: give HF ours
-    ref.classifier.weight.copy_(torch.from_numpy(np.asarray(params["classifier"]["kernel"]).T))
-    ref.classifier.bias.copy_(torch.from_numpy(np.asarray(params["classifier"]["bias"])))
+    ref.classifier.weight.copy_(torch.tensor(np.asarray(params["classifier"]["kernel"]).T))
+    ref.classifier.bias.copy_(torch.tensor(np.asarray(params["classifier"]["bias"])))
     want = ref(**{k: torch.from_numpy(v) for k, v in enc.items()}, output_hidden_states=True)
   got = model.apply(params, {k: jnp.asarray(v) for k, v in enc.items()})
   real = enc["attention_mask"][..., None].astype(bool)
