@@ -67,7 +67,7 @@ def from_pretrained(model_cfg: ModelConfig, num_labels: int, mesh: Mesh, seed: i
   loaded = weights.load_params(
       model.abstract, sharding.flatten(model.shardings), family.param_map(model.cfg),
       weights.SafetensorsReader(model_dir), new_params=model_cfg.new_params,
-      unused_keys=model_cfg.unused_keys, buffer_keys=family.buffer_keys, base_prefix=family.base_prefix)
+      unused_keys=model_cfg.unused_keys, buffer_keys=family.ignored_keys(model.cfg), base_prefix=family.base_prefix)
   fresh = init_params(model, seed, only=set(model.abstract) - set(loaded))
   return model, sharding.unflatten({**loaded, **fresh})
 

@@ -87,7 +87,9 @@ class SafetensorsReader:
 #   flat:      torch holds S flattened (a (H, K) bias is stored as (H*K,))
 #   linear:    torch (out, in) -> ours (in, *out) = S, one input dim
 #   linear_hk: torch (out, H*K) -> ours (H, K, *out) = S, two input dims (attention output)
+#   conv, conv_hk: HF's Conv1D (GPT-2) already stores (in, out): the linear kinds without transpose
 N_IN = {"linear": 1, "linear_hk": 2}
+CONV_N_IN = {"conv": 1, "conv_hk": 2}
 
 
 def hf_shape(kind: str, shape: Sequence[int]) -> tuple[int, ...]:
@@ -96,6 +98,8 @@ def hf_shape(kind: str, shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(shape)
   if kind == "flat":
     return (math.prod(shape),)
+  if kind in CONV_N_IN:
+    return (math.prod(shape[:CONV_N_IN[kind]]), math.prod(shape[CONV_N_IN[kind]:]))
   n_in = N_IN[kind]
   return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
 

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from jaxtune.models import bert
+from jaxtune.models import bert, gpt2, llama
 
 
 @dataclasses.dataclass(frozen=True)
@@ -14,11 +14,19 @@ class ModelFamily:
   config: type  # frozen dataclass with from_hf(hf config dict, num_labels, dropout)
   module: type  # nnx.Module class built as module(cfg, rngs=...)
   param_map: Callable[[Any], dict[str, tuple[str, str]]]  # our path -> (HF key, layout kind)
-  buffer_keys: tuple[str, ...]  # checkpoint keys that are buffers, never params
+  ignored_keys: Callable[[Any], tuple[str, ...]]  # checkpoint keys that are buffers, never params
   base_prefix: str  # prefix HF task models add to the base model's keys
+  kind: str  # "encoder" (classification) or "decoder" (causal LM)
 
 
+_LLAMA = ModelFamily(llama.LlamaConfig, llama.LlamaLM, llama.hf_param_map, llama.hf_ignored_keys, "model.",
+                     "decoder")
 FAMILIES: dict[str, ModelFamily] = {
-    "bert": ModelFamily(bert.BertConfig, bert.BertClassifier, bert.hf_param_map,
-                        bert.HF_BUFFER_KEYS, bert.HF_BASE_PREFIX),
+    "bert": ModelFamily(bert.BertConfig, bert.BertClassifier, bert.hf_param_map, lambda cfg: bert.HF_BUFFER_KEYS,
+                        bert.HF_BASE_PREFIX, "encoder"),
+    "gpt2": ModelFamily(gpt2.GPT2Config, gpt2.GPT2LM, gpt2.hf_param_map, gpt2.hf_ignored_keys, "transformer.",
+                        "decoder"),
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
 }

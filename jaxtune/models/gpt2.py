@@ -1,0 +1,115 @@
+"""GPT-2: learned positions, pre-LayerNorm blocks, fused QKV, tied LM head.
+
+Dimensions: B batch, L length, D model dim, H heads, K head dim, F mlp dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtune.models import decoding, layers
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+  vocab_size: int
+  n_embd: int
+  n_layer: int
+  n_head: int
+  n_positions: int
+  n_inner: int | None = None  # mlp dim; 4 * n_embd when None
+  layer_norm_epsilon: float = 1e-5
+  activation_function: str = "gelu_new"
+  resid_pdrop: float = 0.1  # dropout on embeddings and each residual branch
+  scale_attn_by_inverse_layer_idx: bool = False
+
+  @classmethod
+  def from_hf(cls, hf: dict[str, Any], num_labels: int = 0, dropout: float | None = None) -> GPT2Config:
+    del num_labels
+    names = {f.name for f in dataclasses.fields(cls)}
+    cfg = cls(**{k: hf[k] for k in names if k in hf})
+    return cfg if dropout is None else dataclasses.replace(cfg, resid_pdrop=dropout)
+
+  @property
+  def mlp_dim(self) -> int:
+    return self.n_inner or 4 * self.n_embd
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: GPT2Config, index: int, rngs: nnx.Rngs):
+    d, h = cfg.n_embd, cfg.n_head
+    k = d // h
+    self.ln_1 = layers.LayerNorm(d, cfg.layer_norm_epsilon, rngs=rngs)
+    self.qkv = layers.Dense((d,), (3, h, k), ("embed",), (None, "heads", "head_dim"), rngs=rngs)
+    self.attn_out = layers.Dense((h, k), (d,), ("heads", "head_dim"), ("embed",), rngs=rngs)
+    self.ln_2 = layers.LayerNorm(d, cfg.layer_norm_epsilon, rngs=rngs)
+    self.mlp_in = layers.Dense((d,), (cfg.mlp_dim,), ("embed",), ("mlp",), rngs=rngs)
+    self.mlp_out = layers.Dense((cfg.mlp_dim,), (d,), ("mlp",), ("embed",), rngs=rngs)
+    self.act = layers.ACTIVATIONS[cfg.activation_function]
+    self.rate = cfg.resid_pdrop
+    # HF's optional extra 1/(layer+1) on the attention logits, folded into the query.
+    self.q_scale = 1.0 / (index + 1) if cfg.scale_attn_by_inverse_layer_idx else 1.0
+
+  def __call__(self, x_BxLxD, segments, cache, rng):
+    r_attn, r_mlp = layers.split_rng(rng, 2)
+    qkv_BxLx3xHxK = self.qkv(self.ln_1(x_BxLxD))
+    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
+    k_all, v_all, kv, cache = decoding.extend(cache, k_BxLxHxK, v_BxLxHxK, segments)
+    ctx_BxLxHxK = decoding.attend(q_BxLxHxK * self.q_scale, k_all, v_all, segments, kv)
+    x_BxLxD = x_BxLxD + layers.dropout(self.attn_out(ctx_BxLxHxK), self.rate, r_attn)
+    h_BxLxD = self.mlp_out(self.act(self.mlp_in(self.ln_2(x_BxLxD))))
+    return x_BxLxD + layers.dropout(h_BxLxD, self.rate, r_mlp), cache
+
+
+class GPT2LM(nnx.Module):
+  """Token + position embeddings, blocks, final LayerNorm, logits against the token embedding."""
+
+  def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    normal = jax.nn.initializers.normal(0.02)
+    self.wte = layers.param(rngs, normal, (cfg.vocab_size, cfg.n_embd), ("vocab", "embed"))
+    self.wpe = layers.param(rngs, normal, (cfg.n_positions, cfg.n_embd), (None, "embed"))
+    self.blocks = nnx.List([Block(cfg, i, rngs) for i in range(cfg.n_layer)])
+    self.ln_f = layers.LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, rngs=rngs)
+
+  def __call__(self, batch: dict[str, jax.Array], *, dtype: jnp.dtype = jnp.float32,
+               dropout_rng: jax.Array | None = None, cache: decoding.Cache | None = None) -> dict[str, Any]:
+    """`logits` (B x L x V, float32) and the updated `cache` (None when called without one)."""
+    segments = decoding.Segments.of(batch, cache)
+    rngs = layers.split_rng(dropout_rng, len(self.blocks) + 1)
+    x_BxLxD = self.wte[...][batch["input_ids"]] + self.wpe[...][batch["positions"]]
+    x_BxLxD = layers.dropout(x_BxLxD.astype(dtype), self.cfg.resid_pdrop, rngs[0])
+    new_layers = []
+    for i, block in enumerate(self.blocks):
+      x_BxLxD, layer_cache = block(x_BxLxD, segments, None if cache is None else cache.layers[i], rngs[i + 1])
+      new_layers.append(layer_cache)
+    logits_BxLxV = self.ln_f(x_BxLxD) @ self.wte[...].astype(dtype).T
+    new_cache = None if cache is None else cache._replace(layers=new_layers)
+    return {"logits": logits_BxLxV.astype(jnp.float32), "cache": decoding.advance(new_cache, segments)}
+
+
+def hf_param_map(cfg: GPT2Config) -> dict[str, tuple[str, str]]:
+  """Our param path -> (HF GPT2LMHeadModel key, layout kind). HF's Conv1D stores (in, out)."""
+  m = {"wte": ("transformer.wte.weight", "copy"), "wpe": ("transformer.wpe.weight", "copy"),
+       "ln_f.scale": ("transformer.ln_f.weight", "copy"), "ln_f.bias": ("transformer.ln_f.bias", "copy")}
+  for i in range(cfg.n_layer):
+    ours, theirs = f"blocks.{i}", f"transformer.h.{i}"
+    for name, hf_name, kind in [("qkv", "attn.c_attn", "conv"), ("attn_out", "attn.c_proj", "conv_hk"),
+                                ("mlp_in", "mlp.c_fc", "conv"), ("mlp_out", "mlp.c_proj", "conv")]:
+      m[f"{ours}.{name}.kernel"] = (f"{theirs}.{hf_name}.weight", kind)
+      m[f"{ours}.{name}.bias"] = (f"{theirs}.{hf_name}.bias", "flat")
+    for name in ("ln_1", "ln_2"):
+      m[f"{ours}.{name}.scale"] = (f"{theirs}.{name}.weight", "copy")
+      m[f"{ours}.{name}.bias"] = (f"{theirs}.{name}.bias", "copy")
+  return m
+
+
+def hf_ignored_keys(cfg: GPT2Config) -> tuple[str, ...]:
+  """Causal-mask buffers of old checkpoints and the tied lm_head copy."""
+  del cfg
+  return (r"transformer\.h\.\d+\.attn\.(masked_)?bias", r"lm_head\.weight")

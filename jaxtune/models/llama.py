@@ -1,0 +1,213 @@
+"""The Llama family as one decoder: Llama 2/3, Mistral, Qwen2 and SmolLM checkpoints.
+
+Dimensions: B batch, L query length, S key length, D model dim, H query heads, G kv heads,
+K head dim, F mlp dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtune.errors import UserError
+from jaxtune.models import decoding, layers
+
+SUPPORTED_ROPE = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  num_key_value_heads: int
+  head_dim: int
+  max_position_embeddings: int = 2048
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None  # sorted (key, value) pairs of HF rope params
+  tie_word_embeddings: bool = False
+  qkv_bias: bool = False  # Qwen2, or Llama with attention_bias
+  o_bias: bool = False  # Llama with attention_bias
+  mlp_bias: bool = False
+  hidden_act: str = "silu"
+
+  @classmethod
+  def from_hf(cls, hf: dict[str, Any], num_labels: int = 0, dropout: float | None = None) -> LlamaConfig:
+    """Our config from an HF llama/mistral/qwen2 config.json (transformers v4 or v5 layout)."""
+    del num_labels  # language models have no label head
+    if hf.get("use_sliding_window"):
+      raise UserError("sliding-window attention (use_sliding_window: true) is not supported; use a checkpoint "
+                      "without it.")
+    rope = dict(hf.get("rope_parameters") or {})
+    rope.update(hf.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in SUPPORTED_ROPE:
+      raise UserError(f"rope type {kind!r} is not supported (only {SUPPORTED_ROPE}).")
+    heads = hf["num_attention_heads"]
+    is_qwen = hf.get("model_type") == "qwen2"
+    return cls(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=heads,
+        num_key_value_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        max_position_embeddings=hf.get("max_position_embeddings", 2048), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta), rope_scaling=tuple(sorted(rope.items())) if kind != "default" else None,
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        qkv_bias=is_qwen or hf.get("attention_bias", False), o_bias=hf.get("attention_bias", False) and not is_qwen,
+        mlp_bias=hf.get("mlp_bias", False), hidden_act=hf.get("hidden_act", "silu"))
+
+
+def rope_frequencies(cfg: LlamaConfig) -> jax.Array:
+  """Inverse frequencies (K/2,), with Llama 3's or linear scaling applied as HF does."""
+  k = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
+  scaling = dict(cfg.rope_scaling or ())
+  kind = scaling.get("rope_type", scaling.get("type", "default"))
+  if kind == "linear":
+    return inv_freq / scaling["factor"]
+  if kind == "llama3":  # long wavelengths slowed by `factor`, short kept, a smooth ramp between
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    mid = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(mid, smoothed, scaled)
+  return inv_freq
+
+
+def apply_rope(x_BxLxNxK: jax.Array, positions_BxL: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding in HF's rotate-half layout (first and second halves of K pair up)."""
+  angles_BxLxK2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq
+  cos, sin = jnp.cos(angles_BxLxK2)[:, :, None, :], jnp.sin(angles_BxLxK2)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxLxNxK.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxLxNxK.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale, computed in float32."""
+
+  def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs):
+    self.scale = layers.param(rngs, jax.nn.initializers.ones, (dim,), ("embed",))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...]).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+    d, h, g, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    self.q = layers.Dense((d,), (h, k), ("embed",), ("heads", "head_dim"), rngs=rngs, use_bias=cfg.qkv_bias)
+    self.k = layers.Dense((d,), (g, k), ("embed",), ("kv_heads", "head_dim"), rngs=rngs, use_bias=cfg.qkv_bias)
+    self.v = layers.Dense((d,), (g, k), ("embed",), ("kv_heads", "head_dim"), rngs=rngs, use_bias=cfg.qkv_bias)
+    self.o = layers.Dense((h, k), (d,), ("heads", "head_dim"), ("embed",), rngs=rngs, use_bias=cfg.o_bias)
+
+  def __call__(self, x_BxLxD: jax.Array, inv_freq: jax.Array, segments: decoding.Segments,
+               cache: decoding.LayerCache | None) -> tuple[jax.Array, decoding.LayerCache | None]:
+    q_BxLxHxK = apply_rope(self.q(x_BxLxD), segments.q_positions, inv_freq)
+    k_BxLxGxK = apply_rope(self.k(x_BxLxD), segments.q_positions, inv_freq)
+    v_BxLxGxK = self.v(x_BxLxD)
+    k_BxSxGxK, v_BxSxGxK, kv, cache = decoding.extend(cache, k_BxLxGxK, v_BxLxGxK, segments)
+    ctx_BxLxHxK = decoding.attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, segments, kv)
+    return self.o(ctx_BxLxHxK), cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(act(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    self.gate = layers.Dense((d,), (f,), ("embed",), ("mlp",), rngs=rngs, use_bias=cfg.mlp_bias)
+    self.up = layers.Dense((d,), (f,), ("embed",), ("mlp",), rngs=rngs, use_bias=cfg.mlp_bias)
+    self.down = layers.Dense((f,), (d,), ("mlp",), ("embed",), rngs=rngs, use_bias=cfg.mlp_bias)
+    self.act = layers.ACTIVATIONS[cfg.hidden_act]
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    return self.down(self.act(self.gate(x_BxLxD)) * self.up(x_BxLxD))
+
+
+class Block(nnx.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x_BxLxD, inv_freq, segments, cache):
+    h_BxLxD, cache = self.attn(self.attn_norm(x_BxLxD), inv_freq, segments, cache)
+    x_BxLxD = x_BxLxD + h_BxLxD
+    return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD)), cache
+
+
+class LlamaLM(nnx.Module):
+  """Token embedding, decoder blocks, final RMSNorm and the (tied or separate) LM head."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    normal = jax.nn.initializers.normal(0.02)
+    self.embed = layers.param(rngs, normal, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
+    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = layers.Dense((cfg.hidden_size,), (cfg.vocab_size,), ("embed",), ("vocab",), rngs=rngs,
+                                  use_bias=False)
+
+  def __call__(self, batch: dict[str, jax.Array], *, dtype: jnp.dtype = jnp.float32,
+               dropout_rng: jax.Array | None = None, cache: decoding.Cache | None = None) -> dict[str, Any]:
+    """`logits` (B x L x V, float32) and the updated `cache` (None when called without one)."""
+    del dropout_rng  # the Llama family trains without dropout
+    segments = decoding.Segments.of(batch, cache)
+    inv_freq = rope_frequencies(self.cfg)
+    x_BxLxD = self.embed[...][batch["input_ids"]].astype(dtype)
+    new_layers = []
+    for i, block in enumerate(self.layers):
+      x_BxLxD, layer_cache = block(x_BxLxD, inv_freq, segments, None if cache is None else cache.layers[i])
+      new_layers.append(layer_cache)
+    x_BxLxD = self.norm(x_BxLxD)
+    if self.cfg.tie_word_embeddings:
+      logits_BxLxV = x_BxLxD @ self.embed[...].astype(dtype).T
+    else:
+      logits_BxLxV = self.lm_head(x_BxLxD)
+    new_cache = None if cache is None else decoding.Cache(new_layers, cache.segment_ids, cache.positions, cache.length)
+    return {"logits": logits_BxLxV.astype(jnp.float32), "cache": decoding.advance(new_cache, segments)}
+
+
+def hf_param_map(cfg: LlamaConfig) -> dict[str, tuple[str, str]]:
+  """Our param path -> (HF LlamaForCausalLM key, layout kind; see weights.py)."""
+  m = {"embed": ("model.embed_tokens.weight", "copy"), "norm.scale": ("model.norm.weight", "copy")}
+  if not cfg.tie_word_embeddings:
+    m["lm_head.kernel"] = ("lm_head.weight", "linear")
+  for i in range(cfg.num_hidden_layers):
+    ours, theirs = f"layers.{i}", f"model.layers.{i}"
+    m[f"{ours}.attn_norm.scale"] = (f"{theirs}.input_layernorm.weight", "copy")
+    m[f"{ours}.mlp_norm.scale"] = (f"{theirs}.post_attention_layernorm.weight", "copy")
+    for name, hf_name, bias in [("q", "q_proj", cfg.qkv_bias), ("k", "k_proj", cfg.qkv_bias),
+                                ("v", "v_proj", cfg.qkv_bias), ("o", "o_proj", cfg.o_bias)]:
+      m[f"{ours}.attn.{name}.kernel"] = (f"{theirs}.self_attn.{hf_name}.weight", "linear_hk" if name == "o" else "linear")
+      if bias:
+        m[f"{ours}.attn.{name}.bias"] = (f"{theirs}.self_attn.{hf_name}.bias", "copy" if name == "o" else "flat")
+    for name in ("gate", "up", "down"):
+      m[f"{ours}.mlp.{name}.kernel"] = (f"{theirs}.mlp.{name}_proj.weight", "linear")
+      if cfg.mlp_bias:
+        m[f"{ours}.mlp.{name}.bias"] = (f"{theirs}.mlp.{name}_proj.bias", "copy")
+  return m
+
+
+def hf_ignored_keys(cfg: LlamaConfig) -> tuple[str, ...]:
+  """Buffers, and the duplicate lm_head some checkpoints store even when it is tied."""
+  return (r".*rotary_emb\.inv_freq$",) + ((r"lm_head\.weight",) if cfg.tie_word_embeddings else ())

@@ -1,0 +1,94 @@
+"""GPT-2 and the Llama family against transformers' PyTorch classes on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from jaxtune import pretrained, sharding
+from jaxtune.config import MeshConfig, ModelConfig
+from jaxtune.models.llama import LlamaConfig, rope_frequencies
+
+MESH = sharding.make_mesh(MeshConfig())
+BASE = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 4}
+CASES = {
+    "llama_gqa_untied": (transformers.LlamaConfig(**BASE), transformers.LlamaForCausalLM),
+    "llama_tied": (transformers.LlamaConfig(**BASE, tie_word_embeddings=True), transformers.LlamaForCausalLM),
+    "llama3_rope_biases": (transformers.LlamaConfig(**BASE, rope_scaling=LLAMA3_ROPE, attention_bias=True,
+                                                    mlp_bias=True, rope_theta=500000.0), transformers.LlamaForCausalLM),
+    "qwen2_qkv_bias": (transformers.Qwen2Config(**BASE), transformers.Qwen2ForCausalLM),
+    "mistral": (transformers.MistralConfig(**BASE), transformers.MistralForCausalLM),
+    "gpt2": (transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+             transformers.GPT2LMHeadModel),
+}
+
+
+def save(tmp_path, hf_config, cls, seed=0):
+  torch.manual_seed(seed)
+  model = cls(hf_config).eval()
+  model.save_pretrained(tmp_path)
+  return model
+
+
+def batch_for(ids, mask):
+  pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+  return {"input_ids": jnp.asarray(ids), "segment_ids": jnp.asarray(mask), "positions": jnp.asarray(pos)}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_match_transformers(tmp_path, case):
+  hf_config, cls = CASES[case]
+  ref = save(tmp_path, hf_config, cls)
+  model, params = pretrained.from_pretrained(ModelConfig(path=str(tmp_path), new_params=()), 0, MESH, 0)
+  ids = np.random.default_rng(0).integers(0, 99, (3, 24))
+  mask = np.ones_like(ids)
+  mask[1, 15:] = 0  # right padding in the batch
+  with torch.no_grad():
+    want = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+  got = np.asarray(model.apply(params, batch_for(ids, mask))["logits"])
+  real = mask.astype(bool)
+  assert np.abs(got - want)[real].max() <= 1e-4
+
+
+def test_llama3_rope_scaling_is_really_applied():
+  plain = LlamaConfig.from_hf({**transformers.LlamaConfig(**BASE).to_dict()})
+  scaled = LlamaConfig.from_hf({**CASES["llama3_rope_biases"][0].to_dict()})
+  assert scaled.rope_scaling and not np.allclose(rope_frequencies(plain), rope_frequencies(scaled))
+
+
+@pytest.mark.parametrize("case", ["llama_gqa_untied", "gpt2"])
+def test_causal_a_future_token_never_changes_earlier_logits(tmp_path, case):
+  hf_config, cls = CASES[case]
+  save(tmp_path, hf_config, cls)
+  model, params = pretrained.from_pretrained(ModelConfig(path=str(tmp_path), new_params=()), 0, MESH, 0)
+  ids = np.random.default_rng(1).integers(0, 99, (1, 16))
+  changed = ids.copy()
+  changed[0, 10] = (ids[0, 10] + 1) % 99
+  mask = np.ones_like(ids)
+  a = np.asarray(model.apply(params, batch_for(ids, mask))["logits"])
+  b = np.asarray(model.apply(params, batch_for(changed, mask))["logits"])
+  np.testing.assert_array_equal(a[0, :10], b[0, :10])
+  assert not np.allclose(a[0, 10:], b[0, 10:])
+
+
+@pytest.mark.parametrize("case", ["qwen2_qkv_bias", "gpt2"])
+def test_packed_documents_do_not_see_each_other(tmp_path, case):
+  """Two documents packed in one row give the logits each gives alone."""
+  hf_config, cls = CASES[case]
+  save(tmp_path, hf_config, cls)
+  model, params = pretrained.from_pretrained(ModelConfig(path=str(tmp_path), new_params=()), 0, MESH, 0)
+  rng = np.random.default_rng(2)
+  doc_a, doc_b = rng.integers(0, 99, 9), rng.integers(0, 99, 7)
+  packed = {"input_ids": jnp.asarray(np.concatenate([doc_a, doc_b])[None]),
+            "segment_ids": jnp.asarray(np.array([1] * 9 + [2] * 7)[None]),
+            "positions": jnp.asarray(np.concatenate([np.arange(9), np.arange(7)])[None])}
+  together = np.asarray(model.apply(params, packed)["logits"])[0]
+  alone = lambda doc: np.asarray(model.apply(params, batch_for(doc[None], np.ones((1, len(doc)), int)))["logits"])[0]
+  np.testing.assert_allclose(together[:9], alone(doc_a), atol=1e-5)
+  np.testing.assert_allclose(together[9:], alone(doc_b), atol=1e-5)
