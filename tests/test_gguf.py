@@ -30,6 +30,12 @@ def reader(smollm2) -> jgguf.GGUFReader:
 
 
 @pytest.fixture(scope="module")
+def raw(smollm2) -> gguf.GGUFReader:
+  """The gguf package's own view of the file: metadata fields and still-quantised tensors."""
+  return gguf.GGUFReader(smollm2)
+
+
+@pytest.fixture(scope="module")
 def reference(smollm2):
   """transformers' own GGUF import of the same file: (config, HF name -> tensor, model state-dict keys)."""
   import torch
@@ -45,23 +51,24 @@ def reference(smollm2):
 
 def test_tensors_equal_transformers_import(reader, reference):
   _, tensors, state_keys = reference
-  assert reader.keys() == set(tensors)
-  assert reader.hf_config()["tie_word_embeddings"] and "lm_head.weight" not in reader.keys()
-  assert state_keys == reader.keys() | {"lm_head.weight"}  # tied: HF's lm_head is embed_tokens
-  assert len(reader.keys()) == 2 + 30 * 9
-  for key in sorted(reader.keys()):
+  keys = reader.keys()
+  assert keys == set(tensors)
+  assert reader.hf_config()["tie_word_embeddings"] and "lm_head.weight" not in keys
+  assert state_keys == keys | {"lm_head.weight"}  # tied: HF's lm_head is embed_tokens
+  assert len(keys) == 2 + 30 * 9
+  for key in sorted(keys):
     got, want = reader.get(key), tensors[key].numpy()
     assert got.dtype == np.float32 and got.shape == want.shape, key
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=key)
 
 
-def test_real_q_and_k_need_the_unpermutation(smollm2, reader, reference):
+def test_real_q_and_k_need_the_unpermutation(raw, reader, reference):
   """Without the un-permutation the real q/k rows differ from transformers' (so the test above checks it)."""
   _, tensors, _ = reference
-  raw = {t.name: t for t in gguf.GGUFReader(smollm2).tensors}
+  by_name = {t.name: t for t in raw.tensors}
   for gguf_name, key in [("blk.3.attn_q.weight", "model.layers.3.self_attn.q_proj.weight"),
                          ("blk.3.attn_k.weight", "model.layers.3.self_attn.k_proj.weight")]:
-    t = raw[gguf_name]
+    t = by_name[gguf_name]
     assert t.tensor_type == gguf.GGMLQuantizationType.Q4_1
     rows = gguf.dequantize(t.data, t.tensor_type)
     assert not np.allclose(rows, tensors[key].numpy(), atol=1e-3), key
@@ -83,7 +90,7 @@ def test_config_equals_transformers_config(reader, reference):
   assert hf["num_key_value_heads"] < hf["num_attention_heads"]  # GQA: k uses its own head count
 
 
-@pytest.mark.parametrize("n_head,n_head_kv,head_dim", [(4, 4, 6), (9, 3, 64), (6, 2, 8)])
+@pytest.mark.parametrize("n_head,n_head_kv,head_dim", [(4, 4, 8), (9, 3, 64), (6, 2, 12)])
 def test_unpermute_inverts_llama_cpp_permute(n_head, n_head_kv, head_dim):
   rng = np.random.default_rng(0)
   q = rng.normal(size=(n_head * head_dim, 5)).astype(np.float32)
@@ -91,8 +98,8 @@ def test_unpermute_inverts_llama_cpp_permute(n_head, n_head_kv, head_dim):
   np.testing.assert_array_equal(jgguf.unpermute_qk(llama_cpp_permute(q, n_head, n_head), n_head), q)
   np.testing.assert_array_equal(jgguf.unpermute_qk(llama_cpp_permute(k, n_head, n_head_kv), n_head_kv), k)
   assert not np.array_equal(llama_cpp_permute(q, n_head), q)  # the permutation is not trivial
-  if n_head != n_head_kv:  # the wrong head count scrambles rows
-    assert not np.array_equal(jgguf.unpermute_qk(llama_cpp_permute(k, n_head, n_head_kv), n_head), k)
+  wrong = jgguf.unpermute_qk(llama_cpp_permute(k, n_head, n_head_kv), 2 * n_head_kv)  # heads of half the size
+  assert not np.array_equal(wrong, k)
 
 
 def test_unpermuted_rows_rotate_as_hf_rope():
@@ -111,8 +118,11 @@ def test_unpermuted_rows_rotate_as_hf_rope():
   np.testing.assert_allclose(jgguf.unpermute_qk(roped_gguf[:, None], n_head)[:, 0], roped_hf, atol=1e-12)
 
 
+RawTensor = tuple[np.ndarray, tuple[int, ...], gguf.GGMLQuantizationType]  # bytes, byte shape, type
+
+
 def write_tiny_llama(path: Path, tensors: dict[str, np.ndarray], arch: str = "llama",
-                     raw: dict[str, tuple[np.ndarray, tuple[int, ...], gguf.GGMLQuantizationType]] | None = None) -> Path:
+                     raw: dict[str, RawTensor] | None = None) -> Path:
   """A 1-layer llama GGUF (D 12, 3 heads, 1 kv head, F 20, V 10) holding `tensors` (numpy order)."""
   w = gguf.GGUFWriter(path, arch)
   w.add_context_length(64)
@@ -166,10 +176,10 @@ def test_synthetic_file_round_trips_hf_layout(tmp_path):
   assert cfg["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
 
 
-def test_tokenizer_matches_the_gguf_vocab_and_config(smollm2, reader):
+def test_tokenizer_matches_the_gguf_vocab_and_config(smollm2, raw, reader):
   tok = jgguf.load_tokenizer(smollm2)
   assert tok.is_fast
-  vocab = gguf.GGUFReader(smollm2).fields["tokenizer.ggml.tokens"].contents()
+  vocab = raw.fields["tokenizer.ggml.tokens"].contents()
   text = "Hello world, how are you?"
   ids = tok(text)["input_ids"]  # SmolLM2 adds no BOS (tokenizer.ggml.add_bos_token is false)
   assert [vocab[i] for i in ids] == ["Hello", "Ġworld", ",", "Ġhow", "Ġare", "Ġyou", "?"]
@@ -178,7 +188,7 @@ def test_tokenizer_matches_the_gguf_vocab_and_config(smollm2, reader):
     assert tok.decode(tok(text)["input_ids"]) == text
   assert tok("<|im_end|>")["input_ids"] == [reader.hf_config()["eos_token_id"]]
   assert tok.eos_token_id == reader.hf_config()["eos_token_id"] == vocab.index("<|im_end|>")
-  assert tok.chat_template == gguf.GGUFReader(smollm2).fields["tokenizer.chat_template"].contents()
+  assert tok.chat_template == raw.fields["tokenizer.chat_template"].contents()
   prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
   assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n")
 
@@ -199,7 +209,10 @@ def test_non_llama_and_undequantisable_files_are_errors(tmp_path):
   with pytest.raises(UserError, match=r"tensor 'blk\.0\.ffn_gate_exps\.weight'.*does not use"):
     jgguf.GGUFReader(write_tiny_llama(tmp_path / "moe.gguf", {"blk.0.ffn_gate_exps.weight": np.ones((2, 3))}))
   q8_1 = gguf.GGMLQuantizationType.Q8_1  # a type with no numpy dequantiser in the gguf package
-  r = jgguf.GGUFReader(write_tiny_llama(tmp_path / "q81.gguf", norm, raw={
-      "blk.0.ffn_up.weight": (np.zeros((20, 40), np.uint8), (20, 32), q8_1)}))
+  up = (np.zeros((20, 40), np.uint8), (20, 40), q8_1)  # 20 rows of one 40-byte block (32 values)
+  r = jgguf.GGUFReader(write_tiny_llama(tmp_path / "q81.gguf", norm, raw={"blk.0.ffn_up.weight": up}))
   with pytest.raises(UserError, match=r"tensor blk\.0\.ffn_up\.weight has type Q8_1"):
     r.get("model.layers.0.mlp.up_proj.weight")
+  r = jgguf.GGUFReader(write_tiny_llama(tmp_path / "q8.gguf", {"blk.0.attn_q.weight": np.ones((8, 12), np.float32)}))
+  with pytest.raises(UserError, match=r"attn_q\.weight has 8 rows, not a multiple of 2 x 3 heads"):
+    r.get("model.layers.0.self_attn.q_proj.weight")

@@ -118,8 +118,8 @@ def encode_messages(messages: Sequence[dict[str, Any]], tokenizer: Any, max_len:
     if message["role"] != "assistant":
       continue
     start = _prefix_len(tokenizer, messages[:i], True, text, tokens, where)
-    end = len(tokens) if i + 1 == len(messages) else _prefix_len(tokenizer, messages[:i + 1], False, text, tokens,
-                                                                 where)
+    last = i + 1 == len(messages)
+    end = len(tokens) if last else _prefix_len(tokenizer, messages[:i + 1], False, text, tokens, where)
     while end > start and not tokenizer.decode(tokens[end - 1:end]).strip():
       end -= 1  # the newline a template puts after the end-of-turn token is formatting, not the answer
     mask[start:end] = 1

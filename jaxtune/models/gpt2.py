@@ -77,6 +77,10 @@ class GPT2LM(nnx.Module):
     self.blocks = nnx.List([Block(cfg, i, rngs) for i in range(cfg.n_layer)])
     self.ln_f = layers.LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, rngs=rngs)
 
+  def init_cache(self, batch: int, slots: int, dtype: jnp.dtype) -> decoding.Cache:
+    c = self.cfg
+    return decoding.init_cache(batch, slots, c.n_layer, c.n_head, c.n_embd // c.n_head, dtype)
+
   def __call__(self, batch: dict[str, jax.Array], *, dtype: jnp.dtype = jnp.float32,
                dropout_rng: jax.Array | None = None, cache: decoding.Cache | None = None) -> dict[str, Any]:
     """`logits` (B x L x V, float32) and the updated `cache` (None when called without one)."""

@@ -167,6 +167,10 @@ class LlamaLM(nnx.Module):
       self.lm_head = layers.Dense((cfg.hidden_size,), (cfg.vocab_size,), ("embed",), ("vocab",), rngs=rngs,
                                   use_bias=False)
 
+  def init_cache(self, batch: int, slots: int, dtype: jnp.dtype) -> decoding.Cache:
+    c = self.cfg
+    return decoding.init_cache(batch, slots, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, dtype)
+
   def __call__(self, batch: dict[str, jax.Array], *, dtype: jnp.dtype = jnp.float32,
                dropout_rng: jax.Array | None = None, cache: decoding.Cache | None = None) -> dict[str, Any]:
     """`logits` (B x L x V, float32) and the updated `cache` (None when called without one)."""
