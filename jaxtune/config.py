@@ -34,10 +34,15 @@ class DataConfig:
   validation: str | None = None  # same forms; evaluated every train.eval_every steps
   test: str | None = None  # same forms; scored by scripts/evaluate.py --split test
   validation_holdout: int = 0  # rows carved out of train (seeded) as the validation split if none given
-  text_column: str = "text"
+  text_column: str = "text"  # classification input, or plain text for causal_lm
   text_pair_column: str | None = None  # second segment for sentence-pair tasks
   label_column: str = "label"
-  max_len: int = 128  # tokens per example after truncation
+  prompt_column: str | None = None  # causal_lm instruction data: loss only on the response
+  response_column: str | None = None
+  messages_column: str | None = None  # causal_lm chat data: list of {role, content}; loss on assistant turns
+  use_chat_template: bool = False  # wrap prompt/response in the tokenizer's chat template
+  pack: bool = True  # causal_lm plain text: concatenate documents into full rows (segments keep them apart)
+  max_len: int = 128  # tokens per example (classification) or per row (causal_lm) after truncation
   length_buckets: tuple[int, ...] = ()  # pad a batch to the smallest bucket >= its longest row
   group_by_length: bool = False  # batch rows of similar length together (fewer pad tokens)
 
@@ -50,6 +55,10 @@ class DataConfig:
            "must be strictly increasing")
     _check(not (self.validation and self.validation_holdout), "data.validation_holdout",
            "must be 0 when data.validation is given (choose one source of validation rows)")
+    _check((self.prompt_column is None) == (self.response_column is None), "data.prompt_column",
+           "and data.response_column must be set together")
+    _check(not (self.messages_column and self.prompt_column), "data.messages_column",
+           "cannot be combined with data.prompt_column (choose one data form)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,14 +122,32 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+  max_new_tokens: int = 32  # per prompt; generation also stops at EOS
+  temperature: float = 0.0  # 0 = greedy
+  top_p: float = 1.0  # nucleus sampling mass
+  exact_match: bool = False  # evaluate.py on prompt/response data: score greedy generations against responses
+
+  def __post_init__(self) -> None:
+    _check(self.max_new_tokens > 0, "generate.max_new_tokens", "must be positive")
+    _check(self.temperature >= 0, "generate.temperature", "must be >= 0")
+    _check(0 < self.top_p <= 1, "generate.top_p", "must be in (0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig
   data: DataConfig
-  task: Literal["classification"] = "classification"
+  task: Literal["classification", "causal_lm"] = "classification"
   optim: OptimConfig = OptimConfig()
   train: TrainConfig = TrainConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
   mesh: MeshConfig = MeshConfig()
+  generate: GenerateConfig = GenerateConfig()
+
+  def __post_init__(self) -> None:
+    _check(not (self.generate.exact_match and self.data.prompt_column is None), "generate.exact_match",
+           "needs prompt/response data (data.prompt_column and data.response_column)")
 
 
 def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:

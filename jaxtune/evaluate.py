@@ -1,4 +1,4 @@
-"""Scores a saved checkpoint in a fresh process: needs only the run directory."""
+"""Scores a saved checkpoint (or the pretrained model a run started from) in a fresh process."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ import transformers
 import yaml
 
 from jaxtune import config as config_lib
-from jaxtune import pretrained, sharding, train
+from jaxtune import generate, pretrained, sharding, train
 from jaxtune.checkpoint import Checkpoints
 from jaxtune.config import Config
-from jaxtune.data import classification
+from jaxtune.data import lm, splits
 from jaxtune.errors import UserError
+from jaxtune.tasks import TASKS
 
 
 def load_run_config(run_dir: Path) -> Config:
@@ -26,32 +27,61 @@ def load_run_config(run_dir: Path) -> Config:
   return config_lib.from_dict(Config, yaml.safe_load(path.read_text()))
 
 
-def evaluate_checkpoint(run_dir: Path, step: str = "latest", split: str | None = None,
-                        data_file: str | None = None) -> dict[str, Any]:
-  """Restores the params (only) of one saved step and scores a split of the run's data or a file."""
-  if (split is None) == (data_file is None):
-    raise UserError("give exactly one of --split NAME or --data FILE.")
-  ckpts = Checkpoints(run_dir, load_run_config(run_dir).checkpoint, read_only=True)
+def restore(run_dir: Path, step: str, mesh: jax.sharding.Mesh) -> tuple[Config, pretrained.Model, Any, Any, Any]:
+  """(config, model, params, labels, step number) of a saved step; step 'base' = the pretrained weights."""
+  run_cfg = load_run_config(run_dir)
+  ckpts = Checkpoints(run_dir, run_cfg.checkpoint, read_only=True)
+  if step == "base":  # what fine-tuning started from: the new params (a head) are freshly initialised
+    labels = ckpts.meta(ckpts.resolve("latest"))["labels"] if ckpts.steps() else None
+    model, params = pretrained.from_pretrained(run_cfg.model, len(labels or ()), mesh, run_cfg.train.seed)
+    return run_cfg, model, params, labels, 0
   step_num = ckpts.resolve(step)
   meta = ckpts.meta(step_num)
   cfg = config_lib.from_dict(Config, meta["config"])  # the config this checkpoint was trained with
-  mesh = sharding.make_mesh(config_lib.MeshConfig())  # evaluation runs on whatever devices are here
-  train.check_devices(cfg, mesh, keys=("eval_batch_size",))
   family = pretrained.FAMILIES[meta["family"]]
-  model = pretrained.describe(meta["family"], family.config(**meta["model"]), mesh)
-  tokenizer = transformers.AutoTokenizer.from_pretrained(run_dir / "tokenizer")
-  name = split or "file"
-  _, data = classification.load_splits(cfg.data, cfg.train.seed, tokenizer, [name], labels=meta["labels"],
-                                       extra={"file": data_file} if data_file else None)
+  model = pretrained.describe(meta["family"], family.config(**meta["model"]), mesh, hf_config=meta["hf_config"])
   flat_shardings = sharding.flatten(model.shardings)
   abstract = sharding.unflatten({p: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=flat_shardings[p])
                                  for p, a in model.abstract.items()})
   params = ckpts.restore(step_num, params=abstract)["params"]
   ckpts.close()
+  return cfg, model, params, meta["labels"], step_num
+
+
+def evaluate_checkpoint(run_dir: Path, step: str = "latest", split: str | None = None,
+                        data_file: str | None = None) -> dict[str, Any]:
+  """Restores the params (only) of one step and scores a split of the run's data or a file."""
+  if (split is None) == (data_file is None):
+    raise UserError("give exactly one of --split NAME or --data FILE.")
+  mesh = sharding.make_mesh(config_lib.MeshConfig())  # evaluation runs on whatever devices are here
+  cfg, model, params, labels, step_num = restore(run_dir, step, mesh)
+  train.check_devices(cfg, mesh, keys=("eval_batch_size",))
+  task = TASKS[cfg.task]
+  tokenizer = transformers.AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+  name, extra = split or "file", {"file": data_file} if data_file else None
+  _, data = task.load(cfg, tokenizer, [name], labels=labels, extra=extra)
   batch_sharding = sharding.batch_sharding(mesh)
-  eval_step = train.make_eval_step(model, jnp.dtype(cfg.model.compute_dtype), model.shardings, batch_sharding)
-  result = train.evaluate(eval_step, params, data[name], cfg, batch_sharding, len(meta["labels"]))
+  dtype = jnp.dtype(cfg.model.compute_dtype)
+  eval_step = train.make_eval_step(model, task, dtype, model.shardings, batch_sharding)
+  result = train.evaluate(eval_step, params, data[name], cfg, batch_sharding, task, labels)
+  if cfg.generate.exact_match:
+    result.update(exact_match(model, params, cfg, tokenizer, splits.load_raw(cfg.data, cfg.train.seed, [name], extra)[name]))
   return {**result, "step": step_num, "split": split or data_file}
+
+
+def exact_match(model: pretrained.Model, params: Any, cfg: Config, tokenizer: Any, rows: Any) -> dict[str, Any]:
+  """Share of prompts whose generation (decoded, stripped) equals the response, with a few samples."""
+  prompts = [lm.encode_prompt(p, tokenizer, cfg.data.use_chat_template) for p in rows[cfg.data.prompt_column]]
+  s = generate.Sampling(cfg.generate.max_new_tokens, cfg.generate.temperature, cfg.generate.top_p)
+  eos = [lm.eos_id(tokenizer)]
+  outputs = []
+  for i in range(0, len(prompts), cfg.train.eval_batch_size):
+    chunk = prompts[i:i + cfg.train.eval_batch_size]
+    outputs += generate.generate(model, params, chunk, eos, s, jax.random.key(cfg.train.seed + i),
+                                 jnp.dtype(cfg.model.compute_dtype))
+  texts = [tokenizer.decode([t for t in out if t not in eos], skip_special_tokens=True).strip() for out in outputs]
+  hits = [t == r.strip() for t, r in zip(texts, rows[cfg.data.response_column])]
+  return {"exact_match": sum(hits) / len(hits), "samples": texts[:5]}
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:

@@ -86,10 +86,18 @@ def load_tokenizer(model_cfg: ModelConfig) -> Any:
                     "to an HF tokenizer directory or hub id.") from None
 
 
-def from_pretrained(model_cfg: ModelConfig, num_labels: int, mesh: Mesh, seed: int) -> tuple[Model, dict]:
-  """(model, params): params from the checkpoint, new ones (model.new_params) initialised."""
+def from_pretrained(model_cfg: ModelConfig, num_labels: int, mesh: Mesh, seed: int,
+                    kind: str | None = None) -> tuple[Model, dict]:
+  """(model, params): params from the checkpoint, new ones (model.new_params) initialised.
+
+  `kind` ("encoder" / "decoder") is what the task needs; another kind of model is a UserError.
+  """
   hf_config, reader = open_checkpoint(model_cfg)
   family_name, family = family_of(hf_config)
+  if kind is not None and family.kind != kind:
+    task = "classification" if kind == "encoder" else "causal_lm"
+    raise UserError(f"model.path {model_cfg.path} is a {family_name} {family.kind}, but task {task} needs a "
+                    f"{kind} model; change task or model.path.")
   model = describe(family_name, family.config.from_hf(hf_config, num_labels, model_cfg.dropout), mesh, seed,
                    hf_config)
   loaded = weights.load_params(

@@ -19,8 +19,9 @@ from jaxtune import metrics as metrics_lib
 from jaxtune import optim, pretrained, sharding
 from jaxtune.checkpoint import Checkpoints
 from jaxtune.config import Config
-from jaxtune.data import batching, classification
+from jaxtune.data import batching
 from jaxtune.errors import UserError
+from jaxtune.tasks import TASKS
 
 
 class TrainState(NamedTuple):
@@ -30,22 +31,21 @@ class TrainState(NamedTuple):
   rng: jax.Array  # uint32[2] base key; step keys are fold_in(rng, step) so resume replays them
 
 
-def loss_fn(model: pretrained.Model, params: Any, batch: dict[str, jax.Array], dtype: jnp.dtype,
+def loss_fn(model: pretrained.Model, task: Any, params: Any, batch: dict[str, jax.Array], dtype: jnp.dtype,
             rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """(mean cross-entropy over real rows in float32, per-row losses); padded rows have weight 0."""
-  logits_BxC = model.apply(params, batch, dtype=dtype, dropout_rng=rng)["logits"]
-  loss_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"])
-  weights_B = batch["weights"]
-  return (loss_B * weights_B).sum() / jnp.maximum(weights_B.sum(), 1.0), logits_BxC
+  """(float32 loss summed over the batch's targets / their true count, logits)."""
+  logits = model.apply(params, batch, dtype=dtype, dropout_rng=rng)["logits"]
+  total, count = task.loss_terms(logits, batch)
+  return total / jnp.maximum(count, 1.0), logits
 
 
-def make_train_step(model: pretrained.Model, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    dtype: jnp.dtype, state_shardings: Any, batch_sharding: Any):
+def make_train_step(model: pretrained.Model, task: Any, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, dtype: jnp.dtype, state_shardings: Any, batch_sharding: Any):
   """(state, batch) -> (state, metrics): one AdamW update, jitted once per batch shape, state donated."""
 
   def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
     rng = jax.random.fold_in(state.rng, state.step)
-    grad_fn = jax.value_and_grad(lambda p: loss_fn(model, p, batch, dtype, rng), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p: loss_fn(model, task, p, batch, dtype, rng), has_aux=True)
     (loss, _), grads = grad_fn(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -56,28 +56,26 @@ def make_train_step(model: pretrained.Model, tx: optax.GradientTransformation, s
                  out_shardings=(state_shardings, sharding.replicated(batch_sharding.mesh)), donate_argnums=0)
 
 
-def make_eval_step(model: pretrained.Model, dtype: jnp.dtype, params_shardings: Any, batch_sharding: Any):
-  """(params, batch) -> per-row (loss, prediction), replicated so every process can score them."""
+def make_eval_step(model: pretrained.Model, task: Any, dtype: jnp.dtype, params_shardings: Any, batch_sharding: Any):
+  """(params, batch) -> the task's per-row outputs, replicated so every process can score them."""
 
   def step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    _, logits_BxC = loss_fn(model, params, batch, dtype, None)
-    loss_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"])
-    return {"loss": loss_B, "pred": jnp.argmax(logits_BxC, -1)}
+    _, logits = loss_fn(model, task, params, batch, dtype, None)
+    return task.eval_outputs(logits, batch)
 
   return jax.jit(step, in_shardings=(params_shardings, batch_sharding),
                  out_shardings=sharding.replicated(batch_sharding.mesh))
 
 
-def evaluate(eval_step, params: Any, data: classification.Encoded, cfg: Config, batch_sharding: Any,
-             num_classes: int) -> dict[str, float]:
-  """accuracy / macro_f1 / loss over every row of `data` (a short last batch is padded, then dropped)."""
-  preds, losses = [], []
+def evaluate(eval_step, params: Any, data: Any, cfg: Config, batch_sharding: Any, task: Any,
+             labels: Any) -> dict[str, float]:
+  """The task's metrics over every row of `data` (a short last batch is padded, then dropped)."""
+  outputs: dict[str, list[np.ndarray]] = {}
   for rows in batching.eval_batches(len(data), cfg.train.eval_batch_size):
-    batch = batching.collate(data, rows, cfg.train.eval_batch_size, cfg.data.length_buckets, cfg.data.max_len)
-    out = jax.device_get(eval_step(params, batching.to_device(batch, batch_sharding)))
-    preds.append(out["pred"][:len(rows)])
-    losses.append(out["loss"][:len(rows)])
-  return metrics_lib.classification(np.concatenate(preds), data.labels, np.concatenate(losses), num_classes)
+    batch = task.collate(data, rows, cfg.train.eval_batch_size, cfg)
+    for key, value in jax.device_get(eval_step(params, batching.to_device(batch, batch_sharding))).items():
+      outputs.setdefault(key, []).append(value[:len(rows)])
+  return task.metrics({k: np.concatenate(v) for k, v in outputs.items()}, data, labels)
 
 
 def check_devices(cfg: Config, mesh: jax.sharding.Mesh, keys: tuple[str, ...] = ("batch_size", "eval_batch_size")
@@ -105,8 +103,9 @@ class Run:
   cfg: Config
   dir: Path
   ckpts: Checkpoints
-  labels: list[Any]
-  splits: dict[str, classification.Encoded]
+  task: Any  # tasks.Classification or tasks.CausalLM
+  labels: list[Any] | None  # class names (classification only)
+  splits: dict[str, Any]  # name -> encoded rows
   per_epoch: int  # optimiser steps per epoch
   steps: int  # total optimiser steps
   state: TrainState
@@ -121,11 +120,12 @@ def prepare(cfg: Config, run_dir: Path, resume: bool = False) -> Run:
   mesh = sharding.make_mesh(cfg.mesh)
   check_devices(cfg, mesh)
   _check_run_dir(cfg, run_dir, resume)
+  task = TASKS[cfg.task]
   tokenizer = pretrained.load_tokenizer(cfg.model)
   names = ["train"] + (["validation"] if cfg.data.validation or cfg.data.validation_holdout else [])
-  labels, splits = classification.load_splits(cfg.data, cfg.train.seed, tokenizer, names)
+  labels, splits = task.load(cfg, tokenizer, names)
   per_epoch, steps = total_steps(cfg, len(splits["train"]))
-  model, params = pretrained.from_pretrained(cfg.model, len(labels), mesh, cfg.train.seed)
+  model, params = pretrained.from_pretrained(cfg.model, len(labels or ()), mesh, cfg.train.seed, task.family_kind)
   dtype = jnp.dtype(cfg.model.compute_dtype)
   tx = optim.make(cfg.optim, steps)
   state = TrainState(jnp.zeros((), jnp.int32), params, jax.jit(tx.init)(params),
@@ -140,9 +140,9 @@ def prepare(cfg: Config, run_dir: Path, resume: bool = False) -> Run:
   meta = {"family": model.family, "model": dataclasses.asdict(model.cfg), "hf_config": model.hf_config,
           "labels": labels,
           "config": config_lib.to_dict(cfg), "steps_per_epoch": per_epoch, "mesh": dict(mesh.shape)}
-  return Run(cfg, run_dir, ckpts, labels, splits, per_epoch, steps, state,
-             make_train_step(model, tx, optim.schedule(cfg.optim, steps), dtype, state_shardings, batch_sharding),
-             make_eval_step(model, dtype, state_shardings.params, batch_sharding), batch_sharding, meta)
+  return Run(cfg, run_dir, ckpts, task, labels, splits, per_epoch, steps, state,
+             make_train_step(model, task, tx, optim.schedule(cfg.optim, steps), dtype, state_shardings, batch_sharding),
+             make_eval_step(model, task, dtype, state_shardings.params, batch_sharding), batch_sharding, meta)
 
 
 def fit(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
@@ -168,12 +168,11 @@ def _loop(run: Run) -> dict[str, Any]:
     order = batching.train_batches(run.splits["train"].lengths, cfg.train.batch_size, cfg.train.seed, epoch,
                                    cfg.data.group_by_length)
     for rows in order[offset:offset + run.steps - step]:
-      batch = batching.collate(run.splits["train"], rows, cfg.train.batch_size, cfg.data.length_buckets,
-                               cfg.data.max_len)
+      batch = run.task.collate(run.splits["train"], rows, cfg.train.batch_size, cfg)
       state, step_metrics = run.train_step(state, batching.to_device(batch, run.batch_sharding))
       step += 1
       seen["examples"] += len(rows)
-      seen["tokens"] += int(batch["attention_mask"].sum())
+      seen["tokens"] += int((batch.get("attention_mask", batch.get("segment_ids")) > 0).sum())
       log.advance()
       if step % cfg.train.log_every == 0 or step == run.steps:
         record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}  # waits for the step
@@ -185,7 +184,7 @@ def _loop(run: Run) -> dict[str, Any]:
           step == run.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
       if evaluate_now:
         last_eval = evaluate(run.eval_step, state.params, run.splits["validation"], cfg, run.batch_sharding,
-                             len(run.labels))
+                             run.task, run.labels)
         log.eval(step, "validation", last_eval)
       if step == run.steps or (save_every and step % save_every == 0):
         position = {"epoch": step // run.per_epoch, "batch_in_epoch": step % run.per_epoch}

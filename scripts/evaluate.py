@@ -10,7 +10,7 @@ from jaxtune import cli
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--checkpoint", required=True, help="run directory written by scripts/finetune.py")
-  parser.add_argument("--step", default="latest", help="best, latest or a saved step number")
+  parser.add_argument("--step", default="latest", help="best, latest, a saved step number, or base (the pretrained model)")
   source = parser.add_mutually_exclusive_group()
   source.add_argument("--split", help="train, validation or test, as configured for the run (default test)")
   source.add_argument("--data", help="a .csv/.json/.jsonl/.parquet file with the run's columns")

@@ -18,6 +18,9 @@ from jaxtune.checkpoint import Checkpoints
 from jaxtune.config import CheckpointConfig, MeshConfig, ModelConfig, OptimConfig
 from jaxtune.data import batching, classification
 from jaxtune.errors import UserError
+from jaxtune.tasks import TASKS
+
+CLS = TASKS["classification"]
 
 
 def test_loss_falls_on_a_real_batch(minilm_dir):
@@ -35,11 +38,11 @@ def test_loss_falls_on_a_real_batch(minilm_dir):
   tx = optim.make(opt_cfg, 10)
   state = train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key_data(jax.random.key(0)))
   shardings = jax.tree.map(lambda x: x.sharding, state)
-  step = train.make_train_step(model, tx, optim.schedule(opt_cfg, 10), jnp.float32, shardings, batch_sharding)
-  before = float(train.loss_fn(model, params, batch, jnp.float32, None)[0])
+  step = train.make_train_step(model, CLS, tx, optim.schedule(opt_cfg, 10), jnp.float32, shardings, batch_sharding)
+  before = float(train.loss_fn(model, CLS, params, batch, jnp.float32, None)[0])
   for _ in range(10):
     state, metrics = step(state, batch)
-  after = float(train.loss_fn(model, state.params, batch, jnp.float32, None)[0])
+  after = float(train.loss_fn(model, CLS, state.params, batch, jnp.float32, None)[0])
   assert np.isfinite(float(metrics["grad_norm"])) and after < 0.5 * before, (before, after)
 
 
@@ -127,17 +130,17 @@ def test_bf16_compute_trains_and_keeps_float32_params(tiny_bert_dir):
   model, tx, state, bs = tiny_state(tiny_bert_dir, OptimConfig(lr=1e-3))
   batch = toy_batch(bs)
   shardings = jax.tree.map(lambda x: x.sharding, state)
-  step = train.make_train_step(model, tx, optim.schedule(OptimConfig(lr=1e-3), 10), jnp.bfloat16, shardings, bs)
+  step = train.make_train_step(model, CLS, tx, optim.schedule(OptimConfig(lr=1e-3), 10), jnp.bfloat16, shardings, bs)
   lo32 = model.apply(state.params, batch)["logits"]
   lo16 = model.apply(state.params, batch, dtype=jnp.bfloat16)["logits"]
   assert model.apply(state.params, batch, dtype=jnp.bfloat16)["hidden"].dtype == jnp.bfloat16
   assert lo16.dtype == jnp.float32 and 0 < float(jnp.abs(lo16 - lo32).max()) < 0.1
-  before = float(train.loss_fn(model, state.params, batch, jnp.bfloat16, None)[0])
+  before = float(train.loss_fn(model, CLS, state.params, batch, jnp.bfloat16, None)[0])
   for _ in range(8):
     state, _ = step(state, batch)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
   assert all(x.dtype in (jnp.float32, jnp.int32) for x in jax.tree.leaves(state.opt_state))
-  assert float(train.loss_fn(model, state.params, batch, jnp.bfloat16, None)[0]) < before
+  assert float(train.loss_fn(model, CLS, state.params, batch, jnp.bfloat16, None)[0]) < before
 
 
 def test_weight_decay_skips_biases_and_norms_and_dropout_is_seeded(tiny_bert_dir):

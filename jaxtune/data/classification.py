@@ -10,6 +10,7 @@ import datasets
 import numpy as np
 
 from jaxtune.config import DataConfig
+from jaxtune.data import splits
 from jaxtune.errors import UserError
 
 
@@ -80,31 +81,9 @@ def _texts(ds: datasets.Dataset, column: str, name: str) -> list[str]:
 def load_splits(cfg: DataConfig, seed: int, tokenizer: Any, names: Sequence[str],
                 labels: Sequence[Any] | None = None, extra: dict[str, str] | None = None
                 ) -> tuple[list[Any], dict[str, Encoded]]:
-  """(labels, encoded splits) for `names` among train/validation/test and any `extra` name -> spec.
-
-  Labels come from the training split unless given (evaluation reuses the saved list). A
-  validation_holdout carves a seeded random subset out of train, identically every time.
-  """
-  from jaxtune.data.sources import load_split
-
-  specs = {"train": cfg.train, "validation": cfg.validation, "test": cfg.test, **(extra or {})}
-  raw: dict[str, datasets.Dataset] = {}
-  need_train = labels is None or "train" in names or ("validation" in names and cfg.validation_holdout)
-  if need_train:
-    raw["train"] = load_split(cfg.train)
-    if cfg.validation_holdout:
-      if cfg.validation_holdout >= len(raw["train"]):
-        raise UserError(f"data.validation_holdout={cfg.validation_holdout} leaves no training rows out of "
-                        f"{len(raw['train'])}; lower it.")
-      order = np.random.default_rng(seed).permutation(len(raw["train"]))
-      raw["validation"] = raw["train"].select(np.sort(order[:cfg.validation_holdout]))
-      raw["train"] = raw["train"].select(np.sort(order[cfg.validation_holdout:]))
-  for name in names:
-    if name not in raw:
-      if specs.get(name) is None:
-        raise UserError(f"split {name!r} is not configured; set data.{name} in the config or pass --data FILE.")
-      raw[name] = load_split(specs[name])
+  """(labels, encoded splits) for `names`; labels come from the training split unless given."""
+  need_train = labels is None
+  raw = splits.load_raw(cfg, seed, [*names, *(["train"] if need_train else [])], extra)
   if labels is None:
     labels = label_list(raw["train"], cfg, f"train ({cfg.train})")
-  return list(labels), {n: encode(raw[n], cfg, tokenizer, labels, f"{n} ({specs.get(n) or cfg.train})")
-                        for n in names}
+  return list(labels), {n: encode(raw[n], cfg, tokenizer, labels, splits.describe(cfg, n, extra)) for n in names}

@@ -99,6 +99,15 @@ def encode_instruction(prompt: str, response: str, tokenizer: Any, max_len: int,
   return tokens[:max_len], mask[:max_len]
 
 
+def encode_prompt(prompt: str, tokenizer: Any, use_chat_template: bool = False) -> np.ndarray:
+  """The prompt part of `encode_instruction` alone: what generation continues from."""
+  if use_chat_template:
+    text = _render(tokenizer, [{"role": "user", "content": prompt}], True, "this prompt")
+    return np.asarray(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], np.int32)
+  head = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+  return np.asarray(head + tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"], np.int32)
+
+
 def encode_messages(messages: Sequence[dict[str, Any]], tokenizer: Any, max_len: int,
                     where: str = "this example") -> Example:
   """(tokens, target_mask) of a chat rendered by the tokenizer's template, trained on every assistant turn.

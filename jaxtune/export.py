@@ -1,0 +1,120 @@
+"""Writes a saved checkpoint as a Hugging Face model directory that transformers' PyTorch classes load."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from safetensors.numpy import save_file
+
+from jaxtune import evaluate, pretrained, sharding, weights
+from jaxtune.checkpoint import Checkpoints
+from jaxtune.config import CheckpointConfig, MeshConfig
+from jaxtune.errors import UserError
+
+# Our family -> the transformers class whose state-dict keys its param_map names.
+ARCHITECTURES = {"bert": "BertForSequenceClassification", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+
+
+def load_checkpoint(run_dir: Path, step: str) -> tuple[dict[str, Any], pretrained.Model, dict[str, np.ndarray]]:
+  """(meta, model, flat params on the host) of one saved step; the optimiser state is not read."""
+  if not (run_dir / "checkpoints").is_dir():
+    raise UserError(f"{run_dir} has no checkpoints/ directory; pass --checkpoint the run directory of a "
+                    "finetune.py run.")
+  # config.yaml only says which metric 'best' means; runs written without one use the defaults.
+  has_config = (run_dir / "config.yaml").is_file()
+  ckpt_cfg = evaluate.load_run_config(run_dir).checkpoint if has_config else CheckpointConfig()
+  ckpts = Checkpoints(run_dir, ckpt_cfg, read_only=True)
+  step_num = ckpts.resolve(step)
+  meta = ckpts.meta(step_num)
+  if not meta.get("hf_config"):
+    raise UserError(f"the checkpoint at step {step_num} was saved without its HF config (hf_config in meta), "
+                    "which jaxtune only keeps since GGUF support; re-run the fine-tuning to export it.")
+  if meta["family"] not in ARCHITECTURES:
+    raise UserError(f"family {meta['family']!r} has no HF export; jaxtune exports {sorted(ARCHITECTURES)}.")
+  mesh = sharding.make_mesh(MeshConfig())
+  model = pretrained.describe(meta["family"], pretrained.FAMILIES[meta["family"]].config(**meta["model"]), mesh)
+  flat_shardings = sharding.flatten(model.shardings)
+  abstract = sharding.unflatten({p: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=flat_shardings[p])
+                                 for p, a in model.abstract.items()})
+  params = ckpts.restore(step_num, params=abstract)["params"]
+  ckpts.close()
+  return meta, model, {p: np.asarray(a) for p, a in sharding.flatten(jax.device_get(params)).items()}
+
+
+def hf_tensors(model: pretrained.Model, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """HF key -> tensor in torch layout; a tied LM head has no key of its own (transformers re-ties it)."""
+  param_map = pretrained.FAMILIES[model.family].param_map(model.cfg)
+  if set(param_map) != set(params):  # a param without an HF key would silently be lost
+    raise RuntimeError(f"{model.family} param_map and params differ: {sorted(set(param_map) ^ set(params))[:3]}")
+  return {hf_key: np.ascontiguousarray(weights.to_hf(params[path], kind))  # safetensors wants C order
+          for path, (hf_key, kind) in param_map.items()}
+
+
+def hf_config(meta: dict[str, Any], model: pretrained.Model, dtype: np.dtype) -> dict[str, Any]:
+  """The source checkpoint's config.json, updated to describe the exported class and weights."""
+  config = {**meta["hf_config"], "architectures": [ARCHITECTURES[model.family]]}
+  # transformers 5 loads weights in the config's dtype; a bfloat16 source would round our float32 weights.
+  config.pop("torch_dtype", None)
+  config["dtype"] = str(dtype)
+  if model.family == "bert":
+    labels = [str(label) for label in meta["labels"]]
+    config.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                  label2id={label: i for i, label in enumerate(labels)}, problem_type="single_label_classification")
+  elif model.family == "gpt2":
+    config["tie_word_embeddings"] = True  # our GPT-2 always scores against wte, whatever the source said
+  else:
+    config["tie_word_embeddings"] = model.cfg.tie_word_embeddings
+  _check_describes(config, model, len(meta.get("labels") or []))
+  return config
+
+
+def _check_describes(config: dict[str, Any], model: pretrained.Model, num_labels: int) -> None:
+  """The config, read back as the loader reads it, must give the trained architecture (dropout aside)."""
+  rebuilt = dataclasses.asdict(pretrained.FAMILIES[model.family].config.from_hf(config, num_labels))
+  trained = dataclasses.asdict(model.cfg)
+  differ = sorted(k for k in trained if rebuilt[k] != trained[k] and "drop" not in k)
+  if differ:
+    raise UserError(f"the checkpoint's hf_config disagrees with its model config on {differ}; the checkpoint "
+                    "metadata is inconsistent and cannot be exported.")
+
+
+def export(run_dir: Path, step: str, out_dir: Path) -> Path:
+  """Writes step `step` of run_dir to out_dir as config.json, model.safetensors and the run's tokenizer."""
+  run_dir, out_dir = Path(run_dir), Path(out_dir)
+  _check_free(out_dir)
+  meta, model, params = load_checkpoint(run_dir, step)
+  tensors = hf_tensors(model, params)
+  (dtype,) = {t.dtype for t in tensors.values()}  # params are kept in one dtype (float32)
+  config = hf_config(meta, model, dtype)
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  # Built beside out_dir and renamed into place, so out_dir is either absent or complete.
+  tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+  try:
+    if (run_dir / "tokenizer").is_dir():  # first, so a stray config.json in it cannot win
+      for f in (run_dir / "tokenizer").iterdir():
+        if f.is_file():
+          shutil.copy(f, tmp / f.name)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, tmp / weights.SAFETENSORS, metadata={"format": "pt"})  # transformers wants format=pt
+    _check_free(out_dir)
+    try:
+      tmp.replace(out_dir)  # POSIX rename also replaces an empty directory
+    except OSError:
+      raise UserError(f"output dir {out_dir} was filled while exporting; choose an empty or new --output.") from None
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return out_dir
+
+
+def _check_free(out_dir: Path) -> None:
+  if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    raise UserError(f"output dir {out_dir} already exists and is not empty; choose a new --output (nothing "
+                    "was written).")

@@ -1,0 +1,83 @@
+"""What differs between tasks: how splits are encoded and batched, the loss, and the eval metrics.
+
+Each task gives the train/eval steps a (summed loss, target count) pair, so the loss is always
+normalised by the true number of targets of the global batch: examples for classification,
+response/text tokens for causal LM.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxtune import metrics as metrics_lib
+from jaxtune.config import Config
+from jaxtune.data import batching, classification, lm, splits
+
+
+class Classification:
+  """Text (pair) -> label: cross-entropy on the [CLS] head; accuracy and macro F1."""
+  name = "classification"
+  family_kind = "encoder"
+
+  def load(self, cfg: Config, tokenizer: Any, names: Sequence[str], labels: Sequence[Any] | None = None,
+           extra: dict[str, str] | None = None) -> tuple[list[Any], dict[str, classification.Encoded]]:
+    return classification.load_splits(cfg.data, cfg.train.seed, tokenizer, names, labels, extra)
+
+  def collate(self, data: classification.Encoded, rows: np.ndarray, batch_size: int, cfg: Config) -> dict:
+    return batching.collate(data, rows, batch_size, cfg.data.length_buckets, cfg.data.max_len)
+
+  def loss_terms(self, logits_BxC: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    loss_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"])
+    return (loss_B * batch["weights"]).sum(), batch["weights"].sum()
+
+  def eval_outputs(self, logits_BxC: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {"loss": optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"]),
+            "pred": jnp.argmax(logits_BxC, -1)}
+
+  def metrics(self, out: dict[str, np.ndarray], data: classification.Encoded, labels: Sequence[Any]) -> dict:
+    return metrics_lib.classification(out["pred"], data.labels, out["loss"], len(labels))
+
+
+class CausalLM:
+  """Next-token prediction on text, prompt/response or chat rows; loss and perplexity per target token."""
+  name = "causal_lm"
+  family_kind = "decoder"
+
+  def load(self, cfg: Config, tokenizer: Any, names: Sequence[str], labels: Sequence[Any] | None = None,
+           extra: dict[str, str] | None = None) -> tuple[None, dict[str, lm.LMExamples]]:
+    del labels
+    d = cfg.data
+    raw = splits.load_raw(d, cfg.train.seed, names, extra)
+    text = None if (d.prompt_column or d.messages_column) else d.text_column
+    return None, {n: lm.load_lm_split(raw[n], tokenizer, splits.describe(d, n, extra), d.max_len, text_column=text,
+                                      prompt_column=d.prompt_column, response_column=d.response_column,
+                                      messages_column=d.messages_column, use_chat_template=d.use_chat_template,
+                                      pack_text=d.pack)
+                  for n in names}
+
+  def collate(self, data: lm.LMExamples, rows: np.ndarray, batch_size: int, cfg: Config) -> dict:
+    return lm.collate(data, rows, batch_size, cfg.data.length_buckets)
+
+  def loss_terms(self, logits_BxLxV: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    loss_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
+    return (loss_BxL * batch["loss_mask"]).sum(), batch["loss_mask"].sum()
+
+  def eval_outputs(self, logits_BxLxV: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    loss_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
+    return {"loss_sum": (loss_BxL * batch["loss_mask"]).sum(-1), "tokens": batch["loss_mask"].sum(-1)}
+
+  def metrics(self, out: dict[str, np.ndarray], data: lm.LMExamples, labels: Any) -> dict:
+    tokens = float(out["tokens"].sum())
+    loss = float(out["loss_sum"].sum()) / max(tokens, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "num_tokens": int(tokens),
+            "num_examples": len(data)}
+
+
+TASKS = {"classification": Classification(), "causal_lm": CausalLM()}

