@@ -38,6 +38,7 @@ class DataConfig:
   text_pair_column: str | None = None  # second segment for sentence-pair tasks
   label_column: str = "label"
   prompt_column: str | None = None  # causal_lm instruction data: loss only on the response
+  prompt_template: str | None = None  # instead of prompt_column: str.format over the row, e.g. "{review:.400}"
   response_column: str | None = None
   messages_column: str | None = None  # causal_lm chat data: list of {role, content}; loss on assistant turns
   use_chat_template: bool = False  # wrap prompt/response in the tokenizer's chat template
@@ -55,10 +56,12 @@ class DataConfig:
            "must be strictly increasing")
     _check(not (self.validation and self.validation_holdout), "data.validation_holdout",
            "must be 0 when data.validation is given (choose one source of validation rows)")
-    _check((self.prompt_column is None) == (self.response_column is None), "data.prompt_column",
-           "and data.response_column must be set together")
-    _check(not (self.messages_column and self.prompt_column), "data.messages_column",
-           "cannot be combined with data.prompt_column (choose one data form)")
+    _check(not (self.prompt_column and self.prompt_template), "data.prompt_template",
+           "replaces data.prompt_column; set only one of them")
+    _check((self.prompt_column is None and self.prompt_template is None) == (self.response_column is None),
+           "data.response_column", "must be set exactly when data.prompt_column or data.prompt_template is")
+    _check(not (self.messages_column and self.response_column), "data.messages_column",
+           "cannot be combined with prompt/response columns (choose one data form)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,8 +149,8 @@ class Config:
   generate: GenerateConfig = GenerateConfig()
 
   def __post_init__(self) -> None:
-    _check(not (self.generate.exact_match and self.data.prompt_column is None), "generate.exact_match",
-           "needs prompt/response data (data.prompt_column and data.response_column)")
+    _check(not (self.generate.exact_match and self.data.response_column is None), "generate.exact_match",
+           "needs prompt/response data (data.response_column with data.prompt_column or data.prompt_template)")
 
 
 def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:

@@ -17,6 +17,7 @@ from jaxtune.checkpoint import Checkpoints
 from jaxtune.config import Config
 from jaxtune.data import lm, splits
 from jaxtune.errors import UserError
+from jaxtune import tasks
 from jaxtune.tasks import TASKS
 
 
@@ -49,7 +50,7 @@ def restore(run_dir: Path, step: str, mesh: jax.sharding.Mesh) -> tuple[Config, 
 
 
 def evaluate_checkpoint(run_dir: Path, step: str = "latest", split: str | None = None,
-                        data_file: str | None = None) -> dict[str, Any]:
+                        data_file: str | None = None, limit: int | None = None) -> dict[str, Any]:
   """Restores the params (only) of one step and scores a split of the run's data or a file."""
   if (split is None) == (data_file is None):
     raise UserError("give exactly one of --split NAME or --data FILE.")
@@ -59,19 +60,20 @@ def evaluate_checkpoint(run_dir: Path, step: str = "latest", split: str | None =
   task = TASKS[cfg.task]
   tokenizer = transformers.AutoTokenizer.from_pretrained(run_dir / "tokenizer")
   name, extra = split or "file", {"file": data_file} if data_file else None
-  _, data = task.load(cfg, tokenizer, [name], labels=labels, extra=extra)
+  _, data = task.load(cfg, tokenizer, [name], labels=labels, extra=extra, limit=limit)
   batch_sharding = sharding.batch_sharding(mesh)
   dtype = jnp.dtype(cfg.model.compute_dtype)
   eval_step = train.make_eval_step(model, task, dtype, model.shardings, batch_sharding)
   result = train.evaluate(eval_step, params, data[name], cfg, batch_sharding, task, labels)
   if cfg.generate.exact_match:
-    result.update(exact_match(model, params, cfg, tokenizer, splits.load_raw(cfg.data, cfg.train.seed, [name], extra)[name]))
+    rows = splits.load_raw(cfg.data, cfg.train.seed, [name], extra, limit)[name]
+    result.update(exact_match(model, params, cfg, tokenizer, tasks.with_prompts(rows, cfg, name)))
   return {**result, "step": step_num, "split": split or data_file}
 
 
 def exact_match(model: pretrained.Model, params: Any, cfg: Config, tokenizer: Any, rows: Any) -> dict[str, Any]:
   """Share of prompts whose generation (decoded, stripped) equals the response, with a few samples."""
-  prompts = [lm.encode_prompt(p, tokenizer, cfg.data.use_chat_template) for p in rows[cfg.data.prompt_column]]
+  prompts = [lm.encode_prompt(p, tokenizer, cfg.data.use_chat_template) for p in rows[tasks.PROMPT]]
   s = generate.Sampling(cfg.generate.max_new_tokens, cfg.generate.temperature, cfg.generate.top_p)
   eos = [lm.eos_id(tokenizer)]
   outputs = []

@@ -27,9 +27,13 @@ class Sampling:
   top_p: float = 1.0  # nucleus: sample from the smallest set of tokens with this much probability
 
 
+PAD_MULTIPLE = 32  # prompt batches pad to a multiple of this, so few distinct shapes get compiled
+
+
 def left_pad(prompts: Sequence[np.ndarray], length: int | None = None) -> dict[str, np.ndarray]:
   """Prompts as one left-padded batch: input_ids, segment_ids (1 real, 0 pad), positions."""
-  length = length or max(len(p) for p in prompts)
+  longest = max(len(p) for p in prompts)
+  length = length or -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
   ids = np.zeros((len(prompts), length), np.int32)
   seg = np.zeros_like(ids)
   for i, p in enumerate(prompts):

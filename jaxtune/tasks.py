@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +20,7 @@ import optax
 from jaxtune import metrics as metrics_lib
 from jaxtune.config import Config
 from jaxtune.data import batching, classification, lm, splits
+from jaxtune.errors import UserError
 
 
 class Classification:
@@ -27,8 +29,9 @@ class Classification:
   family_kind = "encoder"
 
   def load(self, cfg: Config, tokenizer: Any, names: Sequence[str], labels: Sequence[Any] | None = None,
-           extra: dict[str, str] | None = None) -> tuple[list[Any], dict[str, classification.Encoded]]:
-    return classification.load_splits(cfg.data, cfg.train.seed, tokenizer, names, labels, extra)
+           extra: dict[str, str] | None = None, limit: int | None = None
+           ) -> tuple[list[Any], dict[str, classification.Encoded]]:
+    return classification.load_splits(cfg.data, cfg.train.seed, tokenizer, names, labels, extra, limit)
 
   def collate(self, data: classification.Encoded, rows: np.ndarray, batch_size: int, cfg: Config) -> dict:
     return batching.collate(data, rows, batch_size, cfg.data.length_buckets, cfg.data.max_len)
@@ -51,13 +54,15 @@ class CausalLM:
   family_kind = "decoder"
 
   def load(self, cfg: Config, tokenizer: Any, names: Sequence[str], labels: Sequence[Any] | None = None,
-           extra: dict[str, str] | None = None) -> tuple[None, dict[str, lm.LMExamples]]:
+           extra: dict[str, str] | None = None, limit: int | None = None) -> tuple[None, dict[str, lm.LMExamples]]:
     del labels
     d = cfg.data
-    raw = splits.load_raw(d, cfg.train.seed, names, extra)
-    text = None if (d.prompt_column or d.messages_column) else d.text_column
+    raw = splits.load_raw(d, cfg.train.seed, names, extra, limit)
+    raw = {n: with_prompts(ds, cfg, splits.describe(d, n, extra)) for n, ds in raw.items()}
+    text = None if (d.response_column or d.messages_column) else d.text_column
     return None, {n: lm.load_lm_split(raw[n], tokenizer, splits.describe(d, n, extra), d.max_len, text_column=text,
-                                      prompt_column=d.prompt_column, response_column=d.response_column,
+                                      prompt_column=PROMPT if d.response_column else None,
+                                      response_column=d.response_column,
                                       messages_column=d.messages_column, use_chat_template=d.use_chat_template,
                                       pack_text=d.pack)
                   for n in names}
@@ -78,6 +83,28 @@ class CausalLM:
     loss = float(out["loss_sum"].sum()) / max(tokens, 1.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "num_tokens": int(tokens),
             "num_examples": len(data)}
+
+
+PROMPT = "prompt"  # the column prompts are read from once `with_prompts` has run
+
+
+def with_prompts(ds: datasets.Dataset, cfg: Config, name: str) -> datasets.Dataset:
+  """`ds` with its prompts in column PROMPT: data.prompt_column copied, or data.prompt_template filled."""
+  d = cfg.data
+  if d.prompt_template is not None:
+    try:
+      prompts = [d.prompt_template.format(**row) for row in ds]
+    except (KeyError, ValueError, IndexError) as e:
+      raise UserError(f"data.prompt_template does not fit split {name} ({type(e).__name__}: {e}); use "
+                      f"{{column}} fields of {ds.column_names}.") from None
+  elif d.prompt_column is not None:
+    if d.prompt_column not in ds.column_names:
+      raise UserError(f"data split {name} has no column {d.prompt_column!r} (it has {ds.column_names}); set "
+                      "data.prompt_column to an existing column.")
+    prompts = ds[d.prompt_column]
+  else:
+    return ds
+  return ds.remove_columns([c for c in (PROMPT,) if c in ds.column_names]).add_column(PROMPT, list(prompts))
 
 
 TASKS = {"classification": Classification(), "causal_lm": CausalLM()}

@@ -14,6 +14,7 @@ def main() -> int:
   source = parser.add_mutually_exclusive_group()
   source.add_argument("--split", help="train, validation or test, as configured for the run (default test)")
   source.add_argument("--data", help="a .csv/.json/.jsonl/.parquet file with the run's columns")
+  parser.add_argument("--max-examples", type=int, help="score only the first N rows of the split")
   parser.add_argument("--output", help="metrics JSON path (default RUN_DIR/eval/<split>-<step>.json)")
   args = parser.parse_args()
 
@@ -26,7 +27,7 @@ def main() -> int:
   distributed.initialize()
   run_dir = Path(args.checkpoint)
   split = args.split or (None if args.data else "test")
-  result = evaluate.evaluate_checkpoint(run_dir, args.step, split, args.data)
+  result = evaluate.evaluate_checkpoint(run_dir, args.step, split, args.data, args.max_examples)
   output = Path(args.output or run_dir / "eval" / f"{Path(str(result['split'])).stem}-{result['step']}.json")
   evaluate.write_json(result, output)
   print(json.dumps(result))

@@ -1,4 +1,4 @@
-"""Export a checkpoint for transformers: python scripts/export_hf.py --checkpoint RUN_DIR [--step best|latest|N] --output DIR"""
+"""Export for transformers: python scripts/export_hf.py --checkpoint RUN_DIR [--step best|latest|N] --output DIR"""
 
 import argparse
 from pathlib import Path

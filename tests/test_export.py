@@ -12,19 +12,19 @@ import optax
 import pytest
 import torch
 import transformers
-from safetensors import safe_open
-
 from conftest import run_script, write_config
+from safetensors import safe_open
+from test_gguf import write_tiny_llama
+
 from jaxtune import config as config_lib
 from jaxtune import export, pretrained, sharding, train, weights
 from jaxtune.checkpoint import Checkpoints
 from jaxtune.config import MeshConfig, ModelConfig
 from jaxtune.data import batching, classification
-from test_gguf import write_tiny_llama
 
 MESH = sharding.make_mesh(MeshConfig())
-BASE = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64)
+BASE = {"vocab_size": 99, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
 DECODERS = {
     "gpt2": (transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64),
              transformers.GPT2LMHeadModel),
@@ -56,10 +56,10 @@ def load_exported(out_dir, cls):
   return hf.eval()
 
 
-def save_run(run_dir, model, params, step: int, labels=()) -> None:
+def save_run(run_dir, model, params, step: int) -> None:
   """A run dir as train.py leaves it: one checkpoint of params, AdamW state, train state and meta."""
   meta = {"family": model.family, "model": dataclasses.asdict(model.cfg), "hf_config": model.hf_config,
-          "labels": list(labels)}
+          "labels": None}  # a causal LM has no label list
   ckpts = Checkpoints(run_dir)
   ckpts.save(step, params, optax.adamw(1e-3).init(params),
              {"step": jnp.asarray(step, jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}, meta, None)
@@ -91,14 +91,13 @@ def check_decoder_export(tmp_path, model_path, cls, source=None) -> None:
   hf = load_exported(out, cls)
   ids, mask, batch = decoder_batch(model.cfg.vocab_size)
   ours = np.asarray(model.apply(params, batch)["logits"])
-  with torch.no_grad():
-    theirs = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+  inputs = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+  torch_logits = torch.no_grad()(lambda m: m(**inputs).logits)
+  theirs = torch_logits(hf).numpy()  # a bfloat16 load would fail here
   real = mask.astype(bool)
   assert np.abs(ours - theirs)[real].max() <= 1e-4
   if source is not None:  # the noise really changed the model, so the match above is the export's doing
-    with torch.no_grad():
-      before = source(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.float()
-    assert np.abs(before - theirs)[real].max() > 1e-2
+    assert np.abs(torch_logits(source).float().numpy() - theirs)[real].max() > 1e-2
 
 
 @pytest.mark.parametrize("case", DECODERS)
@@ -111,7 +110,8 @@ def test_decoder_export_matches_our_logits(tmp_path, case):
   source.save_pretrained(tmp_path / "src")
   check_decoder_export(tmp_path, tmp_path / "src", cls, source)
   with safe_open(tmp_path / "hf" / "model.safetensors", "np") as f:
-    assert ("lm_head.weight" in f.keys()) == (case in ("llama_gqa_untied", "qwen2_qkv_bias"))
+    written = set(f.keys())
+  assert ("lm_head.weight" in written) == (case in ("llama_gqa_untied", "qwen2_qkv_bias"))
 
 
 def test_gguf_sourced_llama_exports(tmp_path):
@@ -142,10 +142,13 @@ def test_bert_classifier_export_via_cli(bert_run, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temp dir left beside it
   hf = load_exported(out, transformers.BertForSequenceClassification)
+  assert hf.config.architectures == ["BertForSequenceClassification"]  # the source said BertModel
   meta, model, params = export.load_checkpoint(bert_run, "2")
   assert hf.config.id2label == {i: str(label) for i, label in enumerate(meta["labels"])} and len(meta["labels"]) > 1
   cfg = config_lib.from_dict(config_lib.Config, meta["config"])
-  tokenizer = transformers.AutoTokenizer.from_pretrained(out)  # the run's tokenizer came along
+  tokenizer_files = {p.name for p in (bert_run / "tokenizer").iterdir()}
+  assert {p.name for p in out.iterdir()} == tokenizer_files | {"config.json", "model.safetensors"}
+  tokenizer = transformers.AutoTokenizer.from_pretrained(out)
   _, data = classification.load_splits(cfg.data, cfg.train.seed, tokenizer, ["validation"], labels=meta["labels"])
   rows = np.arange(len(data["validation"]))
   batch = batching.collate(data["validation"], rows, len(rows), cfg.data.length_buckets, cfg.data.max_len)

@@ -21,9 +21,9 @@ def describe(cfg: DataConfig, name: str, extra: dict[str, str] | None = None) ->
   return f"{name} ({specs(cfg, extra).get(name) or cfg.train})"
 
 
-def load_raw(cfg: DataConfig, seed: int, names: Sequence[str],
-             extra: dict[str, str] | None = None) -> dict[str, datasets.Dataset]:
-  """Rows of each named split. A validation_holdout carves a seeded subset out of train, always the same."""
+def load_raw(cfg: DataConfig, seed: int, names: Sequence[str], extra: dict[str, str] | None = None,
+             limit: int | None = None) -> dict[str, datasets.Dataset]:
+  """Rows of each named split (the first `limit` of each if given); a validation_holdout is a seeded subset of train."""
   spec = specs(cfg, extra)
   raw: dict[str, datasets.Dataset] = {}
   if "train" in names or ("validation" in names and cfg.validation_holdout):
@@ -40,4 +40,4 @@ def load_raw(cfg: DataConfig, seed: int, names: Sequence[str],
       if spec.get(name) is None:
         raise UserError(f"split {name!r} is not configured; set data.{name} in the config or pass --data FILE.")
       raw[name] = load_split(spec[name])
-  return {n: raw[n] for n in names}
+  return {n: raw[n].select(range(min(limit, len(raw[n])))) if limit else raw[n] for n in names}
