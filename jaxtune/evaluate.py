@@ -14,7 +14,7 @@ import yaml
 from jaxtune import config as config_lib
 from jaxtune import generate, pretrained, sharding, train
 from jaxtune.checkpoint import Checkpoints
-from jaxtune.config import Config
+from jaxtune.config import CheckpointConfig, Config
 from jaxtune.data import lm, splits
 from jaxtune.errors import UserError
 from jaxtune import tasks
@@ -28,24 +28,34 @@ def load_run_config(run_dir: Path) -> Config:
   return config_lib.from_dict(Config, yaml.safe_load(path.read_text()))
 
 
-def restore(run_dir: Path, step: str, mesh: jax.sharding.Mesh) -> tuple[Config, pretrained.Model, Any, Any, Any]:
-  """(config, model, params, labels, step number) of a saved step; step 'base' = the pretrained weights."""
-  run_cfg = load_run_config(run_dir)
-  ckpts = Checkpoints(run_dir, run_cfg.checkpoint, read_only=True)
-  if step == "base":  # what fine-tuning started from: the new params (a head) are freshly initialised
-    labels = ckpts.meta(ckpts.resolve("latest"))["labels"] if ckpts.steps() else None
-    model, params = pretrained.from_pretrained(run_cfg.model, len(labels or ()), mesh, run_cfg.train.seed)
-    return run_cfg, model, params, labels, 0
+def restore_step(run_dir: Path, step: str, mesh: jax.sharding.Mesh) -> tuple[dict[str, Any], pretrained.Model, Any, int]:
+  """(meta, model, params, step number) of a saved step, params only, placed in their shardings."""
+  # config.yaml only says which metric 'best' means; a checkpoints/ dir copied alone uses the defaults.
+  has_config = (run_dir / "config.yaml").is_file()
+  ckpts = Checkpoints(run_dir, load_run_config(run_dir).checkpoint if has_config else CheckpointConfig(),
+                      read_only=True)
   step_num = ckpts.resolve(step)
   meta = ckpts.meta(step_num)
-  cfg = config_lib.from_dict(Config, meta["config"])  # the config this checkpoint was trained with
   family = pretrained.FAMILIES[meta["family"]]
-  model = pretrained.describe(meta["family"], family.config(**meta["model"]), mesh, hf_config=meta["hf_config"])
+  model = pretrained.describe(meta["family"], family.config(**meta["model"]), mesh, hf_config=meta.get("hf_config"))
   flat_shardings = sharding.flatten(model.shardings)
   abstract = sharding.unflatten({p: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=flat_shardings[p])
                                  for p, a in model.abstract.items()})
   params = ckpts.restore(step_num, params=abstract)["params"]
   ckpts.close()
+  return meta, model, params, step_num
+
+
+def restore(run_dir: Path, step: str, mesh: jax.sharding.Mesh) -> tuple[Config, pretrained.Model, Any, Any, Any]:
+  """(config, model, params, labels, step number) of a saved step; step 'base' = the pretrained weights."""
+  if step == "base":  # what fine-tuning started from: the new params (a head) are freshly initialised
+    run_cfg = load_run_config(run_dir)
+    ckpts = Checkpoints(run_dir, run_cfg.checkpoint, read_only=True)
+    labels = ckpts.meta(ckpts.resolve("latest"))["labels"] if ckpts.steps() else None
+    model, params = pretrained.from_pretrained(run_cfg.model, len(labels or ()), mesh, run_cfg.train.seed)
+    return run_cfg, model, params, labels, 0
+  meta, model, params, step_num = restore_step(run_dir, step, mesh)
+  cfg = config_lib.from_dict(Config, meta["config"])  # the config this checkpoint was trained with
   return cfg, model, params, meta["labels"], step_num
 
 

@@ -14,8 +14,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jaxtune import evaluate, pretrained, sharding, weights
-from jaxtune.checkpoint import Checkpoints
-from jaxtune.config import CheckpointConfig, MeshConfig
+from jaxtune.config import MeshConfig
 from jaxtune.errors import UserError
 
 # Our family -> the transformers class whose state-dict keys its param_map names.
@@ -28,24 +27,12 @@ def load_checkpoint(run_dir: Path, step: str) -> tuple[dict[str, Any], pretraine
   if not (run_dir / "checkpoints").is_dir():
     raise UserError(f"{run_dir} has no checkpoints/ directory; pass --checkpoint the run directory of a "
                     "finetune.py run.")
-  # config.yaml only says which metric 'best' means; runs written without one use the defaults.
-  has_config = (run_dir / "config.yaml").is_file()
-  ckpt_cfg = evaluate.load_run_config(run_dir).checkpoint if has_config else CheckpointConfig()
-  ckpts = Checkpoints(run_dir, ckpt_cfg, read_only=True)
-  step_num = ckpts.resolve(step)
-  meta = ckpts.meta(step_num)
+  meta, model, params, step_num = evaluate.restore_step(run_dir, step, sharding.make_mesh(MeshConfig()))
   if not meta.get("hf_config"):
     raise UserError(f"the checkpoint at step {step_num} was saved without its HF config (hf_config in meta), "
-                    "which jaxtune only keeps since GGUF support; re-run the fine-tuning to export it.")
+                    "so it cannot be described to transformers; re-run the fine-tuning with this jaxtune to export it.")
   if meta["family"] not in ARCHITECTURES:
     raise UserError(f"family {meta['family']!r} has no HF export; jaxtune exports {sorted(ARCHITECTURES)}.")
-  mesh = sharding.make_mesh(MeshConfig())
-  model = pretrained.describe(meta["family"], pretrained.FAMILIES[meta["family"]].config(**meta["model"]), mesh)
-  flat_shardings = sharding.flatten(model.shardings)
-  abstract = sharding.unflatten({p: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=flat_shardings[p])
-                                 for p, a in model.abstract.items()})
-  params = ckpts.restore(step_num, params=abstract)["params"]
-  ckpts.close()
   return meta, model, {p: np.asarray(a) for p, a in sharding.flatten(jax.device_get(params)).items()}
 
 

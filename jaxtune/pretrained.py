@@ -96,7 +96,7 @@ def from_pretrained(model_cfg: ModelConfig, num_labels: int, mesh: Mesh, seed: i
   family_name, family = family_of(hf_config)
   if kind is not None and family.kind != kind:
     task = "classification" if kind == "encoder" else "causal_lm"
-    raise UserError(f"model.path {model_cfg.path} is a {family_name} {family.kind}, but task {task} needs a "
+    raise UserError(f"model.path {model_cfg.path} is a {family_name} {family.kind}, but task {task} needs an "
                     f"{kind} model; change task or model.path.")
   model = describe(family_name, family.config.from_hf(hf_config, num_labels, model_cfg.dropout), mesh, seed,
                    hf_config)

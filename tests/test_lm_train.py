@@ -1,0 +1,111 @@
+"""Causal-LM fine-tuning end to end on a tiny Llama: packed text, chat instructions, loss normalisation."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+import yaml
+
+from conftest import run_script
+from jaxtune import config, gguf, pretrained, sharding, train
+from jaxtune.config import MeshConfig, ModelConfig
+from jaxtune.errors import UserError
+from jaxtune.tasks import TASKS
+
+LM = TASKS["causal_lm"]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+  """A random 2-layer Llama with SmolLM2's real tokenizer (49,152 tokens, chat template) beside it."""
+  path = tmp_path_factory.mktemp("tiny_llama")
+  tokenizer = gguf.load_tokenizer(gguf.find_packaged_smollm2())
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                 eos_token_id=tokenizer.eos_token_id)
+  transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+  tokenizer.save_pretrained(path)
+  return path
+
+
+def lm_config(tmp_path, model_dir, reviews, **data):
+  cfg = {"task": "causal_lm", "model": {"path": str(model_dir), "new_params": []},
+         "data": {"train": str(reviews["train"]), "test": str(reviews["test"]), "validation_holdout": 16,
+                  "max_len": 64, **data},
+         "optim": {"lr": 3e-3, "warmup_steps": 0, "schedule": "constant"},
+         "train": {"batch_size": 8, "eval_batch_size": 8, "max_steps": 6, "eval_every": 3, "log_every": 1},
+         "checkpoint": {"best_metric": "loss", "best_mode": "min"},
+         "generate": {"max_new_tokens": 3, "exact_match": "response_column" in data}}
+  path = tmp_path / "lm.yaml"
+  path.write_text(yaml.safe_dump(cfg))
+  return path
+
+
+def records(run_dir):
+  return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_packed_text_finetune_lowers_loss_and_evaluate_reproduces_it(tmp_path, tiny_llama_dir, reviews):
+  cfg = lm_config(tmp_path, tiny_llama_dir, reviews, text_column="review", pack=True)
+  result = run_script("finetune.py", "--config", cfg, "--run-dir", tmp_path / "run")
+  assert result.returncode == 0, result.stderr[-3000:]
+  evals = [r for r in records(tmp_path / "run") if r.get("split") == "validation"]
+  assert [e["step"] for e in evals] == [3, 6] and evals[1]["loss"] < evals[0]["loss"]
+  assert evals[1]["perplexity"] == pytest.approx(np.exp(evals[1]["loss"]), rel=1e-6)
+  out = run_script("evaluate.py", "--checkpoint", tmp_path / "run", "--split", "validation", "--output", tmp_path / "e.json")
+  assert out.returncode == 0, out.stderr[-3000:]
+  got = json.loads((tmp_path / "e.json").read_text())
+  assert got["num_tokens"] == evals[1]["num_tokens"] and abs(got["loss"] - evals[1]["loss"]) < 1e-5
+  base = run_script("evaluate.py", "--checkpoint", tmp_path / "run", "--step", "base", "--split", "validation")
+  assert base.returncode == 0, base.stderr[-3000:]
+  assert json.loads(base.stdout.splitlines()[0])["loss"] > got["loss"]
+
+
+def test_chat_instruction_finetune_and_exact_match(tmp_path, tiny_llama_dir, reviews):
+  cfg = lm_config(tmp_path, tiny_llama_dir, reviews, prompt_template="Great or other?\n{review:.120}",
+                  response_column="score", use_chat_template=True, max_len=128)
+  result = run_script("finetune.py", "--config", cfg, "--run-dir", tmp_path / "run")
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = run_script("evaluate.py", "--checkpoint", tmp_path / "run", "--split", "test", "--max-examples", "8")
+  assert out.returncode == 0, out.stderr[-3000:]
+  metrics = json.loads(out.stdout.splitlines()[0])
+  assert metrics["num_examples"] == 8 and 0.0 <= metrics["exact_match"] <= 1.0 and len(metrics["samples"]) == 5
+  # Only the answer ("great"/"other") and the end-of-turn token are targets: 2 per example.
+  assert metrics["num_tokens"] == 2 * 8
+
+
+def test_loss_is_the_mean_over_target_tokens_and_ignores_masked_targets(tiny_llama_dir):
+  mesh = sharding.make_mesh(MeshConfig())
+  model, params = pretrained.from_pretrained(ModelConfig(path=str(tiny_llama_dir), new_params=()), 0, mesh, 0)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, 1000, (2, 12)).astype(np.int32)
+  mask = np.zeros((2, 12), np.float32)
+  mask[0, 2:11] = 1  # 9 targets in row 0, 2 in row 1
+  mask[1, 5:7] = 1
+  batch = {"input_ids": ids, "targets": np.roll(ids, -1, 1), "segment_ids": np.ones_like(ids),
+           "positions": np.tile(np.arange(12, dtype=np.int32), (2, 1)), "loss_mask": mask}
+  loss, logits = train.loss_fn(model, LM, params, {k: jnp.asarray(v) for k, v in batch.items()}, jnp.float32, None)
+  logp = np.asarray(logits) - np.log(np.exp(np.asarray(logits, np.float64)).sum(-1, keepdims=True))
+  token_loss = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+  want = (token_loss * mask).sum() / mask.sum()
+  per_row_mean = np.mean([(token_loss[r] * mask[r]).sum() / mask[r].sum() for r in range(2)])
+  assert float(loss) == pytest.approx(want, rel=1e-5) and abs(want - per_row_mean) > 1e-3
+  changed = dict(batch, targets=np.where(mask > 0, batch["targets"], 7))  # only masked targets change
+  loss2, _ = train.loss_fn(model, LM, params, {k: jnp.asarray(v) for k, v in changed.items()}, jnp.float32, None)
+  assert float(loss2) == float(loss)
+
+
+def test_task_and_model_kind_must_agree(tmp_path, tiny_llama_dir, reviews):
+  path = lm_config(tmp_path, tiny_llama_dir, reviews, text_column="review")
+  raw = yaml.safe_load(path.read_text())
+  raw["task"] = "classification"
+  raw["data"] = {**raw["data"], "label_column": "score"}
+  path.write_text(yaml.safe_dump({k: v for k, v in raw.items() if k != "generate"}))
+  with pytest.raises(UserError, match="is a llama decoder, but task classification needs an encoder model"):
+    train.fit(config.load(path), tmp_path / "run")
