@@ -22,7 +22,8 @@ class Checkpoints:
     self.dir = Path(run_dir).absolute() / "checkpoints"
     self.cfg = cfg
     if read_only and not self.dir.is_dir():
-      raise UserError(f"{run_dir} has no checkpoints/ directory; pass the --run-dir of a finetune.py run.")
+      raise UserError(f"{run_dir} has no checkpoints/ directory; give the run directory (--run-dir) of a "
+                      "finetune.py run.")
     keep = [policies.LatestN(cfg.keep_last)]
     if cfg.best_metric:
       keep.append(policies.BestN(get_metric_fn=lambda m: m[cfg.best_metric], n=1,

@@ -69,7 +69,7 @@ def test_finetune_user_errors_are_one_line(args, message, tmp_path):
 
 def test_evaluate_user_errors(tmp_path, trained_run):
   result = run_script("evaluate.py", "--checkpoint", tmp_path)
-  assert result.returncode == 2 and "has no config.json" not in result.stderr and "config.yaml" in result.stderr
+  assert result.returncode == 2 and "has no checkpoints/ directory" in result.stderr
   result = run_script("evaluate.py", "--checkpoint", trained_run, "--step", "99")
   assert result.returncode == 2 and "is not best, latest or a saved step ([2, 4])" in result.stderr
 
