@@ -28,7 +28,8 @@ def load_run_config(run_dir: Path) -> Config:
   return config_lib.from_dict(Config, yaml.safe_load(path.read_text()))
 
 
-def restore_step(run_dir: Path, step: str, mesh: jax.sharding.Mesh) -> tuple[dict[str, Any], pretrained.Model, Any, int]:
+def restore_step(run_dir: Path, step: str,
+                 mesh: jax.sharding.Mesh) -> tuple[dict[str, Any], pretrained.Model, Any, int]:
   """(meta, model, params, step number) of a saved step, params only, placed in their shardings."""
   # config.yaml only says which metric 'best' means; a checkpoints/ dir copied alone uses the defaults.
   has_config = (run_dir / "config.yaml").is_file()

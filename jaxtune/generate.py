@@ -74,7 +74,8 @@ def _generate(graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.Array], 
 
   def body(carry):
     i, cache, tokens_BxN, done_B, pos_B, rng = carry
-    step = {"input_ids": jax.lax.dynamic_slice_in_dim(tokens_BxN, i - 1, 1, 1), "segment_ids": jnp.ones((b, 1), jnp.int32), "positions": pos_B[:, None]}
+    step = {"input_ids": jax.lax.dynamic_slice_in_dim(tokens_BxN, i - 1, 1, 1),
+            "segment_ids": jnp.ones((b, 1), jnp.int32), "positions": pos_B[:, None]}
     out = module(step, dtype=dtype, cache=cache)
     rng, step_rng = jax.random.split(rng)
     token_B = sample(out["logits"][:, -1], step_rng, s)
@@ -91,7 +92,8 @@ def generate(model: pretrained.Model, params: Any, prompts: Sequence[np.ndarray]
   """New tokens for each prompt, cut after the first EOS (which is kept)."""
   batch = {k: jnp.asarray(v) for k, v in left_pad(prompts).items()}
   rng = jax.random.key(0) if rng is None else rng
-  tokens_BxN = np.asarray(_generate(model.graphdef, params, batch, jnp.asarray(eos_ids, jnp.int32), rng, s, jnp.dtype(dtype)))
+  eos = jnp.asarray(eos_ids, jnp.int32)
+  tokens_BxN = np.asarray(_generate(model.graphdef, params, batch, eos, rng, s, jnp.dtype(dtype)))
   return [row[:_first_eos(row, eos_ids) + 1] for row in tokens_BxN]
 
 

@@ -1,4 +1,5 @@
-"""Score a checkpoint: python scripts/evaluate.py --checkpoint RUN_DIR [--step best|latest|N] [--split NAME | --data FILE] [--output FILE]"""
+"""Score a checkpoint: python scripts/evaluate.py --checkpoint RUN_DIR [--step best|latest|N|base]
+[--split NAME | --data FILE] [--max-examples N] [--output FILE]"""
 
 import argparse
 import json
@@ -10,7 +11,8 @@ from jaxtune import cli
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--checkpoint", required=True, help="run directory written by scripts/finetune.py")
-  parser.add_argument("--step", default="latest", help="best, latest, a saved step number, or base (the pretrained model)")
+  parser.add_argument("--step", default="latest", 
+                      help="best, latest, a saved step number, or base (the pretrained model)")
   source = parser.add_mutually_exclusive_group()
   source.add_argument("--split", help="train, validation or test, as configured for the run (default test)")
   source.add_argument("--data", help="a .csv/.json/.jsonl/.parquet file with the run's columns")

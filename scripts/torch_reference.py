@@ -43,8 +43,8 @@ def main() -> int:
   decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
   no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
   o = cfg.optim
-  opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                          lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
+  groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+  opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
   lr_at = optim.schedule(o, steps)
   sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(lr_at(s)) / o.lr)
 

@@ -58,7 +58,8 @@ def test_packed_text_finetune_lowers_loss_and_evaluate_reproduces_it(tmp_path, t
   evals = [r for r in records(tmp_path / "run") if r.get("split") == "validation"]
   assert [e["step"] for e in evals] == [3, 6] and evals[1]["loss"] < evals[0]["loss"]
   assert evals[1]["perplexity"] == pytest.approx(np.exp(evals[1]["loss"]), rel=1e-6)
-  out = run_script("evaluate.py", "--checkpoint", tmp_path / "run", "--split", "validation", "--output", tmp_path / "e.json")
+  out = run_script("evaluate.py", "--checkpoint", tmp_path / "run", "--split", "validation",
+                   "--output", tmp_path / "e.json")
   assert out.returncode == 0, out.stderr[-3000:]
   got = json.loads((tmp_path / "e.json").read_text())
   assert got["num_tokens"] == evals[1]["num_tokens"] and abs(got["loss"] - evals[1]["loss"]) < 1e-5

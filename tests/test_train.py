@@ -92,7 +92,8 @@ def test_resume_equals_no_interruption(tiny_bert_dir, reviews, tmp_path, monkeyp
   assert Checkpoints(tmp_path / "resumed", read_only=True).steps()[-1] == 4
   for path in want:
     np.testing.assert_array_equal(want[path], got[path], err_msg=path)
-  losses = lambda d: {r["step"]: r["loss"] for r in map(json.loads, (d / "metrics.jsonl").open()) if "loss" in r and "split" not in r}
+  losses = lambda d: {r["step"]: r["loss"] for r in map(json.loads, (d / "metrics.jsonl").open())
+                      if "loss" in r and "split" not in r}
   assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
 
 

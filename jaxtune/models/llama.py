@@ -206,7 +206,8 @@ def hf_param_map(cfg: LlamaConfig) -> dict[str, tuple[str, str]]:
     m[f"{ours}.mlp_norm.scale"] = (f"{theirs}.post_attention_layernorm.weight", "copy")
     for name, hf_name, bias in [("q", "q_proj", cfg.qkv_bias), ("k", "k_proj", cfg.qkv_bias),
                                 ("v", "v_proj", cfg.qkv_bias), ("o", "o_proj", cfg.o_bias)]:
-      m[f"{ours}.attn.{name}.kernel"] = (f"{theirs}.self_attn.{hf_name}.weight", "linear_hk" if name == "o" else "linear")
+      kind = "linear_hk" if name == "o" else "linear"  # o contracts (heads, head_dim)
+      m[f"{ours}.attn.{name}.kernel"] = (f"{theirs}.self_attn.{hf_name}.weight", kind)
       if bias:
         m[f"{ours}.attn.{name}.bias"] = (f"{theirs}.self_attn.{hf_name}.bias", "copy" if name == "o" else "flat")
     for name in ("gate", "up", "down"):
