@@ -9,7 +9,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import transformers
-import yaml
 
 from jaxtune import config as config_lib
 from jaxtune import generate, pretrained, sharding, train
@@ -25,7 +24,7 @@ def load_run_config(run_dir: Path) -> Config:
   path = run_dir / "config.yaml"
   if not path.is_file():
     raise UserError(f"{run_dir} has no config.yaml; pass the --run-dir of a finetune.py run to --checkpoint.")
-  return config_lib.from_dict(Config, yaml.safe_load(path.read_text()))
+  return config_lib.load(path)
 
 
 def restore_step(run_dir: Path, step: str,

@@ -30,7 +30,7 @@ class Model:
     return nnx.merge(self.graphdef, params)
 
   def apply(self, params: dict[str, Any], batch: dict[str, jax.Array], **kwargs: Any) -> dict[str, jax.Array]:
-    return nnx.merge(self.graphdef, params)(batch, **kwargs)
+    return self.module(params)(batch, **kwargs)
 
 
 def family_of(hf_config: dict[str, Any]) -> tuple[str, ModelFamily]:

@@ -203,7 +203,7 @@ def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:
     raise UserError(f"run dir {run_dir} already holds a run; pass --resume to continue it or choose a "
                     "new --run-dir (nothing there was changed).")
   if resume and config_path.exists():
-    saved = config_lib.from_dict(Config, yaml.safe_load(config_path.read_text()))
+    saved = config_lib.load(config_path)
     if dataclasses.replace(saved, train=cfg.train) != dataclasses.replace(cfg, train=saved.train):
       raise UserError(f"--resume: the config differs from {config_path} outside the train section; resume "
                       "with the saved config (or start a new --run-dir).")
