@@ -82,10 +82,8 @@ def load_splits(cfg: DataConfig, seed: int, tokenizer: Any, names: Sequence[str]
                 labels: Sequence[Any] | None = None, extra: dict[str, str] | None = None,
                 limit: int | None = None) -> tuple[list[Any], dict[str, Encoded]]:
   """(labels, encoded splits) for `names`; labels come from the training split unless given."""
-  need_train = labels is None
-  raw = splits.load_raw(cfg, seed, [*names, *(["train"] if need_train else [])], extra)
-  if limit:
-    raw = {n: ds.select(range(min(limit, len(ds)))) if n in names else ds for n, ds in raw.items()}
-  if labels is None:
-    labels = label_list(raw["train"], cfg, f"train ({cfg.train})")
+  raw = splits.load_raw(cfg, seed, names, extra, limit)
+  if labels is None:  # from every training row, even when `limit` cut the splits being encoded
+    train = raw["train"] if "train" in names and not limit else splits.load_raw(cfg, seed, ["train"])["train"]
+    labels = label_list(train, cfg, f"train ({cfg.train})")
   return list(labels), {n: encode(raw[n], cfg, tokenizer, labels, splits.describe(cfg, n, extra)) for n in names}
