@@ -26,6 +26,10 @@ class ModelConfig:
   unused_keys: tuple[str, ...] = ()  # regexes over checkpoint keys deliberately left unloaded (e.g. cls\..*)
   compute_dtype: Literal["float32", "bfloat16"] = "float32"  # activations/matmuls; params stay float32
   dropout: float | None = None  # overrides the checkpoint's hidden/attention dropout when set
+  # Per-layer rematerialisation in training: none keeps every activation for the backward pass;
+  # full saves only each layer's input and recomputes the rest; dots keeps matmul outputs;
+  # dots_no_batch keeps matmuls without a batch dim (i.e. with the weights).
+  remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +88,7 @@ class OptimConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   batch_size: int = 32  # global examples per step, split over the data and fsdp mesh axes
+  grad_accum: int = 1  # microbatches per step: batch_size / grad_accum examples at a time, one update
   epochs: float = 1.0  # used when max_steps <= 0
   max_steps: int = 0  # optimiser steps; > 0 overrides epochs
   eval_batch_size: int = 64  # global examples per eval step
@@ -93,6 +98,9 @@ class TrainConfig:
 
   def __post_init__(self) -> None:
     _check(self.batch_size > 0, "train.batch_size", "must be positive")
+    _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    _check(self.batch_size % self.grad_accum == 0, "train.batch_size",
+           f"must be a multiple of train.grad_accum={self.grad_accum}")
     _check(self.eval_batch_size > 0, "train.eval_batch_size", "must be positive")
     _check(self.max_steps > 0 or self.epochs > 0, "train.epochs", "or train.max_steps must be positive")
     _check(self.log_every > 0, "train.log_every", "must be positive")
@@ -116,6 +124,9 @@ class MeshConfig:
   data: int = -1  # -1 = all devices left after the other axes
   fsdp: int = 1
   tensor: int = 1
+  # Logical axis -> mesh axes, replacing that axis's default in sharding.RULES, e.g.
+  # {embed: null} turns FSDP off, {mlp: [fsdp, tensor]} splits the MLP over 2 axes.
+  rules: dict[str, tuple[str, ...] | None] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self) -> None:
     sizes = {"mesh.data": self.data, "mesh.fsdp": self.fsdp, "mesh.tensor": self.tensor}
@@ -177,14 +188,15 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
   *parents, leaf = key.split(".")
   node, cls = raw, Config
   for i, name in enumerate([*parents, leaf]):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if name not in fields:
-      where = ".".join(parents[:i]) or "the top level"
-      raise UserError(f"override {key!r}: no key {name!r} at {where}; expected one of {sorted(fields)}.")
-    if name == leaf:
+    if dataclasses.is_dataclass(cls):  # below a mapping field (mesh.rules.<axis>) any key goes
+      fields = {f.name: f for f in dataclasses.fields(cls)}
+      if name not in fields:
+        where = ".".join(parents[:i]) or "the top level"
+        raise UserError(f"override {key!r}: no key {name!r} at {where}; expected one of {sorted(fields)}.")
+    if i == len(parents):
       node[leaf] = yaml.safe_load(text) if text else ""
     else:
-      cls = _hints(cls)[name]
+      cls = _hints(cls)[name] if dataclasses.is_dataclass(cls) else None
       node = node.setdefault(name, {})
       if not isinstance(node, dict):
         raise UserError(f"override {key!r}: {name} is not a section.")
@@ -239,6 +251,10 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     if value not in args:
       raise UserError(f"config key {key} is {value!r}; expected one of {list(args)}.")
     return value
+  if origin is dict:
+    if not isinstance(value, dict):
+      raise UserError(f"config key {key} must be a mapping, got {value!r}.")
+    return {str(k): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
   if origin is tuple:
     if isinstance(value, (str, int, float)):
       value = [value]

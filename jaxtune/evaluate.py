@@ -11,12 +11,11 @@ import jax.numpy as jnp
 import transformers
 
 from jaxtune import config as config_lib
-from jaxtune import generate, pretrained, sharding, train
+from jaxtune import generate, pretrained, sharding, tasks, train
 from jaxtune.checkpoint import Checkpoints
 from jaxtune.config import CheckpointConfig, Config
 from jaxtune.data import lm, splits
 from jaxtune.errors import UserError
-from jaxtune import tasks
 from jaxtune.tasks import TASKS
 
 

@@ -41,8 +41,13 @@ def hf_tensors(model: pretrained.Model, params: dict[str, np.ndarray]) -> dict[s
   param_map = pretrained.FAMILIES[model.family].param_map(model.cfg)
   if set(param_map) != set(params):  # a param without an HF key would silently be lost
     raise RuntimeError(f"{model.family} param_map and params differ: {sorted(set(param_map) ^ set(params))[:3]}")
-  return {hf_key: np.ascontiguousarray(weights.to_hf(params[path], kind))  # safetensors wants C order
-          for path, (hf_key, kind) in param_map.items()}
+  out = {}
+  for path, (hf_key, kind) in param_map.items():
+    keys = weights.layer_keys(hf_key, params[path].shape)
+    layers = params[path] if "{i}" in hf_key else [params[path]]  # a stacked param is N x ...
+    for key, array in zip(keys, layers, strict=True):
+      out[key] = np.ascontiguousarray(weights.to_hf(array, kind))  # safetensors wants C order
+  return out
 
 
 def hf_config(meta: dict[str, Any], model: pretrained.Model, dtype: np.dtype) -> dict[str, Any]:

@@ -19,7 +19,7 @@ def classification(preds: np.ndarray, labels: np.ndarray, losses: np.ndarray, nu
     denom = np.sum(preds == c) + np.sum(labels == c)
     f1s.append(2 * tp / denom if denom else 0.0)
   return {"accuracy": float(np.mean(preds == labels)), "macro_f1": float(np.mean(f1s)),
-          "loss": float(np.mean(losses)), "num_examples": int(len(labels))}
+          "loss": float(np.mean(losses)), "num_examples": len(labels)}
 
 
 class RunLog:

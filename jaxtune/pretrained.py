@@ -6,10 +6,9 @@ import dataclasses
 from typing import Any
 
 import jax
+import transformers
 from flax import nnx
 from jax.sharding import Mesh
-
-import transformers
 
 from jaxtune import gguf, sharding, weights
 from jaxtune.config import ModelConfig
@@ -24,13 +23,21 @@ class Model:
   hf_config: dict[str, Any]  # the checkpoint's config.json (or the GGUF-derived one), for export
   graphdef: nnx.GraphDef  # module structure; merge with params to call it
   abstract: dict[str, jax.ShapeDtypeStruct]  # flat param path -> shape/dtype
+  axes: dict[str, tuple[str | None, ...]]  # flat param path -> logical name of each dim
   shardings: dict[str, Any]  # pure-dict tree of NamedShardings, same structure as params
+  rules: sharding.Rules  # logical -> mesh axes, for params (above) and activations (in apply)
 
   def module(self, params: dict[str, Any]) -> nnx.Module:
     return nnx.merge(self.graphdef, params)
 
   def apply(self, params: dict[str, Any], batch: dict[str, jax.Array], **kwargs: Any) -> dict[str, jax.Array]:
-    return self.module(params)(batch, **kwargs)
+    """The module's outputs, its activations constrained to the rules' shardings while traced."""
+    with sharding.activation_rules(self.mesh, self.rules):
+      return self.module(params)(batch, **kwargs)
+
+  @property
+  def mesh(self) -> Mesh:
+    return jax.tree.leaves(self.shardings)[0].mesh
 
 
 def family_of(hf_config: dict[str, Any]) -> tuple[str, ModelFamily]:
@@ -41,13 +48,17 @@ def family_of(hf_config: dict[str, Any]) -> tuple[str, ModelFamily]:
   return model_type, FAMILIES[model_type]
 
 
-def describe(family: str, cfg: Any, mesh: Mesh, seed: int = 0, hf_config: dict[str, Any] | None = None) -> Model:
+def describe(family: str, cfg: Any, mesh: Mesh, seed: int = 0, hf_config: dict[str, Any] | None = None,
+             rules: sharding.Rules = sharding.RULES) -> Model:
   """Model structure and param shardings, without allocating any parameter."""
   module = FAMILIES[family].module
   abstract_module = nnx.eval_shape(lambda: module(cfg, rngs=nnx.Rngs(seed)))
   graphdef, state = nnx.split(abstract_module)
-  abstract = {p: v.get_value() for p, v in sharding.flat_variables(state).items()}
-  return Model(family, cfg, hf_config or {}, graphdef, abstract, sharding.param_shardings(state, mesh))
+  variables = sharding.flat_variables(state)
+  abstract = {p: v.get_value() for p, v in variables.items()}
+  axes = {p: tuple(v.get_metadata()["axes"]) for p, v in variables.items()}
+  return Model(family, cfg, hf_config or {}, graphdef, abstract, axes, sharding.param_shardings(state, mesh, rules),
+               rules)
 
 
 def init_params(model: Model, seed: int, only: set[str] | None = None) -> dict[str, jax.Array]:
@@ -86,25 +97,36 @@ def load_tokenizer(model_cfg: ModelConfig) -> Any:
                     "to an HF tokenizer directory or hub id.") from None
 
 
-def from_pretrained(model_cfg: ModelConfig, num_labels: int, mesh: Mesh, seed: int,
-                    kind: str | None = None) -> tuple[Model, dict]:
-  """(model, params): params from the checkpoint, new ones (model.new_params) initialised.
+def from_config(model_cfg: ModelConfig, num_labels: int, mesh: Mesh, seed: int = 0, kind: str | None = None,
+                rules: sharding.Rules = sharding.RULES) -> Model:
+  """The model a checkpoint describes (its config only: no weight is read).
 
   `kind` ("encoder" / "decoder") is what the task needs; another kind of model is a UserError.
   """
-  hf_config, reader = open_checkpoint(model_cfg)
+  hf_config, _ = open_checkpoint(model_cfg)
   family_name, family = family_of(hf_config)
   if kind is not None and family.kind != kind:
     task = "classification" if kind == "encoder" else "causal_lm"
     raise UserError(f"model.path {model_cfg.path} is a {family_name} {family.kind}, but task {task} needs an "
                     f"{kind} model; change task or model.path.")
-  model = describe(family_name, family.config.from_hf(hf_config, num_labels, model_cfg.dropout), mesh, seed,
-                   hf_config)
+  return describe(family_name, family.config.from_hf(hf_config, num_labels, model_cfg.dropout), mesh, seed,
+                  hf_config, rules)
+
+
+def load_params(model: Model, model_cfg: ModelConfig, seed: int) -> dict[str, Any]:
+  """Params from the checkpoint, each placed straight into its sharding; model.new_params initialised."""
+  _, reader = open_checkpoint(model_cfg)
+  family = FAMILIES[model.family]
   loaded = weights.load_params(
       model.abstract, sharding.flatten(model.shardings), family.param_map(model.cfg),
       reader, new_params=model_cfg.new_params,
       unused_keys=model_cfg.unused_keys, buffer_keys=family.ignored_keys(model.cfg), base_prefix=family.base_prefix)
   fresh = init_params(model, seed, only=set(model.abstract) - set(loaded))
-  return model, sharding.unflatten({**loaded, **fresh})
+  return sharding.unflatten({**loaded, **fresh})
 
 
+def from_pretrained(model_cfg: ModelConfig, num_labels: int, mesh: Mesh, seed: int, kind: str | None = None,
+                    rules: sharding.Rules = sharding.RULES) -> tuple[Model, dict]:
+  """(model, params): params from the checkpoint, new ones (model.new_params) initialised."""
+  model = from_config(model_cfg, num_labels, mesh, seed, kind, rules)
+  return model, load_params(model, model_cfg, seed)

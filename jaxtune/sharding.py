@@ -2,34 +2,53 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxtune.config import MeshConfig
 from jaxtune.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
+Rules = tuple[tuple[str, tuple[str, ...]], ...]
 
-# Logical axis -> mesh axes, in priority order. A mesh axis is used at most once per array; a
-# dimension that does not divide evenly by its mesh axes stays replicated.
-RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+# Logical axis -> mesh axes. Within one array a mesh axis is used at most once, by the first
+# dimension (left to right) that claims it; a dimension that does not divide evenly by its mesh
+# axes stays replicated. Params: FSDP shards `embed`, Megatron-style tensor parallelism shards
+# heads / mlp / vocab. Activations: the batch is split over data and fsdp.
+RULES: Rules = (
     ("batch", ("data", "fsdp")),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("embed", "fsdp"),
-    ("embed_out", None),
-    ("head_dim", None),
-    ("classes", None),
-    ("length", None),
+    ("vocab", ("tensor",)),
+    ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+    ("mlp", ("tensor",)),
+    ("embed", ("fsdp",)),
+    ("embed_out", ()),  # the pooler's output: its input dim already takes fsdp
+    ("head_dim", ()),
+    ("classes", ()),
+    ("length", ()),
+    ("layers", ()),  # the stacked-layer axis: every device holds its slice of every layer
 )
+
+
+def rules_with(overrides: Mapping[str, Sequence[str] | None]) -> Rules:
+  """RULES with the config's mesh.rules entries replacing the defaults of the same logical axes."""
+  known = dict(RULES)
+  for name, axes in overrides.items():
+    if name not in known:
+      raise UserError(f"config key mesh.rules.{name}: unknown logical axis; expected one of {sorted(known)}.")
+    bad = [a for a in axes or () if a not in MESH_AXES]
+    if bad or len(set(axes or ())) != len(axes or ()):
+      raise UserError(f"config key mesh.rules.{name} is {list(axes or ())}; give distinct mesh axes from "
+                      f"{list(MESH_AXES)} (or null to replicate).")
+  return tuple((name, tuple(overrides[name] or ()) if name in overrides else axes) for name, axes in RULES)
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -47,16 +66,13 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
   return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
-def spec_for(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh,
-             rules: Sequence[tuple[str, Any]] = RULES) -> P:
+def spec_for(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh, rules: Rules = RULES) -> P:
   """The PartitionSpec that `rules` give a `shape` whose dims have logical names `axes`."""
   table = dict(rules)
   used: set[str] = set()
   out = []
   for dim, name in zip(shape, axes):
-    target = table.get(name) if name is not None else None
-    targets = (target,) if isinstance(target, str) else tuple(target or ())
-    targets = tuple(t for t in targets if t not in used and mesh.shape[t] > 1)
+    targets = tuple(t for t in table.get(name, ()) if t not in used and mesh.shape[t] > 1)
     if targets and dim % math.prod(mesh.shape[t] for t in targets) == 0:
       used.update(targets)
       out.append(targets[0] if len(targets) == 1 else targets)
@@ -65,16 +81,42 @@ def spec_for(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh,
   return P(*out)
 
 
-def param_shardings(abstract_state: nnx.State, mesh: Mesh) -> dict[str, Any]:
+def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Rules = RULES) -> dict[str, Any]:
   """Pure-dict tree of NamedShardings for an (abstract) nnx param state, from each param's `axes`."""
-  flat = {path: NamedSharding(mesh, spec_for(v.get_value().shape, v.get_metadata()["axes"], mesh))
+  flat = {path: NamedSharding(mesh, spec_for(v.get_value().shape, v.get_metadata()["axes"], mesh, rules))
           for path, v in flat_variables(abstract_state).items()}
   return unflatten(flat)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dim split over data and fsdp; the rest replicated."""
-  return NamedSharding(mesh, spec_for((mesh.shape["data"] * mesh.shape["fsdp"],), ("batch",), mesh))
+def batch_shards(mesh: Mesh, rules: Rules = RULES) -> int:
+  """How many ways the `batch` rule splits a batch: every global batch must be a multiple of this."""
+  return math.prod(mesh.shape[a] for a in dict(rules)["batch"])
+
+
+def batch_sharding(mesh: Mesh, rules: Rules = RULES) -> NamedSharding:
+  """Leading (batch) dim split as the `batch` rule says (data and fsdp by default); the rest replicated."""
+  return NamedSharding(mesh, spec_for((batch_shards(mesh, rules),), ("batch",), mesh, rules))
+
+
+_ACTIVE: list[tuple[Mesh, Rules]] = []  # the (mesh, rules) that `constrain` applies while tracing
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
+  """Within this block (while a model is traced), `constrain` pins activations per `rules` on `mesh`."""
+  _ACTIVE.append((mesh, rules))
+  try:
+    yield
+  finally:
+    _ACTIVE.pop()
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """`x` with a sharding constraint from its logical `axes`; the identity outside `activation_rules`."""
+  if not _ACTIVE:
+    return x
+  mesh, rules = _ACTIVE[-1]
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(x.shape, axes, mesh, rules)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -33,8 +33,9 @@ class Classification:
            ) -> tuple[list[Any], dict[str, classification.Encoded]]:
     return classification.load_splits(cfg.data, cfg.train.seed, tokenizer, names, labels, extra, limit)
 
-  def collate(self, data: classification.Encoded, rows: np.ndarray, batch_size: int, cfg: Config) -> dict:
-    return batching.collate(data, rows, batch_size, cfg.data.length_buckets, cfg.data.max_len)
+  def collate(self, data: classification.Encoded, rows: np.ndarray, batch_size: int, cfg: Config,
+              part: slice = slice(None)) -> dict:
+    return batching.collate(data, rows, batch_size, cfg.data.length_buckets, cfg.data.max_len, part)
 
   def loss_terms(self, logits_BxC: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     loss_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"])
@@ -67,8 +68,9 @@ class CausalLM:
                                       pack_text=d.pack)
                   for n in names}
 
-  def collate(self, data: lm.LMExamples, rows: np.ndarray, batch_size: int, cfg: Config) -> dict:
-    return lm.collate(data, rows, batch_size, cfg.data.length_buckets)
+  def collate(self, data: lm.LMExamples, rows: np.ndarray, batch_size: int, cfg: Config,
+              part: slice = slice(None)) -> dict:
+    return lm.collate(data, rows, batch_size, cfg.data.length_buckets, part)
 
   def loss_terms(self, logits_BxLxV: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     loss_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import yaml
+from jax.experimental import multihost_utils
 
 from jaxtune import config as config_lib
 from jaxtune import metrics as metrics_lib
@@ -39,21 +40,80 @@ def loss_fn(model: pretrained.Model, task: Any, params: Any, batch: dict[str, ja
   return total / jnp.maximum(count, 1.0), logits
 
 
+def state_shardings(model: pretrained.Model, tx: optax.GradientTransformation) -> TrainState:
+  """Where each leaf of the train state lives: params per the rules, moments like their param."""
+  replicated = sharding.replicated(model.mesh)
+  abstract_opt = jax.eval_shape(tx.init, sharding.unflatten(model.abstract))
+  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, model.shardings,
+                              transform_non_params=lambda _: replicated)
+  return TrainState(replicated, model.shardings, opt, replicated)
+
+
+def abstract_state(model: pretrained.Model, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+  """The train state's shapes, dtypes and shardings, allocating nothing (a restore target)."""
+  params = sharding.unflatten(model.abstract)
+  state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params),
+                     jax.ShapeDtypeStruct((2,), jnp.uint32))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+
+
+def init_state(params: Any, tx: optax.GradientTransformation, seed: int, shardings: TrainState) -> TrainState:
+  """Step 0 around `params` (donated): the optimiser state is created directly in its shardings."""
+  def init(params: Any) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key_data(jax.random.key(seed)))
+
+  return jax.jit(init, out_shardings=shardings, donate_argnums=0)(params)
+
+
 def make_train_step(model: pretrained.Model, task: Any, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, dtype: jnp.dtype, state_shardings: Any, batch_sharding: Any):
-  """(state, batch) -> (state, metrics): one AdamW update, jitted once per batch shape, state donated."""
+                    schedule: optax.Schedule, dtype: jnp.dtype, shardings: TrainState, batch_sharding: Any,
+                    grad_accum: int = 1, remat: str = "none"):
+  """(state, batch) -> (state, metrics): one AdamW update, jitted once per batch shape, state donated.
+
+  With grad_accum = K the batch runs as K microbatches in a scan; the summed loss and gradients
+  are divided once by the target count of the whole batch, so the update equals the big batch's.
+  """
+
+  def summed(params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
+    """(loss summed over the batch's targets, their count, gradient of the sum)."""
+    def total(p: Any) -> tuple[jax.Array, jax.Array]:
+      logits = model.apply(p, batch, dtype=dtype, dropout_rng=rng, remat=remat)["logits"]
+      return task.loss_terms(logits, batch)
+
+    (loss_sum, count), grads = jax.value_and_grad(total, has_aux=True)(params)
+    return loss_sum, count, grads
+
+  def accumulated(params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
+    def body(acc: Any, xs: tuple[jax.Array, dict[str, jax.Array]]) -> tuple[Any, None]:
+      i, micro = xs
+      return jax.tree.map(jnp.add, acc, summed(params, micro, jax.random.fold_in(rng, i))), None
+
+    zero_grads = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), shardings.params)
+    zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zero_grads)
+    return jax.lax.scan(body, zero, (jnp.arange(grad_accum), microbatches(batch, grad_accum, batch_sharding)))[0]
 
   def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
     rng = jax.random.fold_in(state.rng, state.step)
-    grad_fn = jax.value_and_grad(lambda p: loss_fn(model, task, p, batch, dtype, rng), has_aux=True)
-    (loss, _), grads = grad_fn(state.params)
+    loss_sum, count, grads = (summed if grad_accum == 1 else accumulated)(state.params, batch, rng)
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+    metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
     return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
-  return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
-                 out_shardings=(state_shardings, sharding.replicated(batch_sharding.mesh)), donate_argnums=0)
+  return jax.jit(step, in_shardings=(shardings, batch_sharding),
+                 out_shardings=(shardings, sharding.replicated(batch_sharding.mesh)), donate_argnums=0)
+
+
+def microbatches(batch: dict[str, jax.Array], k: int, batch_sharding: Any) -> dict[str, jax.Array]:
+  """K x B/K microbatches; microbatch i takes rows i, i+K, ... so each is spread over every batch shard."""
+  def split(x: jax.Array) -> jax.Array:
+    x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+    spec = jax.sharding.PartitionSpec(None, *batch_sharding.spec)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(batch_sharding.mesh, spec))
+
+  return jax.tree.map(split, batch)
 
 
 def make_eval_step(model: pretrained.Model, task: Any, dtype: jnp.dtype, params_shardings: Any, batch_sharding: Any):
@@ -67,25 +127,35 @@ def make_eval_step(model: pretrained.Model, task: Any, dtype: jnp.dtype, params_
                  out_shardings=sharding.replicated(batch_sharding.mesh))
 
 
+def device_batch(task: Any, data: Any, rows: np.ndarray, batch_size: int, cfg: Config,
+                 batch_sharding: Any) -> dict[str, jax.Array]:
+  """The global batch of `rows`, sharded; this process builds and transfers only its own rows."""
+  part = batching.local_rows(batch_sharding, batch_size)
+  return batching.to_device(task.collate(data, rows, batch_size, cfg, part), batch_sharding)
+
+
 def evaluate(eval_step, params: Any, data: Any, cfg: Config, batch_sharding: Any, task: Any,
              labels: Any) -> dict[str, float]:
   """The task's metrics over every row of `data` (a short last batch is padded, then dropped)."""
   outputs: dict[str, list[np.ndarray]] = {}
   for rows in batching.eval_batches(len(data), cfg.train.eval_batch_size):
-    batch = task.collate(data, rows, cfg.train.eval_batch_size, cfg)
-    for key, value in jax.device_get(eval_step(params, batching.to_device(batch, batch_sharding))).items():
+    batch = device_batch(task, data, rows, cfg.train.eval_batch_size, cfg, batch_sharding)
+    for key, value in jax.device_get(eval_step(params, batch)).items():
       outputs.setdefault(key, []).append(value[:len(rows)])
   return task.metrics({k: np.concatenate(v) for k, v in outputs.items()}, data, labels)
 
 
-def check_devices(cfg: Config, mesh: jax.sharding.Mesh, keys: tuple[str, ...] = ("batch_size", "eval_batch_size")
-                  ) -> None:
-  """Each global batch size in `keys` must split evenly over the batch shards of `mesh`."""
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+def check_devices(cfg: Config, mesh: jax.sharding.Mesh, rules: sharding.Rules = sharding.RULES,
+                  keys: tuple[str, ...] = ("batch_size", "eval_batch_size")) -> None:
+  """Each global batch size in `keys` (a train microbatch for batch_size) splits evenly over the batch shards."""
+  shards = sharding.batch_shards(mesh, rules)
   for key in keys:
-    if getattr(cfg.train, key) % shards:
-      raise UserError(f"config key train.{key}={getattr(cfg.train, key)} is not divisible by the {shards} "
-                      "batch shards (mesh.data x mesh.fsdp); make it a multiple.")
+    size = getattr(cfg.train, key) // (cfg.train.grad_accum if key == "batch_size" else 1)
+    if size % shards:
+      what = f"train.batch_size / train.grad_accum = {size}" if key == "batch_size" and cfg.train.grad_accum > 1 \
+          else f"train.{key}={size}"
+      raise UserError(f"config key {what} is not divisible by the {shards} batch shards (mesh.data x mesh.fsdp); "
+                      "make it a multiple.")
 
 
 def total_steps(cfg: Config, num_rows: int) -> tuple[int, int]:
@@ -116,63 +186,64 @@ class Run:
 
 
 def prepare(cfg: Config, run_dir: Path, resume: bool = False) -> Run:
-  """Checks the config against devices and data, loads the model, restores state on --resume."""
+  """Checks the config against devices and data, builds the state in its shardings (restored on --resume)."""
   mesh = sharding.make_mesh(cfg.mesh)
-  check_devices(cfg, mesh)
+  rules = sharding.rules_with(cfg.mesh.rules)
+  check_devices(cfg, mesh, rules)
   _check_run_dir(cfg, run_dir, resume)
   task = TASKS[cfg.task]
   tokenizer = pretrained.load_tokenizer(cfg.model)
   names = ["train"] + (["validation"] if cfg.data.validation or cfg.data.validation_holdout else [])
   labels, splits = task.load(cfg, tokenizer, names)
   per_epoch, steps = total_steps(cfg, len(splits["train"]))
-  model, params = pretrained.from_pretrained(cfg.model, len(labels or ()), mesh, cfg.train.seed, task.family_kind)
-  dtype = jnp.dtype(cfg.model.compute_dtype)
+  model = pretrained.from_config(cfg.model, len(labels or ()), mesh, cfg.train.seed, task.family_kind, rules)
   tx = optim.make(cfg.optim, steps)
-  state = TrainState(jnp.zeros((), jnp.int32), params, jax.jit(tx.init)(params),
-                     jax.random.key_data(jax.random.key(cfg.train.seed)))
-  # Optimiser moments inherit their param's sharding through jit; scalars become replicated.
-  state_shardings = jax.tree.map(lambda x: sharding.on_mesh(x.sharding, mesh), state)
-  state = jax.device_put(state, state_shardings)
+  shardings = state_shardings(model, tx)
   ckpts = _start_run(cfg, run_dir, tokenizer)  # the first write, once everything above checked out
-  if resume and ckpts.steps():
-    state = _restore(ckpts, state)
-  batch_sharding = sharding.batch_sharding(mesh)
+  if resume and ckpts.steps():  # straight into the saved state: the pretrained weights are never read
+    state = _restore(ckpts, abstract_state(model, tx, shardings))
+  else:
+    state = init_state(pretrained.load_params(model, cfg.model, cfg.train.seed), tx, cfg.train.seed, shardings)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  dtype = jnp.dtype(cfg.model.compute_dtype)
   meta = {"family": model.family, "model": dataclasses.asdict(model.cfg), "hf_config": model.hf_config,
           "labels": labels,
           "config": config_lib.to_dict(cfg), "steps_per_epoch": per_epoch, "mesh": dict(mesh.shape)}
-  return Run(cfg, run_dir, ckpts, task, labels, splits, per_epoch, steps, state,
-             make_train_step(model, task, tx, optim.schedule(cfg.optim, steps), dtype, state_shardings, batch_sharding),
-             make_eval_step(model, task, dtype, state_shardings.params, batch_sharding), batch_sharding, meta)
+  train_step = make_train_step(model, task, tx, optim.schedule(cfg.optim, steps), dtype, shardings, batch_sharding,
+                               cfg.train.grad_accum, cfg.model.remat)
+  return Run(cfg, run_dir, ckpts, task, labels, splits, per_epoch, steps, state, train_step,
+             make_eval_step(model, task, dtype, shardings.params, batch_sharding), batch_sharding, meta)
 
 
 def fit(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
   """Fine-tunes per `cfg`, writing logs and checkpoints into run_dir; returns the last eval metrics."""
   run = prepare(cfg, run_dir, resume)
   try:
-    return _loop(run)
+    return loop(run)[1]
   finally:  # even when interrupted, let finished checkpoint writes commit
     run.ckpts.wait()
     run.ckpts.close()
 
 
-def _loop(run: Run) -> dict[str, Any]:
+def loop(run: Run) -> tuple[TrainState, dict[str, Any]]:
+  """Trains `run` to its last step: (final state, last validation metrics)."""
   cfg, state, step = run.cfg, run.state, int(run.state.step)
   log = metrics_lib.RunLog(run.dir, run.steps, step)
   log.write({"step": step, "event": "start", "total_steps": run.steps, "mesh": run.meta["mesh"],
              "processes": jax.process_count()})
   last_eval: dict[str, Any] = {}
+  lengths = run.splits["train"].lengths  # real tokens per row
   tick, seen = time.perf_counter(), {"examples": 0, "tokens": 0}
   save_every = cfg.checkpoint.save_every or cfg.train.eval_every
   while step < run.steps:
     epoch, offset = divmod(step, run.per_epoch)
-    order = batching.train_batches(run.splits["train"].lengths, cfg.train.batch_size, cfg.train.seed, epoch,
-                                   cfg.data.group_by_length)
+    order = batching.train_batches(lengths, cfg.train.batch_size, cfg.train.seed, epoch, cfg.data.group_by_length)
     for rows in order[offset:offset + run.steps - step]:
-      batch = run.task.collate(run.splits["train"], rows, cfg.train.batch_size, cfg)
-      state, step_metrics = run.train_step(state, batching.to_device(batch, run.batch_sharding))
+      batch = device_batch(run.task, run.splits["train"], rows, cfg.train.batch_size, cfg, run.batch_sharding)
+      state, step_metrics = run.train_step(state, batch)
       step += 1
       seen["examples"] += len(rows)
-      seen["tokens"] += int((batch.get("attention_mask", batch.get("segment_ids")) > 0).sum())
+      seen["tokens"] += int(lengths[rows].sum())
       log.advance()
       if step % cfg.train.log_every == 0 or step == run.steps:
         record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}  # waits for the step
@@ -193,7 +264,7 @@ def _loop(run: Run) -> dict[str, Any]:
       if evaluate_now or step % cfg.train.log_every == 0:  # throughput counts training time only
         tick, seen = time.perf_counter(), {"examples": 0, "tokens": 0}
   log.close()
-  return last_eval
+  return state, last_eval
 
 
 def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:
@@ -207,6 +278,7 @@ def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:
     if dataclasses.replace(saved, train=cfg.train) != dataclasses.replace(cfg, train=saved.train):
       raise UserError(f"--resume: the config differs from {config_path} outside the train section; resume "
                       "with the saved config (or start a new --run-dir).")
+  _barrier("run dir checked")  # every process has looked before process 0 writes anything
 
 
 def _start_run(cfg: Config, run_dir: Path, tokenizer: Any) -> Checkpoints:
@@ -219,12 +291,18 @@ def _start_run(cfg: Config, run_dir: Path, tokenizer: Any) -> Checkpoints:
     tmp.replace(config_path)
     if not (run_dir / "tokenizer").is_dir():
       tokenizer.save_pretrained(run_dir / "tokenizer")
+  _barrier("run dir written")
   return Checkpoints(run_dir, cfg.checkpoint)
 
 
-def _restore(ckpts: Checkpoints, state: TrainState) -> TrainState:
-  """The latest checkpoint's params, optimiser and train state, placed like `state`."""
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  got = ckpts.restore(ckpts.resolve("latest"), params=abstract.params, opt_state=abstract.opt_state,
-                      train={"step": abstract.step, "rng": abstract.rng})
+def _barrier(name: str) -> None:
+  """Waits for every process (a no-op with one)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"jaxtune: {name}")
+
+
+def _restore(ckpts: Checkpoints, target: TrainState) -> TrainState:
+  """The latest checkpoint's params, optimiser and train state, read into `target`'s shardings."""
+  got = ckpts.restore(ckpts.resolve("latest"), params=target.params, opt_state=target.opt_state,
+                      train={"step": target.step, "rng": target.rng})
   return TrainState(got["train"]["step"], got["params"], got["opt_state"], got["train"]["rng"])

@@ -123,6 +123,11 @@ def to_hf(array: np.ndarray, kind: str) -> np.ndarray:
   return array.reshape(hf_shape(kind, array.shape))
 
 
+def layer_keys(hf_key: str, shape: Sequence[int]) -> list[str]:
+  """The checkpoint keys behind one param: `hf_key`, or for a stacked param (`{i}` in the key) one per layer."""
+  return [hf_key.replace("{i}", str(i)) for i in range(shape[0])] if "{i}" in hf_key else [hf_key]
+
+
 def load_params(abstract: Mapping[str, jax.ShapeDtypeStruct], shardings: Mapping[str, Any],
                 param_map: Mapping[str, tuple[str, str]], reader: SafetensorsReader, *,
                 new_params: Sequence[str], unused_keys: Sequence[str], buffer_keys: Sequence[str],
@@ -130,35 +135,47 @@ def load_params(abstract: Mapping[str, jax.ShapeDtypeStruct], shardings: Mapping
   """Loads every param of `abstract` (flat path -> shape) not matching `new_params`, strictly.
 
   Returns flat path -> array placed in its sharding. Missing keys, unexpected keys and shape
-  mismatches are UserErrors unless a `new_params` / `unused_keys` regex covers them.
+  mismatches are UserErrors unless a `new_params` / `unused_keys` regex covers them. A stacked
+  param (N x ...) is read layer by layer from N checkpoint keys.
   """
   keys = reader.keys()
-  rename = {}  # HF key as in param_map -> key in this checkpoint
   bare = base_prefix and not any(k.startswith(base_prefix) for k in keys)
-  for hf_key, _ in param_map.values():
-    rename[hf_key] = hf_key.removeprefix(base_prefix) if bare and hf_key.startswith(base_prefix) else hf_key
+
+  def rename(hf_key: str) -> str:  # HF key as in param_map -> key in this checkpoint
+    return hf_key.removeprefix(base_prefix) if bare and hf_key.startswith(base_prefix) else hf_key
+
+  expanded = {path: [rename(k) for k in layer_keys(hf_key, abstract[path].shape)]
+              for path, (hf_key, _) in param_map.items()}
   is_new = _matcher(new_params)
-  wanted = {path: param_map[path] for path in abstract if not is_new(path)}
-  missing = sorted(rename[k] for k, _ in wanted.values() if rename[k] not in keys)
+  wanted = [path for path in abstract if not is_new(path)]
+  missing = sorted(k for path in wanted for k in expanded[path] if k not in keys)
   if missing:
     raise UserError(f"checkpoint lacks {len(missing)} parameter(s), e.g. {missing[:3]}; list the params "
                     "to initialise instead in model.new_params or use a matching checkpoint.")
-  known = {rename[k] for k, _ in param_map.values()}
   ignored = _matcher([*unused_keys, *buffer_keys])
-  unexpected = sorted(k for k in keys - known if not ignored(k))
+  unexpected = sorted(k for k in keys - {k for ks in expanded.values() for k in ks} if not ignored(k))
   if unexpected:
     raise UserError(f"checkpoint has {len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}; add a "
                     "regex for them to model.unused_keys if they are meant to be dropped.")
   out = {}
-  for path, (hf_key, kind) in wanted.items():
-    array = reader.get(rename[hf_key])
-    target = abstract[path]
-    if array.shape != hf_shape(kind, target.shape):
-      raise UserError(f"checkpoint key {rename[hf_key]} has shape {array.shape}, but {path} needs "
-                      f"{target.shape}; the checkpoint does not match its config.json.")
-    array = to_ours(array, kind, target.shape).astype(target.dtype)
+  for path in wanted:
+    kind, target = param_map[path][1], abstract[path]
+    stacked = "{i}" in param_map[path][0]
+    shape = target.shape[1:] if stacked else target.shape
+    layers = [_read(reader, key, kind, shape, path) for key in expanded[path]]
+    array = (np.stack(layers) if stacked else layers[0]).astype(target.dtype)
+    # Each device receives only its shard; the full array exists on the host alone.
     out[path] = jax.make_array_from_callback(array.shape, shardings[path], lambda idx, a=array: a[idx])
   return out
+
+
+def _read(reader: SafetensorsReader, key: str, kind: str, shape: Sequence[int], path: str) -> np.ndarray:
+  """Checkpoint tensor `key` in our layout for param `path` (one layer of it when stacked)."""
+  array = reader.get(key)
+  if array.shape != hf_shape(kind, shape):
+    raise UserError(f"checkpoint key {key} has shape {array.shape}, but {path} needs {tuple(shape)} "
+                    f"(per layer when stacked); the checkpoint does not match its config.json.")
+  return to_ours(array, kind, shape)
 
 
 def _matcher(patterns: Sequence[str]):

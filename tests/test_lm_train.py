@@ -7,31 +7,15 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 import yaml
-
 from conftest import run_script
-from jaxtune import config, gguf, pretrained, sharding, train
+
+from jaxtune import config, pretrained, sharding, train
 from jaxtune.config import MeshConfig, ModelConfig
 from jaxtune.errors import UserError
 from jaxtune.tasks import TASKS
 
 LM = TASKS["causal_lm"]
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory):
-  """A random 2-layer Llama with SmolLM2's real tokenizer (49,152 tokens, chat template) beside it."""
-  path = tmp_path_factory.mktemp("tiny_llama")
-  tokenizer = gguf.load_tokenizer(gguf.find_packaged_smollm2())
-  torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                 eos_token_id=tokenizer.eos_token_id)
-  transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-  tokenizer.save_pretrained(path)
-  return path
 
 
 def lm_config(tmp_path, model_dir, reviews, **data):

@@ -1,45 +1,131 @@
-"""The same tiny BERT run on 8 simulated devices under each mesh layout logs the 1-device losses.
+"""A tiny BERT and a tiny Llama trained on 8 simulated devices under each mesh layout match 1 device.
 
-A first step towards the scale-out issue: the rules table shards params over fsdp and tensor, and
-the jitted step must not change the numbers. (Per-parameter sharding checks come with that issue.)
+Each layout must give the 1-device losses and final params, and every param (and its Adam moments)
+must really be laid out as the rules table says. tests/mesh_run.py trains all runs of a model in one
+process per device count, which keeps the compile-heavy part to two processes per model.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import types
 
+import numpy as np
 import pytest
+import yaml
+from conftest import REPO, save_tiny_bert, write_config
 
-from conftest import run_script, write_config
+from jaxtune import sharding
 
 MESHES = {"data8": {"data": 8, "fsdp": 1, "tensor": 1}, "fsdp8": {"data": 1, "fsdp": 8, "tensor": 1},
           "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2},
           "tensor2_data4": {"data": 4, "fsdp": 1, "tensor": 2}}
+RULES = {"embed": None, "mlp": ["fsdp"]}  # the override run: no FSDP on embed, the MLP split over fsdp instead
+# 8-device run -> (its mesh, extra overrides, the 1-device run it must match)
+EIGHT = {**{name: (sizes, [], "one") for name, sizes in MESHES.items()},
+         "fsdp8_rules": (MESHES["fsdp8"], [f"mesh.rules={json.dumps(RULES)}"], "one"),
+         "data2_fsdp2_tensor2_accum2": (MESHES["data2_fsdp2_tensor2"], ["train.grad_accum=2"], "one_accum2")}
+RUNS_8 = {name: [*(f"mesh.{a}={n}" for a, n in sizes.items()), *extra] for name, (sizes, extra, _) in EIGHT.items()}
+RUNS_1 = {"one": [], "one_accum2": ["train.grad_accum=2"]}
+
+# What the rules table must give a few params (trailing replicated dims left out), written out by hand.
+# BERT: word (V, D), query (N, D, H, K), mlp_in (N, D, F), attn_out (N, H, K, D), classifier (D, C).
+# Llama: embed (V, D), q (N, D, H, K), k (N, D, G, K), gate (N, D, F), down (N, F, D).
+EXPECTED = {
+    "bert": {
+        "data8": {},
+        "fsdp8": {"bert.embeddings.word": [None, "fsdp"], "bert.layers.query.kernel": [None, "fsdp"],
+                  "bert.layers.mlp_in.kernel": [None, "fsdp"], "bert.layers.attn_out.kernel": [None, None, None, "fsdp"],
+                  "classifier.kernel": ["fsdp"]},
+        "data2_fsdp2_tensor2": {"bert.embeddings.word": ["tensor", "fsdp"],
+                                "bert.layers.query.kernel": [None, "fsdp", "tensor"],
+                                "bert.layers.mlp_in.kernel": [None, "fsdp", "tensor"],
+                                "bert.layers.attn_out.kernel": [None, "tensor", None, "fsdp"],
+                                "classifier.kernel": ["fsdp"]},
+        "tensor2_data4": {"bert.embeddings.word": ["tensor"], "bert.layers.query.kernel": [None, None, "tensor"],
+                          "bert.layers.mlp_in.kernel": [None, None, "tensor"],
+                          "bert.layers.attn_out.kernel": [None, "tensor"]},
+        "fsdp8_rules": {"bert.embeddings.word": [], "bert.layers.query.kernel": [],
+                        "bert.layers.mlp_in.kernel": [None, None, "fsdp"], "bert.layers.mlp_out.kernel": [None, "fsdp"]},
+    },
+    "llama": {
+        "data8": {},
+        "fsdp8": {"embed": [None, "fsdp"], "layers.attn.q.kernel": [None, "fsdp"], "layers.attn.k.kernel": [None, "fsdp"],
+                  "layers.mlp.gate.kernel": [None, "fsdp"], "layers.mlp.down.kernel": [None, None, "fsdp"]},
+        "data2_fsdp2_tensor2": {"embed": ["tensor", "fsdp"], "layers.attn.q.kernel": [None, "fsdp", "tensor"],
+                                "layers.attn.k.kernel": [None, "fsdp", "tensor"],
+                                "layers.mlp.gate.kernel": [None, "fsdp", "tensor"],
+                                "layers.mlp.down.kernel": [None, "tensor", "fsdp"]},
+        "tensor2_data4": {"embed": ["tensor"], "layers.attn.q.kernel": [None, None, "tensor"],
+                          "layers.attn.k.kernel": [None, None, "tensor"], "layers.mlp.gate.kernel": [None, None, "tensor"],
+                          "layers.mlp.down.kernel": [None, "tensor"]},
+        "fsdp8_rules": {"embed": [], "layers.attn.q.kernel": [], "layers.mlp.gate.kernel": [None, None, "fsdp"],
+                        "layers.mlp.down.kernel": [None, "fsdp"]},
+    },
+}
 
 
-def losses(run_dir):
-  records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-  return records[0]["mesh"], [r["loss"] for r in records if "loss" in r and "split" not in r]
+def trim(spec):
+  spec = list(spec)
+  while spec and spec[-1] is None:
+    spec.pop()
+  return [tuple(a) if isinstance(a, list) else a for a in spec]
 
 
-@pytest.fixture(scope="module")
-def one_device(tmp_path_factory, tiny_bert_dir, reviews):
-  tmp = tmp_path_factory.mktemp("mesh1")
-  cfg = write_config(tmp / "c.yaml", tiny_bert_dir, reviews)
-  result = run_script("finetune.py", "--config", cfg, "--run-dir", tmp / "run")
+def train_all(config_path, out, runs, devices):
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  result = subprocess.run([sys.executable, str(REPO / "tests" / "mesh_run.py"), str(config_path), str(out),
+                           json.dumps(runs)], capture_output=True, text=True, cwd=REPO, env=env, timeout=1500)
   assert result.returncode == 0, result.stderr[-3000:]
-  return cfg, losses(tmp / "run")[1]
+  return {name: (json.loads((out / f"{name}.json").read_text()), dict(np.load(out / f"{name}.npz"))) for name in runs}
 
 
-@pytest.mark.parametrize("mesh", MESHES)
-def test_mesh_layouts_match_one_device(one_device, tmp_path, mesh):
-  cfg, want = one_device
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  sizes = [f"mesh.{axis}={n}" for axis, n in MESHES[mesh].items()]
-  result = run_script("finetune.py", "--config", cfg, "--run-dir", tmp_path / "run", *sizes, env=env)
-  assert result.returncode == 0, result.stderr[-3000:]
-  shape, got = losses(tmp_path / "run")
-  assert shape == MESHES[mesh]  # the run really used this layout of the 8 devices
-  assert len(got) == len(want) == 4
-  assert max(abs(a - b) for a, b in zip(got, want)) < 1e-5, (got, want)
+@pytest.fixture(scope="module", params=["bert", "llama"])
+def trained(request, tmp_path_factory, minilm_dir, tiny_llama_dir, reviews):
+  """model name -> run name -> (record, final params), for the 1-device and the 8-device runs."""
+  tmp = tmp_path_factory.mktemp(request.param)
+  train = {"batch_size": 16, "eval_batch_size": 16}
+  if request.param == "bert":  # dims divisible by 8, so that every rule really shards
+    model_dir = save_tiny_bert(tmp / "bert", minilm_dir, intermediate_size=64)
+    path = write_config(tmp / "c.yaml", model_dir, reviews, train=train)
+  else:
+    path = write_config(tmp / "c.yaml", tiny_llama_dir, reviews, train=train, model={"new_params": []})
+    cfg = yaml.safe_load(path.read_text())
+    cfg["task"] = "causal_lm"
+    cfg["checkpoint"] = {"best_metric": "loss", "best_mode": "min"}
+    del cfg["data"]["label_column"]
+    path.write_text(yaml.safe_dump(cfg))
+  runs = {**train_all(path, tmp / "one", RUNS_1, 1), **train_all(path, tmp / "eight", RUNS_8, 8)}
+  return request.param, runs
+
+
+@pytest.mark.parametrize("run", list(RUNS_8))
+def test_layout_matches_one_device(trained, run):
+  _, runs = trained
+  sizes, _, reference = EIGHT[run]
+  (got, got_params), (want, want_params) = runs[run], runs[reference]
+  assert got["mesh"] == sizes and want["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}  # the layouts really used
+  assert len(got["losses"]) == len(want["losses"]) == 4
+  np.testing.assert_allclose(got["losses"], want["losses"], atol=1e-5, rtol=0)
+  assert got_params.keys() == want_params.keys()
+  for path in want_params:
+    np.testing.assert_allclose(got_params[path], want_params[path], atol=1e-5, rtol=0, err_msg=path)
+
+
+@pytest.mark.parametrize("run", [*MESHES, "fsdp8_rules"])
+def test_params_are_sharded_as_the_rules_say(trained, run):
+  model, runs = trained
+  record = runs[run][0]
+  rules = sharding.rules_with(RULES if run == "fsdp8_rules" else {})
+  mesh = types.SimpleNamespace(shape=record["mesh"])  # spec_for only reads the axis sizes
+  for path, p in record["params"].items():
+    want = trim(sharding.spec_for(p["shape"], p["axes"], mesh, rules))
+    assert trim(p["spec"]) == want, path
+    assert p["moments"] and all(trim(m) == want for m in p["moments"]), path  # Adam mu and nu live with it
+  for path, spec in EXPECTED[model][run].items():
+    assert trim(record["params"][path]["spec"]) == trim(spec), path
+  sharded = [path for path, p in record["params"].items() if trim(p["spec"])]
+  assert bool(sharded) == (run != "data8")  # data parallelism alone replicates every param

@@ -44,9 +44,11 @@ def test_sharded_index_loads_the_same_params(tiny_bert_dir, tmp_path):
 def test_loaded_params_equal_the_checkpoint(tiny_bert_dir):
   _, params = load(tiny_bert_dir)
   raw = load_file(tiny_bert_dir / "model.safetensors")
-  np.testing.assert_array_equal(np.asarray(params["bert"]["layers"][1]["query"]["kernel"]),
+  stacked = params["bert"]["layers"]  # N x ...: layer i of every block param at index i
+  assert stacked["query"]["kernel"].shape == (2, 32, 4, 8)
+  np.testing.assert_array_equal(np.asarray(stacked["query"]["kernel"][1]),
                                 raw["encoder.layer.1.attention.self.query.weight"].T.reshape(32, 4, 8))
-  np.testing.assert_array_equal(np.asarray(params["bert"]["layers"][0]["attn_out"]["kernel"]),
+  np.testing.assert_array_equal(np.asarray(stacked["attn_out"]["kernel"][0]),
                                 raw["encoder.layer.0.attention.output.dense.weight"].T.reshape(4, 8, 32))
 
 

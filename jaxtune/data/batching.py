@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -37,32 +37,38 @@ def eval_batches(n: int, batch_size: int) -> list[np.ndarray]:
   return [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
-def collate(data: Encoded, rows: np.ndarray, batch_size: int, buckets: Sequence[int],
-            max_len: int) -> dict[str, np.ndarray]:
-  """Padded numpy batch: input_ids, attention_mask, token_type_ids (B x L), labels, weights (B)."""
+def collate(data: Encoded, rows: np.ndarray, batch_size: int, buckets: Sequence[int], max_len: int,
+            part: slice = slice(None)) -> dict[str, np.ndarray]:
+  """Padded numpy batch: input_ids, attention_mask, token_type_ids (B x L), labels, weights (B).
+
+  L comes from every row of the global batch; only rows `part` of it are built (a process's share).
+  """
   length = pad_length(max(len(data.input_ids[r]) for r in rows), buckets, max_len)
-  batch = {k: np.zeros((batch_size, length), np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
-  for i, r in enumerate(rows):
+  mine = np.arange(batch_size)[part]  # positions in the global batch; those >= len(rows) are padding
+  real = rows[mine[mine < len(rows)]]
+  batch = {k: np.zeros((len(mine), length), np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+  for i, r in enumerate(real):
     n = len(data.input_ids[r])
     batch["input_ids"][i, :n] = data.input_ids[r]
     batch["token_type_ids"][i, :n] = data.token_type_ids[r]
     batch["attention_mask"][i, :n] = 1
-  batch["labels"] = np.zeros(batch_size, np.int32)
-  batch["labels"][:len(rows)] = data.labels[rows]
-  batch["weights"] = (np.arange(batch_size) < len(rows)).astype(np.float32)
+  batch["labels"] = np.zeros(len(mine), np.int32)
+  batch["labels"][:len(real)] = data.labels[real]
+  batch["weights"] = (np.arange(len(mine)) < len(real)).astype(np.float32)
   return batch
 
 
-def iterate(data: Encoded, batches: Sequence[np.ndarray], batch_size: int, buckets: Sequence[int],
-            max_len: int) -> Iterator[dict[str, np.ndarray]]:
-  for rows in batches:
-    yield collate(data, rows, batch_size, buckets, max_len)
+def local_rows(sharding: NamedSharding, batch_size: int) -> slice:
+  """The block of a global batch's rows that this process's devices hold."""
+  spans = {(s.start or 0, batch_size if s.stop is None else s.stop)
+           for s, *_ in sharding.addressable_devices_indices_map((batch_size,)).values()}
+  lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+  if sum(b - a for a, b in spans) != hi - lo:
+    raise ValueError(f"this process holds batch rows {sorted(spans)}, not one block; order the mesh so that "
+                     "each process's devices are adjacent on the batch axes.")
+  return slice(lo, hi)
 
 
 def to_device(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-  """Places a global numpy batch; each process contributes only the rows its devices hold."""
-  n_proc, pid = jax.process_count(), jax.process_index()
-  def put(x: np.ndarray) -> jax.Array:
-    local = np.split(x, n_proc)[pid] if n_proc > 1 else x
-    return jax.make_array_from_process_local_data(sharding, local, x.shape)
-  return {k: put(v) for k, v in batch.items()}
+  """Global arrays from this process's rows of a batch (all of them when there is one process)."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -183,19 +183,23 @@ def _assemble(rows: Sequence[Sequence[Example]], seq_len: int) -> LMExamples:
   return LMExamples(tokens, targets, segment_ids, positions, loss_mask)
 
 
-def collate(data: LMExamples, rows: np.ndarray, batch_size: int, buckets: Sequence[int] = ()) -> dict[str, np.ndarray]:
+def collate(data: LMExamples, rows: np.ndarray, batch_size: int, buckets: Sequence[int] = (),
+            part: slice = slice(None)) -> dict[str, np.ndarray]:
   """Numpy batch, each B x L: input_ids, targets, segment_ids, positions, loss_mask; missing rows are padding.
 
-  L is seq_len, or the smallest bucket holding the longest row. Padding rows have loss_mask 0, so a
-  short final eval batch adds nothing to `token_mean`.
+  L is seq_len, or the smallest bucket holding the longest row of the global batch; only rows
+  `part` of the batch are built (a process's share). Padding rows have loss_mask 0, so a short
+  final eval batch adds nothing to `token_mean`.
   """
   length = pad_length(int(data.lengths[rows].max()), buckets, data.seq_len) if len(rows) else data.seq_len
+  mine = np.arange(batch_size)[part]  # positions in the global batch; those >= len(rows) are padding
+  real = rows[mine[mine < len(rows)]]
   fields = {"input_ids": data.tokens, "targets": data.targets, "segment_ids": data.segment_ids,
             "positions": data.positions, "loss_mask": data.loss_mask}
   batch = {}
   for key, array in fields.items():
-    batch[key] = np.zeros((batch_size, length), array.dtype)
-    batch[key][:len(rows)] = array[rows, :length]
+    batch[key] = np.zeros((len(mine), length), array.dtype)
+    batch[key][:len(real)] = array[real, :length]
   return batch
 
 

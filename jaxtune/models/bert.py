@@ -1,6 +1,6 @@
 """BERT encoder with a sequence-classification head, loadable from HF BertModel checkpoints.
 
-Dimensions: B batch, L length, D model dim, H heads, K head dim, F mlp dim, V vocab, C classes.
+Dimensions: N layers, B batch, L length, D model dim, H heads, K head dim, F mlp dim, V vocab, C classes.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtune import sharding
 from jaxtune.models import layers
 
 
@@ -79,10 +80,11 @@ class Layer(nnx.Module):
 
   def __call__(self, x_BxLxD: jax.Array, bias_Bx1x1xL: jax.Array, rng: jax.Array | None) -> jax.Array:
     r_attn, r_out, r_mlp = layers.split_rng(rng, 3)
-    ctx_BxLxHxK = layers.dot_product_attention(self.query(x_BxLxD), self.key(x_BxLxD), self.value(x_BxLxD),
-                                               bias_Bx1x1xL, self.attn_rate, r_attn)
+    heads = ("batch", "length", "heads", "head_dim")
+    q, k, v = (sharding.constrain(proj(x_BxLxD), heads) for proj in (self.query, self.key, self.value))
+    ctx_BxLxHxK = layers.dot_product_attention(q, k, v, bias_Bx1x1xL, self.attn_rate, r_attn)
     x_BxLxD = self.attn_norm(x_BxLxD + layers.dropout(self.attn_out(ctx_BxLxHxK), self.rate, r_out))
-    h_BxLxF = self.act(self.mlp_in(x_BxLxD))
+    h_BxLxF = sharding.constrain(self.act(self.mlp_in(x_BxLxD)), ("batch", "length", "mlp"))
     return self.mlp_norm(x_BxLxD + layers.dropout(self.mlp_out(h_BxLxF), self.rate, r_mlp))
 
 
@@ -91,15 +93,19 @@ class Encoder(nnx.Module):
 
   def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
     self.embeddings = Embeddings(cfg, rngs)
-    self.layers = nnx.List([Layer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+    self.layers = layers.stack(lambda r: Layer(cfg, r), cfg.num_hidden_layers, rngs)
+    self.num_layers = cfg.num_hidden_layers
     self.pooler = layers.Dense((cfg.hidden_size,), (cfg.hidden_size,), ("embed",), ("embed_out",), rngs=rngs)
 
-  def __call__(self, ids_BxL, mask_BxL, types_BxL, dtype, rng) -> tuple[jax.Array, jax.Array]:
-    rngs = layers.split_rng(rng, len(self.layers) + 1)
-    x_BxLxD = self.embeddings(ids_BxL, types_BxL, dtype, rngs[0])
+  def __call__(self, ids_BxL, mask_BxL, types_BxL, dtype, rng, remat) -> tuple[jax.Array, jax.Array]:
+    rngs = None if rng is None else jax.random.split(rng, self.num_layers + 1)  # [0] embeddings, [1:] one per layer
+    x_BxLxD = self.embeddings(ids_BxL, types_BxL, dtype, None if rngs is None else rngs[0])
     bias_Bx1x1xL = layers.attention_bias(mask_BxL, jnp.float32)
-    for layer, r in zip(self.layers, rngs[1:]):
-      x_BxLxD = layer(x_BxLxD, bias_Bx1x1xL, r)
+
+    def body(layer: Layer, x_BxLxD: jax.Array, r: jax.Array | None) -> tuple[jax.Array, None]:
+      return layer(sharding.constrain(x_BxLxD, ("batch", "length", "embed")), bias_Bx1x1xL, r), None
+
+    x_BxLxD, _ = layers.scan(self.layers, body, x_BxLxD, None if rngs is None else rngs[1:], remat)
     pooled_BxD = jnp.tanh(self.pooler(x_BxLxD[:, 0]))
     return x_BxLxD, pooled_BxD
 
@@ -113,12 +119,12 @@ class BertClassifier(nnx.Module):
     self.classifier = layers.Dense((cfg.hidden_size,), (cfg.num_labels,), ("embed",), ("classes",), rngs=rngs)
 
   def __call__(self, batch: dict[str, jax.Array], *, dtype: jnp.dtype = jnp.float32,
-               dropout_rng: jax.Array | None = None) -> dict[str, jax.Array]:
+               dropout_rng: jax.Array | None = None, remat: str = "none") -> dict[str, jax.Array]:
     """Returns `logits` (B x C, float32) and the last `hidden` states (B x L x D)."""
     r_enc, r_head = layers.split_rng(dropout_rng, 2)
     ids_BxL = batch["input_ids"]
     types_BxL = batch.get("token_type_ids", jnp.zeros_like(ids_BxL))
-    hidden_BxLxD, pooled_BxD = self.bert(ids_BxL, batch["attention_mask"], types_BxL, dtype, r_enc)
+    hidden_BxLxD, pooled_BxD = self.bert(ids_BxL, batch["attention_mask"], types_BxL, dtype, r_enc, remat)
     rate = self.cfg.classifier_dropout if self.cfg.classifier_dropout is not None else self.cfg.hidden_dropout_prob
     logits_BxC = self.classifier(layers.dropout(pooled_BxD, rate, r_head))
     return {"logits": logits_BxC.astype(jnp.float32), "hidden": hidden_BxLxD}
@@ -126,6 +132,7 @@ class BertClassifier(nnx.Module):
 
 def hf_param_map(cfg: BertConfig) -> dict[str, tuple[str, str]]:
   """Our param path -> (HF BertForSequenceClassification key, layout kind; see weights.py)."""
+  del cfg  # one entry per stacked param, whatever the depth
   m = {
       "bert.embeddings.word": ("bert.embeddings.word_embeddings.weight", "copy"),
       "bert.embeddings.position": ("bert.embeddings.position_embeddings.weight", "copy"),
@@ -142,15 +149,14 @@ def hf_param_map(cfg: BertConfig) -> dict[str, tuple[str, str]]:
       "attn_out": "attention.output.dense", "mlp_in": "intermediate.dense", "mlp_out": "output.dense",
   }
   norms = {"attn_norm": "attention.output.LayerNorm", "mlp_norm": "output.LayerNorm"}
-  for i in range(cfg.num_hidden_layers):
-    ours, theirs = f"bert.layers.{i}", f"bert.encoder.layer.{i}"
-    for name, hf_name in per_layer.items():
-      out_heads = name in ("query", "key", "value")
-      m[f"{ours}.{name}.kernel"] = (f"{theirs}.{hf_name}.weight", "linear_hk" if name == "attn_out" else "linear")
-      m[f"{ours}.{name}.bias"] = (f"{theirs}.{hf_name}.bias", "flat" if out_heads else "copy")
-    for name, hf_name in norms.items():
-      m[f"{ours}.{name}.scale"] = (f"{theirs}.{hf_name}.weight", "copy")
-      m[f"{ours}.{name}.bias"] = (f"{theirs}.{hf_name}.bias", "copy")
+  ours, theirs = "bert.layers", "bert.encoder.layer.{i}"  # stacked: {i} runs over the N layers
+  for name, hf_name in per_layer.items():
+    out_heads = name in ("query", "key", "value")
+    m[f"{ours}.{name}.kernel"] = (f"{theirs}.{hf_name}.weight", "linear_hk" if name == "attn_out" else "linear")
+    m[f"{ours}.{name}.bias"] = (f"{theirs}.{hf_name}.bias", "flat" if out_heads else "copy")
+  for name, hf_name in norms.items():
+    m[f"{ours}.{name}.scale"] = (f"{theirs}.{hf_name}.weight", "copy")
+    m[f"{ours}.{name}.bias"] = (f"{theirs}.{hf_name}.bias", "copy")
   return m
 
 

@@ -3,7 +3,7 @@
 A row may pack several documents: `segment_ids` number them (0 = padding) and `positions` restart
 at 0 in each. A query attends to keys of its own segment at positions <= its own, which is causal
 attention that never crosses a document boundary. Dimensions: B batch, L new tokens, S cache
-slots, H query heads, G kv heads, K head dim.
+slots, N layers, H query heads, G kv heads, K head dim.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import jax.numpy as jnp
 
 
 class LayerCache(NamedTuple):
-  k: jax.Array  # B x S x G x K
-  v: jax.Array  # B x S x G x K
+  k: jax.Array  # B x S x G x K (N x B x S x G x K for all layers)
+  v: jax.Array
 
 
 class Cache(NamedTuple):
-  layers: list[LayerCache]
+  layers: LayerCache  # every layer's, stacked on a leading N axis like the layer params
   segment_ids: jax.Array  # B x S, 0 for empty slots and padding
   positions: jax.Array  # B x S
   length: jax.Array  # int32 scalar: slots filled so far (new tokens are written from here)
@@ -46,8 +46,8 @@ class Segments(NamedTuple):
 
 def init_cache(batch: int, slots: int, num_layers: int, kv_heads: int, head_dim: int, dtype: jnp.dtype) -> Cache:
   """An empty cache of `slots` positions per row."""
-  zeros = jnp.zeros((batch, slots, kv_heads, head_dim), dtype)
-  return Cache([LayerCache(zeros, zeros) for _ in range(num_layers)], jnp.zeros((batch, slots), jnp.int32),
+  zeros = jnp.zeros((num_layers, batch, slots, kv_heads, head_dim), dtype)
+  return Cache(LayerCache(zeros, zeros), jnp.zeros((batch, slots), jnp.int32),
                jnp.zeros((batch, slots), jnp.int32), jnp.zeros((), jnp.int32))
 
 

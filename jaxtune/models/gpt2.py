@@ -1,6 +1,6 @@
 """GPT-2: learned positions, pre-LayerNorm blocks, fused QKV, tied LM head.
 
-Dimensions: B batch, L length, D model dim, H heads, K head dim, F mlp dim, V vocab.
+Dimensions: N layers, B batch, L length, D model dim, H heads, K head dim, F mlp dim, V vocab.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtune import sharding
 from jaxtune.models import decoding, layers
 
 
@@ -41,7 +42,7 @@ class GPT2Config:
 
 
 class Block(nnx.Module):
-  def __init__(self, cfg: GPT2Config, index: int, rngs: nnx.Rngs):
+  def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
     d, h = cfg.n_embd, cfg.n_head
     k = d // h
     self.ln_1 = layers.LayerNorm(d, cfg.layer_norm_epsilon, rngs=rngs)
@@ -52,18 +53,19 @@ class Block(nnx.Module):
     self.mlp_out = layers.Dense((cfg.mlp_dim,), (d,), ("mlp",), ("embed",), rngs=rngs)
     self.act = layers.ACTIVATIONS[cfg.activation_function]
     self.rate = cfg.resid_pdrop
-    # HF's optional extra 1/(layer+1) on the attention logits, folded into the query.
-    self.q_scale = 1.0 / (index + 1) if cfg.scale_attn_by_inverse_layer_idx else 1.0
+    self.scale_by_layer = cfg.scale_attn_by_inverse_layer_idx
 
-  def __call__(self, x_BxLxD, segments, cache, rng):
+  def __call__(self, x_BxLxD, segments, cache, rng, index):
     r_attn, r_mlp = layers.split_rng(rng, 2)
-    qkv_BxLx3xHxK = self.qkv(self.ln_1(x_BxLxD))
+    qkv_BxLx3xHxK = sharding.constrain(self.qkv(self.ln_1(x_BxLxD)), ("batch", "length", None, "heads", "head_dim"))
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
+    if self.scale_by_layer:  # HF's optional extra 1/(layer+1) on the attention logits, folded into the query
+      q_BxLxHxK = q_BxLxHxK / (index + 1).astype(q_BxLxHxK.dtype)
     k_all, v_all, kv, cache = decoding.extend(cache, k_BxLxHxK, v_BxLxHxK, segments)
-    ctx_BxLxHxK = decoding.attend(q_BxLxHxK * self.q_scale, k_all, v_all, segments, kv)
+    ctx_BxLxHxK = decoding.attend(q_BxLxHxK, k_all, v_all, segments, kv)
     x_BxLxD = x_BxLxD + layers.dropout(self.attn_out(ctx_BxLxHxK), self.rate, r_attn)
-    h_BxLxD = self.mlp_out(self.act(self.mlp_in(self.ln_2(x_BxLxD))))
-    return x_BxLxD + layers.dropout(h_BxLxD, self.rate, r_mlp), cache
+    h_BxLxF = sharding.constrain(self.act(self.mlp_in(self.ln_2(x_BxLxD))), ("batch", "length", "mlp"))
+    return x_BxLxD + layers.dropout(self.mlp_out(h_BxLxF), self.rate, r_mlp), cache
 
 
 class GPT2LM(nnx.Module):
@@ -74,7 +76,7 @@ class GPT2LM(nnx.Module):
     normal = jax.nn.initializers.normal(0.02)
     self.wte = layers.param(rngs, normal, (cfg.vocab_size, cfg.n_embd), ("vocab", "embed"))
     self.wpe = layers.param(rngs, normal, (cfg.n_positions, cfg.n_embd), (None, "embed"))
-    self.blocks = nnx.List([Block(cfg, i, rngs) for i in range(cfg.n_layer)])
+    self.blocks = layers.stack(lambda r: Block(cfg, r), cfg.n_layer, rngs)
     self.ln_f = layers.LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, rngs=rngs)
 
   def init_cache(self, batch: int, slots: int, dtype: jnp.dtype) -> decoding.Cache:
@@ -82,34 +84,40 @@ class GPT2LM(nnx.Module):
     return decoding.init_cache(batch, slots, c.n_layer, c.n_head, c.n_embd // c.n_head, dtype)
 
   def __call__(self, batch: dict[str, jax.Array], *, dtype: jnp.dtype = jnp.float32,
-               dropout_rng: jax.Array | None = None, cache: decoding.Cache | None = None) -> dict[str, Any]:
+               dropout_rng: jax.Array | None = None, cache: decoding.Cache | None = None,
+               remat: str = "none") -> dict[str, Any]:
     """`logits` (B x L x V, float32) and the updated `cache` (None when called without one)."""
+    n = self.cfg.n_layer
     segments = decoding.Segments.of(batch, cache)
-    rngs = layers.split_rng(dropout_rng, len(self.blocks) + 1)
+    rngs = None if dropout_rng is None else jax.random.split(dropout_rng, n + 1)  # [0] embeddings, [1:] layers
     x_BxLxD = self.wte[...][batch["input_ids"]] + self.wpe[...][batch["positions"]]
-    x_BxLxD = layers.dropout(x_BxLxD.astype(dtype), self.cfg.resid_pdrop, rngs[0])
-    new_layers = []
-    for i, block in enumerate(self.blocks):
-      x_BxLxD, layer_cache = block(x_BxLxD, segments, None if cache is None else cache.layers[i], rngs[i + 1])
-      new_layers.append(layer_cache)
+    x_BxLxD = layers.dropout(x_BxLxD.astype(dtype), self.cfg.resid_pdrop, None if rngs is None else rngs[0])
+
+    def body(block: Block, x_BxLxD: jax.Array, xs: tuple[Any, Any, jax.Array]):
+      layer_cache, rng, index = xs
+      return block(sharding.constrain(x_BxLxD, ("batch", "length", "embed")), segments, layer_cache, rng, index)
+
+    xs = (None if cache is None else cache.layers, None if rngs is None else rngs[1:], jnp.arange(n))
+    x_BxLxD, new_layers = layers.scan(self.blocks, body, x_BxLxD, xs, remat)
     logits_BxLxV = self.ln_f(x_BxLxD) @ self.wte[...].astype(dtype).T
+    logits_BxLxV = sharding.constrain(logits_BxLxV, ("batch", "length", "vocab"))
     new_cache = None if cache is None else cache._replace(layers=new_layers)
     return {"logits": logits_BxLxV.astype(jnp.float32), "cache": decoding.advance(new_cache, segments)}
 
 
 def hf_param_map(cfg: GPT2Config) -> dict[str, tuple[str, str]]:
   """Our param path -> (HF GPT2LMHeadModel key, layout kind). HF's Conv1D stores (in, out)."""
+  del cfg  # one entry per stacked param, whatever the depth
   m = {"wte": ("transformer.wte.weight", "copy"), "wpe": ("transformer.wpe.weight", "copy"),
        "ln_f.scale": ("transformer.ln_f.weight", "copy"), "ln_f.bias": ("transformer.ln_f.bias", "copy")}
-  for i in range(cfg.n_layer):
-    ours, theirs = f"blocks.{i}", f"transformer.h.{i}"
-    for name, hf_name, kind in [("qkv", "attn.c_attn", "conv"), ("attn_out", "attn.c_proj", "conv_hk"),
-                                ("mlp_in", "mlp.c_fc", "conv"), ("mlp_out", "mlp.c_proj", "conv")]:
-      m[f"{ours}.{name}.kernel"] = (f"{theirs}.{hf_name}.weight", kind)
-      m[f"{ours}.{name}.bias"] = (f"{theirs}.{hf_name}.bias", "flat")
-    for name in ("ln_1", "ln_2"):
-      m[f"{ours}.{name}.scale"] = (f"{theirs}.{name}.weight", "copy")
-      m[f"{ours}.{name}.bias"] = (f"{theirs}.{name}.bias", "copy")
+  ours, theirs = "blocks", "transformer.h.{i}"  # stacked: {i} runs over the N layers
+  for name, hf_name, kind in [("qkv", "attn.c_attn", "conv"), ("attn_out", "attn.c_proj", "conv_hk"),
+                              ("mlp_in", "mlp.c_fc", "conv"), ("mlp_out", "mlp.c_proj", "conv")]:
+    m[f"{ours}.{name}.kernel"] = (f"{theirs}.{hf_name}.weight", kind)
+    m[f"{ours}.{name}.bias"] = (f"{theirs}.{hf_name}.bias", "flat")
+  for name in ("ln_1", "ln_2"):
+    m[f"{ours}.{name}.scale"] = (f"{theirs}.{name}.weight", "copy")
+    m[f"{ours}.{name}.bias"] = (f"{theirs}.{name}.bias", "copy")
   return m
 
 

@@ -1,9 +1,10 @@
-"""Building blocks shared by the models: annotated params, Dense, LayerNorm, dropout."""
+"""Building blocks shared by the models: annotated params, Dense, LayerNorm, dropout, scanned layer stacks."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,13 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
+}
+# model.remat -> what a layer keeps for the backward pass (None: no rematerialisation at all).
+REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -81,3 +89,36 @@ def dot_product_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK:
   probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL + bias_Bx1x1xL.astype(jnp.float32), axis=-1)
   probs_BxHxLxL = dropout(probs_BxHxLxL.astype(q_BxLxHxK.dtype), rate, rng)
   return jnp.einsum("bhqt,bthk->bqhk", probs_BxHxLxL, v_BxLxHxK)
+
+
+def stack(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
+  """`n` layers built by `make` as one module whose params carry a leading `layers` axis (N x ...)."""
+
+  @nnx.split_rngs(splits=n)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def create(rngs: nnx.Rngs) -> nnx.Module:
+    return make(rngs)
+
+  layers = create(rngs)
+  for _, v in nnx.iter_graph(layers):
+    if isinstance(v, nnx.Param):
+      v.set_metadata("axes", ("layers", *v.get_metadata()["axes"]))
+  return layers
+
+
+def scan(layers: nnx.Module, body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]], carry: Any, xs: Any,
+         remat: str = "none") -> tuple[Any, Any]:
+  """Runs body(layer_i, carry, xs[i]) -> (carry, ys[i]) over a `stack`, as one lax.scan.
+
+  The layer is traced once whatever the depth, so compile time does not grow with it; with
+  `remat` each layer's backward pass recomputes what the policy does not save.
+  """
+  graphdef, state = nnx.split(layers)
+
+  def step(carry: Any, inputs: Any) -> tuple[Any, Any]:
+    layer_state, x = inputs
+    return body(nnx.merge(graphdef, layer_state), carry, x)
+
+  if remat != "none":
+    step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
+  return jax.lax.scan(step, carry, (nnx.to_pure_dict(state), xs))

@@ -1,6 +1,6 @@
 """The Llama family as one decoder: Llama 2/3, Mistral, Qwen2 and SmolLM checkpoints.
 
-Dimensions: B batch, L query length, S key length, D model dim, H query heads, G kv heads,
+Dimensions: N layers, B batch, L query length, S key length, D model dim, H query heads, G kv heads,
 K head dim, F mlp dim, V vocab.
 """
 
@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtune import sharding
 from jaxtune.errors import UserError
 from jaxtune.models import decoding, layers
 
@@ -121,9 +122,11 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BxLxD: jax.Array, inv_freq: jax.Array, segments: decoding.Segments,
                cache: decoding.LayerCache | None) -> tuple[jax.Array, decoding.LayerCache | None]:
-    q_BxLxHxK = apply_rope(self.q(x_BxLxD), segments.q_positions, inv_freq)
-    k_BxLxGxK = apply_rope(self.k(x_BxLxD), segments.q_positions, inv_freq)
-    v_BxLxGxK = self.v(x_BxLxD)
+    q_BxLxHxK = sharding.constrain(apply_rope(self.q(x_BxLxD), segments.q_positions, inv_freq),
+                                   ("batch", "length", "heads", "head_dim"))
+    kv_axes = ("batch", "length", "kv_heads", "head_dim")
+    k_BxLxGxK = sharding.constrain(apply_rope(self.k(x_BxLxD), segments.q_positions, inv_freq), kv_axes)
+    v_BxLxGxK = sharding.constrain(self.v(x_BxLxD), kv_axes)
     k_BxSxGxK, v_BxSxGxK, kv, cache = decoding.extend(cache, k_BxLxGxK, v_BxLxGxK, segments)
     ctx_BxLxHxK = decoding.attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, segments, kv)
     return self.o(ctx_BxLxHxK), cache
@@ -140,7 +143,8 @@ class MLP(nnx.Module):
     self.act = layers.ACTIVATIONS[cfg.hidden_act]
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-    return self.down(self.act(self.gate(x_BxLxD)) * self.up(x_BxLxD))
+    h_BxLxF = sharding.constrain(self.act(self.gate(x_BxLxD)) * self.up(x_BxLxD), ("batch", "length", "mlp"))
+    return self.down(h_BxLxF)
 
 
 class Block(nnx.Module):
@@ -165,7 +169,7 @@ class LlamaLM(nnx.Module):
     self.cfg = cfg
     normal = jax.nn.initializers.normal(0.02)
     self.embed = layers.param(rngs, normal, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
-    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+    self.layers = layers.stack(lambda r: Block(cfg, r), cfg.num_hidden_layers, rngs)
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs)
     if not cfg.tie_word_embeddings:
       self.lm_head = layers.Dense((cfg.hidden_size,), (cfg.vocab_size,), ("embed",), ("vocab",), rngs=rngs,
@@ -176,22 +180,25 @@ class LlamaLM(nnx.Module):
     return decoding.init_cache(batch, slots, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, dtype)
 
   def __call__(self, batch: dict[str, jax.Array], *, dtype: jnp.dtype = jnp.float32,
-               dropout_rng: jax.Array | None = None, cache: decoding.Cache | None = None) -> dict[str, Any]:
+               dropout_rng: jax.Array | None = None, cache: decoding.Cache | None = None,
+               remat: str = "none") -> dict[str, Any]:
     """`logits` (B x L x V, float32) and the updated `cache` (None when called without one)."""
     del dropout_rng  # the Llama family trains without dropout
     segments = decoding.Segments.of(batch, cache)
     inv_freq = rope_frequencies(self.cfg)
     x_BxLxD = self.embed[...][batch["input_ids"]].astype(dtype)
-    new_layers = []
-    for i, block in enumerate(self.layers):
-      x_BxLxD, layer_cache = block(x_BxLxD, inv_freq, segments, None if cache is None else cache.layers[i])
-      new_layers.append(layer_cache)
+
+    def body(block: Block, x_BxLxD: jax.Array, layer_cache: decoding.LayerCache | None):
+      return block(sharding.constrain(x_BxLxD, ("batch", "length", "embed")), inv_freq, segments, layer_cache)
+
+    x_BxLxD, new_layers = layers.scan(self.layers, body, x_BxLxD, None if cache is None else cache.layers, remat)
     x_BxLxD = self.norm(x_BxLxD)
     if self.cfg.tie_word_embeddings:
       logits_BxLxV = x_BxLxD @ self.embed[...].astype(dtype).T
     else:
       logits_BxLxV = self.lm_head(x_BxLxD)
     new_cache = None if cache is None else decoding.Cache(new_layers, cache.segment_ids, cache.positions, cache.length)
+    logits_BxLxV = sharding.constrain(logits_BxLxV, ("batch", "length", "vocab"))
     return {"logits": logits_BxLxV.astype(jnp.float32), "cache": decoding.advance(new_cache, segments)}
 
 
@@ -200,20 +207,19 @@ def hf_param_map(cfg: LlamaConfig) -> dict[str, tuple[str, str]]:
   m = {"embed": ("model.embed_tokens.weight", "copy"), "norm.scale": ("model.norm.weight", "copy")}
   if not cfg.tie_word_embeddings:
     m["lm_head.kernel"] = ("lm_head.weight", "linear")
-  for i in range(cfg.num_hidden_layers):
-    ours, theirs = f"layers.{i}", f"model.layers.{i}"
-    m[f"{ours}.attn_norm.scale"] = (f"{theirs}.input_layernorm.weight", "copy")
-    m[f"{ours}.mlp_norm.scale"] = (f"{theirs}.post_attention_layernorm.weight", "copy")
-    for name, hf_name, bias in [("q", "q_proj", cfg.qkv_bias), ("k", "k_proj", cfg.qkv_bias),
-                                ("v", "v_proj", cfg.qkv_bias), ("o", "o_proj", cfg.o_bias)]:
-      kind = "linear_hk" if name == "o" else "linear"  # o contracts (heads, head_dim)
-      m[f"{ours}.attn.{name}.kernel"] = (f"{theirs}.self_attn.{hf_name}.weight", kind)
-      if bias:
-        m[f"{ours}.attn.{name}.bias"] = (f"{theirs}.self_attn.{hf_name}.bias", "copy" if name == "o" else "flat")
-    for name in ("gate", "up", "down"):
-      m[f"{ours}.mlp.{name}.kernel"] = (f"{theirs}.mlp.{name}_proj.weight", "linear")
-      if cfg.mlp_bias:
-        m[f"{ours}.mlp.{name}.bias"] = (f"{theirs}.mlp.{name}_proj.bias", "copy")
+  ours, theirs = "layers", "model.layers.{i}"  # stacked: {i} runs over the N layers
+  m[f"{ours}.attn_norm.scale"] = (f"{theirs}.input_layernorm.weight", "copy")
+  m[f"{ours}.mlp_norm.scale"] = (f"{theirs}.post_attention_layernorm.weight", "copy")
+  for name, hf_name, bias in [("q", "q_proj", cfg.qkv_bias), ("k", "k_proj", cfg.qkv_bias),
+                              ("v", "v_proj", cfg.qkv_bias), ("o", "o_proj", cfg.o_bias)]:
+    kind = "linear_hk" if name == "o" else "linear"  # o contracts (heads, head_dim)
+    m[f"{ours}.attn.{name}.kernel"] = (f"{theirs}.self_attn.{hf_name}.weight", kind)
+    if bias:
+      m[f"{ours}.attn.{name}.bias"] = (f"{theirs}.self_attn.{hf_name}.bias", "copy" if name == "o" else "flat")
+  for name in ("gate", "up", "down"):
+    m[f"{ours}.mlp.{name}.kernel"] = (f"{theirs}.mlp.{name}_proj.weight", "linear")
+    if cfg.mlp_bias:
+      m[f"{ours}.mlp.{name}.bias"] = (f"{theirs}.mlp.{name}_proj.bias", "copy")
   return m
 
 

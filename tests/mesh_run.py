@@ -1,0 +1,56 @@
+"""Trains one config under several meshes in this process and records what each run did.
+
+usage: python tests/mesh_run.py CONFIG OUT_DIR RUNS_JSON, where RUNS_JSON maps a run name to its
+list of key=value overrides. For each run, OUT_DIR/<name>/ is the run dir, OUT_DIR/<name>.json holds
+the mesh, the logged losses and, per param, its shape, logical axes and the PartitionSpecs that its
+final array and its Adam moments really have; OUT_DIR/<name>.npz holds the final params.
+(test_meshes.py runs this with 8 simulated devices, and with 1 for the reference.)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxtune import config, pretrained, sharding, train
+
+
+def spec(x: jax.Array) -> list:
+  return [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
+
+
+def record(cfg: config.Config, run: train.Run, state: train.TrainState) -> dict:
+  model = pretrained.from_config(cfg.model, len(run.labels or ()), run.batch_sharding.mesh)
+  params = sharding.flatten(state.params)
+  moments = {path: leaf for path, leaf in sharding.flatten({"opt": state.opt_state}).items()
+             if ".mu." in path or ".nu." in path}
+  log = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
+  return {
+      "mesh": run.meta["mesh"],
+      "losses": [r["loss"] for r in log if "loss" in r and "split" not in r],
+      "params": {path: {"shape": list(x.shape), "axes": list(model.axes[path]), "spec": spec(x),
+                        "moments": [spec(m) for p, m in moments.items() if p.endswith("." + path)]}
+                 for path, x in params.items()},
+  }
+
+
+def main(config_path: str, out_dir: str, runs_json: str) -> None:
+  out = Path(out_dir)
+  for name, overrides in json.loads(runs_json).items():
+    cfg = config.load(config_path, overrides)
+    run = train.prepare(cfg, out / name)
+    try:
+      state, _ = train.loop(run)
+    finally:
+      run.ckpts.wait()
+      run.ckpts.close()
+    (out / f"{name}.json").write_text(json.dumps(record(cfg, run, state)))
+    np.savez(out / f"{name}.npz", **{p: np.asarray(x) for p, x in sharding.flatten(jax.device_get(state.params)).items()})
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:])
