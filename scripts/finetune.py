@@ -14,13 +14,16 @@ def main() -> int:
   parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-5")
   args = parser.parse_args()
 
+  import jax
+
   from jaxtune import config, distributed, train
 
   distributed.initialize()
   cfg = config.load(args.config, args.overrides)
   run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
   result = train.fit(cfg, run_dir, resume=args.resume)
-  print(f"finished: {run_dir} {result}")
+  if jax.process_index() == 0:
+    print(f"finished: {run_dir} {result}")
   return 0
 
 
