@@ -70,7 +70,13 @@ class Checkpoints:
   def restore(self, step: int, **abstract: Any) -> dict[str, Any]:
     """Restores only the named items, each into the shardings of its abstract target tree."""
     args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
-    restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    except ValueError as e:  # Orbax's structure / shape mismatches
+      raise UserError(f"checkpoint step {step} in {self.dir} does not fit this model's state ("
+                      f"{str(e).splitlines()[0][:200]}); it was written for another model or by a jaxtune with "
+                      "another param layout (layers are stacked since the scale-out release): retrain, or use "
+                      "the jaxtune that wrote it.") from None
     return {name: restored[name] for name in abstract}
 
   def close(self) -> None:

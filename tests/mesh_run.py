@@ -49,7 +49,8 @@ def main(config_path: str, out_dir: str, runs_json: str) -> None:
       run.ckpts.wait()
       run.ckpts.close()
     (out / f"{name}.json").write_text(json.dumps(record(cfg, run, state)))
-    np.savez(out / f"{name}.npz", **{p: np.asarray(x) for p, x in sharding.flatten(jax.device_get(state.params)).items()})
+    params = sharding.flatten(jax.device_get(state.params))
+    np.savez(out / f"{name}.npz", **{p: np.asarray(x) for p, x in params.items()})
 
 
 if __name__ == "__main__":

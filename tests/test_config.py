@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxtune import config
+from jaxtune import config, sharding
 from jaxtune.errors import UserError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -20,6 +20,23 @@ def test_configs_exist():
 def test_every_shipped_config_parses(path):
   cfg = config.load(path)
   assert cfg.model.path and cfg.data.train
+  sharding.rules_with(cfg.mesh.rules)  # rule overrides are checked when a run starts; check them here too
+
+
+def test_scale_out_keys_parse_and_are_checked():
+  cfg = config.load(CONFIGS[0], ["train.grad_accum=4", "model.remat=dots", "mesh.rules.embed=null",
+                                 "mesh.rules.mlp=[fsdp, tensor]", "mesh.fsdp=2"])
+  assert cfg.train.grad_accum == 4 and cfg.model.remat == "dots"
+  assert dict(sharding.rules_with(cfg.mesh.rules))["embed"] == ()
+  assert dict(sharding.rules_with(cfg.mesh.rules))["mlp"] == ("fsdp", "tensor")
+  with pytest.raises(UserError, match="train.batch_size must be a multiple of train.grad_accum=5"):
+    config.load(CONFIGS[0], ["train.grad_accum=5", "train.batch_size=32"])
+  with pytest.raises(UserError, match="model.remat is 'some'"):
+    config.load(CONFIGS[0], ["model.remat=some"])
+  with pytest.raises(UserError, match="mesh.rules.mlp is \\['gpu'\\]"):
+    sharding.rules_with(config.load(CONFIGS[0], ["mesh.rules.mlp=gpu"]).mesh.rules)
+  with pytest.raises(UserError, match="mesh.rules.hidden: unknown logical axis"):
+    sharding.rules_with(config.load(CONFIGS[0], ["mesh.rules.hidden=fsdp"]).mesh.rules)
 
 
 def test_overrides_are_typed_like_their_field():
@@ -63,3 +80,16 @@ def test_unknown_and_missing_keys_in_yaml(tmp_path):
 def test_round_trip_through_dict():
   cfg = config.load(CONFIGS[0])
   assert config.from_dict(config.Config, config.to_dict(cfg)) == cfg
+
+
+def test_each_microbatch_must_split_over_the_batch_shards():
+  from types import SimpleNamespace
+
+  from jaxtune import train
+
+  mesh = SimpleNamespace(shape={"data": 4, "fsdp": 2, "tensor": 1})  # check_devices reads only the axis sizes
+  cfg = config.load(CONFIGS[0], ["train.batch_size=32", "train.eval_batch_size=64", "train.grad_accum=4"])
+  train.check_devices(cfg, mesh)  # 32 / 4 = 8 rows per microbatch: one per batch shard
+  cfg = config.load(CONFIGS[0], ["train.batch_size=32", "train.eval_batch_size=64", "train.grad_accum=8"])
+  with pytest.raises(UserError, match="train.batch_size / train.grad_accum = 4 is not divisible by the 8 batch"):
+    train.check_devices(cfg, mesh)

@@ -8,12 +8,14 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
-
 from conftest import REPO, run_script, save_tiny_bert, write_config
-from jaxtune import evaluate, sharding
+
+from jaxtune import distributed, evaluate, sharding
 from jaxtune.config import MeshConfig
+from jaxtune.errors import UserError
 
 
 def free_port() -> int:
@@ -76,3 +78,37 @@ def test_two_processes_match_one_process_with_eight_devices(config_path, tmp_pat
   multi = sharding.flatten(evaluate.restore_step(tmp_path / "two", "latest", sharding.make_mesh(MeshConfig()))[2])
   for path, value in single.items():
     np.testing.assert_allclose(np.asarray(multi[path]), np.asarray(value), atol=1e-6, rtol=0, err_msg=path)
+
+
+@pytest.mark.parametrize(("env", "want"), [
+    ({}, None),
+    ({"SLURM_NTASKS": "1"}, None),
+    ({"SLURM_NTASKS": "4"}, {}),
+    ({"TPU_WORKER_HOSTNAMES": "w0,w1"}, {}),
+    ({"JAXTUNE_DISTRIBUTED": "auto"}, {}),
+    ({"JAXTUNE_COORDINATOR": "10.0.0.1:1234", "JAXTUNE_NUM_PROCESSES": "16", "JAXTUNE_PROCESS_ID": "3"},
+     {"coordinator_address": "10.0.0.1:1234", "num_processes": 16, "process_id": 3}),
+])
+def test_distributed_initialize_reads_the_launch_environment(monkeypatch, env, want):
+  calls = []
+  for key in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "JAXTUNE_DISTRIBUTED", "JAXTUNE_COORDINATOR"):
+    monkeypatch.delenv(key, raising=False)
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+  distributed.initialize()
+  assert calls == ([] if want is None else [want])
+
+
+@pytest.mark.parametrize("env", [
+    {"JAXTUNE_COORDINATOR": "h:1", "JAXTUNE_NUM_PROCESSES": "2"},
+    {"JAXTUNE_COORDINATOR": "h:1", "JAXTUNE_NUM_PROCESSES": "2", "JAXTUNE_PROCESS_ID": "2"},
+    {"JAXTUNE_DISTRIBUTED": "yes"},
+])
+def test_distributed_launch_mistakes_are_user_errors(monkeypatch, env):
+  monkeypatch.delenv("JAXTUNE_PROCESS_ID", raising=False)
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: pytest.fail("initialised despite the error"))
+  with pytest.raises(UserError, match="JAXTUNE_"):
+    distributed.initialize()

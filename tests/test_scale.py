@@ -82,3 +82,23 @@ def test_remat_gives_the_same_gradients_from_a_different_program(llama):
     got = sharding.flatten(grad_fn(policy)(params))
     for path, g in want.items():
       np.testing.assert_allclose(np.asarray(got[path]), np.asarray(g), atol=1e-6, rtol=1e-5, err_msg=f"{policy} {path}")
+
+
+def test_the_compiled_program_does_not_grow_with_depth():
+  """Layers are one scanned block: 2 and 8 layers lower to the same ops (only the trip count differs)."""
+  from jaxtune.models.llama import LlamaConfig
+
+  mesh = sharding.make_mesh(MeshConfig())
+  batch = {"input_ids": jnp.ones((2, 8), jnp.int32), "segment_ids": jnp.ones((2, 8), jnp.int32),
+           "positions": jnp.tile(jnp.arange(8, dtype=jnp.int32), (2, 1))}
+  programs = {}
+  for depth in (2, 8):
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=depth,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    model = pretrained.describe("llama", cfg, mesh)
+    params = sharding.unflatten(pretrained.init_params(model, 0))
+    assert params["layers"]["attn"]["q"]["kernel"].shape == (depth, 16, 2, 8)
+    loss = lambda p, model=model: model.apply(p, batch, remat="full")["logits"].sum()
+    programs[depth] = jax.jit(jax.grad(loss)).lower(params).as_text()
+  count = lambda text: {op: text.count(op) for op in ("dot_general", "while", "exponential")}
+  assert count(programs[2]) == count(programs[8]) and count(programs[2])["dot_general"] > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -61,6 +62,11 @@ def test_checkpoint_restores_identical_params(tiny_bert_dir, tmp_path):
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(have)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert Checkpoints(tmp_path, read_only=True).meta(7)["metrics"] == {"accuracy": 0.5}
+  # A checkpoint of another layout (here: one layer more) is one clear error, not Orbax's.
+  deeper = pretrained.from_config(ModelConfig(path=str(tiny_bert_dir)), 2, mesh)
+  deeper = pretrained.describe("bert", dataclasses.replace(deeper.cfg, num_hidden_layers=3), mesh)
+  with pytest.raises(UserError, match="checkpoint step 7 .* does not fit this model's state"):
+    Checkpoints(tmp_path, read_only=True).restore(7, params=sharding.unflatten(deeper.abstract))
 
 
 def params_at(run_dir, step="latest"):

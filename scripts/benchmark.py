@@ -1,0 +1,93 @@
+"""Side-by-side costs of the scale-out options, on a random Llama (no checkpoint or data needed).
+
+python scripts/benchmark.py [--hidden 256] [--layers 8] [--batch 8] [--length 256] [--output FILE]
+
+Three tables, each measured in this one process on whatever devices are present:
+  depth       compile time and op count of the train step for 2/8/32 layers (layers are one scan);
+  remat       XLA's temp memory and the step time for each model.remat policy;
+  grad_accum  temp memory and step time for 1 vs 4 microbatches of the same global batch.
+"""
+
+import argparse
+import json
+import time
+
+from jaxtune import cli
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--hidden", type=int, default=256)
+  parser.add_argument("--layers", type=int, default=8)
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--length", type=int, default=256)
+  parser.add_argument("--output", help="also write the tables as JSON here")
+  args = parser.parse_args()
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from jaxtune import optim, pretrained, sharding, train
+  from jaxtune.config import MeshConfig, OptimConfig
+  from jaxtune.models.llama import LlamaConfig
+  from jaxtune.tasks import TASKS
+
+  mesh = sharding.make_mesh(MeshConfig())
+  opt = OptimConfig(lr=1e-4, schedule="constant")
+
+  def setup(layers: int, **step_kwargs):
+    cfg = LlamaConfig(vocab_size=4096, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                      num_hidden_layers=layers, num_attention_heads=args.hidden // 64,
+                      num_key_value_heads=max(1, args.hidden // 256), head_dim=64)
+    model = pretrained.describe("llama", cfg, mesh)
+    tx = optim.make(opt, 100)
+    shardings = train.state_shardings(model, tx)
+    state = train.init_state(sharding.unflatten(pretrained.init_params(model, 0)), tx, 0, shardings)
+    step = train.make_train_step(model, TASKS["causal_lm"], tx, optim.schedule(opt, 100), jnp.float32, shardings,
+                                 sharding.batch_sharding(mesh), **step_kwargs)
+    return state, step
+
+  rng = np.random.default_rng(0)
+  shape = (args.batch, args.length)
+  batch = {"input_ids": rng.integers(0, 4096, shape).astype(np.int32), "targets": rng.integers(0, 4096, shape)
+           .astype(np.int32), "segment_ids": np.ones(shape, np.int32),
+           "positions": np.tile(np.arange(args.length, dtype=np.int32), (args.batch, 1)),
+           "loss_mask": np.ones(shape, np.float32)}
+  batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+
+  def measure(state, step) -> dict:
+    tick = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - tick
+    state, metrics = compiled(state, batch)  # warm-up
+    jax.block_until_ready(metrics)
+    tick = time.perf_counter()
+    for _ in range(3):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    memory = compiled.memory_analysis()
+    return {"compile_s": round(compile_s, 2), "step_s": round((time.perf_counter() - tick) / 3, 3),
+            "temp_MiB": round(memory.temp_size_in_bytes / 2**20, 1) if memory else None,
+            "ops": compiled.as_text().count("\n")}
+
+  tables = {
+      "depth": {f"{n} layers": measure(*setup(n)) for n in (2, 8, 32)},
+      "remat": {policy: measure(*setup(args.layers, remat=policy)) for policy in ("none", "full", "dots",
+                                                                                  "dots_no_batch")},
+      "grad_accum": {f"{k} x {args.batch // k} rows": measure(*setup(args.layers, grad_accum=k)) for k in (1, 4)},
+  }
+  print(f"random Llama, hidden {args.hidden}, batch {args.batch} x {args.length} tokens, "
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
+  for name, rows in tables.items():
+    print(f"\n{name:<16} | compile s | step s | XLA temp MiB | HLO lines")
+    for label, r in rows.items():
+      print(f"{label:<16} | {r['compile_s']:>9} | {r['step_s']:>6} | {r['temp_MiB']!s:>12} | {r['ops']:>9}")
+  if args.output:
+    with open(args.output, "w") as f:
+      json.dump({"args": vars(args), **tables}, f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  cli.run(main)
