@@ -123,11 +123,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def on_mesh(s: jax.sharding.Sharding, mesh: Mesh) -> NamedSharding:
-  """`s` if it is already a NamedSharding, else replicated over `mesh` (e.g. a scalar's)."""
-  return s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated(mesh)
-
-
 def flat_variables(state: nnx.State) -> dict[str, nnx.Variable]:
   """`a.b.0.c` path -> Variable for every variable of an nnx State."""
   leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]

@@ -49,20 +49,20 @@ def state_shardings(model: pretrained.Model, tx: optax.GradientTransformation) -
   return TrainState(replicated, model.shardings, opt, replicated)
 
 
+def initial_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  """Step 0 of training from `params`: fresh optimiser state, the run's base dropout key."""
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key_data(jax.random.key(seed)))
+
+
 def abstract_state(model: pretrained.Model, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
   """The train state's shapes, dtypes and shardings, allocating nothing (a restore target)."""
-  params = sharding.unflatten(model.abstract)
-  state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params),
-                     jax.ShapeDtypeStruct((2,), jnp.uint32))
+  state = jax.eval_shape(lambda p: initial_state(p, tx, 0), sharding.unflatten(model.abstract))
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
 
 
 def init_state(params: Any, tx: optax.GradientTransformation, seed: int, shardings: TrainState) -> TrainState:
-  """Step 0 around `params` (donated): the optimiser state is created directly in its shardings."""
-  def init(params: Any) -> TrainState:
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key_data(jax.random.key(seed)))
-
-  return jax.jit(init, out_shardings=shardings, donate_argnums=0)(params)
+  """`initial_state` around `params` (donated), its optimiser state created directly in its shardings."""
+  return jax.jit(lambda p: initial_state(p, tx, seed), out_shardings=shardings, donate_argnums=0)(params)
 
 
 def make_train_step(model: pretrained.Model, task: Any, tx: optax.GradientTransformation,
@@ -149,13 +149,16 @@ def check_devices(cfg: Config, mesh: jax.sharding.Mesh, rules: sharding.Rules = 
                   keys: tuple[str, ...] = ("batch_size", "eval_batch_size")) -> None:
   """Each global batch size in `keys` (a train microbatch for batch_size) splits evenly over the batch shards."""
   shards = sharding.batch_shards(mesh, rules)
+  axes = " x ".join(f"mesh.{a}" for a in dict(rules)["batch"])
   for key in keys:
-    size = getattr(cfg.train, key) // (cfg.train.grad_accum if key == "batch_size" else 1)
+    size = getattr(cfg.train, key)
+    what = f"train.{key}={size}"
+    if key == "batch_size" and cfg.train.grad_accum > 1:
+      size //= cfg.train.grad_accum
+      what = f"train.batch_size / train.grad_accum = {size}"
     if size % shards:
-      what = f"train.batch_size / train.grad_accum = {size}" if key == "batch_size" and cfg.train.grad_accum > 1 \
-          else f"train.{key}={size}"
-      raise UserError(f"config key {what} is not divisible by the {shards} batch shards (mesh.data x mesh.fsdp); "
-                      "make it a multiple.")
+      raise UserError(f"config key {what} is not divisible by the {shards} batch shards ({axes}); make it a "
+                      "multiple.")
 
 
 def total_steps(cfg: Config, num_rows: int) -> tuple[int, int]:
