@@ -103,6 +103,14 @@ def test_collate_pads_to_buckets_and_weights_padding_rows():
   assert batching.collate(data, np.array([0]), 4, (), 32)["input_ids"].shape == (4, 32)
   rows = batching.eval_batches(10, 4)
   assert [len(r) for r in rows] == [4, 4, 2] and np.concatenate(rows).tolist() == list(range(10))
+  # A process building only its share of the global batch gets exactly those rows, padded to the
+  # length the whole batch needs (row 1 is 20 long, and sits in the other process's half).
+  whole = batching.collate(data, np.array([1, 0, 2]), 4, (8, 16, 32), 32)
+  for part in (slice(0, 2), slice(2, 4)):
+    mine = batching.collate(data, np.array([1, 0, 2]), 4, (8, 16, 32), 32, part)
+    assert mine.keys() == whole.keys()
+    for key in whole:
+      np.testing.assert_array_equal(mine[key], whole[key][part], err_msg=key)
 
 
 def test_text_pairs_get_segment_ids(tmp_path, tokenizer):

@@ -150,6 +150,12 @@ def test_load_forms_and_collate(smol):
   assert all(v.shape == (4, 48) for v in batch.values()) and data.lengths[1] <= 48 < data.lengths[0]
   np.testing.assert_array_equal(batch["input_ids"][0], data.tokens[1, :48])
   assert batch["loss_mask"][1:].sum() == 0 and batch["segment_ids"][1:].sum() == 0
+  for part in (slice(0, 2), slice(2, 4)):  # one process's share: the rows of the global batch, its length
+    mine = lm.collate(data, np.array([1, 0]), 4, (48, 96), part)
+    whole = lm.collate(data, np.array([1, 0]), 4, (48, 96))
+    assert all(v.shape == (2, 96) for v in mine.values())
+    for key in whole:
+      np.testing.assert_array_equal(mine[key], whole[key][part], err_msg=key)
   loss = np.random.default_rng(0).random((4, 48)).astype(np.float32)
   expected = (loss[0] * data.loss_mask[1, :48]).sum() / data.loss_mask[1].sum()
   np.testing.assert_allclose(lm.token_mean(loss, batch["loss_mask"]), expected, rtol=1e-6)
