@@ -9,6 +9,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from jaxtune import sharding
 from jaxtune.config import CheckpointConfig
 from jaxtune.errors import UserError
 
@@ -69,6 +70,8 @@ class Checkpoints:
 
   def restore(self, step: int, **abstract: Any) -> dict[str, Any]:
     """Restores only the named items, each into the shardings of its abstract target tree."""
+    if "params" in abstract:
+      self._check_fits(step, abstract["params"])
     args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**args))
@@ -78,6 +81,18 @@ class Checkpoints:
                       "another param layout (layers are stacked since the scale-out release): retrain, or use "
                       "the jaxtune that wrote it.") from None
     return {name: restored[name] for name in abstract}
+
+  def _check_fits(self, step: int, params: Any) -> None:
+    """Saved param paths and shapes must be the target's (checked from metadata, before any read)."""
+    saved = ocp.StandardCheckpointer().metadata(self.dir / str(step) / "params").item_metadata.tree
+    have = {p: tuple(m.shape) for p, m in sharding.flatten(saved).items()}
+    want = {p: tuple(x.shape) for p, x in sharding.flatten(params).items()}
+    if have != want:
+      path = sorted(set(have) ^ set(want)) or sorted(p for p in want if have[p] != want[p])
+      raise UserError(f"checkpoint step {step} in {self.dir} does not fit this model's state (first difference: "
+                      f"{path[0]}, saved {have.get(path[0])}, model {want.get(path[0])}); it was written for another "
+                      "model or by a jaxtune with another param layout (layers are stacked since the scale-out "
+                      "release): retrain, or use the jaxtune that wrote it.")
 
   def close(self) -> None:
     self.manager.close()
