@@ -278,9 +278,10 @@ def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:
                     "new --run-dir (nothing there was changed).")
   if resume and config_path.exists():
     saved = config_lib.load(config_path)
-    if dataclasses.replace(saved, train=cfg.train) != dataclasses.replace(cfg, train=saved.train):
-      raise UserError(f"--resume: the config differs from {config_path} outside the train section; resume "
-                      "with the saved config (or start a new --run-dir).")
+    # The mesh may change (a restore reshards onto any layout), and the train section (e.g. more steps).
+    if dataclasses.replace(saved, train=cfg.train, mesh=cfg.mesh) != cfg:
+      raise UserError(f"--resume: the config differs from {config_path} outside the train and mesh sections; "
+                      "resume with the saved config (or start a new --run-dir).")
   _barrier("run dir checked")  # every process has looked before process 0 writes anything
 
 

@@ -119,6 +119,8 @@ def test_new_run_refuses_an_existing_run_dir(tiny_bert_dir, reviews, tmp_path):
     train.fit(other, tmp_path / "run", resume=True)
   assert (tmp_path / "run" / "config.yaml").read_text() == saved
   assert Checkpoints(tmp_path / "run", read_only=True).steps() == [2]
+  # Another mesh is fine on resume: the state is restored into whatever layout the new mesh gives.
+  train.fit(config.load(tmp_path / "c.yaml", ["mesh.data=1", "mesh.rules.embed=null"]), tmp_path / "run", resume=True)
 
 
 def tiny_state(tiny_bert_dir, opt_cfg=OptimConfig()):
