@@ -26,6 +26,10 @@ CASES = {
     "mistral": (transformers.MistralConfig(**BASE), transformers.MistralForCausalLM),
     "gpt2": (transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64),
              transformers.GPT2LMHeadModel),
+    # the 1/(layer+1) attention scale is the one per-layer difference inside the scanned stack
+    "gpt2_scale_by_layer": (transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=3, n_head=4, n_positions=64,
+                                                    scale_attn_by_inverse_layer_idx=True, initializer_range=0.5),
+                            transformers.GPT2LMHeadModel),
 }
 
 
