@@ -75,11 +75,8 @@ class Checkpoints:
     args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-    except ValueError as e:  # Orbax's structure / shape mismatches
-      raise UserError(f"checkpoint step {step} in {self.dir} does not fit this model's state ("
-                      f"{str(e).splitlines()[0][:200]}); it was written for another model or by a jaxtune with "
-                      "another param layout (layers are stacked since the scale-out release): retrain, or use "
-                      "the jaxtune that wrote it.") from None
+    except ValueError as e:  # Orbax's structure / shape mismatches in the other items
+      raise self._misfit(step, str(e).splitlines()[0][:200]) from None
     return {name: restored[name] for name in abstract}
 
   def _check_fits(self, step: int, params: Any) -> None:
@@ -89,10 +86,12 @@ class Checkpoints:
     want = {p: tuple(x.shape) for p, x in sharding.flatten(params).items()}
     if have != want:
       path = sorted(set(have) ^ set(want)) or sorted(p for p in want if have[p] != want[p])
-      raise UserError(f"checkpoint step {step} in {self.dir} does not fit this model's state (first difference: "
-                      f"{path[0]}, saved {have.get(path[0])}, model {want.get(path[0])}); it was written for another "
-                      "model or by a jaxtune with another param layout (layers are stacked since the scale-out "
-                      "release): retrain, or use the jaxtune that wrote it.")
+      raise self._misfit(step, f"first difference: {path[0]}, saved {have.get(path[0])}, model {want.get(path[0])}")
+
+  def _misfit(self, step: int, detail: str) -> UserError:
+    return UserError(f"checkpoint step {step} in {self.dir} does not fit this model's state ({detail}); it was "
+                     "written for another model or by a jaxtune with another param layout (layers are stacked "
+                     "since the scale-out release): retrain, or use the jaxtune that wrote it.")
 
   def close(self) -> None:
     self.manager.close()
