@@ -44,7 +44,7 @@ def hf_tensors(model: pretrained.Model, params: dict[str, np.ndarray]) -> dict[s
   out = {}
   for path, (hf_key, kind) in param_map.items():
     keys = weights.layer_keys(hf_key, params[path].shape)
-    layers = params[path] if "{i}" in hf_key else [params[path]]  # a stacked param is N x ...
+    layers = params[path] if weights.is_stacked(hf_key) else [params[path]]  # a stacked param is N x ...
     for key, array in zip(keys, layers, strict=True):
       out[key] = np.ascontiguousarray(weights.to_hf(array, kind))  # safetensors wants C order
   return out

@@ -123,9 +123,14 @@ def to_hf(array: np.ndarray, kind: str) -> np.ndarray:
   return array.reshape(hf_shape(kind, array.shape))
 
 
+def is_stacked(hf_key: str) -> bool:
+  """Whether a param_map key names one layer (`{i}`) of a param stacked N x ... over the layers."""
+  return "{i}" in hf_key
+
+
 def layer_keys(hf_key: str, shape: Sequence[int]) -> list[str]:
-  """The checkpoint keys behind one param: `hf_key`, or for a stacked param (`{i}` in the key) one per layer."""
-  return [hf_key.replace("{i}", str(i)) for i in range(shape[0])] if "{i}" in hf_key else [hf_key]
+  """The checkpoint keys behind one param: `hf_key`, or for a stacked param one per layer."""
+  return [hf_key.replace("{i}", str(i)) for i in range(shape[0])] if is_stacked(hf_key) else [hf_key]
 
 
 def load_params(abstract: Mapping[str, jax.ShapeDtypeStruct], shardings: Mapping[str, Any],
@@ -160,7 +165,7 @@ def load_params(abstract: Mapping[str, jax.ShapeDtypeStruct], shardings: Mapping
   out = {}
   for path in wanted:
     kind, target = param_map[path][1], abstract[path]
-    stacked = "{i}" in param_map[path][0]
+    stacked = is_stacked(param_map[path][0])
     shape = target.shape[1:] if stacked else target.shape
     layers = [_read(reader, key, kind, shape, path) for key in expanded[path]]
     array = (np.stack(layers) if stacked else layers[0]).astype(target.dtype)

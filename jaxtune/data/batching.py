@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -58,6 +59,7 @@ def collate(data: Encoded, rows: np.ndarray, batch_size: int, buckets: Sequence[
   return batch
 
 
+@functools.cache  # called for every batch; the answer depends only on the sharding and the batch size
 def local_rows(sharding: NamedSharding, batch_size: int) -> slice:
   """The block of a global batch's rows that this process's devices hold."""
   spans = {(s.start or 0, batch_size if s.stop is None else s.stop)
