@@ -37,10 +37,8 @@ def restore_step(run_dir: Path, step: str,
   meta = ckpts.meta(step_num)
   family = pretrained.FAMILIES[meta["family"]]
   model = pretrained.describe(meta["family"], family.config(**meta["model"]), mesh, hf_config=meta.get("hf_config"))
-  flat_shardings = sharding.flatten(model.shardings)
-  abstract = sharding.unflatten({p: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=flat_shardings[p])
-                                 for p, a in model.abstract.items()})
-  params = ckpts.restore(step_num, params=abstract)["params"]
+  target = sharding.placed(sharding.unflatten(model.abstract), model.shardings)
+  params = ckpts.restore(step_num, params=target)["params"]
   ckpts.close()
   return meta, model, params, step_num
 

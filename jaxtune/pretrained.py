@@ -97,13 +97,12 @@ def load_tokenizer(model_cfg: ModelConfig) -> Any:
                     "to an HF tokenizer directory or hub id.") from None
 
 
-def from_config(model_cfg: ModelConfig, num_labels: int, mesh: Mesh, seed: int = 0, kind: str | None = None,
-                rules: sharding.Rules = sharding.RULES) -> Model:
-  """The model a checkpoint describes (its config only: no weight is read).
+def from_config(hf_config: dict[str, Any], model_cfg: ModelConfig, num_labels: int, mesh: Mesh, seed: int = 0,
+                kind: str | None = None, rules: sharding.Rules = sharding.RULES) -> Model:
+  """The model an HF config (from `open_checkpoint`) describes, shardings included; no weight is read.
 
   `kind` ("encoder" / "decoder") is what the task needs; another kind of model is a UserError.
   """
-  hf_config, _ = open_checkpoint(model_cfg)
   family_name, family = family_of(hf_config)
   if kind is not None and family.kind != kind:
     task = "classification" if kind == "encoder" else "causal_lm"
@@ -113,9 +112,8 @@ def from_config(model_cfg: ModelConfig, num_labels: int, mesh: Mesh, seed: int =
                   hf_config, rules)
 
 
-def load_params(model: Model, model_cfg: ModelConfig, seed: int) -> dict[str, Any]:
-  """Params from the checkpoint, each placed straight into its sharding; model.new_params initialised."""
-  _, reader = open_checkpoint(model_cfg)
+def load_params(model: Model, model_cfg: ModelConfig, reader: Any, seed: int) -> dict[str, Any]:
+  """Params read from `reader` (see `open_checkpoint`) straight into their shardings; new_params initialised."""
   family = FAMILIES[model.family]
   loaded = weights.load_params(
       model.abstract, sharding.flatten(model.shardings), family.param_map(model.cfg),
@@ -128,5 +126,6 @@ def load_params(model: Model, model_cfg: ModelConfig, seed: int) -> dict[str, An
 def from_pretrained(model_cfg: ModelConfig, num_labels: int, mesh: Mesh, seed: int, kind: str | None = None,
                     rules: sharding.Rules = sharding.RULES) -> tuple[Model, dict]:
   """(model, params): params from the checkpoint, new ones (model.new_params) initialised."""
-  model = from_config(model_cfg, num_labels, mesh, seed, kind, rules)
-  return model, load_params(model, model_cfg, seed)
+  hf_config, reader = open_checkpoint(model_cfg)  # opened once: parsing a GGUF file takes seconds
+  model = from_config(hf_config, model_cfg, num_labels, mesh, seed, kind, rules)
+  return model, load_params(model, model_cfg, reader, seed)

@@ -57,7 +57,7 @@ def initial_state(params: Any, tx: optax.GradientTransformation, seed: int) -> T
 def abstract_state(model: pretrained.Model, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
   """The train state's shapes, dtypes and shardings, allocating nothing (a restore target)."""
   state = jax.eval_shape(lambda p: initial_state(p, tx, 0), sharding.unflatten(model.abstract))
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+  return sharding.placed(state, shardings)
 
 
 def init_state(params: Any, tx: optax.GradientTransformation, seed: int, shardings: TrainState) -> TrainState:
@@ -176,6 +176,7 @@ class Run:
   cfg: Config
   dir: Path
   ckpts: Checkpoints
+  model: pretrained.Model
   task: Any  # tasks.Classification or tasks.CausalLM
   labels: list[Any] | None  # class names (classification only)
   splits: dict[str, Any]  # name -> encoded rows
@@ -199,14 +200,17 @@ def prepare(cfg: Config, run_dir: Path, resume: bool = False) -> Run:
   names = ["train"] + (["validation"] if cfg.data.validation or cfg.data.validation_holdout else [])
   labels, splits = task.load(cfg, tokenizer, names)
   per_epoch, steps = total_steps(cfg, len(splits["train"]))
-  model = pretrained.from_config(cfg.model, len(labels or ()), mesh, cfg.train.seed, task.family_kind, rules)
+  hf_config, reader = pretrained.open_checkpoint(cfg.model)  # opened once: parsing a GGUF file takes seconds
+  model = pretrained.from_config(hf_config, cfg.model, len(labels or ()), mesh, cfg.train.seed, task.family_kind,
+                                 rules)
   tx = optim.make(cfg.optim, steps)
   shardings = state_shardings(model, tx)
   ckpts = _start_run(cfg, run_dir, tokenizer)  # the first write, once everything above checked out
   if resume and ckpts.steps():  # straight into the saved state: the pretrained weights are never read
     state = _restore(ckpts, abstract_state(model, tx, shardings))
   else:
-    state = init_state(pretrained.load_params(model, cfg.model, cfg.train.seed), tx, cfg.train.seed, shardings)
+    params = pretrained.load_params(model, cfg.model, reader, cfg.train.seed)
+    state = init_state(params, tx, cfg.train.seed, shardings)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   dtype = jnp.dtype(cfg.model.compute_dtype)
   meta = {"family": model.family, "model": dataclasses.asdict(model.cfg), "hf_config": model.hf_config,
@@ -214,7 +218,7 @@ def prepare(cfg: Config, run_dir: Path, resume: bool = False) -> Run:
           "config": config_lib.to_dict(cfg), "steps_per_epoch": per_epoch, "mesh": dict(mesh.shape)}
   train_step = make_train_step(model, task, tx, optim.schedule(cfg.optim, steps), dtype, shardings, batch_sharding,
                                cfg.train.grad_accum, cfg.model.remat)
-  return Run(cfg, run_dir, ckpts, task, labels, splits, per_epoch, steps, state, train_step,
+  return Run(cfg, run_dir, ckpts, model, task, labels, splits, per_epoch, steps, state, train_step,
              make_eval_step(model, task, dtype, shardings.params, batch_sharding), batch_sharding, meta)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -84,6 +85,11 @@ def write_config(path: Path, model_dir: Path, reviews: dict[str, Path], **sectio
     cfg.setdefault(section, {}).update(values)
   path.write_text(yaml.safe_dump(cfg))
   return path
+
+
+def records(run_dir: Path) -> list[dict]:
+  """Every record of a run's metrics.jsonl, in order."""
+  return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def run_script(name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -15,24 +15,23 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from conftest import records  # this script runs from tests/, beside conftest.py
 
-from jaxtune import config, pretrained, sharding, train
+from jaxtune import config, sharding, train
 
 
 def spec(x: jax.Array) -> list:
   return [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
 
 
-def record(cfg: config.Config, run: train.Run, state: train.TrainState) -> dict:
-  model = pretrained.from_config(cfg.model, len(run.labels or ()), run.batch_sharding.mesh)
+def record(run: train.Run, state: train.TrainState) -> dict:
   params = sharding.flatten(state.params)
   moments = {path: leaf for path, leaf in sharding.flatten({"opt": state.opt_state}).items()
              if ".mu." in path or ".nu." in path}
-  log = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
   return {
       "mesh": run.meta["mesh"],
-      "losses": [r["loss"] for r in log if "loss" in r and "split" not in r],
-      "params": {path: {"shape": list(x.shape), "axes": list(model.axes[path]), "spec": spec(x),
+      "losses": [r["loss"] for r in records(run.dir) if "loss" in r and "split" not in r],
+      "params": {path: {"shape": list(x.shape), "axes": list(run.model.axes[path]), "spec": spec(x),
                         "moments": [spec(m) for p, m in moments.items() if p.endswith("." + path)]}
                  for path, x in params.items()},
   }
@@ -48,7 +47,7 @@ def main(config_path: str, out_dir: str, runs_json: str) -> None:
     finally:
       run.ckpts.wait()
       run.ckpts.close()
-    (out / f"{name}.json").write_text(json.dumps(record(cfg, run, state)))
+    (out / f"{name}.json").write_text(json.dumps(record(run, state)))
     params = sharding.flatten(jax.device_get(state.params))
     np.savez(out / f"{name}.npz", **{p: np.asarray(x) for p, x in params.items()})
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-from conftest import run_script
+from conftest import records, run_script
 
 from jaxtune import config, pretrained, sharding, train
 from jaxtune.config import MeshConfig, ModelConfig
@@ -30,9 +30,6 @@ def lm_config(tmp_path, model_dir, reviews, **data):
   path.write_text(yaml.safe_dump(cfg))
   return path
 
-
-def records(run_dir):
-  return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_packed_text_finetune_lowers_loss_and_evaluate_reproduces_it(tmp_path, tiny_llama_dir, reviews):

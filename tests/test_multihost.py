@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -11,7 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, run_script, save_tiny_bert, write_config
+from conftest import REPO, records, run_script, save_tiny_bert, write_config
 
 from jaxtune import distributed, evaluate, sharding
 from jaxtune.config import MeshConfig
@@ -23,9 +22,6 @@ def free_port() -> int:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
 
-
-def records(run_dir):
-  return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def launch_two_processes(config_path, run_dir, *overrides):

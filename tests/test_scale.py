@@ -19,15 +19,16 @@ OPT = OptimConfig(lr=1e-3, schedule="constant")
 @pytest.fixture(scope="module")
 def llama(tiny_llama_dir):
   mesh = sharding.make_mesh(MeshConfig())
-  model = pretrained.from_config(ModelConfig(path=str(tiny_llama_dir), new_params=()), 0, mesh, kind="decoder")
+  model_cfg = ModelConfig(path=str(tiny_llama_dir), new_params=())
+  hf_config, reader = pretrained.open_checkpoint(model_cfg)
+  model = pretrained.from_config(hf_config, model_cfg, 0, mesh, kind="decoder")
   tx = optim.make(OPT, 10)
-  return model, tx, train.state_shardings(model, tx), sharding.batch_sharding(mesh), tiny_llama_dir
+  return model, tx, train.state_shardings(model, tx), sharding.batch_sharding(mesh), (model_cfg, reader)
 
 
 def fresh_state(llama):
-  model, tx, shardings, _, model_dir = llama
-  return train.init_state(pretrained.load_params(model, ModelConfig(path=str(model_dir), new_params=()), 0), tx, 0,
-                          shardings)
+  model, tx, shardings, _, (model_cfg, reader) = llama
+  return train.init_state(pretrained.load_params(model, model_cfg, reader, 0), tx, 0, shardings)
 
 
 def lm_batch(batch_sharding, rows=8, length=16, vocab=49152):

@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from conftest import run_script, write_config
+from conftest import records, run_script, write_config
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +20,7 @@ def trained_run(tmp_path_factory, tiny_bert_dir, reviews):
 
 
 def in_training_eval(run_dir, step):
-  records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-  (record,) = [r for r in records if r.get("split") == "validation" and r["step"] == step]
+  (record,) = [r for r in records(run_dir) if r.get("split") == "validation" and r["step"] == step]
   return record
 
 
@@ -87,8 +86,7 @@ def test_eight_data_parallel_devices_match_one(trained_run, tmp_path):
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   result = run_script("finetune.py", "--config", trained_run / "config.yaml", "--run-dir", tmp_path / "r8", env=env)
   assert result.returncode == 0, result.stderr[-3000:]
-  read = lambda d: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
-  one, eight = read(trained_run), read(tmp_path / "r8")
+  one, eight = records(trained_run), records(tmp_path / "r8")
   assert one[0]["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1} and eight[0]["mesh"]["data"] == 8
   assert [r["step"] for r in one] == [r["step"] for r in eight]
   for a, b in zip(one, eight):

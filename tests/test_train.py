@@ -63,8 +63,7 @@ def test_checkpoint_restores_identical_params(tiny_bert_dir, tmp_path):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert Checkpoints(tmp_path, read_only=True).meta(7)["metrics"] == {"accuracy": 0.5}
   # A checkpoint of another layout (here: one layer more) is one clear error, not Orbax's.
-  deeper = pretrained.from_config(ModelConfig(path=str(tiny_bert_dir)), 2, mesh)
-  deeper = pretrained.describe("bert", dataclasses.replace(deeper.cfg, num_hidden_layers=3), mesh)
+  deeper = pretrained.describe("bert", dataclasses.replace(model.cfg, num_hidden_layers=3), mesh)
   with pytest.raises(UserError, match="checkpoint step 7 .* does not fit this model's state"):
     Checkpoints(tmp_path, read_only=True).restore(7, params=sharding.unflatten(deeper.abstract))
 
