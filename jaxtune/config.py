@@ -25,7 +25,7 @@ class ModelConfig:
   new_params: tuple[str, ...] = (r"classifier\..*",)  # regexes over our param paths initialised, not loaded
   unused_keys: tuple[str, ...] = ()  # regexes over checkpoint keys deliberately left unloaded (e.g. cls\..*)
   compute_dtype: Literal["float32", "bfloat16"] = "float32"  # activations/matmuls; params stay float32
-  dropout: float | None = None  # overrides the checkpoint's hidden/attention dropout when set
+  dropout: float | None = None  # when set, replaces every dropout rate of the checkpoint (the family's DROPOUT_KEYS)
   # Per-layer rematerialisation in training: none keeps every activation for the backward pass;
   # full saves only each layer's input and recomputes the rest; dots keeps matmul outputs;
   # dots_no_batch keeps matmuls without a batch dim (i.e. with the weights).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +89,14 @@ def exact_match(model: pretrained.Model, params: Any, cfg: Config, tokenizer: An
     chunk = prompts[i:i + cfg.train.eval_batch_size]
     outputs += generate.generate(model, params, chunk, eos, s, jax.random.key(cfg.train.seed + i),
                                  jnp.dtype(cfg.model.compute_dtype))
+  return score_generations(outputs, eos, tokenizer, rows[cfg.data.response_column])
+
+
+def score_generations(outputs: Sequence[Sequence[int]], eos: Sequence[int], tokenizer: Any,
+                      responses: Sequence[str]) -> dict[str, Any]:
+  """exact_match: the share of generations (EOS dropped, decoded, stripped) equal to their stripped response."""
   texts = [tokenizer.decode([t for t in out if t not in eos], skip_special_tokens=True).strip() for out in outputs]
-  hits = [t == r.strip() for t, r in zip(texts, rows[cfg.data.response_column])]
+  hits = [t == r.strip() for t, r in zip(texts, responses, strict=True)]
   return {"exact_match": sum(hits) / len(hits), "samples": texts[:5]}
 
 

@@ -242,34 +242,32 @@ def loop(run: Run) -> tuple[TrainState, dict[str, Any]]:
   lengths = run.splits["train"].lengths  # real tokens per row
   tick, seen = time.perf_counter(), {"examples": 0, "tokens": 0}
   save_every = cfg.checkpoint.save_every or cfg.train.eval_every
-  while step < run.steps:
-    epoch, offset = divmod(step, run.per_epoch)
-    order = batching.train_batches(lengths, cfg.train.batch_size, cfg.train.seed, epoch, cfg.data.group_by_length)
-    for rows in order[offset:offset + run.steps - step]:
-      batch = device_batch(run.task, run.splits["train"], rows, cfg.train.batch_size, cfg, run.batch_sharding)
-      state, step_metrics = run.train_step(state, batch)
-      step += 1
-      seen["examples"] += len(rows)
-      seen["tokens"] += int(lengths[rows].sum())
-      log.advance()
-      if step % cfg.train.log_every == 0 or step == run.steps:
-        record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}  # waits for the step
-        elapsed = time.perf_counter() - tick
-        record.update(epoch=step / run.per_epoch, examples_per_s=seen["examples"] / elapsed,
-                      tokens_per_s=seen["tokens"] / elapsed)
-        log.train(step, record)
-      evaluate_now = "validation" in run.splits and (
-          step == run.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
-      if evaluate_now:
-        last_eval = evaluate(run.eval_step, state.params, run.splits["validation"], cfg, run.batch_sharding,
-                             run.task, run.labels)
-        log.eval(step, "validation", last_eval)
-      if step == run.steps or (save_every and step % save_every == 0):
-        position = {"epoch": step // run.per_epoch, "batch_in_epoch": step % run.per_epoch}
-        run.ckpts.save(step, state.params, state.opt_state, {"step": state.step, "rng": state.rng},
-                       {**run.meta, "data_position": position}, last_eval if evaluate_now else None)
-      if evaluate_now or step % cfg.train.log_every == 0:  # throughput counts training time only
-        tick, seen = time.perf_counter(), {"examples": 0, "tokens": 0}
+  for rows in batching.step_batches(lengths, cfg.train.batch_size, cfg.train.seed, cfg.data.group_by_length,
+                                    run.per_epoch, step, run.steps):
+    batch = device_batch(run.task, run.splits["train"], rows, cfg.train.batch_size, cfg, run.batch_sharding)
+    state, step_metrics = run.train_step(state, batch)
+    step += 1
+    seen["examples"] += len(rows)
+    seen["tokens"] += int(lengths[rows].sum())
+    log.advance()
+    if step % cfg.train.log_every == 0 or step == run.steps:
+      record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}  # waits for the step
+      elapsed = time.perf_counter() - tick
+      record.update(epoch=step / run.per_epoch, examples_per_s=seen["examples"] / elapsed,
+                    tokens_per_s=seen["tokens"] / elapsed)
+      log.train(step, record)
+    evaluate_now = "validation" in run.splits and (
+        step == run.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
+    if evaluate_now:
+      last_eval = evaluate(run.eval_step, state.params, run.splits["validation"], cfg, run.batch_sharding,
+                           run.task, run.labels)
+      log.eval(step, "validation", last_eval)
+    if step == run.steps or (save_every and step % save_every == 0):
+      position = {"epoch": step // run.per_epoch, "batch_in_epoch": step % run.per_epoch}
+      run.ckpts.save(step, state.params, state.opt_state, {"step": state.step, "rng": state.rng},
+                     {**run.meta, "data_position": position}, last_eval if evaluate_now else None)
+    if evaluate_now or step % cfg.train.log_every == 0:  # throughput counts training time only
+      tick, seen = time.perf_counter(), {"examples": 0, "tokens": 0}
   log.close()
   return state, last_eval
 

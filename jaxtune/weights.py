@@ -6,7 +6,7 @@ import importlib.util
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,13 +151,13 @@ def load_params(abstract: Mapping[str, jax.ShapeDtypeStruct], shardings: Mapping
 
   expanded = {path: [rename(k) for k in layer_keys(hf_key, abstract[path].shape)]
               for path, (hf_key, _) in param_map.items()}
-  is_new = _matcher(new_params)
+  is_new = matcher(new_params)
   wanted = [path for path in abstract if not is_new(path)]
   missing = sorted(k for path in wanted for k in expanded[path] if k not in keys)
   if missing:
     raise UserError(f"checkpoint lacks {len(missing)} parameter(s), e.g. {missing[:3]}; list the params "
                     "to initialise instead in model.new_params or use a matching checkpoint.")
-  ignored = _matcher([*unused_keys, *buffer_keys])
+  ignored = matcher([*unused_keys, *buffer_keys])
   unexpected = sorted(k for k in keys - {k for ks in expanded.values() for k in ks} if not ignored(k))
   if unexpected:
     raise UserError(f"checkpoint has {len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}; add a "
@@ -183,6 +183,7 @@ def _read(reader: SafetensorsReader, key: str, kind: str, shape: Sequence[int], 
   return to_ours(array, kind, shape)
 
 
-def _matcher(patterns: Sequence[str]):
+def matcher(patterns: Sequence[str]) -> Callable[[str], bool]:
+  """Whether a string fully matches one of the regexes."""
   compiled = [re.compile(p) for p in patterns]
   return lambda s: any(c.fullmatch(s) for c in compiled)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -31,6 +31,17 @@ def train_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
   if group_by_length:
     batches = [batches[i] for i in rng.permutation(n)]
   return batches
+
+
+def step_batches(lengths: np.ndarray, batch_size: int, seed: int, group_by_length: bool, per_epoch: int,
+                 start: int, stop: int) -> Iterator[np.ndarray]:
+  """Row indices of the batches of steps start .. stop-1: each epoch's seeded order, entered mid-epoch on resume."""
+  step = start
+  while step < stop:
+    epoch, offset = divmod(step, per_epoch)
+    for rows in train_batches(lengths, batch_size, seed, epoch, group_by_length)[offset:offset + stop - step]:
+      yield rows
+      step += 1
 
 
 def eval_batches(n: int, batch_size: int) -> list[np.ndarray]:

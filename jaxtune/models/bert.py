@@ -32,15 +32,15 @@ class BertConfig:
   classifier_dropout: float | None = None
   num_labels: int = 2
 
+  # The HF config keys of every dropout rate (our fields carry the same names); model.dropout sets them all.
+  DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout")
+
   @classmethod
   def from_hf(cls, hf: dict[str, Any], num_labels: int, dropout: float | None = None) -> BertConfig:
     """Our config from an HF config.json dict; `dropout` overrides all dropout rates."""
     names = {f.name for f in dataclasses.fields(cls)} - {"num_labels"}
     cfg = cls(**{k: hf[k] for k in names if k in hf}, num_labels=num_labels)
-    if dropout is not None:
-      cfg = dataclasses.replace(cfg, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-                                classifier_dropout=dropout)
-    return cfg
+    return cfg if dropout is None else dataclasses.replace(cfg, **dict.fromkeys(cls.DROPOUT_KEYS, dropout))
 
   @property
   def head_dim(self) -> int:

@@ -8,10 +8,13 @@ slots, N layers, H query heads, G kv heads, K head dim.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from jaxtune.models import layers
 
 
 class LayerCache(NamedTuple):
@@ -63,14 +66,26 @@ def extend(cache: LayerCache | None, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
 
 
 def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, segments: Segments,
-           kv: tuple[jax.Array, jax.Array]) -> jax.Array:
-  """Grouped-query attention under the segment-causal mask; K/V heads are shared, never repeated."""
+           kv: tuple[jax.Array, jax.Array], dropout_rate: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
+  """Grouped-query attention under the segment-causal mask; K/V heads are shared, never repeated.
+
+  With `rng` and a non-zero rate the attention probabilities are dropped out (as HF does in training),
+  which needs them spelled out; otherwise XLA's fused dot_product_attention runs.
+  """
   kv_seg_BxS, kv_pos_BxS = kv
   same_doc = segments.q_segments[:, :, None] == kv_seg_BxS[:, None, :]
   causal = kv_pos_BxS[:, None, :] <= segments.q_positions[:, :, None]
-  mask_Bx1xLxS = (same_doc & causal & (kv_seg_BxS[:, None, :] > 0))[:, None]
-  return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxGxK.astype(q_BxLxHxK.dtype),
-                                      v_BxSxGxK.astype(q_BxLxHxK.dtype), mask=mask_Bx1xLxS)
+  mask_BxLxS = same_doc & causal & (kv_seg_BxS[:, None, :] > 0)
+  k_BxSxGxK, v_BxSxGxK = k_BxSxGxK.astype(q_BxLxHxK.dtype), v_BxSxGxK.astype(q_BxLxHxK.dtype)
+  if rng is None or dropout_rate == 0.0:
+    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask_BxLxS[:, None])
+  b, length, h, k = q_BxLxHxK.shape
+  g = k_BxSxGxK.shape[2]
+  q_BxLxGxRxK = q_BxLxHxK.reshape(b, length, g, h // g, k)  # R = H / G query heads share each kv head
+  scores_BxGxRxLxS = jnp.einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK).astype(jnp.float32) / math.sqrt(k)
+  scores_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None], scores_BxGxRxLxS, jnp.finfo(jnp.float32).min)
+  probs_BxGxRxLxS = layers.dropout(jax.nn.softmax(scores_BxGxRxLxS, -1).astype(q_BxLxHxK.dtype), dropout_rate, rng)
+  return jnp.einsum("bgrls,bsgk->blgrk", probs_BxGxRxLxS, v_BxSxGxK).reshape(b, length, h, k)
 
 
 def advance(cache: Cache | None, segments: Segments) -> Cache | None:

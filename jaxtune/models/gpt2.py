@@ -26,15 +26,19 @@ class GPT2Config:
   n_inner: int | None = None  # mlp dim; 4 * n_embd when None
   layer_norm_epsilon: float = 1e-5
   activation_function: str = "gelu_new"
-  resid_pdrop: float = 0.1  # dropout on embeddings and each residual branch
+  embd_pdrop: float = 0.1  # dropout on the summed token + position embeddings
+  attn_pdrop: float = 0.1  # dropout on the attention probabilities
+  resid_pdrop: float = 0.1  # dropout on each residual branch (attention and MLP outputs)
   scale_attn_by_inverse_layer_idx: bool = False
+
+  DROPOUT_KEYS = ("embd_pdrop", "attn_pdrop", "resid_pdrop")  # HF config keys; model.dropout sets them all
 
   @classmethod
   def from_hf(cls, hf: dict[str, Any], num_labels: int = 0, dropout: float | None = None) -> GPT2Config:
     del num_labels
     names = {f.name for f in dataclasses.fields(cls)}
     cfg = cls(**{k: hf[k] for k in names if k in hf})
-    return cfg if dropout is None else dataclasses.replace(cfg, resid_pdrop=dropout)
+    return cfg if dropout is None else dataclasses.replace(cfg, **dict.fromkeys(cls.DROPOUT_KEYS, dropout))
 
   @property
   def mlp_dim(self) -> int:
@@ -52,17 +56,17 @@ class Block(nnx.Module):
     self.mlp_in = layers.Dense((d,), (cfg.mlp_dim,), ("embed",), ("mlp",), rngs=rngs)
     self.mlp_out = layers.Dense((cfg.mlp_dim,), (d,), ("mlp",), ("embed",), rngs=rngs)
     self.act = layers.ACTIVATIONS[cfg.activation_function]
-    self.rate = cfg.resid_pdrop
+    self.rate, self.attn_rate = cfg.resid_pdrop, cfg.attn_pdrop
     self.scale_by_layer = cfg.scale_attn_by_inverse_layer_idx
 
   def __call__(self, x_BxLxD, segments, cache, rng, index):
-    r_attn, r_mlp = layers.split_rng(rng, 2)
+    r_probs, r_attn, r_mlp = layers.split_rng(rng, 3)
     qkv_BxLx3xHxK = sharding.constrain(self.qkv(self.ln_1(x_BxLxD)), ("batch", "length", None, "heads", "head_dim"))
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
     if self.scale_by_layer:  # HF's optional extra 1/(layer+1) on the attention logits, folded into the query
       q_BxLxHxK = q_BxLxHxK / (index + 1).astype(q_BxLxHxK.dtype)
     k_all, v_all, kv, cache = decoding.extend(cache, k_BxLxHxK, v_BxLxHxK, segments)
-    ctx_BxLxHxK = decoding.attend(q_BxLxHxK, k_all, v_all, segments, kv)
+    ctx_BxLxHxK = decoding.attend(q_BxLxHxK, k_all, v_all, segments, kv, self.attn_rate, r_probs)
     x_BxLxD = x_BxLxD + layers.dropout(self.attn_out(ctx_BxLxHxK), self.rate, r_attn)
     h_BxLxF = sharding.constrain(self.act(self.mlp_in(self.ln_2(x_BxLxD))), ("batch", "length", "mlp"))
     return x_BxLxD + layers.dropout(self.mlp_out(h_BxLxF), self.rate, r_mlp), cache
@@ -91,7 +95,7 @@ class GPT2LM(nnx.Module):
     segments = decoding.Segments.of(batch, cache)
     rngs = None if dropout_rng is None else jax.random.split(dropout_rng, n + 1)  # [0] embeddings, [1:] layers
     x_BxLxD = self.wte[...][batch["input_ids"]] + self.wpe[...][batch["positions"]]
-    x_BxLxD = layers.dropout(x_BxLxD.astype(dtype), self.cfg.resid_pdrop, None if rngs is None else rngs[0])
+    x_BxLxD = layers.dropout(x_BxLxD.astype(dtype), self.cfg.embd_pdrop, None if rngs is None else rngs[0])
 
     def body(block: Block, x_BxLxD: jax.Array, xs: tuple[Any, Any, jax.Array]):
       layer_cache, rng, index = xs

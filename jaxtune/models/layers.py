@@ -68,7 +68,8 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   if rng is None or rate == 0.0:
     return x
   keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+  # Scaled in float32: 1 / (1 - rate) in bfloat16 would be off by up to 0.4% (0.16% at rate 0.1).
+  return jnp.where(keep, x.astype(jnp.float32) / (1.0 - rate), 0).astype(x.dtype)
 
 
 def split_rng(rng: jax.Array | None, n: int) -> list[jax.Array | None]:

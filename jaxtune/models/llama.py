@@ -39,6 +39,9 @@ class LlamaConfig:
   o_bias: bool = False  # Llama with attention_bias
   mlp_bias: bool = False
   hidden_act: str = "silu"
+  attention_dropout: float = 0.0  # dropout on the attention probabilities in training (HF's; usually 0)
+
+  DROPOUT_KEYS = ("attention_dropout",)  # HF config keys; model.dropout sets them all
 
   def __post_init__(self) -> None:  # rope_scaling read back from JSON arrives as lists
     if self.rope_scaling is not None:
@@ -68,7 +71,8 @@ class LlamaConfig:
         rope_theta=float(theta), rope_scaling=tuple(sorted(rope.items())) if kind != "default" else None,
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         qkv_bias=is_qwen or hf.get("attention_bias", False), o_bias=hf.get("attention_bias", False) and not is_qwen,
-        mlp_bias=hf.get("mlp_bias", False), hidden_act=hf.get("hidden_act", "silu"))
+        mlp_bias=hf.get("mlp_bias", False), hidden_act=hf.get("hidden_act", "silu"),
+        attention_dropout=float(hf.get("attention_dropout", 0.0) if dropout is None else dropout))
 
 
 def rope_frequencies(cfg: LlamaConfig) -> jax.Array:
@@ -119,16 +123,18 @@ class Attention(nnx.Module):
     self.k = layers.Dense((d,), (g, k), ("embed",), ("kv_heads", "head_dim"), rngs=rngs, use_bias=cfg.qkv_bias)
     self.v = layers.Dense((d,), (g, k), ("embed",), ("kv_heads", "head_dim"), rngs=rngs, use_bias=cfg.qkv_bias)
     self.o = layers.Dense((h, k), (d,), ("heads", "head_dim"), ("embed",), rngs=rngs, use_bias=cfg.o_bias)
+    self.dropout_rate = cfg.attention_dropout
 
   def __call__(self, x_BxLxD: jax.Array, inv_freq: jax.Array, segments: decoding.Segments,
-               cache: decoding.LayerCache | None) -> tuple[jax.Array, decoding.LayerCache | None]:
+               cache: decoding.LayerCache | None,
+               rng: jax.Array | None) -> tuple[jax.Array, decoding.LayerCache | None]:
     q_BxLxHxK = sharding.constrain(apply_rope(self.q(x_BxLxD), segments.q_positions, inv_freq),
                                    ("batch", "length", "heads", "head_dim"))
     kv_axes = ("batch", "length", "kv_heads", "head_dim")
     k_BxLxGxK = sharding.constrain(apply_rope(self.k(x_BxLxD), segments.q_positions, inv_freq), kv_axes)
     v_BxLxGxK = sharding.constrain(self.v(x_BxLxD), kv_axes)
     k_BxSxGxK, v_BxSxGxK, kv, cache = decoding.extend(cache, k_BxLxGxK, v_BxLxGxK, segments)
-    ctx_BxLxHxK = decoding.attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, segments, kv)
+    ctx_BxLxHxK = decoding.attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, segments, kv, self.dropout_rate, rng)
     return self.o(ctx_BxLxHxK), cache
 
 
@@ -156,8 +162,8 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x_BxLxD, inv_freq, segments, cache):
-    h_BxLxD, cache = self.attn(self.attn_norm(x_BxLxD), inv_freq, segments, cache)
+  def __call__(self, x_BxLxD, inv_freq, segments, cache, rng):
+    h_BxLxD, cache = self.attn(self.attn_norm(x_BxLxD), inv_freq, segments, cache, rng)
     x_BxLxD = x_BxLxD + h_BxLxD
     return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD)), cache
 
@@ -183,15 +189,17 @@ class LlamaLM(nnx.Module):
                dropout_rng: jax.Array | None = None, cache: decoding.Cache | None = None,
                remat: str = "none") -> dict[str, Any]:
     """`logits` (B x L x V, float32) and the updated `cache` (None when called without one)."""
-    del dropout_rng  # the Llama family trains without dropout
     segments = decoding.Segments.of(batch, cache)
     inv_freq = rope_frequencies(self.cfg)
     x_BxLxD = self.embed[...][batch["input_ids"]].astype(dtype)
 
-    def body(block: Block, x_BxLxD: jax.Array, layer_cache: decoding.LayerCache | None):
-      return block(sharding.constrain(x_BxLxD, ("batch", "length", "embed")), inv_freq, segments, layer_cache)
+    def body(block: Block, x_BxLxD: jax.Array, xs: tuple[decoding.LayerCache | None, jax.Array | None]):
+      layer_cache, rng = xs
+      return block(sharding.constrain(x_BxLxD, ("batch", "length", "embed")), inv_freq, segments, layer_cache, rng)
 
-    x_BxLxD, new_layers = layers.scan(self.layers, body, x_BxLxD, None if cache is None else cache.layers, remat)
+    rngs = None if dropout_rng is None else jax.random.split(dropout_rng, self.cfg.num_hidden_layers)  # one a layer
+    xs = (None if cache is None else cache.layers, rngs)
+    x_BxLxD, new_layers = layers.scan(self.layers, body, x_BxLxD, xs, remat)
     x_BxLxD = self.norm(x_BxLxD)
     if self.cfg.tie_word_embeddings:
       logits_BxLxV = x_BxLxD @ self.embed[...].astype(dtype).T
