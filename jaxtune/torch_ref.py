@@ -184,6 +184,7 @@ def finetune(cfg: Config, init: str = "jaxtune", score_splits: Sequence[str] = (
   model, params = pretrained.from_pretrained(cfg.model, len(labels or ()), mesh, cfg.train.seed, task.family_kind)
   flat = {p: np.asarray(a) for p, a in sharding.flatten(params).items()}
   module, initial = build(model, flat, labels, cfg.model.new_params if init == "torch" else (), cfg.train.seed)
+  del params, flat  # the JAX copy is not needed again
   module = module.to(dtype)
   opt, sched = optimizer(module, cfg.optim, steps)
   module.train()
