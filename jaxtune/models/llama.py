@@ -197,7 +197,8 @@ class LlamaLM(nnx.Module):
       layer_cache, rng = xs
       return block(sharding.constrain(x_BxLxD, ("batch", "length", "embed")), inv_freq, segments, layer_cache, rng)
 
-    rngs = None if dropout_rng is None else jax.random.split(dropout_rng, self.cfg.num_hidden_layers)  # one a layer
+    dropout = dropout_rng is not None and self.cfg.attention_dropout > 0
+    rngs = jax.random.split(dropout_rng, self.cfg.num_hidden_layers) if dropout else None  # one a layer
     xs = (None if cache is None else cache.layers, rngs)
     x_BxLxD, new_layers = layers.scan(self.layers, body, x_BxLxD, xs, remat)
     x_BxLxD = self.norm(x_BxLxD)
