@@ -44,7 +44,10 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
-  """A random 2-layer Llama (GQA, tied) with SmolLM2's real tokenizer (49,152 tokens, chat template)."""
+  """A random 2-layer Llama (GQA, tied) with SmolLM2's real tokenizer (49,152 tokens, chat template).
+
+  Like SmolLM2 it pads with its end-of-turn token, whose input embedding transformers never trains.
+  """
   import torch
   import transformers
 
@@ -55,7 +58,7 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
   torch.manual_seed(0)
   cfg = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                 eos_token_id=tokenizer.eos_token_id)
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
   transformers.LlamaForCausalLM(cfg).save_pretrained(path)
   tokenizer.save_pretrained(path)
   return path

@@ -16,6 +16,7 @@ which Adam's eps-sized denominator amplifies), so float32 against float32 would 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from conftest import records
 
 from jaxtune import config, export, optim, pretrained, sharding, tasks, torch_ref, train
 from jaxtune.config import MeshConfig
+from jaxtune.models import layers
 
 STEPS = 12
 REL = 1e-5  # per-step loss and gradient norm, relative
@@ -50,7 +52,7 @@ def case_config(case: str, tmp_path: Path, reviews: dict[str, Path], tiny_llama_
     cfg = {"task": "causal_lm", "model": {"path": str(tiny_llama_dir), "new_params": [], "dropout": 0.0},
            "data": {"train": str(reviews["train"]), "prompt_template": "Great or other?\n{review:.120}",
                     "response_column": "score", "use_chat_template": True, "max_len": 96, "length_buckets": [64, 96]},
-           "optim": {"lr": 1e-3, "warmup_steps": 3, "weight_decay": 0.1, "clip_norm": 4.0},
+           "optim": {"lr": 1e-3, "warmup_steps": 3, "weight_decay": 0.1, "clip_norm": 3.6},
            "checkpoint": {"best_metric": ""}}
   path = tmp_path / f"{case}-{accum}.yaml"
   path.write_text(yaml.safe_dump({**cfg, "train": train_cfg}))
@@ -152,6 +154,18 @@ def test_the_comparison_fails_when_an_ingredient_is_broken(reference, broken, tm
   found = mismatches(run_jaxtune(broken(monkeypatch, cfg), tmp_path / "run"), ref)
   print(f"\n{broken.__name__}: {found}")
   assert "params" in found or "loss" in found  # the training itself differs, not only a logged number
+
+
+@pytest.mark.parametrize("reference", CASES[2:], indirect=True, ids=IDS[2:])
+def test_the_pad_token_row_learns_nothing_from_inputs_as_in_pytorch(reference, tmp_path, monkeypatch):
+  """transformers' Llama embeds with padding_idx=pad_token_id (SmolLM2's is <|im_end|>): undo it and we differ."""
+  cfg, ref = reference
+  pad = json.loads((Path(cfg.model.path) / "config.json").read_text())["pad_token_id"]
+  assert pad is not None and ref.module.model.embed_tokens.padding_idx == pad
+  monkeypatch.setattr(layers, "lookup", lambda table, ids, padding_id=None: table[ids])
+  found = mismatches(run_jaxtune(cfg, tmp_path / "run"), ref)
+  print(f"\nthe pad row learning from its inputs: {found}")
+  assert "params" in found
 
 
 @pytest.mark.parametrize("reference", CASES[:1], indirect=True, ids=IDS[:1])

@@ -30,6 +30,7 @@ class BertConfig:
   hidden_dropout_prob: float = 0.1
   attention_probs_dropout_prob: float = 0.1
   classifier_dropout: float | None = None
+  pad_token_id: int | None = 0  # its word embedding gets no gradient from the inputs (HF's padding_idx)
   num_labels: int = 2
 
   # The HF config keys of every dropout rate (our fields carry the same names); model.dropout sets them all.
@@ -54,11 +55,12 @@ class Embeddings(nnx.Module):
     self.position = layers.param(rngs, normal, (cfg.max_position_embeddings, cfg.hidden_size), (None, "embed"))
     self.token_type = layers.param(rngs, normal, (cfg.type_vocab_size, cfg.hidden_size), (None, "embed"))
     self.norm = layers.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, rngs=rngs)
-    self.rate = cfg.hidden_dropout_prob
+    self.rate, self.padding_id = cfg.hidden_dropout_prob, cfg.pad_token_id
 
   def __call__(self, ids_BxL: jax.Array, types_BxL: jax.Array, dtype: jnp.dtype, rng: jax.Array | None):
     length = ids_BxL.shape[1]
-    x_BxLxD = self.word[...][ids_BxL] + self.position[...][:length][None] + self.token_type[...][types_BxL]
+    x_BxLxD = layers.lookup(self.word[...], ids_BxL, self.padding_id)
+    x_BxLxD = x_BxLxD + self.position[...][:length][None] + self.token_type[...][types_BxL]
     return layers.dropout(self.norm(x_BxLxD).astype(dtype), self.rate, rng)
 
 

@@ -63,6 +63,20 @@ class LayerNorm(nnx.Module):
     return y.astype(x.dtype)
 
 
+def lookup(table_VxD: jax.Array, ids_BxL: jax.Array, padding_id: int | None = None) -> jax.Array:
+  """table[ids]; the `padding_id` row gets no gradient through this lookup, as torch.nn.Embedding(padding_idx).
+
+  transformers builds BERT's and the Llama family's token embeddings with padding_idx=pad_token_id, so
+  that row never learns from its inputs. It matters where the pad token is a real one: SmolLM2 pads
+  with <|im_end|>, the end-of-turn token every chat example is trained to emit (its tied output row
+  still learns, as in PyTorch).
+  """
+  x_BxLxD = table_VxD[ids_BxL]
+  if padding_id is None:
+    return x_BxLxD
+  return jnp.where((ids_BxL == padding_id)[..., None], jax.lax.stop_gradient(x_BxLxD), x_BxLxD)
+
+
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   """Inverted dropout; the identity when `rng` is None (evaluation) or rate is 0."""
   if rng is None or rate == 0.0:

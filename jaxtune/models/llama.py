@@ -40,6 +40,7 @@ class LlamaConfig:
   mlp_bias: bool = False
   hidden_act: str = "silu"
   attention_dropout: float = 0.0  # dropout on the attention probabilities in training (HF's; usually 0)
+  pad_token_id: int | None = None  # its input embedding gets no gradient from the inputs (HF's padding_idx)
 
   DROPOUT_KEYS = ("attention_dropout",)  # HF config keys; model.dropout sets them all
 
@@ -72,7 +73,8 @@ class LlamaConfig:
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         qkv_bias=is_qwen or hf.get("attention_bias", False), o_bias=hf.get("attention_bias", False) and not is_qwen,
         mlp_bias=hf.get("mlp_bias", False), hidden_act=hf.get("hidden_act", "silu"),
-        attention_dropout=float(hf.get("attention_dropout", 0.0) if dropout is None else dropout))
+        attention_dropout=float(hf.get("attention_dropout", 0.0) if dropout is None else dropout),
+        pad_token_id=hf.get("pad_token_id"))
 
 
 def rope_frequencies(cfg: LlamaConfig) -> jax.Array:
@@ -191,7 +193,7 @@ class LlamaLM(nnx.Module):
     """`logits` (B x L x V, float32) and the updated `cache` (None when called without one)."""
     segments = decoding.Segments.of(batch, cache)
     inv_freq = rope_frequencies(self.cfg)
-    x_BxLxD = self.embed[...][batch["input_ids"]].astype(dtype)
+    x_BxLxD = layers.lookup(self.embed[...], batch["input_ids"], self.cfg.pad_token_id).astype(dtype)
 
     def body(block: Block, x_BxLxD: jax.Array, xs: tuple[decoding.LayerCache | None, jax.Array | None]):
       layer_cache, rng = xs
