@@ -3,9 +3,10 @@
 Used by the step-parity tests and scripts/torch_reference.py; it needs torch (the `test` / `demo` extras).
 Both sides share only what a comparison must hold fixed: the tokenised splits, the order and padding of
 the batches, and (with init="jaxtune") the initial weights. Everything that does the training is
-PyTorch's or transformers': the model class, torch.optim.AdamW with HF Trainer's weight-decay groups,
-transformers' learning-rate schedules, torch.nn.utils.clip_grad_norm_, and HF's gradient accumulation
-(each microbatch's summed loss divided by the target count of the whole batch, then one update).
+PyTorch's or transformers': the model class, torch.optim.AdamW (fused, the Trainer's default) with the
+Trainer's weight-decay groups, transformers' learning-rate schedules, torch.nn.utils.clip_grad_norm_, and
+HF's gradient accumulation (each microbatch's summed loss divided by the target count of the whole batch,
+then one update).
 """
 
 from __future__ import annotations
@@ -67,12 +68,13 @@ def build(model: pretrained.Model, params: dict[str, np.ndarray], labels: Sequen
 
 
 def optimizer(module: torch.nn.Module, cfg: OptimConfig, steps: int) -> tuple[torch.optim.Optimizer, Any]:
-  """torch AdamW, decaying what HF Trainer decays (not biases or norm weights), and transformers' schedule."""
+  """HF Trainer's optimizer and schedule: torch's fused AdamW (its default `optim` from torch 2.8 on), decaying
+  what the Trainer decays (not biases or norm weights), and transformers' schedule."""
   decay = set(transformers.Trainer.get_decay_parameter_names(None, module))  # the Trainer's own rule
   named = list(module.named_parameters())
   groups = [{"params": [p for n, p in named if n in decay], "weight_decay": cfg.weight_decay},
             {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
-  opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps)
+  opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps, fused=True)
   sched = transformers.get_scheduler(SCHEDULES[cfg.schedule], opt, num_warmup_steps=min(cfg.warmup_steps, steps),
                                      num_training_steps=steps)
   return opt, sched

@@ -8,9 +8,10 @@ training made. Each comparison is also run against a jaxtune with one ingredient
 and must then fail.
 
 The reference runs in float64: it is the exact trajectory, and jaxtune (float32) is held to 1% of it.
-Two float32 runs differ by the sum of their own rounding: on MiniLM PyTorch's float32 run ends 0.5% of
-the change away from its float64 run (one word-embedding entry whose gradient is a near-cancellation,
-which Adam's eps-sized denominator amplifies), so float32 against float32 would test rounding, not us.
+Two float32 runs differ by the sum of their own rounding: on MiniLM PyTorch's float32 run ends 0.2% of
+the change away from its float64 run and ours 0.7%, and the two float32 runs 0.9% apart (word-embedding
+entries whose gradient is a near-cancellation, which Adam's eps-sized denominator amplifies), so float32
+against float32 would mostly test rounding, not us.
 """
 
 from __future__ import annotations
@@ -147,8 +148,10 @@ def schedule_one_step_late(monkeypatch, cfg: config.Config) -> config.Config:
 BROKEN = [decay_on_norms, no_clipping, schedule_one_step_late]
 
 
+# Broken on the grad_accum 1 cases: accumulation changes neither the ingredient nor the comparison (and each
+# run costs CI time); the accumulation itself is what the accum 2 parity cases prove.
 @pytest.mark.parametrize("broken", BROKEN, ids=[b.__name__ for b in BROKEN])
-@pytest.mark.parametrize("reference", CASES, indirect=True, ids=IDS)
+@pytest.mark.parametrize("reference", CASES[::2], indirect=True, ids=IDS[::2])
 def test_the_comparison_fails_when_an_ingredient_is_broken(reference, broken, tmp_path, monkeypatch):
   cfg, ref = reference
   found = mismatches(run_jaxtune(broken(monkeypatch, cfg), tmp_path / "run"), ref)
@@ -156,7 +159,7 @@ def test_the_comparison_fails_when_an_ingredient_is_broken(reference, broken, tm
   assert "params" in found or "loss" in found  # the training itself differs, not only a logged number
 
 
-@pytest.mark.parametrize("reference", CASES[2:], indirect=True, ids=IDS[2:])
+@pytest.mark.parametrize("reference", CASES[2:3], indirect=True, ids=IDS[2:3])
 def test_the_pad_token_row_learns_nothing_from_inputs_as_in_pytorch(reference, tmp_path, monkeypatch):
   """transformers' Llama embeds with padding_idx=pad_token_id (SmolLM2's is <|im_end|>): undo it and we differ."""
   cfg, ref = reference
@@ -169,8 +172,8 @@ def test_the_pad_token_row_learns_nothing_from_inputs_as_in_pytorch(reference, t
 
 
 @pytest.mark.parametrize("reference", CASES[:1], indirect=True, ids=IDS[:1])
-def test_float32_runs_are_each_within_the_bound_of_float64_but_not_always_of_each_other(reference, ours):
-  """Why the reference is float64: PyTorch's own float32 run is about as far from it as ours, elsewhere."""
+def test_float32_runs_each_stay_within_the_bound_of_float64(reference, ours):
+  """Why the reference is float64: PyTorch's own float32 run strays from the exact trajectory too, elsewhere."""
   cfg, exact = reference
   theirs32 = torch_ref.finetune(cfg, init="jaxtune", score_splits=())
   theirs = Trace(theirs32.records, {k: v.detach().numpy() for k, v in theirs32.module.state_dict().items()})
