@@ -4,7 +4,7 @@ python scripts/torch_reference.py --config FILE [--output FILE] [--init torch|ja
                                   [key=value ...]
 
 Same recipe as jaxtune: the config's model, tokenisation, held-out split, batch order and padding (jaxtune's
-own data code), trained by transformers' PyTorch class with torch AdamW, HF Trainer's weight-decay groups,
+own data code), trained by transformers' PyTorch class with torch's fused AdamW, HF Trainer's weight-decay groups,
 transformers' schedule and torch's gradient clipping (jaxtune/torch_ref.py). Classification and causal LM.
 --init torch (the default) gives new params (a classification head) torch's own seeded init; --init jaxtune
 starts from jaxtune's initial weights exactly. Dropout masks come from torch's RNG (seeded by train.seed).
