@@ -4,8 +4,8 @@ Both sides start from the same weights (the pretrained ones plus jaxtune's initi
 dropout off on the same padded batches for 12 steps (3 of warmup, then linear decay to 0), with weight
 decay and a clip norm that some steps exceed and some do not. Every step must log the same loss,
 gradient norm and learning rate (1e-5 relative) and the final params must agree to 1% of the change
-training made. Each comparison is also run against a jaxtune with one ingredient broken on purpose,
-and must then fail.
+training made. The grad_accum 1 comparisons are also run against a jaxtune with one ingredient broken
+on purpose, and must then fail.
 
 The reference runs in float64: it is the exact trajectory, and jaxtune (float32) is held to 1% of it.
 Two float32 runs differ by the sum of their own rounding: on MiniLM PyTorch's float32 run ends 0.2% of
