@@ -30,6 +30,9 @@ class ModelConfig:
   # full saves only each layer's input and recomputes the rest; dots keeps matmul outputs;
   # dots_no_batch keeps matmuls without a batch dim (i.e. with the weights).
   remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+  # true: the layers run as one lax.scan (compile time flat in depth); false: unrolled, each layer its own
+  # code (no stacked activation buffers; a CPU step ~15% faster, compiling slower).
+  scan_layers: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

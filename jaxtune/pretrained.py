@@ -108,8 +108,9 @@ def from_config(hf_config: dict[str, Any], model_cfg: ModelConfig, num_labels: i
     task = "classification" if kind == "encoder" else "causal_lm"
     raise UserError(f"model.path {model_cfg.path} is a {family_name} {family.kind}, but task {task} needs an "
                     f"{kind} model; change task or model.path.")
-  return describe(family_name, family.config.from_hf(hf_config, num_labels, model_cfg.dropout), mesh, seed,
-                  hf_config, rules)
+  cfg = dataclasses.replace(family.config.from_hf(hf_config, num_labels, model_cfg.dropout),
+                            scan_layers=model_cfg.scan_layers)
+  return describe(family_name, cfg, mesh, seed, hf_config, rules)
 
 
 def load_params(model: Model, model_cfg: ModelConfig, reader: Any, seed: int) -> dict[str, Any]:

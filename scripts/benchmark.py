@@ -1,11 +1,14 @@
-"""Side-by-side costs of the scale-out options, on a random Llama (no checkpoint or data needed).
+"""Benchmarks, each measured side by side in one invocation.
 
-python scripts/benchmark.py [--hidden 256] [--layers 8] [--batch 8] [--length 256] [--output FILE]
+python scripts/benchmark.py peer [--shape minilm|bert-base|smollm2-135m|llama-1b] [--batch B] [--length L]
+                                 [--dtype float32|bfloat16] [--dropout P] [--reps N] [--output FILE]
+  jaxtune's train step against the transformers PyTorch class of the same shape (random weights, same batch,
+  length, dtype, dropout, AdamW + clipping, all cores), in two worker processes whose steps alternate:
+  step time, tokens/s, the ratio, compile time, peak memory and MFU (FLOPs formula: jaxtune/perf.py).
 
-Three tables, each measured in this one process on whatever devices are present:
-  depth       compile time and op count of the train step for 2/8/32 layers (layers are one scan);
-  remat       XLA's temp memory and the step time for each model.remat policy;
-  grad_accum  temp memory and step time for 1 vs 4 microbatches of the same global batch.
+python scripts/benchmark.py scale [--hidden 256] [--layers 8] [--batch 8] [--length 256] [--output FILE]
+  The scale-out options on a random Llama: compile time and op count for 2/8/32 layers, XLA temp memory and
+  step time per model.remat policy, and 1 vs 4 microbatches of the same global batch.
 """
 
 import argparse
@@ -15,15 +18,18 @@ import time
 from jaxtune import cli
 
 
-def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--hidden", type=int, default=256)
-  parser.add_argument("--layers", type=int, default=8)
-  parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--length", type=int, default=256)
-  parser.add_argument("--output", help="also write the tables as JSON here")
-  args = parser.parse_args()
+def peer(args: argparse.Namespace) -> dict:
+  from jaxtune import bench
 
+  shape = bench.SHAPES[args.shape]
+  spec = bench.Spec(args.shape, args.batch or shape["batch"], args.length or shape["length"], args.dtype,
+                    shape["dropout"] if args.dropout is None else args.dropout)
+  result = bench.peer(spec, args.reps, args.settle)
+  print(bench.table(result))
+  return result
+
+
+def scale(args: argparse.Namespace) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -83,9 +89,34 @@ def main() -> int:
     print(f"\n{name:<16} | compile s | step s | XLA temp MiB | HLO lines")
     for label, r in rows.items():
       print(f"{label:<16} | {r['compile_s']:>9} | {r['step_s']:>6} | {r['temp_MiB']!s:>12} | {r['ops']:>9}")
+  return {"args": {k: v for k, v in vars(args).items() if k != "run"}, **tables}
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="mode", required=True)
+  p = sub.add_parser("peer", help="jaxtune vs transformers PyTorch, one shape")
+  p.add_argument("--shape", default="minilm", choices=("minilm", "bert-base", "smollm2-135m", "llama-1b"))
+  p.add_argument("--batch", type=int, help="rows per step (default: the shape's)")
+  p.add_argument("--length", type=int, help="tokens per row (default: the shape's)")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--dropout", type=float, help="every dropout rate (default: 0.1 for BERT shapes, 0 for Llama)")
+  p.add_argument("--reps", type=int, default=6, help="turns per side, alternating; one timed step each")
+  p.add_argument("--settle", type=int, default=1, help="untimed steps at the start of each turn")
+  p.set_defaults(run=peer)
+  s = sub.add_parser("scale", help="scale-out options on a random Llama")
+  s.add_argument("--hidden", type=int, default=256)
+  s.add_argument("--layers", type=int, default=8)
+  s.add_argument("--batch", type=int, default=8)
+  s.add_argument("--length", type=int, default=256)
+  s.set_defaults(run=scale)
+  for sp in (p, s):
+    sp.add_argument("--output", help="also write the results as JSON here")
+  args = parser.parse_args()
+  result = args.run(args)
   if args.output:
     with open(args.output, "w") as f:
-      json.dump({"args": vars(args), **tables}, f, indent=2)
+      json.dump(result, f, indent=2)
   return 0
 
 

@@ -85,21 +85,49 @@ def test_remat_gives_the_same_gradients_from_a_different_program(llama):
       np.testing.assert_allclose(np.asarray(got[path]), np.asarray(g), atol=1e-6, rtol=1e-5, err_msg=f"{policy} {path}")
 
 
-def test_the_compiled_program_does_not_grow_with_depth():
-  """Layers are one scanned block: 2 and 8 layers lower to the same ops (only the trip count differs)."""
+def _tiny_llama(depth: int, scan_layers: bool, dropout: float = 0.0):
   from jaxtune.models.llama import LlamaConfig
 
-  mesh = sharding.make_mesh(MeshConfig())
-  batch = {"input_ids": jnp.ones((2, 8), jnp.int32), "segment_ids": jnp.ones((2, 8), jnp.int32),
-           "positions": jnp.tile(jnp.arange(8, dtype=jnp.int32), (2, 1))}
+  cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=depth,
+                    num_attention_heads=2, num_key_value_heads=1, head_dim=8, scan_layers=scan_layers,
+                    attention_dropout=dropout)
+  return pretrained.describe("llama", cfg, sharding.make_mesh(MeshConfig()))
+
+
+TINY_BATCH = {"input_ids": jnp.ones((2, 8), jnp.int32), "segment_ids": jnp.ones((2, 8), jnp.int32),
+              "positions": jnp.tile(jnp.arange(8, dtype=jnp.int32), (2, 1))}
+
+
+def test_the_compiled_program_does_not_grow_with_depth_when_scanned():
+  """model.scan_layers: 2 and 8 layers lower to the same ops (only the trip count differs); unrolled, they grow."""
   programs = {}
-  for depth in (2, 8):
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=depth,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=8)
-    model = pretrained.describe("llama", cfg, mesh)
-    params = sharding.unflatten(pretrained.init_params(model, 0))
-    assert params["layers"]["attn"]["q"]["kernel"].shape == (depth, 16, 2, 8)
-    loss = lambda p, model=model: model.apply(p, batch, remat="full")["logits"].sum()
-    programs[depth] = jax.jit(jax.grad(loss)).lower(params).as_text()
+  for scan_layers in (True, False):
+    for depth in (2, 8):
+      model = _tiny_llama(depth, scan_layers)
+      params = sharding.unflatten(pretrained.init_params(model, 0))
+      assert params["layers"]["attn"]["q"]["kernel"].shape == (depth, 16, 2, 8)
+      loss = lambda p, model=model: model.apply(p, TINY_BATCH, remat="full")["logits"].sum()
+      programs[scan_layers, depth] = jax.jit(jax.grad(loss)).lower(params).as_text()
   count = lambda text: {op: text.count(op) for op in ("dot_general", "while", "exponential")}
-  assert count(programs[2]) == count(programs[8]) and count(programs[2])["dot_general"] > 0
+  assert count(programs[True, 2]) == count(programs[True, 8]) and count(programs[True, 2])["dot_general"] > 0
+  unrolled = {depth: count(programs[False, depth]) for depth in (2, 8)}
+  assert unrolled[2]["while"] == unrolled[8]["while"] == 0
+  assert unrolled[8]["dot_general"] > 3 * unrolled[2]["dot_general"] > 0
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_unrolled_layers_compute_what_the_scan_computes(remat: str):
+  """Same params, batch and dropout key: loss and every gradient of the unrolled stack equal the scanned one's."""
+  batch = {**TINY_BATCH, "input_ids": jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % 64}
+  grads = {}
+  for scan_layers in (True, False):
+    model = _tiny_llama(3, scan_layers, dropout=0.3)
+    params = sharding.unflatten(pretrained.init_params(model, 0))
+    loss = lambda p, model=model: (model.apply(p, batch, dropout_rng=jax.random.key(1), remat=remat)["logits"] ** 2
+                                   ).mean()
+    grads[scan_layers] = jax.jit(jax.value_and_grad(loss))(params)
+  assert grads[True][0] != 0
+  np.testing.assert_allclose(grads[False][0], grads[True][0], rtol=1e-6)
+  flat = {k: sharding.flatten(g[1]) for k, g in grads.items()}
+  for path, g in flat[True].items():
+    np.testing.assert_allclose(np.asarray(flat[False][path]), np.asarray(g), rtol=1e-5, atol=1e-7, err_msg=path)

@@ -32,6 +32,7 @@ class BertConfig:
   classifier_dropout: float | None = None
   pad_token_id: int | None = 0  # its word embedding gets no gradient from the inputs (HF's padding_idx)
   num_labels: int = 2
+  scan_layers: bool = False  # model.scan_layers: one lax.scan over the layers instead of unrolled code
 
   # The HF config keys of every dropout rate (our fields carry the same names); model.dropout sets them all.
   DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout")
@@ -96,7 +97,7 @@ class Encoder(nnx.Module):
   def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
     self.embeddings = Embeddings(cfg, rngs)
     self.layers = layers.stack(lambda r: Layer(cfg, r), cfg.num_hidden_layers, rngs)
-    self.num_layers = cfg.num_hidden_layers
+    self.num_layers, self.scan_layers = cfg.num_hidden_layers, cfg.scan_layers
     self.pooler = layers.Dense((cfg.hidden_size,), (cfg.hidden_size,), ("embed",), ("embed_out",), rngs=rngs)
 
   def __call__(self, ids_BxL, mask_BxL, types_BxL, dtype, rng, remat) -> tuple[jax.Array, jax.Array]:
@@ -107,7 +108,8 @@ class Encoder(nnx.Module):
     def body(layer: Layer, x_BxLxD: jax.Array, r: jax.Array | None) -> tuple[jax.Array, None]:
       return layer(sharding.constrain(x_BxLxD, ("batch", "length", "embed")), bias_Bx1x1xL, r), None
 
-    x_BxLxD, _ = layers.scan(self.layers, body, x_BxLxD, None if rngs is None else rngs[1:], remat)
+    x_BxLxD, _ = layers.scan(self.layers, body, x_BxLxD, None if rngs is None else rngs[1:], remat,
+                               unroll=not self.scan_layers)
     pooled_BxD = jnp.tanh(self.pooler(x_BxLxD[:, 0]))
     return x_BxLxD, pooled_BxD
 

@@ -30,6 +30,7 @@ class GPT2Config:
   attn_pdrop: float = 0.1  # dropout on the attention probabilities
   resid_pdrop: float = 0.1  # dropout on each residual branch (attention and MLP outputs)
   scale_attn_by_inverse_layer_idx: bool = False
+  scan_layers: bool = False  # model.scan_layers: one lax.scan over the layers instead of unrolled code
 
   DROPOUT_KEYS = ("embd_pdrop", "attn_pdrop", "resid_pdrop")  # HF config keys; model.dropout sets them all
 
@@ -102,7 +103,7 @@ class GPT2LM(nnx.Module):
       return block(sharding.constrain(x_BxLxD, ("batch", "length", "embed")), segments, layer_cache, rng, index)
 
     xs = (None if cache is None else cache.layers, None if rngs is None else rngs[1:], jnp.arange(n))
-    x_BxLxD, new_layers = layers.scan(self.blocks, body, x_BxLxD, xs, remat)
+    x_BxLxD, new_layers = layers.scan(self.blocks, body, x_BxLxD, xs, remat, not self.cfg.scan_layers)
     logits_BxLxV = self.ln_f(x_BxLxD) @ self.wte[...].astype(dtype).T
     logits_BxLxV = sharding.constrain(logits_BxLxV, ("batch", "length", "vocab"))
     new_cache = None if cache is None else cache._replace(layers=new_layers)

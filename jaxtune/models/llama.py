@@ -41,6 +41,7 @@ class LlamaConfig:
   hidden_act: str = "silu"
   attention_dropout: float = 0.0  # dropout on the attention probabilities in training (HF's; usually 0)
   pad_token_id: int | None = None  # its input embedding gets no gradient from the inputs (HF's padding_idx)
+  scan_layers: bool = False  # model.scan_layers: one lax.scan over the layers instead of unrolled code
 
   DROPOUT_KEYS = ("attention_dropout",)  # HF config keys; model.dropout sets them all
 
@@ -202,7 +203,7 @@ class LlamaLM(nnx.Module):
     dropout = dropout_rng is not None and self.cfg.attention_dropout > 0
     rngs = jax.random.split(dropout_rng, self.cfg.num_hidden_layers) if dropout else None  # one a layer
     xs = (None if cache is None else cache.layers, rngs)
-    x_BxLxD, new_layers = layers.scan(self.layers, body, x_BxLxD, xs, remat)
+    x_BxLxD, new_layers = layers.scan(self.layers, body, x_BxLxD, xs, remat, not self.cfg.scan_layers)
     x_BxLxD = self.norm(x_BxLxD)
     if self.cfg.tie_word_embeddings:
       logits_BxLxV = x_BxLxD @ self.embed[...].astype(dtype).T
