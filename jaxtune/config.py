@@ -98,6 +98,9 @@ class TrainConfig:
   eval_every: int = 0  # steps between validation evals; 0 = only at the end
   log_every: int = 10  # steps between log lines
   seed: int = 0  # params init, dropout and data order
+  # XLA's persistent compilation cache: a second run of the same shapes loads its programs instead of
+  # compiling them. "" turns it off; JAX_COMPILATION_CACHE_DIR, when set, wins.
+  compile_cache: str = "~/.cache/jaxtune/xla"
 
   def __post_init__(self) -> None:
     _check(self.batch_size > 0, "train.batch_size", "must be positive")

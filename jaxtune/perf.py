@@ -12,10 +12,16 @@ attention scores and their weighted sum over all L x L pairs (causal masking is 
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import resource
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+import jax
 
 # Dense bf16 peaks from vendor datasheets (FLOP/s per chip), matched against jax's device_kind.
 VENDOR_BF16_PEAKS = {
@@ -24,12 +30,17 @@ VENDOR_BF16_PEAKS = {
 }
 
 
+def _dims(hf: dict[str, Any]) -> tuple[int, int, int, int, int, int]:
+  """(D, F, layers, heads, head dim, kv heads) of an HF config dict (GPT-2 spells them n_embd, n_inner, ...)."""
+  d = hf.get("hidden_size") or hf["n_embd"]
+  heads = hf.get("num_attention_heads") or hf["n_head"]
+  return (d, hf.get("intermediate_size") or hf.get("n_inner") or 4 * d, hf.get("num_hidden_layers") or hf["n_layer"],
+          heads, hf.get("head_dim") or d // heads, hf.get("num_key_value_heads") or heads)
+
+
 def matmul_params_per_token(hf: dict[str, Any], task: str) -> int:
   """N of the formula above, from an HF config dict."""
-  d, f, layers = hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"]
-  heads = hf["num_attention_heads"]
-  head_dim = hf.get("head_dim") or d // heads
-  kv = hf.get("num_key_value_heads") or heads
+  d, f, layers, heads, head_dim, kv = _dims(hf)
   attention = 2 * d * heads * head_dim + 2 * d * kv * head_dim
   mlp = (3 if hf["model_type"] in ("llama", "mistral", "qwen2") else 2) * d * f
   head = d * hf["vocab_size"] if task == "causal_lm" else 0
@@ -38,9 +49,8 @@ def matmul_params_per_token(hf: dict[str, Any], task: str) -> int:
 
 def train_flops_per_token(hf: dict[str, Any], length: int, task: str) -> float:
   """Training FLOPs per token at sequence length `length` (see the module docstring)."""
-  heads = hf["num_attention_heads"]
-  head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-  return 6.0 * matmul_params_per_token(hf, task) + 12.0 * hf["num_hidden_layers"] * length * heads * head_dim
+  _, _, layers, heads, head_dim, _ = _dims(hf)
+  return 6.0 * matmul_params_per_token(hf, task) + 12.0 * layers * length * heads * head_dim
 
 
 def vendor_peak_flops(device_kind: str) -> float | None:
@@ -82,3 +92,76 @@ def peak_rss_bytes() -> int:
   """This process's peak resident memory so far."""
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+_COMPILE_SECONDS = [0.0]  # jax's tracing, lowering and XLA compile (or persistent-cache load) time in this process
+
+
+def _on_event(event: str, duration: float, **_: Any) -> None:
+  if event.startswith("/jax/core/compile/"):
+    _COMPILE_SECONDS[0] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def use_compile_cache(path: str) -> None:
+  """Turns on jax's persistent compilation cache in `path` ("" leaves it off), unless JAX already has a dir."""
+  if not path or jax.config.jax_compilation_cache_dir:
+    return
+  jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # skip programs cheaper to rebuild
+
+
+def compile_seconds() -> float:
+  """Seconds this process has spent tracing and compiling (jax's compile events) so far."""
+  return _COMPILE_SECONDS[0]
+
+
+class RunClock:
+  """Where a run's wall time went: named phases, with the compile time inside each moved to `compile`."""
+
+  def __init__(self, started: float | None = None):
+    """`started`: perf_counter() when the script began; the time since then counts as `imports`."""
+    self.started = time.perf_counter() if started is None else started
+    self.seconds: dict[str, float] = collections.defaultdict(float)
+    self.seconds["imports"] = time.perf_counter() - self.started
+    self.compile_at_start = compile_seconds()
+
+  @contextlib.contextmanager
+  def phase(self, name: str) -> Iterator[None]:
+    tick, compiled = time.perf_counter(), compile_seconds()
+    try:
+      yield
+    finally:
+      self.seconds[name] += time.perf_counter() - tick - (compile_seconds() - compiled)
+
+  def report(self, train_tokens: int, train_flops: float) -> dict[str, Any]:
+    """The breakdown, throughput, MFU and peak memory, as a JSON-ready dict."""
+    device = jax.local_devices()[0]
+    peak = vendor_peak_flops(device.device_kind) if device.platform != "cpu" else matmul_peak("jax", "float32")
+    train_s = self.seconds["train"]
+    stats = device.memory_stats() or {}
+    return {"wall_s": time.perf_counter() - self.started, **{f"{k}_s": v for k, v in self.seconds.items()},
+            "compile_s": compile_seconds() - self.compile_at_start, "train_tokens": train_tokens,
+            "tokens_per_s": train_tokens / train_s if train_s else None, "train_flops": train_flops,
+            "peak_flops": peak, "peak_source": "measured matmul" if device.platform == "cpu" else "vendor table",
+            "mfu": train_flops / train_s / peak if train_s and peak else None,
+            "peak_host_bytes": peak_rss_bytes(), "peak_device_bytes": stats.get("peak_bytes_in_use")}
+
+
+def write_report(report: dict[str, Any], path: Path) -> str:
+  """Writes `report` as JSON to `path`; returns it as a few lines of text."""
+  import json
+
+  path.write_text(json.dumps(report, indent=2) + "\n")
+  phases = ("imports", "data", "weights", "setup", "compile", "train", "eval", "checkpoint")
+  lines = ["where the time went: " + ", ".join(f"{k} {report[k + '_s']:.1f} s" for k in phases
+                                               if report.get(k + "_s") is not None)
+           + f" (wall {report['wall_s']:.1f} s)"]
+  mfu = f"{100 * report['mfu']:.1f}%" if report["mfu"] is not None else "-"
+  device = report["peak_device_bytes"]
+  lines.append(f"train {report['tokens_per_s'] or 0:.0f} tokens/s, MFU {mfu} of {report['peak_flops'] or 0:.3g} "
+               f"FLOP/s ({report['peak_source']}); peak host memory {report['peak_host_bytes'] / 1e9:.2f} GB"
+               + (f", device {device / 1e9:.2f} GB" if device else ""))
+  return "\n".join(lines)

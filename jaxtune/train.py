@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from jax.experimental import multihost_utils
 
 from jaxtune import config as config_lib
 from jaxtune import metrics as metrics_lib
-from jaxtune import optim, pretrained, sharding
+from jaxtune import optim, perf, pretrained, sharding
 from jaxtune.checkpoint import Checkpoints
 from jaxtune.config import Config
 from jaxtune.data import batching
@@ -136,13 +137,33 @@ def device_batch(task: Any, data: Any, rows: np.ndarray, batch_size: int, cfg: C
 
 def evaluate(eval_step, params: Any, data: Any, cfg: Config, batch_sharding: Any, task: Any,
              labels: Any) -> dict[str, float]:
-  """The task's metrics over every row of `data` (a short last batch is padded, then dropped)."""
+  """The task's metrics over every row of `data` (a short last batch is padded, then dropped).
+
+  Rows go through shortest first, so each batch pads to the bucket of rows of similar length (on the
+  default job's reviews, 2.4x fewer tokens than in data order); outputs are put back in data order.
+  """
+  order = np.argsort(data.lengths, kind="stable")
   outputs: dict[str, list[np.ndarray]] = {}
-  for rows in batching.eval_batches(len(data), cfg.train.eval_batch_size):
-    batch = device_batch(task, data, rows, cfg.train.eval_batch_size, cfg, batch_sharding)
-    for key, value in jax.device_get(eval_step(params, batch)).items():
+
+  def collect(rows: np.ndarray, out: dict[str, jax.Array]) -> None:
+    for key, value in jax.device_get(out).items():
       outputs.setdefault(key, []).append(value[:len(rows)])
-  return task.metrics({k: np.concatenate(v) for k, v in outputs.items()}, data, labels)
+
+  pending = None  # batch i's outputs are read once batch i+1 is dispatched, so the host never idles the device
+  for rows in batching.eval_batches(len(data), cfg.train.eval_batch_size):
+    rows = order[rows]
+    batch = device_batch(task, data, rows, cfg.train.eval_batch_size, cfg, batch_sharding)
+    out = eval_step(params, batch)
+    if pending is not None:
+      collect(*pending)
+    pending = rows, out
+  if pending is not None:
+    collect(*pending)
+  in_order = {}
+  for key, parts in outputs.items():
+    in_order[key] = np.empty_like(values := np.concatenate(parts))
+    in_order[key][order] = values
+  return task.metrics(in_order, data, labels)
 
 
 def check_devices(cfg: Config, mesh: jax.sharding.Mesh, rules: sharding.Rules = sharding.RULES,
@@ -189,16 +210,27 @@ class Run:
   meta: dict[str, Any]  # saved with every checkpoint: what evaluation needs
 
 
-def prepare(cfg: Config, run_dir: Path, resume: bool = False) -> Run:
+def prepare(cfg: Config, run_dir: Path, resume: bool = False, clock: perf.RunClock | None = None) -> Run:
   """Checks the config against devices and data, builds the state in its shardings (restored on --resume)."""
-  mesh = sharding.make_mesh(cfg.mesh)
-  rules = sharding.rules_with(cfg.mesh.rules)
-  check_devices(cfg, mesh, rules)
-  _check_run_dir(cfg, run_dir, resume)
+  clock = clock or perf.RunClock()
+  with clock.phase("setup"):
+    perf.use_compile_cache(cfg.train.compile_cache)
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.rules_with(cfg.mesh.rules)
+    check_devices(cfg, mesh, rules)
+    _check_run_dir(cfg, run_dir, resume)
+  with clock.phase("data"):
+    tokenizer = pretrained.load_tokenizer(cfg.model)
+    names = ["train"] + (["validation"] if cfg.data.validation or cfg.data.validation_holdout else [])
+    labels, splits = TASKS[cfg.task].load(cfg, tokenizer, names)
+  with clock.phase("weights"):
+    return _build(cfg, run_dir, resume, mesh, rules, tokenizer, labels, splits)
+
+
+def _build(cfg: Config, run_dir: Path, resume: bool, mesh: jax.sharding.Mesh, rules: sharding.Rules, tokenizer: Any,
+           labels: Any, splits: dict[str, Any]) -> Run:
+  """The rest of `prepare`, once the data is loaded: model, state (loaded or restored) and the jitted steps."""
   task = TASKS[cfg.task]
-  tokenizer = pretrained.load_tokenizer(cfg.model)
-  names = ["train"] + (["validation"] if cfg.data.validation or cfg.data.validation_holdout else [])
-  labels, splits = task.load(cfg, tokenizer, names)
   per_epoch, steps = total_steps(cfg, len(splits["train"]))
   hf_config, reader = pretrained.open_checkpoint(cfg.model)  # opened once: parsing a GGUF file takes seconds
   model = pretrained.from_config(hf_config, cfg.model, len(labels or ()), mesh, cfg.train.seed, task.family_kind,
@@ -222,54 +254,83 @@ def prepare(cfg: Config, run_dir: Path, resume: bool = False) -> Run:
              make_eval_step(model, task, dtype, shardings.params, batch_sharding), batch_sharding, meta)
 
 
-def fit(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
-  """Fine-tunes per `cfg`, writing logs and checkpoints into run_dir; returns the last eval metrics."""
-  run = prepare(cfg, run_dir, resume)
+def fit(cfg: Config, run_dir: Path, resume: bool = False, clock: perf.RunClock | None = None) -> dict[str, Any]:
+  """Fine-tunes per `cfg`, writing logs, checkpoints and timing.json into run_dir; returns the last eval metrics."""
+  clock = clock or perf.RunClock()
+  run = prepare(cfg, run_dir, resume, clock)
   try:
-    return loop(run)[1]
+    _, last_eval, work = loop(run, clock)
   finally:  # even when interrupted, let finished checkpoint writes commit
-    run.ckpts.wait()
-    run.ckpts.close()
+    with clock.phase("checkpoint"):
+      run.ckpts.wait()
+      run.ckpts.close()
+  report = clock.report(*work)
+  if jax.process_index() == 0:
+    print(perf.write_report(report, run_dir / "timing.json"), flush=True)
+  return last_eval
 
 
-def loop(run: Run) -> tuple[TrainState, dict[str, Any]]:
-  """Trains `run` to its last step: (final state, last validation metrics)."""
+def loop(run: Run, clock: perf.RunClock | None = None) -> tuple[TrainState, dict[str, Any], tuple[int, float]]:
+  """Trains `run` to its last step: (final state, last validation metrics, (real tokens, FLOPs) trained on)."""
   cfg, state, step = run.cfg, run.state, int(run.state.step)
+  clock = clock or perf.RunClock()
   log = metrics_lib.RunLog(run.dir, run.steps, step)
   log.write({"step": step, "event": "start", "total_steps": run.steps, "mesh": run.meta["mesh"],
              "processes": jax.process_count()})
   last_eval: dict[str, Any] = {}
   lengths = run.splits["train"].lengths  # real tokens per row
-  tick, seen = time.perf_counter(), {"examples": 0, "tokens": 0}
+  flops_per_token = functools.cache(lambda length: perf.train_flops_per_token(run.model.hf_config, length, cfg.task))
+  tick, seen, work = time.perf_counter(), {"examples": 0, "tokens": 0}, [0, 0.0]
   save_every = cfg.checkpoint.save_every or cfg.train.eval_every
+  pending = None  # (step, metrics) to log: read once the next step is dispatched, so logging never stalls the device
   for rows in batching.step_batches(lengths, cfg.train.batch_size, cfg.train.seed, cfg.data.group_by_length,
                                     run.per_epoch, step, run.steps):
-    batch = device_batch(run.task, run.splits["train"], rows, cfg.train.batch_size, cfg, run.batch_sharding)
-    state, step_metrics = run.train_step(state, batch)
-    step += 1
-    seen["examples"] += len(rows)
-    seen["tokens"] += int(lengths[rows].sum())
-    log.advance()
-    if step % cfg.train.log_every == 0 or step == run.steps:
-      record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}  # waits for the step
-      elapsed = time.perf_counter() - tick
-      record.update(epoch=step / run.per_epoch, examples_per_s=seen["examples"] / elapsed,
-                    tokens_per_s=seen["tokens"] / elapsed)
-      log.train(step, record)
-    evaluate_now = "validation" in run.splits and (
-        step == run.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
+    with clock.phase("train"):
+      batch = device_batch(run.task, run.splits["train"], rows, cfg.train.batch_size, cfg, run.batch_sharding)
+      state, step_metrics = run.train_step(state, batch)
+      step += 1
+      tokens = int(lengths[rows].sum())
+      seen["examples"] += len(rows)
+      seen["tokens"] += tokens
+      length = batch["input_ids"].shape[1]
+      work[0] += tokens
+      work[1] += cfg.train.batch_size * length * flops_per_token(length)
+      if pending is not None:
+        _log_train(log, run, *pending)
+        pending = None
+      log.advance()
+      evaluate_now = "validation" in run.splits and (
+          step == run.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
+      save_now = step == run.steps or (save_every and step % save_every == 0)
+      if step % cfg.train.log_every == 0 or step == run.steps:
+        pending = step, step_metrics, seen, tick
+        if evaluate_now or save_now or step == run.steps:  # the state is about to be read anyway
+          _log_train(log, run, *pending)
+          pending = None
     if evaluate_now:
-      last_eval = evaluate(run.eval_step, state.params, run.splits["validation"], cfg, run.batch_sharding,
-                           run.task, run.labels)
+      with clock.phase("eval"):
+        last_eval = evaluate(run.eval_step, state.params, run.splits["validation"], cfg, run.batch_sharding,
+                             run.task, run.labels)
       log.eval(step, "validation", last_eval)
-    if step == run.steps or (save_every and step % save_every == 0):
-      position = {"epoch": step // run.per_epoch, "batch_in_epoch": step % run.per_epoch}
-      run.ckpts.save(step, state.params, state.opt_state, {"step": state.step, "rng": state.rng},
-                     {**run.meta, "data_position": position}, last_eval if evaluate_now else None)
+    if save_now:
+      with clock.phase("checkpoint"):
+        position = {"epoch": step // run.per_epoch, "batch_in_epoch": step % run.per_epoch}
+        run.ckpts.save(step, state.params, state.opt_state, {"step": state.step, "rng": state.rng},
+                       {**run.meta, "data_position": position}, last_eval if evaluate_now else None)
     if evaluate_now or step % cfg.train.log_every == 0:  # throughput counts training time only
       tick, seen = time.perf_counter(), {"examples": 0, "tokens": 0}
   log.close()
-  return state, last_eval
+  return state, last_eval, (work[0], work[1])
+
+
+def _log_train(log: metrics_lib.RunLog, run: Run, step: int, step_metrics: dict[str, jax.Array],
+               seen: dict[str, int], tick: float) -> None:
+  """Writes one train log record; waits for step `step` to finish (its metrics), not for any later one."""
+  record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+  elapsed = time.perf_counter() - tick
+  record.update(epoch=step / run.per_epoch, examples_per_s=seen["examples"] / elapsed,
+                tokens_per_s=seen["tokens"] / elapsed)
+  log.train(step, record)
 
 
 def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:

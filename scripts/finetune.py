@@ -1,6 +1,7 @@
 """Fine-tune a pretrained HF model: python scripts/finetune.py --config FILE [--run-dir DIR] [--resume] [k=v ...]"""
 
 import argparse
+import time
 from pathlib import Path
 
 from jaxtune import cli
@@ -13,15 +14,18 @@ def main() -> int:
   parser.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")
   parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-5")
   args = parser.parse_args()
+  started = time.perf_counter()
 
   import jax
 
-  from jaxtune import config, distributed, train
+  from jaxtune import config, distributed, perf, train
 
-  distributed.initialize()
+  clock = perf.RunClock(started)
+  with clock.phase("imports"):  # with jax.distributed's start-up on a cluster
+    distributed.initialize()
   cfg = config.load(args.config, args.overrides)
   run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
-  result = train.fit(cfg, run_dir, resume=args.resume)
+  result = train.fit(cfg, run_dir, resume=args.resume, clock=clock)
   if jax.process_index() == 0:
     print(f"finished: {run_dir} {result}")
   return 0

@@ -43,7 +43,7 @@ def main(config_path: str, out_dir: str, runs_json: str) -> None:
     cfg = config.load(config_path, overrides)
     run = train.prepare(cfg, out / name)
     try:
-      state, _ = train.loop(run)
+      state, _, _ = train.loop(run)
     finally:
       run.ckpts.wait()
       run.ckpts.close()

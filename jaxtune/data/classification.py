@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ class Encoded:
   def __len__(self) -> int:
     return len(self.input_ids)
 
-  @property
+  @functools.cached_property
   def lengths(self) -> np.ndarray:
     return np.fromiter((len(x) for x in self.input_ids), np.int32, len(self.input_ids))
 

@@ -10,6 +10,7 @@ batch (see `token_mean`), never by rows or by padded length.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,7 +43,7 @@ class LMExamples:
   def seq_len(self) -> int:
     return self.tokens.shape[1]
 
-  @property
+  @functools.cached_property  # collate reads it for every batch
   def lengths(self) -> np.ndarray:
     """Real (non-padding) tokens per row; padding is always at the end of a row."""
     return (self.segment_ids > 0).sum(axis=1).astype(np.int32)
