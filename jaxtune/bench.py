@@ -55,6 +55,7 @@ class Spec:
   dtype: str = "float32"  # compute dtype; params and optimiser state stay float32 on both sides
   dropout: float = 0.0  # every dropout rate of the model, on both sides
   seed: int = 0
+  scan_layers: bool = False  # jaxtune's model.scan_layers
 
   @property
   def hf(self) -> dict[str, Any]:
@@ -95,7 +96,8 @@ def _jax_side(spec: Spec) -> tuple[Any, dict[str, Any]]:
 
   mesh = sharding.make_mesh(MeshConfig())
   num_labels = 2 if spec.task == "classification" else 0
-  model = pretrained.from_config(spec.hf, ModelConfig(path=spec.shape), num_labels, mesh, spec.seed)
+  model_cfg = ModelConfig(path=spec.shape, scan_layers=spec.scan_layers)
+  model = pretrained.from_config(spec.hf, model_cfg, num_labels, mesh, spec.seed)
   opt = OptimConfig(lr=1e-4, schedule="constant")
   tx = optim.make(opt, 1000)
   shardings = train.state_shardings(model, tx)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import transformers
 
 from jaxtune import config as config_lib
-from jaxtune import generate, pretrained, sharding, tasks, train
+from jaxtune import generate, perf, pretrained, sharding, tasks, train
 from jaxtune.checkpoint import Checkpoints
 from jaxtune.config import CheckpointConfig, Config
 from jaxtune.data import lm, splits
@@ -64,6 +64,7 @@ def evaluate_checkpoint(run_dir: Path, step: str = "latest", split: str | None =
     raise UserError("give exactly one of --split NAME or --data FILE.")
   mesh = sharding.make_mesh(config_lib.MeshConfig())  # evaluation runs on whatever devices are here
   cfg, model, params, labels, step_num = restore(run_dir, step, mesh)
+  perf.use_compile_cache(cfg.train.compile_cache)  # the run's eval programs, compiled once
   train.check_devices(cfg, mesh, keys=("eval_batch_size",))
   task = TASKS[cfg.task]
   tokenizer = transformers.AutoTokenizer.from_pretrained(run_dir / "tokenizer")

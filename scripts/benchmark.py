@@ -1,14 +1,15 @@
 """Benchmarks, each measured side by side in one invocation.
 
 python scripts/benchmark.py peer [--shape minilm|bert-base|smollm2-135m|llama-1b] [--batch B] [--length L]
-                                 [--dtype float32|bfloat16] [--dropout P] [--reps N] [--output FILE]
+                                 [--dtype float32|bfloat16] [--dropout P] [--scan-layers] [--reps N] [--settle N]
+                                 [--output FILE]
   jaxtune's train step against the transformers PyTorch class of the same shape (random weights, same batch,
   length, dtype, dropout, AdamW + clipping, all cores), in two worker processes whose steps alternate:
   step time, tokens/s, the ratio, compile time, peak memory and MFU (FLOPs formula: jaxtune/perf.py).
 
 python scripts/benchmark.py scale [--hidden 256] [--layers 8] [--batch 8] [--length 256] [--output FILE]
-  The scale-out options on a random Llama: compile time and op count for 2/8/32 layers, XLA temp memory and
-  step time per model.remat policy, and 1 vs 4 microbatches of the same global batch.
+  The scale-out options on a random Llama, its layers scanned: compile time and op count for 2/8/32 layers,
+  XLA temp memory and step time per model.remat policy, and 1 vs 4 microbatches of the same global batch.
 """
 
 import argparse
@@ -23,7 +24,7 @@ def peer(args: argparse.Namespace) -> dict:
 
   shape = bench.SHAPES[args.shape]
   spec = bench.Spec(args.shape, args.batch or shape["batch"], args.length or shape["length"], args.dtype,
-                    shape["dropout"] if args.dropout is None else args.dropout)
+                    shape["dropout"] if args.dropout is None else args.dropout, scan_layers=args.scan_layers)
   result = bench.peer(spec, args.reps, args.settle)
   print(bench.table(result))
   return result
@@ -45,7 +46,7 @@ def scale(args: argparse.Namespace) -> dict:
   def setup(layers: int, **step_kwargs):
     cfg = LlamaConfig(vocab_size=4096, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                       num_hidden_layers=layers, num_attention_heads=args.hidden // 64,
-                      num_key_value_heads=max(1, args.hidden // 256), head_dim=64)
+                      num_key_value_heads=max(1, args.hidden // 256), head_dim=64, scan_layers=True)
     model = pretrained.describe("llama", cfg, mesh)
     tx = optim.make(opt, 100)
     shardings = train.state_shardings(model, tx)
@@ -102,6 +103,7 @@ def main() -> int:
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--dropout", type=float, help="every dropout rate (default: 0.1 for BERT shapes, 0 for Llama)")
   p.add_argument("--reps", type=int, default=6, help="turns per side, alternating; one timed step each")
+  p.add_argument("--scan-layers", action="store_true", help="jaxtune's layers as one lax.scan (model.scan_layers)")
   p.add_argument("--settle", type=int, default=1, help="untimed steps at the start of each turn")
   p.set_defaults(run=peer)
   s = sub.add_parser("scale", help="scale-out options on a random Llama")

@@ -78,6 +78,12 @@ def params_at(run_dir, step="latest"):
 def test_resume_equals_no_interruption(tiny_bert_dir, reviews, tmp_path, monkeypatch):
   cfg = config.load(write_config(tmp_path / "c.yaml", tiny_bert_dir, reviews, train={"eval_batch_size": 16}))
   train.fit(cfg, tmp_path / "straight")
+  # the run's timing report (jaxtune/perf.py), checked on this run rather than on one more
+  timing = json.loads((tmp_path / "straight" / "timing.json").read_text())
+  assert all(timing[f"{phase}_s"] >= 0 for phase in ("imports", "data", "weights", "eval", "checkpoint"))
+  assert timing["compile_s"] > 0 and timing["train_s"] > 0 and timing["tokens_per_s"] > 0
+  assert 0 < timing["mfu"] < 1 and timing["peak_host_bytes"] > 2**27
+  assert timing["wall_s"] >= timing["train_s"] + timing["eval_s"]
   real_collate, train_batches = batching.collate, []
 
   def preempt_after_two_steps(data, rows, batch_size, *args):
