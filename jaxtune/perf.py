@@ -64,7 +64,6 @@ def vendor_peak_flops(device_kind: str) -> float | None:
 def matmul_peak(side: str, dtype: str, n: int = 2048, reps: int = 5) -> float:
   """FLOP/s of the fastest of `reps` n x n matmuls in `dtype`, with jax (side "jax") or torch."""
   if side == "jax":
-    import jax
     import jax.numpy as jnp
 
     a = jnp.ones((n, n), dtype)

@@ -139,8 +139,8 @@ def evaluate(eval_step, params: Any, data: Any, cfg: Config, batch_sharding: Any
              labels: Any) -> dict[str, float]:
   """The task's metrics over every row of `data` (a short last batch is padded, then dropped).
 
-  Rows go through shortest first, so each batch pads to the bucket of rows of similar length (on the
-  default job's reviews, 2.4x fewer tokens than in data order); outputs are put back in data order.
+  Rows go through shortest first, so each batch pads to the bucket of rows of similar length (fewer pad
+  tokens than in data order); outputs are put back in data order.
   """
   order = np.argsort(data.lengths, kind="stable")
   outputs: dict[str, list[np.ndarray]] = {}

@@ -89,8 +89,8 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 def keep_mask(rng: jax.Array, shape: Sequence[int], keep: float) -> jax.Array:
   """Bernoulli(keep) per element: a keyed integer hash of each element's flat index.
 
-  Threefry draws cost ~100 ms per 6M elements on a CPU core (MiniLM's attention dropout alone drew 38M a
-  step); this hash costs ~1 ms. Two rounds of the `lowbias32` mixer (C. Wellons; full avalanche) keyed
+  On a CPU, threefry draws for every attention probability cost more than many of the step's matmuls;
+  this hash is a few integer ops per element. Two rounds of the `lowbias32` mixer (C. Wellons; full avalanche) keyed
   by two 32-bit words threefry draws from `rng`, so masks are a pure function of (key, shape): resume
   replays them, and every mesh layout gets the same mask. The keep threshold has 2^-32 resolution.
   """
@@ -151,7 +151,7 @@ def scan(layers: nnx.Module, body: Callable[[nnx.Module, Any, Any], tuple[Any, A
 
   Scanned, the layer is traced once whatever the depth, so compile time does not grow with it.
   Unrolled (model.scan_layers: false), each layer is its own code: XLA then keeps no stacked
-  activation buffers to zero-fill and slice, a step on CPU is ~15% faster and compiling takes longer.
+  activation buffers to zero-fill and slice, so a CPU step is faster and compiling takes longer.
   With `remat` each layer's backward pass recomputes what the policy does not save.
   """
   graphdef, state = nnx.split(layers)
