@@ -84,7 +84,7 @@ class Layer(nnx.Module):
   def __call__(self, x_BxLxD: jax.Array, bias_Bx1x1xL: jax.Array, rng: jax.Array | None) -> jax.Array:
     r_attn, r_out, r_mlp = layers.split_rng(rng, 3)
     heads = ("batch", "length", "heads", "head_dim")
-    q, k, v = (sharding.constrain(proj(x_BxLxD), heads) for proj in (self.query, self.key, self.value))
+    q, k, v = (sharding.constrain(y, heads) for y in layers.dense_many((self.query, self.key, self.value), x_BxLxD))
     ctx_BxLxHxK = layers.dot_product_attention(q, k, v, bias_Bx1x1xL, self.attn_rate, r_attn)
     x_BxLxD = self.attn_norm(x_BxLxD + layers.dropout(self.attn_out(ctx_BxLxHxK), self.rate, r_out))
     h_BxLxF = sharding.constrain(self.act(self.mlp_in(x_BxLxD)), ("batch", "length", "mlp"))

@@ -70,22 +70,30 @@ def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, seg
   """Grouped-query attention under the segment-causal mask; K/V heads are shared, never repeated.
 
   With `rng` and a non-zero rate the attention probabilities are dropped out (as HF does in training),
-  which needs them spelled out; otherwise XLA's fused dot_product_attention runs.
+  which needs them spelled out, as does a CPU, where XLA's dot_product_attention lays the products out
+  transposed; otherwise XLA's fused dot_product_attention runs.
   """
   kv_seg_BxS, kv_pos_BxS = kv
   same_doc = segments.q_segments[:, :, None] == kv_seg_BxS[:, None, :]
   causal = kv_pos_BxS[:, None, :] <= segments.q_positions[:, :, None]
   mask_BxLxS = same_doc & causal & (kv_seg_BxS[:, None, :] > 0)
   k_BxSxGxK, v_BxSxGxK = k_BxSxGxK.astype(q_BxLxHxK.dtype), v_BxSxGxK.astype(q_BxLxHxK.dtype)
-  if rng is None or dropout_rate == 0.0:
+  dropout = rng is not None and dropout_rate > 0.0
+  if not dropout and jax.default_backend() != "cpu":
     return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask_BxLxS[:, None])
   b, length, h, k = q_BxLxHxK.shape
   g = k_BxSxGxK.shape[2]
-  q_BxLxGxRxK = q_BxLxHxK.reshape(b, length, g, h // g, k)  # R = H / G query heads share each kv head
-  scores_BxGxRxLxS = jnp.einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK).astype(jnp.float32) / math.sqrt(k)
+  # Heads in front of the length, so both products are batched matmuls over each operand's minor dim;
+  # R = H / G query heads share each kv head.
+  q_BxGxRxLxK = q_BxLxHxK.reshape(b, length, g, h // g, k).transpose(0, 2, 3, 1, 4)
+  k_BxGxSxK, v_BxGxSxK = k_BxSxGxK.transpose(0, 2, 1, 3), v_BxSxGxK.transpose(0, 2, 1, 3)
+  scores_BxGxRxLxS = jnp.einsum("bgrlk,bgsk->bgrls", q_BxGxRxLxK, k_BxGxSxK).astype(jnp.float32) / math.sqrt(k)
   scores_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None], scores_BxGxRxLxS, jnp.finfo(jnp.float32).min)
-  probs_BxGxRxLxS = layers.dropout(jax.nn.softmax(scores_BxGxRxLxS, -1).astype(q_BxLxHxK.dtype), dropout_rate, rng)
-  return jnp.einsum("bgrls,bsgk->blgrk", probs_BxGxRxLxS, v_BxSxGxK).reshape(b, length, h, k)
+  probs_BxGxRxLxS = jax.nn.softmax(scores_BxGxRxLxS, -1).astype(q_BxLxHxK.dtype)
+  if dropout:
+    probs_BxGxRxLxS = layers.dropout(probs_BxGxRxLxS, dropout_rate, rng)
+  ctx_BxGxRxLxK = jnp.einsum("bgrls,bgsk->bgrlk", probs_BxGxRxLxS, v_BxGxSxK)
+  return ctx_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(b, length, h, k)
 
 
 def advance(cache: Cache | None, segments: Segments) -> Cache | None:

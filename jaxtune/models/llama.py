@@ -134,8 +134,9 @@ class Attention(nnx.Module):
     q_BxLxHxK = sharding.constrain(apply_rope(self.q(x_BxLxD), segments.q_positions, inv_freq),
                                    ("batch", "length", "heads", "head_dim"))
     kv_axes = ("batch", "length", "kv_heads", "head_dim")
-    k_BxLxGxK = sharding.constrain(apply_rope(self.k(x_BxLxD), segments.q_positions, inv_freq), kv_axes)
-    v_BxLxGxK = sharding.constrain(self.v(x_BxLxD), kv_axes)
+    k_BxLxGxK, v_BxLxGxK = layers.dense_many((self.k, self.v), x_BxLxD)
+    k_BxLxGxK = sharding.constrain(apply_rope(k_BxLxGxK, segments.q_positions, inv_freq), kv_axes)
+    v_BxLxGxK = sharding.constrain(v_BxLxGxK, kv_axes)
     k_BxSxGxK, v_BxSxGxK, kv, cache = decoding.extend(cache, k_BxLxGxK, v_BxLxGxK, segments)
     ctx_BxLxHxK = decoding.attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, segments, kv, self.dropout_rate, rng)
     return self.o(ctx_BxLxHxK), cache
@@ -152,7 +153,8 @@ class MLP(nnx.Module):
     self.act = layers.ACTIVATIONS[cfg.hidden_act]
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-    h_BxLxF = sharding.constrain(self.act(self.gate(x_BxLxD)) * self.up(x_BxLxD), ("batch", "length", "mlp"))
+    gate_BxLxF, up_BxLxF = layers.dense_many((self.gate, self.up), x_BxLxD)
+    h_BxLxF = sharding.constrain(self.act(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
     return self.down(h_BxLxF)
 
 
