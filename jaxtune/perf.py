@@ -126,6 +126,13 @@ class RunClock:
     self.seconds: dict[str, float] = collections.defaultdict(float)
     self.seconds["imports"] = time.perf_counter() - self.started
     self.compile_at_start = compile_seconds()
+    self.first_step: dict[str, float] = {}
+
+  def mark_first_step(self) -> None:
+    """Call once the first train step is dispatched: records the wall and compile time it took to get there."""
+    if not self.first_step:
+      self.first_step = {"first_step_at_s": time.perf_counter() - self.started,
+                         "compile_before_first_step_s": compile_seconds() - self.compile_at_start}
 
   @contextlib.contextmanager
   def phase(self, name: str) -> Iterator[None]:
@@ -142,7 +149,7 @@ class RunClock:
     train_s = self.seconds["train"]
     stats = device.memory_stats() or {}
     return {"wall_s": time.perf_counter() - self.started, **{f"{k}_s": v for k, v in self.seconds.items()},
-            "compile_s": compile_seconds() - self.compile_at_start, "train_tokens": train_tokens,
+            "compile_s": compile_seconds() - self.compile_at_start, **self.first_step, "train_tokens": train_tokens,
             "tokens_per_s": train_tokens / train_s if train_s else None, "train_flops": train_flops,
             "peak_flops": peak, "peak_source": "measured matmul" if device.platform == "cpu" else "vendor table",
             "mfu": train_flops / train_s / peak if train_s and peak else None,
@@ -158,6 +165,9 @@ def write_report(report: dict[str, Any], path: Path) -> str:
   lines = ["where the time went: " + ", ".join(f"{k} {report[k + '_s']:.1f} s" for k in phases
                                                if report.get(k + "_s") is not None)
            + f" (wall {report['wall_s']:.1f} s)"]
+  if report.get("first_step_at_s") is not None:
+    lines.append(f"first step dispatched {report['first_step_at_s']:.1f} s after start, after "
+                 f"{report['compile_before_first_step_s']:.1f} s of compile")
   mfu = f"{100 * report['mfu']:.1f}%" if report["mfu"] is not None else "-"
   device = report["peak_device_bytes"]
   lines.append(f"train {report['tokens_per_s'] or 0:.0f} tokens/s, MFU {mfu} of {report['peak_flops'] or 0:.3g} "

@@ -288,6 +288,7 @@ def loop(run: Run, clock: perf.RunClock | None = None) -> tuple[TrainState, dict
     with clock.phase("train"):
       batch = device_batch(run.task, run.splits["train"], rows, cfg.train.batch_size, cfg, run.batch_sharding)
       state, step_metrics = run.train_step(state, batch)
+      clock.mark_first_step()
       step += 1
       tokens = int(lengths[rows].sum())
       seen["examples"] += len(rows)

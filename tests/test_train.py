@@ -84,6 +84,8 @@ def test_resume_equals_no_interruption(tiny_bert_dir, reviews, tmp_path, monkeyp
   assert timing["compile_s"] > 0 and timing["train_s"] > 0 and timing["tokens_per_s"] > 0
   assert 0 < timing["mfu"] < 1 and timing["peak_host_bytes"] > 2**27
   assert timing["wall_s"] >= timing["train_s"] + timing["eval_s"]
+  assert 0 < timing["compile_before_first_step_s"] <= timing["compile_s"] < timing["wall_s"]
+  assert timing["first_step_at_s"] < timing["wall_s"]
   real_collate, train_batches = batching.collate, []
 
   def preempt_after_two_steps(data, rows, batch_size, *args):

@@ -90,9 +90,7 @@ def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, seg
   scores_BxGxRxLxS = jnp.einsum("bgrlk,bgsk->bgrls", q_BxGxRxLxK, k_BxGxSxK).astype(jnp.float32) / math.sqrt(k)
   scores_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None], scores_BxGxRxLxS, jnp.finfo(jnp.float32).min)
   probs_BxGxRxLxS = jax.nn.softmax(scores_BxGxRxLxS, -1).astype(q_BxLxHxK.dtype)
-  if dropout:
-    probs_BxGxRxLxS = layers.dropout(probs_BxGxRxLxS, dropout_rate, rng)
-  ctx_BxGxRxLxK = jnp.einsum("bgrls,bgsk->bgrlk", probs_BxGxRxLxS, v_BxGxSxK)
+  ctx_BxGxRxLxK = layers.dropout_matmul("bgrls,bgsk->bgrlk", probs_BxGxRxLxS, v_BxGxSxK, dropout_rate, rng)
   return ctx_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(b, length, h, k)
 
 

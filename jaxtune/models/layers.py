@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -147,8 +148,24 @@ def dot_product_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK:
   q_BxHxLxK, k_BxHxLxK, v_BxHxLxK = (x.transpose(0, 2, 1, 3) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
   scores_BxHxLxL = jnp.einsum("bhqk,bhtk->bhqt", q_BxHxLxK, k_BxHxLxK).astype(jnp.float32) * scale
   probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL + bias_Bx1x1xL.astype(jnp.float32), axis=-1)
-  probs_BxHxLxL = dropout(probs_BxHxLxL.astype(q_BxLxHxK.dtype), rate, rng)
-  return jnp.einsum("bhqt,bhtk->bhqk", probs_BxHxLxL, v_BxHxLxK).transpose(0, 2, 1, 3)
+  ctx_BxHxLxK = dropout_matmul("bhqt,bhtk->bhqk", probs_BxHxLxL.astype(q_BxLxHxK.dtype), v_BxHxLxK, rate, rng)
+  return ctx_BxHxLxK.transpose(0, 2, 1, 3)
+
+
+def dropout_matmul(subscripts: str, probs: jax.Array, v: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """einsum(subscripts, dropout(probs), v), keeping nothing but `probs` and `v` for the backward pass.
+
+  The backward pass recomputes the keep mask (a few integer ops per element) and the dropped
+  probabilities instead of holding both, two L x L tensors per layer, until then.
+  """
+  if rng is None or rate == 0.0:
+    return jnp.einsum(subscripts, probs, v)
+
+  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+  def dropped(probs: jax.Array, v: jax.Array, rng: jax.Array) -> jax.Array:
+    return jnp.einsum(subscripts, dropout(probs, rate, rng), v)
+
+  return dropped(probs, v, rng)
 
 
 def stack(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
