@@ -198,8 +198,8 @@ def scan(layers: nnx.Module, body: Callable[[nnx.Module, Any, Any], tuple[Any, A
     layer_state, x = inputs
     return body(nnx.merge(graphdef, layer_state), carry, x)
 
-  if remat != "none":
-    step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
+  if remat != "none":  # a scan body cannot be merged with its recomputation; unrolled code needs prevent_cse
+    step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=unroll)
   inputs = (nnx.to_pure_dict(state), xs)
   if not unroll:
     return jax.lax.scan(step, carry, inputs)
