@@ -305,7 +305,7 @@ def loop(run: Run, clock: perf.RunClock | None = None) -> tuple[TrainState, dict
       save_now = step == run.steps or (save_every and step % save_every == 0)
       if step % cfg.train.log_every == 0 or step == run.steps:
         pending = step, step_metrics, seen, tick
-        if evaluate_now or save_now or step == run.steps:  # the state is about to be read anyway
+        if evaluate_now or save_now:  # the state is about to be read anyway (save_now holds at the last step)
           _log_train(log, run, *pending)
           pending = None
     if evaluate_now:
@@ -321,7 +321,7 @@ def loop(run: Run, clock: perf.RunClock | None = None) -> tuple[TrainState, dict
     if evaluate_now or step % cfg.train.log_every == 0:  # throughput counts training time only
       tick, seen = time.perf_counter(), {"examples": 0, "tokens": 0}
   log.close()
-  return state, last_eval, (work[0], work[1])
+  return state, last_eval, tuple(work)
 
 
 def _log_train(log: metrics_lib.RunLog, run: Run, step: int, step_metrics: dict[str, jax.Array],
