@@ -11,14 +11,24 @@ from collections.abc import Callable
 # mmap; on 4 KiB pages the kernel faults them in page by page, 512x as many faults as on 2 MiB pages.
 # glibc reads tunables only at process start.
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
+# XLA:CPU's default scheduler orders independent ops for concurrency and so keeps many layers'
+# activations alive at once; the memory-minimising order cut the MiniLM 32 x 256 train step's
+# temporaries from 3.6 to 2.7 GB at the same speed (README, Performance). XLA:CPU reads it only
+# from XLA_FLAGS, not per compile, and only before its backend starts.
+MEMORY_FIRST_SCHEDULE = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 NO_TUNING = "JAXTUNE_NO_HOST_TUNING"  # set to 1 to run with the environment exactly as given
 
 
 def tune_host() -> None:
-  """Re-executes this process once with HUGE_PAGES added to GLIBC_TUNABLES (Linux glibc only; a no-op after)."""
+  """Adds MEMORY_FIRST_SCHEDULE to XLA_FLAGS, then re-executes this process once with HUGE_PAGES added to
+  GLIBC_TUNABLES (Linux glibc only; a no-op after). Settings the user gave are kept as they are."""
+  if os.environ.get(NO_TUNING) == "1":
+    return
+  xla_flags = os.environ.get("XLA_FLAGS", "")
+  if MEMORY_FIRST_SCHEDULE.split("=")[0] not in xla_flags:
+    os.environ["XLA_FLAGS"] = f"{xla_flags} {MEMORY_FIRST_SCHEDULE}".strip()
   tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if (sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or os.environ.get(NO_TUNING) == "1"
-      or "glibc.malloc.hugetlb" in tunables):
+  if sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or "glibc.malloc.hugetlb" in tunables:
     return
   os.environ["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGES}" if tunables else HUGE_PAGES
   sys.stdout.flush()
