@@ -110,6 +110,8 @@ def _jax_side(spec: Spec) -> tuple[Any, dict[str, Any]]:
   compiled = step.lower(state, batch).compile()
   facts = {"compile_s": time.perf_counter() - tick, "threads": os.cpu_count(), "devices": jax.device_count(),
            "device_kind": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform}
+  analysis = compiled.memory_analysis()  # XLA's buffer plan: the step's temporaries, beside params and batch
+  facts["xla_temp_bytes"] = getattr(analysis, "temp_size_in_bytes", None)
   holder = [state]
 
   def run() -> None:
@@ -275,6 +277,9 @@ def table(result: dict[str, Any]) -> str:
                  f"{r['threads']:>7} | {r['peak_rss'] / 1e9:>11.2f} | {device:>14} | {mfu}")
   for name, r in result["sides"].items():
     lines.append(f"{name} untimed first steps of its turns, s: {' '.join(f'{t:.2f}' for t in r['settle_s_all'])}")
+  temp = result["sides"]["jaxtune"].get("xla_temp_bytes")
+  if temp:
+    lines.append(f"jaxtune's XLA temporary buffer for the step: {temp / 1e9:.2f} GB")
   lines.append(f"jaxtune speed / PyTorch speed: {result['speedup']:.2f}x")
   return "\n".join(lines)
 
