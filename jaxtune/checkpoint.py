@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -29,8 +32,11 @@ class Checkpoints:
     if cfg.best_metric:
       keep.append(policies.BestN(get_metric_fn=lambda m: m[cfg.best_metric], n=1,
                                  reverse=cfg.best_mode == "min", keep_checkpoints_without_metrics=False))
+    # A write killed midway leaves only a temp dir (Orbax renames a step dir into place once complete),
+    # which a writable manager deletes on opening and a read-only one never lists.
     options = ocp.CheckpointManagerOptions(preservation_policy=policies.AnyPreservationPolicy(keep),
-                                           read_only=read_only, create=not read_only)
+                                           read_only=read_only, create=not read_only,
+                                           cleanup_tmp_directories=not read_only)
     self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=ITEMS)
 
   def save(self, step: int, params: Any, opt_state: Any, train: Any, meta: dict[str, Any],
@@ -72,12 +78,65 @@ class Checkpoints:
     """Restores only the named items, each into the shardings of its abstract target tree."""
     if "params" in abstract:
       self._check_fits(step, abstract["params"])
-    args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+      return self._read(step, abstract)
     except ValueError as e:  # Orbax's structure / shape mismatches in the other items
       raise self._misfit(step, str(e).splitlines()[0][:200]) from None
+
+  def _read(self, step: int, abstract: dict[str, Any]) -> dict[str, Any]:
+    args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
+    restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     return {name: restored[name] for name in abstract}
+
+  def restore_latest(self, targets: Callable[[dict[str, Any]], dict[str, Any]],
+                     set_aside: bool = False) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """(step, meta, items) of the newest checkpoint that reads back whole; items per `targets(meta)`.
+
+    `targets` maps a step's meta to the abstract trees to restore (as `restore` takes them). Newer
+    steps that fail to read (truncated or corrupted files) are skipped with a warning naming them;
+    with `set_aside` they are moved to checkpoints.unreadable/ so that training can write those
+    steps again. A checkpoint of another model is still an error, not skipped.
+    """
+    skipped: list[tuple[int, str]] = []
+    for step in reversed(self.steps()):
+      try:
+        meta = self.meta(step)
+        abstract = targets(meta)
+        if "params" in abstract:
+          self._check_fits(step, abstract["params"])
+        items = self._read(step, abstract)
+      except UserError:
+        raise
+      except Exception as e:  # Orbax, tensorstore and JSON errors of damaged files
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        print(f"warning: skipping checkpoint step {step} in {self.dir}, which does not read back ({reason})",
+              file=sys.stderr, flush=True)
+        skipped.append((step, reason))
+        continue
+      if set_aside and skipped:
+        self._set_aside([s for s, _ in skipped])
+      return step, meta, items
+    if skipped:
+      raise UserError(f"no checkpoint in {self.dir} reads back (step {skipped[0][0]}: {skipped[0][1]}); start a new "
+                      "run or restore the files.")
+    raise UserError(f"{self.dir} holds no finished checkpoint; train first or pick another run dir.")
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves unreadable step dirs to checkpoints.unreadable/ (process 0), then rereads the step list."""
+    if jax.process_index() == 0:
+      away = self.dir.parent / "checkpoints.unreadable"
+      away.mkdir(exist_ok=True)
+      for step in steps:
+        target = away / str(step)
+        n = 1
+        while target.exists():
+          target, n = away / f"{step}.{n}", n + 1
+        (self.dir / str(step)).rename(target)
+        print(f"warning: moved the unreadable checkpoint step {step} to {target}", file=sys.stderr, flush=True)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("jaxtune: unreadable checkpoints moved")
+    self.manager.reload()
 
   def _check_fits(self, step: int, params: Any) -> None:
     """Saved param paths and shapes must be the target's (checked from metadata, before any read)."""

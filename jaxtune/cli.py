@@ -37,13 +37,31 @@ def tune_host() -> None:
 
 
 def run(main: Callable[[], int | None]) -> None:
-  """Runs `main` after `tune_host`, turning a UserError into `error: <message>` and exit 2."""
+  """Runs `main` after `tune_host`; ends every expected failure with one line and its exit code.
+
+  UserError: `error: <message>`, exit 2. errors.Stopped (preemption, non-finite loss): its line and
+  code. A file-system error (read-only or full disk, missing permission): one line naming the path,
+  exit 2. Ctrl-C outside the training loop: exit 130.
+  """
   tune_host()
-  from jaxtune.errors import UserError
+  from jaxtune import errors
 
   try:
     code = main()
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except errors.UserError as e:
+    _fail(f"error: {e}", errors.EXIT_USER_ERROR)
+  except errors.Stopped as e:
+    _fail(str(e), e.code)
+  except KeyboardInterrupt:
+    _fail("interrupted; nothing more was saved (checkpoints already written are intact)", errors.EXIT_INTERRUPTED)
+  except OSError as e:
+    where = f" {e.filename}" if e.filename else ""
+    _fail(f"error: cannot read or write{where}: {e.strerror or e}; check that the path exists, is writable and "
+          "that its disk has space.", errors.EXIT_USER_ERROR)
   sys.exit(code or 0)
+
+
+def _fail(line: str, code: int) -> None:
+  sys.stdout.flush()
+  print(line, file=sys.stderr, flush=True)
+  sys.exit(code)

@@ -101,6 +101,11 @@ class TrainConfig:
   # XLA's persistent compilation cache: a second run of the same shapes loads its programs instead of
   # compiling them. "" turns it off; JAX_COMPILATION_CACHE_DIR, when set, wins.
   compile_cache: str = "~/.cache/jaxtune/xla"
+  # A step whose loss or gradient norm is NaN or inf. stop: end the run there (exit code 3), keeping
+  # the checkpoints saved before it (none is saved after); skip: drop that update (params and
+  # optimiser state unchanged), log it and go on, but stop after nonfinite_max_skips in a row.
+  nonfinite: Literal["stop", "skip"] = "stop"
+  nonfinite_max_skips: int = 10
 
   def __post_init__(self) -> None:
     _check(self.batch_size > 0, "train.batch_size", "must be positive")
@@ -111,17 +116,20 @@ class TrainConfig:
     _check(self.max_steps > 0 or self.epochs > 0, "train.epochs", "or train.max_steps must be positive")
     _check(self.log_every > 0, "train.log_every", "must be positive")
     _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+    _check(self.nonfinite_max_skips >= 1, "train.nonfinite_max_skips", "must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
   save_every: int = 0  # steps between checkpoints; 0 = at each eval; the final step is always saved
+  save_every_minutes: float = 30.0  # also save once this long has passed since the last save; 0 = never
   keep_last: int = 2  # most recent checkpoints kept
   best_metric: str = "accuracy"  # validation metric whose best checkpoint is also kept; "" = none
   best_mode: Literal["max", "min"] = "max"
 
   def __post_init__(self) -> None:
     _check(self.save_every >= 0, "checkpoint.save_every", "must be >= 0")
+    _check(self.save_every_minutes >= 0, "checkpoint.save_every_minutes", "must be >= 0 (0 = never)")
     _check(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
 
 
@@ -178,7 +186,10 @@ def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
   try:
     raw = yaml.safe_load(path.read_text()) or {}
   except yaml.YAMLError as e:
-    raise UserError(f"config file {path} is not valid YAML ({e}); fix the syntax.") from None
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(e, "problem", None) or type(e).__name__
+    raise UserError(f"config file {path} is not valid YAML ({problem}{where}); fix the syntax.") from None
   if not isinstance(raw, dict):
     raise UserError(f"config file {path} must hold a mapping of sections, not {type(raw).__name__}.")
   for item in overrides:

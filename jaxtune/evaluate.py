@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import transformers
 
 from jaxtune import config as config_lib
-from jaxtune import generate, perf, pretrained, sharding, tasks, train
+from jaxtune import generate, metrics, perf, pretrained, rundir, sharding, tasks, train
 from jaxtune.checkpoint import Checkpoints
 from jaxtune.config import CheckpointConfig, Config
 from jaxtune.data import lm, splits
@@ -34,14 +34,22 @@ def restore_step(run_dir: Path, step: str,
   has_config = (run_dir / "config.yaml").is_file()
   ckpts = Checkpoints(run_dir, load_run_config(run_dir).checkpoint if has_config else CheckpointConfig(),
                       read_only=True)
-  step_num = ckpts.resolve(step)
-  meta = ckpts.meta(step_num)
-  family = pretrained.FAMILIES[meta["family"]]
-  model = pretrained.describe(meta["family"], family.config(**meta["model"]), mesh, hf_config=meta.get("hf_config"))
-  target = sharding.placed(sharding.unflatten(model.abstract), model.shardings)
-  params = ckpts.restore(step_num, params=target)["params"]
+  models: dict[int, pretrained.Model] = {}
+
+  def targets(meta: dict[str, Any]) -> dict[str, Any]:
+    family = pretrained.FAMILIES[meta["family"]]
+    model = models[id(meta)] = pretrained.describe(meta["family"], family.config(**meta["model"]), mesh,
+                                                   hf_config=meta.get("hf_config"))
+    return {"params": sharding.placed(sharding.unflatten(model.abstract), model.shardings)}
+
+  if step == "latest":  # the newest checkpoint that reads back; damaged newer ones are named and skipped
+    step_num, meta, got = ckpts.restore_latest(targets)
+  else:
+    step_num = ckpts.resolve(step)
+    meta = ckpts.meta(step_num)
+    got = ckpts.restore(step_num, **targets(meta))
   ckpts.close()
-  return meta, model, params, step_num
+  return meta, models[id(meta)], got["params"], step_num
 
 
 def restore(run_dir: Path, step: str, mesh: jax.sharding.Mesh) -> tuple[Config, pretrained.Model, Any, Any, Any]:
@@ -102,7 +110,6 @@ def score_generations(outputs: Sequence[Sequence[int]], eos: Sequence[int], toke
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(result, indent=2) + "\n")
-  tmp.replace(path)
+  """Writes `result` to `path` atomically (NaN as null), creating only the run's own eval/ directory."""
+  path.parent.mkdir(exist_ok=True)
+  rundir.write_text(path, json.dumps(metrics.json_safe(result), indent=2, allow_nan=False) + "\n")

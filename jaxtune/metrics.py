@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +23,40 @@ def classification(preds: np.ndarray, labels: np.ndarray, losses: np.ndarray, nu
           "loss": float(np.mean(losses)), "num_examples": len(labels)}
 
 
+def json_safe(value: Any) -> Any:
+  """`value` with NaN and infinities replaced by null, which JSON (unlike Python's json) allows."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  return value
+
+
 class RunLog:
-  """Appends records to run_dir/metrics.jsonl and drives a progress bar; silent off process 0."""
+  """Appends records to run_dir/metrics.jsonl and drives a progress bar; silent off process 0.
+
+  Started at step S > 0 (a resume), it first drops the records of steps after S, which the
+  resumed run writes again, so the file holds each step once.
+  """
 
   def __init__(self, run_dir: Path, total_steps: int, start_step: int):
+    from jaxtune import rundir
+
     self.active = jax.process_index() == 0
     self.path = run_dir / "metrics.jsonl"
+    if self.active and self.path.exists():
+      lines = self.path.read_text().splitlines()
+      kept = [line for line in lines if _step_of(line) <= start_step]
+      if len(kept) < len(lines):
+        rundir.write_text(self.path, "".join(line + "\n" for line in kept))
     self.bar = tqdm(total=total_steps, initial=start_step, disable=not self.active, dynamic_ncols=True)
 
   def write(self, record: dict[str, Any]) -> None:
     if self.active:
       with self.path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
   def train(self, step: int, record: dict[str, float]) -> None:
     self.write({"step": step, **record})
@@ -50,3 +73,11 @@ class RunLog:
 
   def close(self) -> None:
     self.bar.close()
+
+
+def _step_of(line: str) -> float:
+  """The step of a metrics.jsonl line; a line cut short by a kill counts as after every step."""
+  try:
+    return json.loads(line)["step"]
+  except (ValueError, KeyError, TypeError):
+    return math.inf

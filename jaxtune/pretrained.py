@@ -97,17 +97,23 @@ def load_tokenizer(model_cfg: ModelConfig) -> Any:
                     "to an HF tokenizer directory or hub id.") from None
 
 
+def check_kind(hf_config: dict[str, Any], model_cfg: ModelConfig, kind: str | None) -> tuple[str, ModelFamily]:
+  """(family name, family) of an HF config; a family of another kind than `kind` is a UserError."""
+  family_name, family = family_of(hf_config)
+  if kind is not None and family.kind != kind:
+    task = "classification" if kind == "encoder" else "causal_lm"
+    raise UserError(f"model.path {model_cfg.path} is a {family_name} {family.kind}, but task {task} needs "
+                    f"{'an' if kind == 'encoder' else 'a'} {kind} model; change task or model.path.")
+  return family_name, family
+
+
 def from_config(hf_config: dict[str, Any], model_cfg: ModelConfig, num_labels: int, mesh: Mesh, seed: int = 0,
                 kind: str | None = None, rules: sharding.Rules = sharding.RULES) -> Model:
   """The model an HF config (from `open_checkpoint`) describes, shardings included; no weight is read.
 
   `kind` ("encoder" / "decoder") is what the task needs; another kind of model is a UserError.
   """
-  family_name, family = family_of(hf_config)
-  if kind is not None and family.kind != kind:
-    task = "classification" if kind == "encoder" else "causal_lm"
-    raise UserError(f"model.path {model_cfg.path} is a {family_name} {family.kind}, but task {task} needs an "
-                    f"{kind} model; change task or model.path.")
+  family_name, family = check_kind(hf_config, model_cfg, kind)
   cfg = dataclasses.replace(family.config.from_hf(hf_config, num_labels, model_cfg.dropout),
                             scan_layers=model_cfg.scan_layers)
   return describe(family_name, cfg, mesh, seed, hf_config, rules)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -17,12 +18,13 @@ import yaml
 from jax.experimental import multihost_utils
 
 from jaxtune import config as config_lib
+from jaxtune import errors, optim, perf, pretrained, rundir, sharding
 from jaxtune import metrics as metrics_lib
-from jaxtune import optim, perf, pretrained, sharding
 from jaxtune.checkpoint import Checkpoints
 from jaxtune.config import Config
 from jaxtune.data import batching
 from jaxtune.errors import UserError
+from jaxtune.models import FAMILIES
 from jaxtune.tasks import TASKS
 
 
@@ -68,11 +70,15 @@ def init_state(params: Any, tx: optax.GradientTransformation, seed: int, shardin
 
 def make_train_step(model: pretrained.Model, task: Any, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, dtype: jnp.dtype, shardings: TrainState, batch_sharding: Any,
-                    grad_accum: int = 1, remat: str = "none"):
+                    grad_accum: int = 1, remat: str = "none", skip_nonfinite: bool = False):
   """(state, batch) -> (state, metrics): one AdamW update, jitted once per batch shape, state donated.
 
   With grad_accum = K the batch runs as K microbatches in a scan; the summed loss and gradients
   are divided once by the target count of the whole batch, so the update equals the big batch's.
+  metrics["finite"] is False for a non-finite loss or gradient norm. With skip_nonfinite such a step
+  leaves params and optimiser state unchanged (train.nonfinite: skip). Without it (stop) the loop
+  ends the run on reading that flag, before any later checkpoint; the select costs copies of the
+  AdamW moments in XLA:CPU's fused update, so it is only compiled in when asked for.
   """
 
   def summed(params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
@@ -100,7 +106,12 @@ def make_train_step(model: pretrained.Model, task: Any, tx: optax.GradientTransf
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+    loss, grad_norm = loss_sum / count, optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:  # params and moments stay as they were; the batch still counts as consumed
+      params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
+                                       (state.params, state.opt_state))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite}
     return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
   return jax.jit(step, in_shardings=(shardings, batch_sharding),
@@ -197,6 +208,7 @@ class Run:
   cfg: Config
   dir: Path
   ckpts: Checkpoints
+  lock: rundir.RunLock  # held from `prepare` until `fit` returns
   model: pretrained.Model
   task: Any  # tasks.Classification or tasks.CausalLM
   labels: list[Any] | None  # class names (classification only)
@@ -210,157 +222,313 @@ class Run:
   meta: dict[str, Any]  # saved with every checkpoint: what evaluation needs
 
 
-def prepare(cfg: Config, run_dir: Path, resume: bool = False, clock: perf.RunClock | None = None) -> Run:
-  """Checks the config against devices and data, builds the state in its shardings (restored on --resume)."""
+# train keys a resume may change: they alter neither the data order nor the schedule (nor the result)
+RESUMABLE_TRAIN_KEYS = ("eval_batch_size", "eval_every", "log_every", "compile_cache", "nonfinite",
+                        "nonfinite_max_skips")
+EXTENDABLE_TRAIN_KEYS = ("epochs", "max_steps")  # with --extend
+
+
+def prepare(cfg: Config, run_dir: Path, resume: bool = False, clock: perf.RunClock | None = None,
+            extend: bool = False) -> Run:
+  """Checks config, devices, data and model, builds the state (restored on --resume), then writes the run dir.
+
+  Every check runs before the first write: a bad input leaves no new directory and changes no file.
+  """
   clock = clock or perf.RunClock()
-  with clock.phase("setup"):
-    perf.use_compile_cache(cfg.train.compile_cache)
-    mesh = sharding.make_mesh(cfg.mesh)
-    rules = sharding.rules_with(cfg.mesh.rules)
-    check_devices(cfg, mesh, rules)
-    _check_run_dir(cfg, run_dir, resume)
-  with clock.phase("data"):
-    tokenizer = pretrained.load_tokenizer(cfg.model)
-    names = ["train"] + (["validation"] if cfg.data.validation or cfg.data.validation_holdout else [])
-    labels, splits = TASKS[cfg.task].load(cfg, tokenizer, names)
-  with clock.phase("weights"):
-    return _build(cfg, run_dir, resume, mesh, rules, tokenizer, labels, splits)
+  lock = rundir.RunLock(run_dir)
+  created = not run_dir.exists()
+  try:
+    with clock.phase("setup"):
+      perf.use_compile_cache(cfg.train.compile_cache)
+      mesh = sharding.make_mesh(cfg.mesh)
+      rules = sharding.rules_with(cfg.mesh.rules)
+      check_devices(cfg, mesh, rules)
+      if not created and jax.process_index() == 0:
+        lock.acquire()  # before looking, so that a second writer is refused rather than racing
+      _check_run_dir(cfg, run_dir, resume, extend)
+    with clock.phase("weights"):  # the model's config first: a wrong model fails before the data is read
+      hf_config, reader = pretrained.open_checkpoint(cfg.model)  # opened once: parsing a GGUF file takes seconds
+      pretrained.check_kind(hf_config, cfg.model, TASKS[cfg.task].family_kind)
+    with clock.phase("data"):
+      tokenizer = pretrained.load_tokenizer(cfg.model)
+      names = ["train"] + (["validation"] if cfg.data.validation or cfg.data.validation_holdout else [])
+      labels, splits = TASKS[cfg.task].load(cfg, tokenizer, names)
+    with clock.phase("weights"):
+      return _build(cfg, run_dir, resume, mesh, rules, (hf_config, reader), tokenizer, labels, splits, lock, created)
+  except BaseException:
+    lock.release()
+    raise
 
 
-def _build(cfg: Config, run_dir: Path, resume: bool, mesh: jax.sharding.Mesh, rules: sharding.Rules, tokenizer: Any,
-           labels: Any, splits: dict[str, Any]) -> Run:
+def _build(cfg: Config, run_dir: Path, resume: bool, mesh: jax.sharding.Mesh, rules: sharding.Rules,
+           checkpoint: tuple[dict[str, Any], Any], tokenizer: Any, labels: Any, splits: dict[str, Any],
+           lock: rundir.RunLock, created: bool) -> Run:
   """The rest of `prepare`, once the data is loaded: model, state (loaded or restored) and the jitted steps."""
   task = TASKS[cfg.task]
   per_epoch, steps = total_steps(cfg, len(splits["train"]))
-  hf_config, reader = pretrained.open_checkpoint(cfg.model)  # opened once: parsing a GGUF file takes seconds
+  hf_config, reader = checkpoint
   model = pretrained.from_config(hf_config, cfg.model, len(labels or ()), mesh, cfg.train.seed, task.family_kind,
                                  rules)
+  check_fits_model(cfg, model, splits)
   tx = optim.make(cfg.optim, steps)
   shardings = state_shardings(model, tx)
-  ckpts = _start_run(cfg, run_dir, tokenizer)  # the first write, once everything above checked out
-  if resume and ckpts.steps():  # straight into the saved state: the pretrained weights are never read
-    state = _restore(ckpts, abstract_state(model, tx, shardings))
+  meta = {"family": model.family, "model": dataclasses.asdict(model.cfg), "hf_config": model.hf_config,
+          "labels": labels, "config": config_lib.to_dict(cfg), "steps_per_epoch": per_epoch, "mesh": dict(mesh.shape)}
+  if resume:  # straight into the saved state: the pretrained weights are never read
+    ckpts = Checkpoints(run_dir, cfg.checkpoint)
+    state, saved_meta = _restore(ckpts, abstract_state(model, tx, shardings))
+    _check_position(saved_meta, int(state.step), per_epoch, len(splits["train"]), steps)
   else:
     params = pretrained.load_params(model, cfg.model, reader, cfg.train.seed)
     state = init_state(params, tx, cfg.train.seed, shardings)
+    ckpts = _start_run(cfg, run_dir, tokenizer, lock, created)  # the first write, once everything checked out
+  if resume:
+    _write_config(cfg, run_dir)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   dtype = jnp.dtype(cfg.model.compute_dtype)
-  meta = {"family": model.family, "model": dataclasses.asdict(model.cfg), "hf_config": model.hf_config,
-          "labels": labels,
-          "config": config_lib.to_dict(cfg), "steps_per_epoch": per_epoch, "mesh": dict(mesh.shape)}
   train_step = make_train_step(model, task, tx, optim.schedule(cfg.optim, steps), dtype, shardings, batch_sharding,
-                               cfg.train.grad_accum, cfg.model.remat)
-  return Run(cfg, run_dir, ckpts, model, task, labels, splits, per_epoch, steps, state, train_step,
+                               cfg.train.grad_accum, cfg.model.remat, cfg.train.nonfinite == "skip")
+  return Run(cfg, run_dir, ckpts, lock, model, task, labels, splits, per_epoch, steps, state, train_step,
              make_eval_step(model, task, dtype, shardings.params, batch_sharding), batch_sharding, meta)
 
 
-def fit(cfg: Config, run_dir: Path, resume: bool = False, clock: perf.RunClock | None = None) -> dict[str, Any]:
-  """Fine-tunes per `cfg`, writing logs, checkpoints and timing.json into run_dir; returns the last eval metrics."""
+def check_fits_model(cfg: Config, model: pretrained.Model, splits: dict[str, Any]) -> None:
+  """The data's lengths and token ids must fit the model's position table and vocabulary."""
+  positions = FAMILIES[model.family].max_positions(model.cfg)
+  if positions is not None and cfg.data.max_len > positions:
+    raise UserError(f"data.max_len={cfg.data.max_len} is longer than {cfg.model.path}'s {positions} positions; set "
+                    f"data.max_len (and data.length_buckets) to at most {positions}.")
+  vocab = model.cfg.vocab_size
+  for name, data in splits.items():
+    largest = data.max_token_id
+    if largest >= vocab:
+      raise UserError(f"data split {name}: the tokenizer gives token id {largest}, but {cfg.model.path} has only "
+                      f"{vocab} embeddings; use the model's own tokenizer (model.tokenizer) or a model that fits it.")
+
+
+def fit(cfg: Config, run_dir: Path, resume: bool = False, clock: perf.RunClock | None = None,
+        extend: bool = False) -> dict[str, Any]:
+  """Fine-tunes per `cfg`, writing logs, checkpoints and timing.json into run_dir; returns the last eval metrics.
+
+  SIGTERM or SIGINT during training saves a checkpoint after the current step and raises
+  errors.Stopped (exit code 75); a non-finite step under train.nonfinite raises it with code 3.
+  """
   clock = clock or perf.RunClock()
-  run = prepare(cfg, run_dir, resume, clock)
+  run = prepare(cfg, run_dir, resume, clock, extend)
+  stop = rundir.StopRequests()
   try:
-    _, last_eval, work = loop(run, clock)
+    with stop.active():
+      _, last_eval, work = loop(run, clock, stop)
   finally:  # even when interrupted, let finished checkpoint writes commit
     with clock.phase("checkpoint"):
       run.ckpts.wait()
       run.ckpts.close()
+    run.lock.release()
   report = clock.report(*work)
   if jax.process_index() == 0:
     print(perf.write_report(report, run_dir / "timing.json"), flush=True)
   return last_eval
 
 
-def loop(run: Run, clock: perf.RunClock | None = None) -> tuple[TrainState, dict[str, Any], tuple[int, float]]:
+class _Watch:
+  """Per-step host checks of a running loop: non-finite steps, stop signals and time-based saves."""
+
+  def __init__(self, cfg: Config, stop: rundir.StopRequests | None):
+    self.cfg, self.stop = cfg, stop
+    self.skips_in_row = 0
+    self.last_save = time.monotonic()
+
+  def check_step(self, log: metrics_lib.RunLog, step: int, record: dict[str, float]) -> None:
+    """After step `step`'s metrics are read: raises Stopped for a non-finite step unless it may be skipped."""
+    if record["finite"]:
+      self.skips_in_row = 0
+      return
+    what = "loss" if not math.isfinite(record["loss"]) else "gradient norm"
+    value = record["loss"] if what == "loss" else record["grad_norm"]
+    if self.cfg.train.nonfinite == "skip":
+      self.skips_in_row += 1
+      log.write({"step": step, "event": "skipped_update", "nonfinite": what, "value": str(value)})
+      if self.skips_in_row < self.cfg.train.nonfinite_max_skips:
+        return
+      raise errors.Stopped(f"error: step {step}: the {what} was {value} for {self.skips_in_row} steps in a row "
+                           f"(train.nonfinite_max_skips={self.cfg.train.nonfinite_max_skips}); none of those "
+                           "updates was applied and the run stopped, keeping its checkpoints. Lower optim.lr or "
+                           "check the data.", errors.EXIT_NONFINITE)
+    raise errors.Stopped(f"error: step {step}: the {what} is {value}; the run stopped (train.nonfinite: stop) and "
+                         "saved nothing from that step on, keeping its earlier checkpoints. Lower optim.lr or check "
+                         "the data, or set train.nonfinite=skip to drop such steps.", errors.EXIT_NONFINITE)
+
+  def stop_and_save(self) -> tuple[bool, bool]:
+    """(stop after this step, save this step for time): the same answer on every process."""
+    minutes = self.cfg.checkpoint.save_every_minutes
+    flags = np.array([self.stop is not None and self.stop.signal is not None,
+                      minutes > 0 and time.monotonic() - self.last_save >= 60 * minutes], np.int32)
+    if jax.process_count() > 1:  # a signal may reach the processes at different steps
+      flags = multihost_utils.process_allgather(flags).reshape(-1, 2).max(axis=0)
+    return bool(flags[0]), bool(flags[1])
+
+
+def loop(run: Run, clock: perf.RunClock | None = None,
+         stop: rundir.StopRequests | None = None) -> tuple[TrainState, dict[str, Any], tuple[int, float]]:
   """Trains `run` to its last step: (final state, last validation metrics, (real tokens, FLOPs) trained on)."""
   cfg, state, step = run.cfg, run.state, int(run.state.step)
   clock = clock or perf.RunClock()
-  log = metrics_lib.RunLog(run.dir, run.steps, step)
-  log.write({"step": step, "event": "start", "total_steps": run.steps, "mesh": run.meta["mesh"],
-             "processes": jax.process_count()})
+  log = metrics_lib.RunLog(run.dir, run.steps, step)  # on resume, drops records of steps after `step`
+  log.write({"step": step, "event": "resume" if step else "start", "total_steps": run.steps,
+             "mesh": run.meta["mesh"], "processes": jax.process_count()})
+  watch = _Watch(cfg, stop)
   last_eval: dict[str, Any] = {}
   lengths = run.splits["train"].lengths  # real tokens per row
   flops_per_token = functools.cache(lambda length: perf.train_flops_per_token(run.model.hf_config, length, cfg.task))
   tick, seen, work = time.perf_counter(), {"examples": 0, "tokens": 0}, [0, 0.0]
   save_every = cfg.checkpoint.save_every or cfg.train.eval_every
-  pending = None  # (step, metrics) to log: read once the next step is dispatched, so logging never stalls the device
-  for rows in batching.step_batches(lengths, cfg.train.batch_size, cfg.train.seed, cfg.data.group_by_length,
-                                    run.per_epoch, step, run.steps):
-    with clock.phase("train"):
-      batch = device_batch(run.task, run.splits["train"], rows, cfg.train.batch_size, cfg, run.batch_sharding)
-      state, step_metrics = run.train_step(state, batch)
-      clock.mark_first_step()
-      step += 1
-      tokens = int(lengths[rows].sum())
-      seen["examples"] += len(rows)
-      seen["tokens"] += tokens
-      length = batch["input_ids"].shape[1]
-      work[0] += tokens
-      work[1] += cfg.train.batch_size * length * flops_per_token(length)
-      if pending is not None:
-        _log_train(log, run, *pending)
-        pending = None
-      log.advance()
-      evaluate_now = "validation" in run.splits and (
-          step == run.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
-      save_now = step == run.steps or (save_every and step % save_every == 0)
-      if step % cfg.train.log_every == 0 or step == run.steps:
-        pending = step, step_metrics, seen, tick
-        if evaluate_now or save_now:  # the state is about to be read anyway (save_now holds at the last step)
-          _log_train(log, run, *pending)
+  pending = None  # the previous step's (step, metrics, throughput or None): read once the next is dispatched
+  stop_now = False
+  try:
+    for rows in batching.step_batches(lengths, cfg.train.batch_size, cfg.train.seed, cfg.data.group_by_length,
+                                      run.per_epoch, step, run.steps):
+      with clock.phase("train"):
+        batch = device_batch(run.task, run.splits["train"], rows, cfg.train.batch_size, cfg, run.batch_sharding)
+        state, step_metrics = run.train_step(state, batch)
+        clock.mark_first_step()
+        step += 1
+        tokens = int(lengths[rows].sum())
+        seen["examples"] += len(rows)
+        seen["tokens"] += tokens
+        length = batch["input_ids"].shape[1]
+        work[0] += tokens
+        work[1] += cfg.train.batch_size * length * flops_per_token(length)
+        if pending is not None:
+          _read_step(log, run, watch, *pending)
+        log.advance()
+        stop_now, save_for_time = watch.stop_and_save()
+        evaluate_now = "validation" in run.splits and (
+            step == run.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
+        save_now = step == run.steps or (save_every and step % save_every == 0) or save_for_time or stop_now
+        logged = step % cfg.train.log_every == 0 or step == run.steps
+        pending = step, step_metrics, (dict(seen), tick) if logged else None
+        if evaluate_now or save_now:  # the state is about to be read anyway; never save past a non-finite step
+          _read_step(log, run, watch, *pending)
           pending = None
-    if evaluate_now:
-      with clock.phase("eval"):
-        last_eval = evaluate(run.eval_step, state.params, run.splits["validation"], cfg, run.batch_sharding,
-                             run.task, run.labels)
-      log.eval(step, "validation", last_eval)
-    if save_now:
-      with clock.phase("checkpoint"):
-        position = {"epoch": step // run.per_epoch, "batch_in_epoch": step % run.per_epoch}
-        run.ckpts.save(step, state.params, state.opt_state, {"step": state.step, "rng": state.rng},
-                       {**run.meta, "data_position": position}, last_eval if evaluate_now else None)
-    if evaluate_now or step % cfg.train.log_every == 0:  # throughput counts training time only
-      tick, seen = time.perf_counter(), {"examples": 0, "tokens": 0}
-  log.close()
+      if evaluate_now:
+        with clock.phase("eval"):
+          last_eval = evaluate(run.eval_step, state.params, run.splits["validation"], cfg, run.batch_sharding,
+                               run.task, run.labels)
+        log.eval(step, "validation", last_eval)
+      if save_now:
+        with clock.phase("checkpoint"):
+          run.ckpts.save(step, state.params, state.opt_state, {"step": state.step, "rng": state.rng},
+                         {**run.meta, "data_position": data_position(step, run.per_epoch, len(lengths))},
+                         last_eval if evaluate_now else None)
+        watch.last_save = time.monotonic()
+      if evaluate_now or logged:  # throughput counts training time only
+        tick, seen = time.perf_counter(), {"examples": 0, "tokens": 0}
+      if stop_now:
+        break
+    if pending is not None:
+      _read_step(log, run, watch, *pending)
+  finally:
+    log.close()
+  if stop_now and step < run.steps:
+    run.ckpts.wait()
+    raise errors.Stopped(f"stopped at step {step}; resume with --resume", errors.EXIT_PREEMPTED)
   return state, last_eval, tuple(work)
 
 
-def _log_train(log: metrics_lib.RunLog, run: Run, step: int, step_metrics: dict[str, jax.Array],
-               seen: dict[str, int], tick: float) -> None:
-  """Writes one train log record; waits for step `step` to finish (its metrics), not for any later one."""
-  record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-  elapsed = time.perf_counter() - tick
-  record.update(epoch=step / run.per_epoch, examples_per_s=seen["examples"] / elapsed,
-                tokens_per_s=seen["tokens"] / elapsed)
-  log.train(step, record)
+def data_position(step: int, per_epoch: int, train_rows: int) -> dict[str, int]:
+  """Where the data order stands after `step` steps; saved with each checkpoint, checked on resume."""
+  return {"epoch": step // per_epoch, "batch_in_epoch": step % per_epoch, "train_rows": train_rows}
 
 
-def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:
-  """Refuses to mix a new run into an old one's directory, or to resume with a different config."""
+def _read_step(log: metrics_lib.RunLog, run: Run, watch: _Watch, step: int, step_metrics: dict[str, jax.Array],
+               throughput: tuple[dict[str, int], float] | None) -> None:
+  """Reads step `step`'s metrics (waiting for it, not for any later step): checks them and logs a log step."""
+  record = {k: v.item() for k, v in jax.device_get(step_metrics).items()}
+  if throughput is not None:
+    seen, tick = throughput
+    elapsed = time.perf_counter() - tick
+    log.train(step, {**{k: v for k, v in record.items() if k != "finite"}, "epoch": step / run.per_epoch,
+                     "examples_per_s": seen["examples"] / elapsed, "tokens_per_s": seen["tokens"] / elapsed})
+  watch.check_step(log, step, record)
+
+
+def _check_run_dir(cfg: Config, run_dir: Path, resume: bool, extend: bool) -> None:
+  """Refuses to mix a new run into an old one's directory, or to resume into a different run."""
   config_path = run_dir / "config.yaml"
   if config_path.exists() and not resume:
     raise UserError(f"run dir {run_dir} already holds a run; pass --resume to continue it or choose a "
                     "new --run-dir (nothing there was changed).")
-  if resume and config_path.exists():
-    saved = config_lib.load(config_path)
-    # The mesh may change (a restore reshards onto any layout), and the train section (e.g. more steps).
-    if dataclasses.replace(saved, train=cfg.train, mesh=cfg.mesh) != cfg:
-      raise UserError(f"--resume: the config differs from {config_path} outside the train and mesh sections; "
-                      "resume with the saved config (or start a new --run-dir).")
+  if resume:
+    if not config_path.is_file():
+      raise UserError(f"--resume: {run_dir} holds no run (no config.yaml); drop --resume to start one there.")
+    if not (run_dir / "checkpoints").is_dir() or not Checkpoints(run_dir, cfg.checkpoint, read_only=True).steps():
+      raise UserError(f"--resume: {run_dir} holds no finished checkpoint to resume from (the run stopped before "
+                      "its first save); delete the directory or choose a new --run-dir, and start without --resume.")
+    refused = resume_differences(config_lib.load(config_path), cfg, extend)
+    if refused:
+      raise UserError(f"--resume: the config differs from {config_path} in what decides the data order, schedule "
+                      f"or model: {'; '.join(refused)}. Resume with the saved values, pass --extend to train a "
+                      "finished run for more epochs / steps, or start a new --run-dir.")
   _barrier("run dir checked")  # every process has looked before process 0 writes anything
 
 
-def _start_run(cfg: Config, run_dir: Path, tokenizer: Any) -> Checkpoints:
-  """Writes config.yaml (atomically) and the tokenizer into run_dir; opens its checkpoints."""
-  run_dir.mkdir(parents=True, exist_ok=True)
+def resume_differences(saved: Config, new: Config, extend: bool) -> list[str]:
+  """`key: saved -> new` for each config change a resume must refuse (README, Failures and recovery)."""
+  allowed = {f"train.{k}" for k in RESUMABLE_TRAIN_KEYS + (EXTENDABLE_TRAIN_KEYS if extend else ())}
+  a, b = _flat(config_lib.to_dict(saved)), _flat(config_lib.to_dict(new))
+  changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+  return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed
+          if k not in allowed and not k.startswith(("mesh.", "checkpoint.")) and k != "model.remat"]
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict) and v and not k == "rules":
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _check_position(meta: dict[str, Any], step: int, per_epoch: int, train_rows: int, steps: int) -> None:
+  """The restored step's saved data position must be where this config's data order puts that step."""
+  saved = meta.get("data_position")
+  want = data_position(step, per_epoch, train_rows)
+  if saved is not None and saved != {k: v for k, v in want.items() if k in saved}:
+    raise UserError(f"--resume: the checkpoint at step {step} was taken at data position {saved}, but the data now "
+                    f"puts that step at {want} (the training split changed); resume with the same data or start a "
+                    "new --run-dir.")
+  if step >= steps:
+    raise UserError(f"--resume: the run already reached its last step ({step} of {steps}); pass --extend with a "
+                    "larger train.max_steps or train.epochs to train it further.")
+
+
+def _start_run(cfg: Config, run_dir: Path, tokenizer: Any, lock: rundir.RunLock, created: bool) -> Checkpoints:
+  """Takes the lock, writes config.yaml and the tokenizer (each atomically) into run_dir; opens its checkpoints."""
   if jax.process_index() == 0:
-    config_path = run_dir / "config.yaml"
-    tmp = config_path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
-    tmp.replace(config_path)
-    if not (run_dir / "tokenizer").is_dir():
-      tokenizer.save_pretrained(run_dir / "tokenizer")
+    try:
+      run_dir.mkdir(parents=True, exist_ok=True)
+      if not lock.held:
+        lock.acquire()
+        if (run_dir / "config.yaml").exists():  # another process started a run here since _check_run_dir
+          raise UserError(f"run dir {run_dir} already holds a run (started while this one was setting up); "
+                          "choose a new --run-dir.")
+      _write_config(cfg, run_dir)
+      if not (run_dir / "tokenizer").is_dir():
+        rundir.write_dir(run_dir / "tokenizer", tokenizer.save_pretrained)
+    except BaseException:
+      lock.release()
+      if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+      raise
   _barrier("run dir written")
   return Checkpoints(run_dir, cfg.checkpoint)
+
+
+def _write_config(cfg: Config, run_dir: Path) -> None:
+  if jax.process_index() == 0:
+    rundir.write_text(run_dir / "config.yaml", yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
 
 
 def _barrier(name: str) -> None:
@@ -369,8 +537,8 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(f"jaxtune: {name}")
 
 
-def _restore(ckpts: Checkpoints, target: TrainState) -> TrainState:
-  """The latest checkpoint's params, optimiser and train state, read into `target`'s shardings."""
-  got = ckpts.restore(ckpts.resolve("latest"), params=target.params, opt_state=target.opt_state,
-                      train={"step": target.step, "rng": target.rng})
-  return TrainState(got["train"]["step"], got["params"], got["opt_state"], got["train"]["rng"])
+def _restore(ckpts: Checkpoints, target: TrainState) -> tuple[TrainState, dict[str, Any]]:
+  """(state, meta) of the newest readable checkpoint, read into `target`'s shardings; unreadable ones set aside."""
+  items = {"params": target.params, "opt_state": target.opt_state, "train": {"step": target.step, "rng": target.rng}}
+  _, meta, got = ckpts.restore_latest(lambda meta: items, set_aside=True)
+  return TrainState(got["train"]["step"], got["params"], got["opt_state"], got["train"]["rng"]), meta

@@ -22,17 +22,20 @@ def main() -> int:
 
   from absl import logging
 
-  from jaxtune import distributed, evaluate
+  from jaxtune import distributed, errors, evaluate
 
   logging.set_verbosity(logging.ERROR)  # Orbax warns that a read-only checkpoint dir is read-only
 
   distributed.initialize()
   run_dir = Path(args.checkpoint)
   split = args.split or (None if args.data else "test")
+  if args.output and not Path(args.output).parent.is_dir():  # found out before the evaluation, not after
+    raise errors.UserError(f"--output {args.output}: directory {Path(args.output).parent} does not exist; create it "
+                           "or choose another path.")
   result = evaluate.evaluate_checkpoint(run_dir, args.step, split, args.data, args.max_examples)
+  print(json.dumps(result), flush=True)  # before writing: a failed write loses nothing
   output = Path(args.output or run_dir / "eval" / f"{Path(str(result['split'])).stem}-{result['step']}.json")
   evaluate.write_json(result, output)
-  print(json.dumps(result))
   print(f"wrote {output}")
   return 0
 

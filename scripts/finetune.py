@@ -12,6 +12,9 @@ def main() -> int:
   parser.add_argument("--config", required=True, help="YAML config (see configs/)")
   parser.add_argument("--run-dir", help="where checkpoints and logs go (default runs/<config name>)")
   parser.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")
+  parser.add_argument("--extend", action="store_true",
+                      help="with --resume: accept a larger train.max_steps or train.epochs; the learning-rate "
+                           "schedule is rebuilt for the new total")
   parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-5")
   args = parser.parse_args()
   started = time.perf_counter()
@@ -25,7 +28,9 @@ def main() -> int:
     distributed.initialize()
   cfg = config.load(args.config, args.overrides)
   run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
-  result = train.fit(cfg, run_dir, resume=args.resume, clock=clock)
+  if args.extend and not args.resume:
+    parser.error("--extend only applies with --resume")
+  result = train.fit(cfg, run_dir, resume=args.resume, clock=clock, extend=args.extend)
   if jax.process_index() == 0:
     print(f"finished: {run_dir} {result}")
   return 0

@@ -47,6 +47,7 @@ def main(config_path: str, out_dir: str, runs_json: str) -> None:
     finally:
       run.ckpts.wait()
       run.ckpts.close()
+      run.lock.release()
     (out / f"{name}.json").write_text(json.dumps(record(run, state)))
     params = sharding.flatten(jax.device_get(state.params))
     np.savez(out / f"{name}.npz", **{p: np.asarray(x) for p, x in params.items()})

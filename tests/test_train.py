@@ -126,8 +126,15 @@ def test_new_run_refuses_an_existing_run_dir(tiny_bert_dir, reviews, tmp_path):
     train.fit(other, tmp_path / "run", resume=True)
   assert (tmp_path / "run" / "config.yaml").read_text() == saved
   assert Checkpoints(tmp_path / "run", read_only=True).steps() == [2]
-  # Another mesh is fine on resume: the state is restored into whatever layout the new mesh gives.
-  train.fit(config.load(tmp_path / "c.yaml", ["mesh.data=1", "mesh.rules.embed=null"]), tmp_path / "run", resume=True)
+  with pytest.raises(UserError, match=r"already reached its last step \(2 of 2\); pass --extend"):
+    train.fit(cfg, tmp_path / "run", resume=True)
+  # Another mesh is fine on resume (the state is restored into whatever layout it gives), and --extend
+  # accepts more steps.
+  more = config.load(tmp_path / "c.yaml", ["mesh.data=1", "mesh.rules.embed=null", "train.max_steps=3"])
+  with pytest.raises(UserError, match=r"train.max_steps: 2 -> 3. Resume with the saved values, pass --extend"):
+    train.fit(more, tmp_path / "run", resume=True)
+  train.fit(more, tmp_path / "run", resume=True, extend=True)
+  assert Checkpoints(tmp_path / "run", read_only=True).steps()[-1] == 3
 
 
 def tiny_state(tiny_bert_dir, opt_cfg=OptimConfig()):

@@ -29,6 +29,10 @@ class Encoded:
   def lengths(self) -> np.ndarray:
     return np.fromiter((len(x) for x in self.input_ids), np.int32, len(self.input_ids))
 
+  @property
+  def max_token_id(self) -> int:
+    return max((int(x.max()) for x in self.input_ids if len(x)), default=0)
+
 
 def check_columns(ds: datasets.Dataset, cfg: DataConfig, name: str) -> None:
   if len(ds) == 0:

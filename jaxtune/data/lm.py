@@ -43,6 +43,10 @@ class LMExamples:
   def seq_len(self) -> int:
     return self.tokens.shape[1]
 
+  @property
+  def max_token_id(self) -> int:
+    return int(self.tokens.max(initial=0))
+
   @functools.cached_property  # collate reads it for every batch
   def lengths(self) -> np.ndarray:
     """Real (non-padding) tokens per row; padding is always at the end of a row."""

@@ -17,15 +17,16 @@ class ModelFamily:
   ignored_keys: Callable[[Any], tuple[str, ...]]  # checkpoint keys that are buffers, never params
   base_prefix: str  # prefix HF task models add to the base model's keys
   kind: str  # "encoder" (classification) or "decoder" (causal LM)
+  max_positions: Callable[[Any], int | None] = lambda cfg: None  # learned position rows; None: no hard limit
 
 
 _LLAMA = ModelFamily(llama.LlamaConfig, llama.LlamaLM, llama.hf_param_map, llama.hf_ignored_keys, "model.",
                      "decoder")
 FAMILIES: dict[str, ModelFamily] = {
     "bert": ModelFamily(bert.BertConfig, bert.BertClassifier, bert.hf_param_map, lambda cfg: bert.HF_BUFFER_KEYS,
-                        bert.HF_BASE_PREFIX, "encoder"),
+                        bert.HF_BASE_PREFIX, "encoder", lambda cfg: cfg.max_position_embeddings),
     "gpt2": ModelFamily(gpt2.GPT2Config, gpt2.GPT2LM, gpt2.hf_param_map, gpt2.hf_ignored_keys, "transformer.",
-                        "decoder"),
+                        "decoder", lambda cfg: cfg.n_positions),
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,

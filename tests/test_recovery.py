@@ -1,0 +1,161 @@
+"""Kills, signals and damaged checkpoints: a resumed run equals an uninterrupted one bitwise.
+
+Every run here is a real scripts/finetune.py process on the tiny BERT (dropout on, 12 steps across
+an epoch boundary, a checkpoint every 2 steps) sharing one compile cache, so only the first compiles.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import REPO, records, write_config
+
+from jaxtune import evaluate, sharding
+from jaxtune.checkpoint import Checkpoints
+from jaxtune.errors import EXIT_PREEMPTED
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_bert_dir, reviews, tmp_path_factory):
+  """(config path, compile cache dir, the uninterrupted reference run dir)."""
+  d = tmp_path_factory.mktemp("recovery")
+  cfg = write_config(d / "c.yaml", tiny_bert_dir, reviews,
+                     train={"max_steps": STEPS, "eval_every": 4, "compile_cache": str(d / "xla")},
+                     checkpoint={"save_every": 2, "keep_last": 2, "save_every_minutes": 0})
+  finished = finetune(cfg, d / "reference").wait(timeout=600)
+  assert finished == 0
+  return cfg, d / "reference"
+
+
+def finetune(cfg: Path, run_dir: Path, *args: str) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, str(REPO / "scripts" / "finetune.py"), "--config", str(cfg), "--run-dir",
+                           str(run_dir), *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def train_steps(run_dir: Path) -> list[int]:
+  """Steps of the train records in metrics.jsonl, in order (a line cut short by a kill is left out)."""
+  path = run_dir / "metrics.jsonl"
+  lines = path.read_text().splitlines() if path.exists() else []
+  return [int(line.split('"step": ')[1].split(",")[0]) for line in lines
+          if '"loss"' in line and '"split"' not in line and line.endswith("}")]
+
+
+def reached(run_dir: Path, step: int, starts: int, saved: bool = True) -> bool:
+  """The process started as the run's `starts`-th has logged `step` (and, if `saved`, a checkpoint exists)."""
+  path = run_dir / "metrics.jsonl"
+  lines = path.read_text().splitlines() if path.exists() else []
+  if sum('"event": "start"' in line or '"event": "resume"' in line for line in lines) < starts:
+    return False  # the records there are an earlier process's, not yet cut back by this one
+  return bool(train_steps(run_dir)[-1:] >= [step] and (not saved or Checkpoints(run_dir, read_only=True).steps()))
+
+
+def stop_when(proc: subprocess.Popen, ready, sig: int, delay: float = 0.0) -> tuple[int, str]:
+  """Sends `sig` once ready() holds (after `delay` s); (exit code, stderr). The run must not finish first."""
+  deadline = time.monotonic() + 600
+  while not ready():
+    assert proc.poll() is None, f"the run ended before the signal: {proc.communicate()[1][-2000:]}"
+    assert time.monotonic() < deadline
+    time.sleep(0.002)
+  time.sleep(delay)
+  proc.send_signal(sig)
+  _, err = proc.communicate(timeout=600)
+  return proc.returncode, err
+
+
+def partial_writes(run_dir: Path) -> set[str]:
+  """Orbax's temp dirs of checkpoint writes in flight (or cut short by a kill)."""
+  ckpt_dir = run_dir / "checkpoints"
+  return {p.name for p in ckpt_dir.iterdir() if "orbax-checkpoint-tmp" in p.name} if ckpt_dir.is_dir() else set()
+
+
+def final_params(run_dir: Path) -> dict[str, np.ndarray]:
+  ckpts = Checkpoints(run_dir, read_only=True)
+  return sharding.flatten(ocp.StandardCheckpointer().restore(ckpts.dir / str(ckpts.resolve("latest")) / "params"))
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+  """Final params bitwise equal; each step's loss record once and equal; equal eval records."""
+  want, got = final_params(reference), final_params(run_dir)
+  assert want.keys() == got.keys()
+  for path in want:
+    np.testing.assert_array_equal(want[path], got[path], err_msg=path)
+  assert train_steps(run_dir) == list(range(1, STEPS + 1))
+  pick = lambda d, keys: [{k: r[k] for k in keys} for r in records(d) if "loss" in r and keys[-1] in r]
+  assert pick(run_dir, ("step", "loss", "grad_norm", "lr")) == pick(reference, ("step", "loss", "grad_norm", "lr"))
+  assert pick(run_dir, ("step", "loss", "accuracy")) == pick(reference, ("step", "loss", "accuracy"))
+
+
+def test_sigkill_anywhere_then_resume_equals_no_interruption(setup, tmp_path):
+  cfg, reference = setup
+  run = tmp_path / "run"
+  rng = np.random.default_rng(9)
+  first, second = sorted(rng.choice(np.arange(3, 10), 2, replace=False))
+  # two kills at seeded random moments after a step was logged, the third in the middle of a checkpoint write
+  kills = [(lambda: reached(run, first, 1), rng.uniform(0, 0.05)),
+           (lambda: reached(run, second, 2), rng.uniform(0, 0.05))]
+  args: tuple[str, ...] = ()
+  for ready, delay in kills:
+    code, err = stop_when(finetune(cfg, run, *args), ready, signal.SIGKILL, delay)
+    assert code == -signal.SIGKILL, err[-2000:]
+    args = ("--resume",)
+  for _ in range(3):  # the third kill lands while a checkpoint write is in flight (again if the write won the race)
+    old = partial_writes(run)
+    code, err = stop_when(finetune(cfg, run, *args), lambda: partial_writes(run) - old, signal.SIGKILL)
+    assert code == -signal.SIGKILL, err[-2000:]
+    if partial_writes(run) - old:
+      break
+  else:
+    pytest.fail("no kill landed inside a checkpoint write")
+  done = finetune(cfg, run, "--resume")
+  _, err = done.communicate(timeout=600)
+  assert done.returncode == 0, err[-3000:]
+  assert "removing the stale lock" in err  # the killed process's lock was taken over
+  assert not partial_writes(run)  # the cut-short write was cleaned up
+  assert not (run / ".lock").exists()
+  assert_same_run(run, reference)
+
+
+def test_sigterm_and_ctrl_c_save_exit_75_and_resume_exactly(setup, tmp_path):
+  cfg, reference = setup
+  run = tmp_path / "run"
+  rare = ("checkpoint.save_every=100",)  # so the only checkpoints before the end are the signals'
+  for starts, (sig, after, args) in enumerate([(signal.SIGTERM, 4, rare), (signal.SIGINT, 8, ("--resume", *rare))], 1):
+    code, err = stop_when(finetune(cfg, run, *args), lambda: reached(run, after, starts, saved=False), sig)
+    assert code == EXIT_PREEMPTED, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("stopped at step ") and line.endswith("; resume with --resume"), err[-2000:]
+    step = int(line.split()[3].rstrip(";"))
+    assert Checkpoints(run, read_only=True).steps()[-1] == step >= after
+    assert "Traceback" not in err
+  done = finetune(cfg, run, "--resume", *rare)
+  _, err = done.communicate(timeout=600)
+  assert done.returncode == 0, err[-3000:]
+  assert_same_run(run, reference)
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(setup, tmp_path, capsys):
+  cfg, reference = setup
+  run = tmp_path / "run"
+  shutil.copytree(reference, run)
+  damaged = [p for p in (run / "checkpoints" / str(STEPS) / "params").rglob("*") if p.is_file() and p.stat().st_size]
+  for p in damaged:  # every data and metadata file of the last step's params, truncated
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+  result = evaluate.evaluate_checkpoint(run, "latest", split="test")
+  assert result["step"] == STEPS - 2
+  assert f"skipping checkpoint step {STEPS}" in capsys.readouterr().err
+  done = finetune(cfg, run, "--resume")
+  _, err = done.communicate(timeout=600)
+  assert done.returncode == 0, err[-3000:]
+  assert f"skipping checkpoint step {STEPS}" in err and f"moved the unreadable checkpoint step {STEPS}" in err
+  assert (run / "checkpoints.unreadable" / str(STEPS)).is_dir()
+  assert_same_run(run, reference)
