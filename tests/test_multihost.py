@@ -78,14 +78,14 @@ def test_two_processes_match_one_process_with_eight_devices(config_path, tmp_pat
   # 2-process checkpoint reshards onto it and the two runs go on logging the same losses.
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   for run in ("one", "two"):
-    result = run_script("finetune.py", "--config", config_path, "--run-dir", tmp_path / run, "--resume",
+    result = run_script("finetune.py", "--config", config_path, "--run-dir", tmp_path / run, "--resume", "--extend",
                         "train.max_steps=6", "mesh.data=4", "mesh.fsdp=1", "mesh.tensor=2", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
   later = {run: [r["loss"] for r in records(tmp_path / run) if r["step"] > 4 and "loss" in r and "split" not in r]
            for run in ("one", "two")}
   assert len(later["one"]) == 2
   np.testing.assert_allclose(later["two"], later["one"], rtol=1e-6)
-  starts = [r for r in records(tmp_path / "two") if r.get("event") == "start"]
+  starts = [r for r in records(tmp_path / "two") if r.get("event") in ("start", "resume")]
   assert [r["mesh"] for r in starts] == [{"data": 4, "fsdp": 2, "tensor": 1}, {"data": 4, "fsdp": 1, "tensor": 2}]
   assert [r["processes"] for r in starts] == [2, 1]
 

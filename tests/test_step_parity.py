@@ -4,7 +4,7 @@ Both sides start from the same weights (the pretrained ones plus jaxtune's initi
 dropout off on the same padded batches for 12 steps (3 of warmup, then linear decay to 0), with weight
 decay and a clip norm that some steps exceed and some do not. Every step must log the same loss,
 gradient norm and learning rate (1e-5 relative) and the final params must agree to 1% of the change
-training made. The grad_accum 1 comparisons are also run against a jaxtune with one ingredient broken
+training made. The tiny Llama's grad_accum 1 comparison is also run against a jaxtune with one ingredient broken
 on purpose, and must then fail.
 
 The reference runs in float64: it is the exact trajectory, and jaxtune (float32) is held to 1% of it.
@@ -148,10 +148,11 @@ def schedule_one_step_late(monkeypatch, cfg: config.Config) -> config.Config:
 BROKEN = [decay_on_norms, no_clipping, schedule_one_step_late]
 
 
-# Broken on the grad_accum 1 cases: accumulation changes neither the ingredient nor the comparison (and each
-# run costs CI time); the accumulation itself is what the accum 2 parity cases prove.
+# Broken on the tiny Llama's grad_accum 1 case only: neither the model nor accumulation changes the
+# ingredient or the comparison (and each run costs CI time; MiniLM's took ~18 s each); the accumulation
+# itself is what the accum 2 parity cases prove.
 @pytest.mark.parametrize("broken", BROKEN, ids=[b.__name__ for b in BROKEN])
-@pytest.mark.parametrize("reference", CASES[::2], indirect=True, ids=IDS[::2])
+@pytest.mark.parametrize("reference", CASES[2:3], indirect=True, ids=IDS[2:3])
 def test_the_comparison_fails_when_an_ingredient_is_broken(reference, broken, tmp_path, monkeypatch):
   cfg, ref = reference
   found = mismatches(run_jaxtune(broken(monkeypatch, cfg), tmp_path / "run"), ref)
