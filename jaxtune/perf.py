@@ -157,10 +157,12 @@ class RunClock:
 
 
 def write_report(report: dict[str, Any], path: Path) -> str:
-  """Writes `report` as JSON to `path`; returns it as a few lines of text."""
+  """Writes `report` as JSON to `path` (atomically); returns it as a few lines of text."""
   import json
 
-  path.write_text(json.dumps(report, indent=2) + "\n")
+  from jaxtune import rundir
+
+  rundir.write_text(path, json.dumps(report, indent=2) + "\n")
   phases = ("imports", "data", "weights", "setup", "compile", "train", "eval", "checkpoint")
   lines = ["where the time went: " + ", ".join(f"{k} {report[k + '_s']:.1f} s" for k in phases
                                                if report.get(k + "_s") is not None)

@@ -278,12 +278,11 @@ def _build(cfg: Config, run_dir: Path, resume: bool, mesh: jax.sharding.Mesh, ru
     ckpts = Checkpoints(run_dir, cfg.checkpoint)
     state, saved_meta = _restore(ckpts, abstract_state(model, tx, shardings))
     _check_position(saved_meta, int(state.step), per_epoch, len(splits["train"]), steps)
+    _write_config(cfg, run_dir)  # the allowed changes (mesh, eval cadence, --extend) are now the run's
   else:
     params = pretrained.load_params(model, cfg.model, reader, cfg.train.seed)
     state = init_state(params, tx, cfg.train.seed, shardings)
     ckpts = _start_run(cfg, run_dir, tokenizer, lock, created)  # the first write, once everything checked out
-  if resume:
-    _write_config(cfg, run_dir)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   dtype = jnp.dtype(cfg.model.compute_dtype)
   train_step = make_train_step(model, task, tx, optim.schedule(cfg.optim, steps), dtype, shardings, batch_sharding,

@@ -42,21 +42,24 @@ def finetune(cfg: Path, run_dir: Path, *args: str) -> subprocess.Popen:
                            str(run_dir), *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def train_steps(run_dir: Path) -> list[int]:
-  """Steps of the train records in metrics.jsonl, in order (a line cut short by a kill is left out)."""
+def log_lines(run_dir: Path) -> list[str]:
   path = run_dir / "metrics.jsonl"
-  lines = path.read_text().splitlines() if path.exists() else []
-  return [int(line.split('"step": ')[1].split(",")[0]) for line in lines
+  return path.read_text().splitlines() if path.exists() else []
+
+
+def train_steps(run_dir: Path, lines: list[str] | None = None) -> list[int]:
+  """Steps of the train records in metrics.jsonl, in order (a line cut short by a kill is left out)."""
+  return [int(line.split('"step": ')[1].split(",")[0]) for line in (log_lines(run_dir) if lines is None else lines)
           if '"loss"' in line and '"split"' not in line and line.endswith("}")]
 
 
 def reached(run_dir: Path, step: int, starts: int, saved: bool = True) -> bool:
   """The process started as the run's `starts`-th has logged `step` (and, if `saved`, a checkpoint exists)."""
-  path = run_dir / "metrics.jsonl"
-  lines = path.read_text().splitlines() if path.exists() else []
+  lines = log_lines(run_dir)
   if sum('"event": "start"' in line or '"event": "resume"' in line for line in lines) < starts:
     return False  # the records there are an earlier process's, not yet cut back by this one
-  return bool(train_steps(run_dir)[-1:] >= [step] and (not saved or Checkpoints(run_dir, read_only=True).steps()))
+  logged = train_steps(run_dir, lines)[-1:] >= [step]
+  return bool(logged and (not saved or Checkpoints(run_dir, read_only=True).steps()))
 
 
 def stop_when(proc: subprocess.Popen, ready, sig: int, delay: float = 0.0) -> tuple[int, str]:
