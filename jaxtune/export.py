@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from jaxtune import evaluate, pretrained, sharding, weights
+from jaxtune import evaluate, lora, pretrained, sharding, weights
 from jaxtune.config import MeshConfig
 from jaxtune.errors import UserError
 
@@ -78,14 +78,37 @@ def _check_describes(config: dict[str, Any], model: pretrained.Model, num_labels
                     "metadata is inconsistent and cannot be exported.")
 
 
-def export(run_dir: Path, step: str, out_dir: Path) -> Path:
-  """Writes step `step` of run_dir to out_dir as config.json, model.safetensors and the run's tokenizer."""
+def export(run_dir: Path, step: str, out_dir: Path, peft: bool = False) -> Path:
+  """Writes step `step` of run_dir to out_dir as config.json, model.safetensors and the run's tokenizer.
+
+  LoRA adapters are merged into their kernels. With `peft`, out_dir is instead a PEFT adapter directory
+  (adapter_config.json, adapter_model.safetensors) for the base model the run started from.
+  """
   run_dir, out_dir = Path(run_dir), Path(out_dir)
   _check_free(out_dir)
   meta, model, params = load_checkpoint(run_dir, step)
-  tensors = hf_tensors(model, params)
+  if peft:
+    if not model.lora.on:
+      raise UserError(f"{run_dir} was trained without LoRA adapters (model.lora.targets), so it has no PEFT "
+                      "adapter; export it without --peft.")
+    model_cfg = evaluate.model_config(meta)
+    family = pretrained.FAMILIES[model.family]
+    adapter_config, tensors = lora.peft_adapter(params, family.param_map(model.cfg), model.frozen, model_cfg,
+                                                family.kind, fan_in_fan_out=model.family == "gpt2")
+    return _write(out_dir, run_dir, lambda tmp: lora.write_peft(tmp, adapter_config, tensors))
+  tensors = hf_tensors(model, lora.merged(params, model.lora))
   (dtype,) = {t.dtype for t in tensors.values()}  # params are kept in one dtype (float32)
   config = hf_config(meta, model, dtype)
+
+  def write(tmp: Path) -> None:
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, tmp / weights.SAFETENSORS, metadata={"format": "pt"})  # transformers wants format=pt
+
+  return _write(out_dir, run_dir, write)
+
+
+def _write(out_dir: Path, run_dir: Path, write: Any) -> Path:
+  """The run's tokenizer and what `write(dir)` puts there, in out_dir as a whole or not at all."""
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   # Built beside out_dir and renamed into place, so out_dir is either absent or complete.
   tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -94,8 +117,7 @@ def export(run_dir: Path, step: str, out_dir: Path) -> Path:
       for f in (run_dir / "tokenizer").iterdir():
         if f.is_file():
           shutil.copy(f, tmp / f.name)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(tensors, tmp / weights.SAFETENSORS, metadata={"format": "pt"})  # transformers wants format=pt
+    write(tmp)
     _check_free(out_dir)
     try:
       tmp.replace(out_dir)  # POSIX rename also replaces an empty directory

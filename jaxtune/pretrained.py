@@ -10,10 +10,10 @@ import transformers
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxtune import gguf, sharding, weights
-from jaxtune.config import ModelConfig
+from jaxtune import gguf, lora, sharding, weights
+from jaxtune.config import LoraConfig, ModelConfig
 from jaxtune.errors import UserError
-from jaxtune.models import FAMILIES, ModelFamily
+from jaxtune.models import FAMILIES, ModelFamily, layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,13 +26,16 @@ class Model:
   axes: dict[str, tuple[str | None, ...]]  # flat param path -> logical name of each dim
   shardings: dict[str, Any]  # pure-dict tree of NamedShardings, same structure as params
   rules: sharding.Rules  # logical -> mesh axes, for params (above) and activations (in apply)
+  lora: LoraConfig = LoraConfig()  # adapters attached to the module (model.lora)
+  frozen: frozenset[str] = frozenset()  # param paths that do not train (model.freeze, and the base under LoRA)
 
   def module(self, params: dict[str, Any]) -> nnx.Module:
     return nnx.merge(self.graphdef, params)
 
   def apply(self, params: dict[str, Any], batch: dict[str, jax.Array], **kwargs: Any) -> dict[str, jax.Array]:
     """The module's outputs, its activations constrained to the rules' shardings while traced."""
-    with sharding.activation_rules(self.mesh, self.rules):
+    adapter_rng = kwargs.get("dropout_rng") if self.lora.dropout > 0 else None
+    with sharding.activation_rules(self.mesh, self.rules), layers.adapter_rng(adapter_rng):
       return self.module(params)(batch, **kwargs)
 
   @property
@@ -48,27 +51,37 @@ def family_of(hf_config: dict[str, Any]) -> tuple[str, ModelFamily]:
   return model_type, FAMILIES[model_type]
 
 
+def _construct(family: str, cfg: Any, lora_cfg: LoraConfig, seed: int) -> nnx.Module:
+  """The family's module with its LoRA adapters attached (their init draws after the model's)."""
+  rngs = nnx.Rngs(seed)
+  module = FAMILIES[family].module(cfg, rngs=rngs)
+  lora.attach(module, lora_cfg, rngs)
+  return module
+
+
 def describe(family: str, cfg: Any, mesh: Mesh, seed: int = 0, hf_config: dict[str, Any] | None = None,
-             rules: sharding.Rules = sharding.RULES) -> Model:
-  """Model structure and param shardings, without allocating any parameter."""
-  module = FAMILIES[family].module
-  abstract_module = nnx.eval_shape(lambda: module(cfg, rngs=nnx.Rngs(seed)))
+             rules: sharding.Rules = sharding.RULES, model_cfg: ModelConfig | None = None) -> Model:
+  """Model structure and param shardings, without allocating any parameter.
+
+  `model_cfg` brings LoRA adapters (model.lora) and frozen params (model.freeze); None: neither."""
+  lora_cfg = model_cfg.lora if model_cfg is not None else LoraConfig()
+  abstract_module = nnx.eval_shape(lambda: _construct(family, cfg, lora_cfg, seed))
   graphdef, state = nnx.split(abstract_module)
   variables = sharding.flat_variables(state)
   abstract = {p: v.get_value() for p, v in variables.items()}
   axes = {p: tuple(v.get_metadata()["axes"]) for p, v in variables.items()}
+  frozen = lora.frozen(abstract, model_cfg) if model_cfg is not None else frozenset()
   return Model(family, cfg, hf_config or {}, graphdef, abstract, axes, sharding.param_shardings(state, mesh, rules),
-               rules)
+               rules, lora_cfg, frozen)
 
 
 def init_params(model: Model, seed: int, only: set[str] | None = None) -> dict[str, jax.Array]:
   """Randomly initialised params (flat), each created on its devices; `only` limits which."""
-  module = FAMILIES[model.family].module
   flat_shardings = sharding.flatten(model.shardings)
   keep = set(flat_shardings) if only is None else only
 
   def init() -> dict[str, jax.Array]:  # XLA drops the initialisers of params not returned
-    state = nnx.state(module(model.cfg, rngs=nnx.Rngs(seed)))
+    state = nnx.state(_construct(model.family, model.cfg, model.lora, seed))
     return {p: v.get_value() for p, v in sharding.flat_variables(state).items() if p in keep}
 
   return jax.jit(init, out_shardings={p: flat_shardings[p] for p in keep})()
@@ -116,16 +129,21 @@ def from_config(hf_config: dict[str, Any], model_cfg: ModelConfig, num_labels: i
   family_name, family = check_kind(hf_config, model_cfg, kind)
   cfg = dataclasses.replace(family.config.from_hf(hf_config, num_labels, model_cfg.dropout),
                             scan_layers=model_cfg.scan_layers)
-  return describe(family_name, cfg, mesh, seed, hf_config, rules)
+  return describe(family_name, cfg, mesh, seed, hf_config, rules, model_cfg)
 
 
-def load_params(model: Model, model_cfg: ModelConfig, reader: Any, seed: int) -> dict[str, Any]:
-  """Params read from `reader` (see `open_checkpoint`) straight into their shardings; new_params initialised."""
+def load_params(model: Model, model_cfg: ModelConfig, reader: Any, seed: int,
+                only: frozenset[str] | None = None) -> dict[str, Any]:
+  """Params read from `reader` (see `open_checkpoint`) straight into their shardings; new_params and LoRA
+  adapters initialised. With `only`, just those params (flat), all read from the checkpoint."""
   family = FAMILIES[model.family]
   loaded = weights.load_params(
       model.abstract, sharding.flatten(model.shardings), family.param_map(model.cfg),
-      reader, new_params=model_cfg.new_params,
-      unused_keys=model_cfg.unused_keys, buffer_keys=family.ignored_keys(model.cfg), base_prefix=family.base_prefix)
+      reader, new_params=() if only is not None else (*model_cfg.new_params, lora.ADAPTER),
+      unused_keys=model_cfg.unused_keys, buffer_keys=family.ignored_keys(model.cfg), base_prefix=family.base_prefix,
+      only=only)
+  if only is not None:
+    return loaded
   fresh = init_params(model, seed, only=set(model.abstract) - set(loaded))
   return sharding.unflatten({**loaded, **fresh})
 

@@ -35,6 +35,7 @@ RULES: Rules = (
     ("classes", ()),
     ("length", ()),
     ("layers", ()),  # the stacked-layer axis: every device holds its slice of every layer
+    ("lora_rank", ()),  # a LoRA adapter's rank: small, kept whole
 )
 
 

@@ -18,7 +18,7 @@ import yaml
 from jax.experimental import multihost_utils
 
 from jaxtune import config as config_lib
-from jaxtune import errors, optim, perf, pretrained, rundir, sharding
+from jaxtune import errors, lora, optim, perf, pretrained, rundir, sharding
 from jaxtune import metrics as metrics_lib
 from jaxtune.checkpoint import Checkpoints
 from jaxtune.config import Config
@@ -43,29 +43,47 @@ def loss_fn(model: pretrained.Model, task: Any, params: Any, batch: dict[str, ja
   return total / jnp.maximum(count, 1.0), logits
 
 
+def trainable(params: Any, frozen: frozenset[str]) -> Any:
+  """The params that train (a nested tree like `params`): all but the `frozen` paths (model.freeze, LoRA)."""
+  return sharding.unflatten(lora.split(sharding.flatten(params), frozen)[0])
+
+
 def state_shardings(model: pretrained.Model, tx: optax.GradientTransformation) -> TrainState:
-  """Where each leaf of the train state lives: params per the rules, moments like their param."""
+  """Where each leaf of the train state lives: params per the rules, moments like their param.
+
+  Frozen params (model.frozen) have no optimiser state."""
   replicated = sharding.replicated(model.mesh)
-  abstract_opt = jax.eval_shape(tx.init, sharding.unflatten(model.abstract))
-  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, model.shardings,
+  abstract_opt = jax.eval_shape(tx.init, trainable(sharding.unflatten(model.abstract), model.frozen))
+  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, trainable(model.shardings, model.frozen),
                               transform_non_params=lambda _: replicated)
   return TrainState(replicated, model.shardings, opt, replicated)
 
 
-def initial_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
-  """Step 0 of training from `params`: fresh optimiser state, the run's base dropout key."""
-  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key_data(jax.random.key(seed)))
+def initial_state(params: Any, tx: optax.GradientTransformation, seed: int,
+                  frozen: frozenset[str] = frozenset()) -> TrainState:
+  """Step 0 of training from `params`: fresh optimiser state for the trainable ones, the base dropout key."""
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(trainable(params, frozen)),
+                    jax.random.key_data(jax.random.key(seed)))
 
 
 def abstract_state(model: pretrained.Model, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
   """The train state's shapes, dtypes and shardings, allocating nothing (a restore target)."""
-  state = jax.eval_shape(lambda p: initial_state(p, tx, 0), sharding.unflatten(model.abstract))
+  state = jax.eval_shape(lambda p: initial_state(p, tx, 0, model.frozen), sharding.unflatten(model.abstract))
   return sharding.placed(state, shardings)
 
 
-def init_state(params: Any, tx: optax.GradientTransformation, seed: int, shardings: TrainState) -> TrainState:
+def init_state(params: Any, tx: optax.GradientTransformation, seed: int, shardings: TrainState,
+               frozen: frozenset[str] = frozenset()) -> TrainState:
   """`initial_state` around `params` (donated), its optimiser state created directly in its shardings."""
-  return jax.jit(lambda p: initial_state(p, tx, seed), out_shardings=shardings, donate_argnums=0)(params)
+  return jax.jit(lambda p: initial_state(p, tx, seed, frozen), out_shardings=shardings, donate_argnums=0)(params)
+
+
+def param_counts(model: pretrained.Model, state: TrainState) -> dict[str, int]:
+  """Trainable and total param counts, and the optimiser state's bytes (frozen params have none)."""
+  total = sum(math.prod(a.shape) for a in model.abstract.values())
+  train_count = sum(math.prod(a.shape) for p, a in model.abstract.items() if p not in model.frozen)
+  opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.opt_state))
+  return {"trainable_params": train_count, "total_params": total, "optimizer_state_bytes": int(opt_bytes)}
 
 
 def make_train_step(model: pretrained.Model, task: Any, tx: optax.GradientTransformation,
@@ -81,31 +99,37 @@ def make_train_step(model: pretrained.Model, task: Any, tx: optax.GradientTransf
   AdamW moments in XLA:CPU's fused update, so it is only compiled in when asked for.
   """
 
-  def summed(params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
-    """(loss summed over the batch's targets, their count, gradient of the sum)."""
+  def summed(params: Any, fixed: dict[str, jax.Array], batch: dict[str, jax.Array],
+             rng: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
+    """(loss summed over the batch's targets, their count, gradient of the sum w.r.t. the trainable params)."""
     def total(p: Any) -> tuple[jax.Array, jax.Array]:
-      logits = model.apply(p, batch, dtype=dtype, dropout_rng=rng, remat=remat)["logits"]
+      every = sharding.unflatten({**sharding.flatten(p), **fixed})
+      logits = model.apply(every, batch, dtype=dtype, dropout_rng=rng, remat=remat)["logits"]
       return task.loss_terms(logits, batch)
 
     (loss_sum, count), grads = jax.value_and_grad(total, has_aux=True)(params)
     return loss_sum, count, grads
 
-  def accumulated(params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
+  def accumulated(params: Any, fixed: dict[str, jax.Array], batch: dict[str, jax.Array],
+                  rng: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
     def body(acc: Any, xs: tuple[jax.Array, dict[str, jax.Array]]) -> tuple[Any, None]:
       i, micro = xs
-      return jax.tree.map(jnp.add, acc, summed(params, micro, jax.random.fold_in(rng, i))), None
+      return jax.tree.map(jnp.add, acc, summed(params, fixed, micro, jax.random.fold_in(rng, i))), None
 
-    zero_grads = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), shardings.params)
+    zero_grads = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params),
+                                                  trainable(shardings.params, model.frozen))
     zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zero_grads)
     return jax.lax.scan(body, zero, (jnp.arange(grad_accum), microbatches(batch, grad_accum, batch_sharding)))[0]
 
   def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
     rng = jax.random.fold_in(state.rng, state.step)
-    loss_sum, count, grads = (summed if grad_accum == 1 else accumulated)(state.params, batch, rng)
+    train_flat, fixed = lora.split(sharding.flatten(state.params), model.frozen)
+    train_params = sharding.unflatten(train_flat)
+    loss_sum, count, grads = (summed if grad_accum == 1 else accumulated)(train_params, fixed, batch, rng)
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = tx.update(grads, state.opt_state, train_params)
+    params = sharding.unflatten({**sharding.flatten(optax.apply_updates(train_params, updates)), **fixed})
     loss, grad_norm = loss_sum / count, optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if skip_nonfinite:  # params and moments stay as they were; the batch still counts as consumed
@@ -274,14 +298,15 @@ def _build(cfg: Config, run_dir: Path, resume: bool, mesh: jax.sharding.Mesh, ru
   shardings = state_shardings(model, tx)
   meta = {"family": model.family, "model": dataclasses.asdict(model.cfg), "hf_config": model.hf_config,
           "labels": labels, "config": config_lib.to_dict(cfg), "steps_per_epoch": per_epoch, "mesh": dict(mesh.shape)}
-  if resume:  # straight into the saved state: the pretrained weights are never read
+  if resume:  # straight into the saved state: of the pretrained weights only frozen params are read
     ckpts = Checkpoints(run_dir, cfg.checkpoint)
-    state, saved_meta = _restore(ckpts, abstract_state(model, tx, shardings))
+    state, saved_meta = _restore(ckpts, abstract_state(model, tx, shardings), model.frozen,
+                                 lambda: pretrained.load_params(model, cfg.model, reader, cfg.train.seed, model.frozen))
     _check_position(saved_meta, int(state.step), per_epoch, len(splits["train"]), steps)
     _write_config(cfg, run_dir)  # the allowed changes (mesh, eval cadence, --extend) are now the run's
   else:
     params = pretrained.load_params(model, cfg.model, reader, cfg.train.seed)
-    state = init_state(params, tx, cfg.train.seed, shardings)
+    state = init_state(params, tx, cfg.train.seed, shardings, model.frozen)
     ckpts = _start_run(cfg, run_dir, tokenizer, lock, created)  # the first write, once everything checked out
   batch_sharding = sharding.batch_sharding(mesh, rules)
   dtype = jnp.dtype(cfg.model.compute_dtype)
@@ -373,8 +398,12 @@ def loop(run: Run, clock: perf.RunClock | None = None,
   cfg, state, step = run.cfg, run.state, int(run.state.step)
   clock = clock or perf.RunClock()
   log = metrics_lib.RunLog(run.dir, run.steps, step)  # on resume, drops records of steps after `step`
+  sizes = param_counts(run.model, state)
   log.write({"step": step, "event": "resume" if step else "start", "total_steps": run.steps,
-             "mesh": run.meta["mesh"], "processes": jax.process_count()})
+             "mesh": run.meta["mesh"], "processes": jax.process_count(), **sizes})
+  if jax.process_index() == 0:
+    print(f"params: {sizes['trainable_params']:,} trainable of {sizes['total_params']:,}; optimiser state "
+          f"{sizes['optimizer_state_bytes'] / 2**20:.1f} MiB", flush=True)
   watch = _Watch(cfg, stop)
   last_eval: dict[str, Any] = {}
   lengths = run.splits["train"].lengths  # real tokens per row
@@ -416,7 +445,8 @@ def loop(run: Run, clock: perf.RunClock | None = None,
         log.eval(step, "validation", last_eval)
       if save_now:
         with clock.phase("checkpoint"):
-          run.ckpts.save(step, state.params, state.opt_state, {"step": state.step, "rng": state.rng},
+          run.ckpts.save(step, trainable(state.params, run.model.frozen), state.opt_state,
+                         {"step": state.step, "rng": state.rng},
                          {**run.meta, "data_position": data_position(step, run.per_epoch, len(lengths))},
                          last_eval if evaluate_now else None)
         watch.last_save = time.monotonic()
@@ -536,8 +566,14 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(f"jaxtune: {name}")
 
 
-def _restore(ckpts: Checkpoints, target: TrainState) -> tuple[TrainState, dict[str, Any]]:
-  """(state, meta) of the newest readable checkpoint, read into `target`'s shardings; unreadable ones set aside."""
-  items = {"params": target.params, "opt_state": target.opt_state, "train": {"step": target.step, "rng": target.rng}}
+def _restore(ckpts: Checkpoints, target: TrainState, frozen: frozenset[str],
+             load_frozen: Any) -> tuple[TrainState, dict[str, Any]]:
+  """(state, meta) of the newest readable checkpoint, read into `target`'s shardings; unreadable ones set aside.
+
+  Checkpoints hold the trainable params only; `load_frozen()` gives the rest (flat), from the base model.
+  """
+  items = {"params": trainable(target.params, frozen), "opt_state": target.opt_state,
+           "train": {"step": target.step, "rng": target.rng}}
   _, meta, got = ckpts.restore_latest(lambda meta: items, set_aside=True)
-  return TrainState(got["train"]["step"], got["params"], got["opt_state"], got["train"]["rng"]), meta
+  every = sharding.unflatten({**sharding.flatten(got["params"]), **(load_frozen() if frozen else {})})
+  return TrainState(got["train"]["step"], every, got["opt_state"], got["train"]["rng"]), meta

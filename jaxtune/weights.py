@@ -136,8 +136,8 @@ def layer_keys(hf_key: str, shape: Sequence[int]) -> list[str]:
 def load_params(abstract: Mapping[str, jax.ShapeDtypeStruct], shardings: Mapping[str, Any],
                 param_map: Mapping[str, tuple[str, str]], reader: SafetensorsReader, *,
                 new_params: Sequence[str], unused_keys: Sequence[str], buffer_keys: Sequence[str],
-                base_prefix: str) -> dict[str, jax.Array]:
-  """Loads every param of `abstract` (flat path -> shape) not matching `new_params`, strictly.
+                base_prefix: str, only: frozenset[str] | None = None) -> dict[str, jax.Array]:
+  """Loads every param of `abstract` (flat path -> shape) not matching `new_params` (and in `only`), strictly.
 
   Returns flat path -> array placed in its sharding. Missing keys, unexpected keys and shape
   mismatches are UserErrors unless a `new_params` / `unused_keys` regex covers them. A stacked
@@ -152,7 +152,7 @@ def load_params(abstract: Mapping[str, jax.ShapeDtypeStruct], shardings: Mapping
   expanded = {path: [rename(k) for k in layer_keys(hf_key, abstract[path].shape)]
               for path, (hf_key, _) in param_map.items()}
   is_new = matcher(new_params)
-  wanted = [path for path in abstract if not is_new(path)]
+  wanted = [path for path in abstract if not is_new(path) and (only is None or path in only)]
   missing = sorted(k for path in wanted for k in expanded[path] if k not in keys)
   if missing:
     raise UserError(f"checkpoint lacks {len(missing)} parameter(s), e.g. {missing[:3]}; list the params "

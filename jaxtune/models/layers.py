@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -42,10 +43,40 @@ class Dense(nnx.Module):
     self.kernel = param(rngs, jax.nn.initializers.normal(std), (*in_shape, *out_shape), (*in_axes, *out_axes))
     self.bias = param(rngs, jax.nn.initializers.zeros, out_shape, out_axes) if use_bias else None
     self.n_in = len(in_shape)
+    # A LoRA adapter (jaxtune/lora.py attaches it): lora_a (*in, rank), lora_b (rank, *out).
+    self.lora_a: nnx.Param | None = nnx.data(None)
+    self.lora_b: nnx.Param | None = nnx.data(None)
+    self.lora_scale, self.lora_dropout, self.lora_id = 0.0, 0.0, 0
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = jnp.tensordot(x, self.kernel[...].astype(x.dtype), axes=self.n_in)
-    return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+    y = y if self.bias is None else y + self.bias[...].astype(x.dtype)
+    return y if self.lora_a is None else y + self.adapter(x)
+
+  def adapter(self, x: jax.Array) -> jax.Array:
+    """The adapter's term: (alpha / rank) * dropout(x) A B, as PEFT's LoRA layers compute it."""
+    rng = current_adapter_rng()
+    if rng is not None and self.lora_dropout > 0:
+      x = dropout(x, self.lora_dropout, jax.random.fold_in(rng, self.lora_id))
+    h = jnp.tensordot(x, self.lora_a[...].astype(x.dtype), axes=self.n_in)  # ... x rank
+    return jnp.tensordot(h, self.lora_b[...].astype(x.dtype), axes=1) * jnp.asarray(self.lora_scale, x.dtype)
+
+
+_ADAPTER_RNG: list[jax.Array] = []  # the dropout key of LoRA adapters while a model is traced in training
+
+
+@contextlib.contextmanager
+def adapter_rng(rng: jax.Array | None) -> Iterator[None]:
+  """Within this block, adapters with lora dropout draw masks from `rng` (None: no adapter dropout)."""
+  _ADAPTER_RNG.append(rng)
+  try:
+    yield
+  finally:
+    _ADAPTER_RNG.pop()
+
+
+def current_adapter_rng() -> jax.Array | None:
+  return _ADAPTER_RNG[-1] if _ADAPTER_RNG else None
 
 
 def dense_many(denses: Sequence[Dense], x: jax.Array) -> list[jax.Array]:
@@ -60,7 +91,8 @@ def dense_many(denses: Sequence[Dense], x: jax.Array) -> list[jax.Array]:
   if first.bias is not None:
     y = y + jnp.stack([d.bias[...] for d in denses]).astype(x.dtype)
   at = x.ndim - first.n_in
-  return [y[(slice(None),) * at + (i,)] for i in range(len(denses))]
+  ys = [y[(slice(None),) * at + (i,)] for i in range(len(denses))]
+  return [y if d.lora_a is None else y + d.adapter(x) for d, y in zip(denses, ys)]
 
 
 class LayerNorm(nnx.Module):
@@ -193,17 +225,19 @@ def scan(layers: nnx.Module, body: Callable[[nnx.Module, Any, Any], tuple[Any, A
   With `remat` each layer's backward pass recomputes what the policy does not save.
   """
   graphdef, state = nnx.split(layers)
+  n = jax.tree.leaves(nnx.to_pure_dict(state))[0].shape[0]
+  adapter_rngs = None if current_adapter_rng() is None else jax.random.split(current_adapter_rng(), n)
 
   def step(carry: Any, inputs: Any) -> tuple[Any, Any]:
-    layer_state, x = inputs
-    return body(nnx.merge(graphdef, layer_state), carry, x)
+    layer_state, x, rng = inputs
+    with adapter_rng(rng):  # each layer's adapters drop with their own key
+      return body(nnx.merge(graphdef, layer_state), carry, x)
 
   if remat != "none":  # a scan body cannot be merged with its recomputation; unrolled code needs prevent_cse
     step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=unroll)
-  inputs = (nnx.to_pure_dict(state), xs)
+  inputs = (nnx.to_pure_dict(state), xs, adapter_rngs)
   if not unroll:
     return jax.lax.scan(step, carry, inputs)
-  n = jax.tree.leaves(inputs)[0].shape[0]
   # lax.split's transpose is a concatenate: each layer's gradient lands in its rows of the stacked one.
   split = jax.tree.map(lambda a: [part[0] for part in jax.lax.split(a, [1] * n)], inputs)
   ys = []

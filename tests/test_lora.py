@@ -1,0 +1,212 @@
+"""LoRA and frozen params: what trains, what is stored, and that exports (merged and PEFT) give our logits."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import peft
+import pytest
+import torch
+import transformers
+from conftest import records, run_script, write_config
+from test_export import decoder_batch, load_exported
+
+from jaxtune import config as config_lib
+from jaxtune import evaluate, lora, pretrained, sharding, train
+from jaxtune.config import LoraConfig, MeshConfig, ModelConfig
+from jaxtune.errors import UserError
+
+MESH = sharding.make_mesh(MeshConfig())
+BERT_TARGETS = [r"bert\.layers\.(query|value|mlp_in)\.kernel"]
+LLAMA_TARGETS = [r"layers\.attn\.(q|k|v|o)\.kernel", r"layers\.mlp\.(gate|up|down)\.kernel"]
+
+
+def flat_host(tree) -> dict[str, np.ndarray]:
+  return {p: np.asarray(a) for p, a in sharding.flatten(jax.device_get(tree)).items()}
+
+
+def fit_run(tmp_path, model_dir, reviews, model: dict, steps: int = 4, overrides: tuple[str, ...] = (), **train_cfg):
+  """Trains a tiny classification run in process: (prepared run, initial flat params, final state)."""
+  tmp_path.mkdir(parents=True, exist_ok=True)
+  cfg = config_lib.load(write_config(tmp_path / "c.yaml", model_dir, reviews, model=model),
+                        [f"train.max_steps={steps}", *(f"train.{k}={v}" for k, v in train_cfg.items()), *overrides])
+  run = train.prepare(cfg, tmp_path / "run")
+  initial = flat_host(run.state.params)
+  state, _, _ = train.loop(run)
+  run.ckpts.wait()
+  run.ckpts.close()
+  run.lock.release()
+  return run, initial, state
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_bert_dir, reviews):
+  """4 steps of LoRA (rank 4, dropout 0.1) on the tiny BERT's query, value and mlp_in, pooler trained too.
+
+  A large step (lr 0.02, alpha / rank = 8) moves the adapters far enough that the exports' logit checks
+  below would see an adapter lost or misplaced."""
+  tmp = tmp_path_factory.mktemp("lora_run")
+  model = {"path": str(tiny_bert_dir),
+           "lora": {"targets": BERT_TARGETS, "rank": 4, "alpha": 32, "dropout": 0.1, "train": [r"bert\.pooler\..*"]}}
+  run, initial, state = fit_run(tmp, tiny_bert_dir, reviews, model, overrides=("optim.lr=0.02",))
+  return tmp / "run", run, initial, state
+
+
+def test_lora_trains_only_adapters_head_and_listed(lora_run):
+  run_dir, run, initial, state = lora_run
+  final = flat_host(state.params)
+  trainable = {p for p in final if p not in run.model.frozen}
+  assert trainable == {f"bert.layers.{m}.lora_{ab}" for m in ("query", "value", "mlp_in") for ab in "ab"} | {
+      "bert.pooler.kernel", "bert.pooler.bias", "classifier.kernel", "classifier.bias"}
+  for path in run.model.frozen:  # bitwise: not even a rounding step went through them
+    np.testing.assert_array_equal(final[path], initial[path], err_msg=path)
+  for path in trainable:
+    assert not np.array_equal(final[path], initial[path]), path
+  assert not np.any(initial["bert.layers.query.lora_b"])  # B starts at zero: the pretrained function
+  # Frozen params have no optimiser state: every moment tree holds exactly the trainable paths.
+  mu = state.opt_state[1][0].mu
+  assert set(sharding.flatten(mu)) == trainable
+  start = next(r for r in records(run_dir) if r.get("event") == "start")
+  assert start["trainable_params"] == sum(final[p].size for p in trainable)
+  assert start["total_params"] == sum(a.size for a in final.values())
+  assert start["optimizer_state_bytes"] == 2 * 4 * start["trainable_params"] + 4 + 4  # mu, nu; two counts
+
+
+def test_checkpoint_holds_only_trainable_and_restores_onto_base(lora_run, tiny_bert_dir):
+  run_dir, run, _, state = lora_run
+  saved = ocp.StandardCheckpointer().metadata(run_dir / "checkpoints" / "4" / "params").item_metadata.tree
+  assert set(sharding.flatten(saved)) == {p for p in run.model.abstract if p not in run.model.frozen}
+  _, model, params, step = evaluate.restore_step(run_dir, "latest", MESH)  # frozen params from the base dir
+  assert step == 4 and model.frozen == run.model.frozen
+  want = flat_host(state.params)
+  got = flat_host(params)
+  assert set(got) == set(want)
+  for path in want:
+    np.testing.assert_array_equal(got[path], want[path], err_msg=path)
+
+
+def bert_inputs(tokenizer_dir):
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+  enc = tokenizer(["great coffee, would buy again", "the box arrived crushed and the taste was stale"],
+                  padding=True, return_tensors="np")  # the shorter row is padded
+  batch = {"input_ids": jnp.asarray(enc["input_ids"]), "attention_mask": jnp.asarray(enc["attention_mask"]),
+           "token_type_ids": jnp.asarray(enc["token_type_ids"])}
+  return batch, {k: torch.from_numpy(v).long() for k, v in enc.items()}
+
+
+def test_merged_and_peft_exports_give_adapter_logits(lora_run, tiny_bert_dir, tmp_path):
+  run_dir, _, _, _ = lora_run
+  _, model, params, _ = evaluate.restore_step(run_dir, "latest", MESH)
+  batch, inputs = bert_inputs(tiny_bert_dir)
+  ours = np.asarray(model.apply(params, batch)["logits"])
+  # Our forward on the merged kernels (no adapters) equals the adapter forward.
+  plain = pretrained.describe(model.family, model.cfg, MESH, hf_config=model.hf_config)
+  merged = lora.merged(flat_host(params), model.lora)
+  assert set(merged) == set(plain.abstract)
+  np.testing.assert_allclose(np.asarray(plain.apply(sharding.unflatten(merged), batch)["logits"]), ours, atol=1e-5)
+  out = run_script("export_hf.py", "--checkpoint", run_dir, "--output", tmp_path / "hf")
+  assert out.returncode == 0, out.stderr
+  hf = load_exported(tmp_path / "hf", transformers.BertForSequenceClassification)
+  with torch.no_grad():
+    np.testing.assert_allclose(hf(**inputs).logits.numpy(), ours, atol=1e-4)
+  out = run_script("export_hf.py", "--checkpoint", run_dir, "--output", tmp_path / "peft", "--peft")
+  assert out.returncode == 0, out.stderr
+  config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+  assert config["modules_to_save"] == ["bert.pooler.dense", "classifier"] and config["r"] == 4
+  base = transformers.BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2).eval()
+  with_adapter = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+  with torch.no_grad():
+    theirs = with_adapter(**inputs).logits.numpy()
+  assert np.abs(theirs - ours).max() <= 1e-4
+  no_adapters = {p: np.zeros_like(v) if p.endswith("lora_b") else v for p, v in flat_host(params).items()}
+  without = np.asarray(model.apply(sharding.unflatten(no_adapters), batch)["logits"])
+  assert np.abs(without - ours).max() > 5e-4  # 5x the tolerance: the adapters' share is checked too
+
+
+def test_llama_adapters_on_fused_projections_match_peft(tiny_llama_dir):
+  """Adapters on every Llama projection, including the key/value and gate/up pairs run as one matmul."""
+  model_cfg = ModelConfig(path=str(tiny_llama_dir), new_params=(), lora=LoraConfig(targets=tuple(LLAMA_TARGETS),
+                                                                                   rank=3, alpha=5.0))
+  model, params = pretrained.from_pretrained(model_cfg, 0, MESH, 0)
+  flat = flat_host(params)
+  rng = np.random.default_rng(0)
+  for path in flat:
+    if path.endswith(".lora_b"):  # trained adapters: B away from its zero start
+      flat[path] = rng.normal(0, 0.3, flat[path].shape).astype(np.float32)
+  ids, mask, batch = decoder_batch(model.cfg.vocab_size)
+  ours = np.asarray(model.apply(sharding.unflatten(flat), batch)["logits"])
+  family = pretrained.FAMILIES[model.family]
+  adapter_config, tensors = lora.peft_adapter(flat, family.param_map(model.cfg), model.frozen, model_cfg,
+                                              "decoder", fan_in_fan_out=False)
+  assert len(adapter_config["target_modules"]) == 7 * model.cfg.num_hidden_layers
+  assert adapter_config["modules_to_save"] == []  # a causal LM under LoRA trains nothing else
+  base = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
+  inputs = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+  with torch.no_grad():
+    before = base(**inputs).logits.numpy()
+  out = tiny_llama_dir.parent / "llama_peft"
+  out.mkdir(exist_ok=True)
+  lora.write_peft(out, adapter_config, tensors)
+  with torch.no_grad():
+    theirs = peft.PeftModel.from_pretrained(base, out).eval()(**inputs).logits.numpy()
+  real = mask.astype(bool)
+  assert np.abs(theirs - ours)[real].max() <= 1e-4
+  assert np.abs(before - ours)[real].max() > 1e-2  # the adapters changed the function, so the match means something
+  merged = lora.merged(flat, model.lora)
+  plain = pretrained.describe(model.family, model.cfg, MESH, hf_config=model.hf_config)
+  np.testing.assert_allclose(np.asarray(plain.apply(sharding.unflatten(merged), batch)["logits"])[real], ours[real],
+                             atol=1e-4)
+
+
+def test_freeze_without_lora_and_grad_accum(tmp_path, tiny_bert_dir, reviews):
+  """model.freeze alone: the embeddings and layer norms stay bitwise, the rest trains (in 2 microbatches)."""
+  freeze = [r"bert\.embeddings\..*", r".*norm\..*"]
+  run, initial, state = fit_run(tmp_path, tiny_bert_dir, reviews, {"path": str(tiny_bert_dir), "freeze": freeze},
+                                steps=2, grad_accum=2)
+  final = flat_host(state.params)
+  assert run.model.frozen == {p for p in final if p.startswith("bert.embeddings.") or "norm." in p}
+  for path in final:
+    assert np.array_equal(final[path], initial[path]) == (path in run.model.frozen), path
+  assert not set(sharding.flatten(state.opt_state[1][0].nu)) & run.model.frozen
+
+
+def test_lora_resume_is_exact(tmp_path, tiny_bert_dir, reviews):
+  """Stopped at step 2 and resumed (--extend), frozen params come from the base dir: equal to 4 steps at once."""
+  model = {"path": str(tiny_bert_dir), "lora": {"targets": BERT_TARGETS, "rank": 2, "dropout": 0.1}}
+  _, _, whole = fit_run(tmp_path / "a", tiny_bert_dir, reviews, model, steps=4)
+  fit_run(tmp_path / "b", tiny_bert_dir, reviews, model, steps=2)
+  cfg = config_lib.load(write_config(tmp_path / "b" / "c.yaml", tiny_bert_dir, reviews, model=model),
+                        ["train.max_steps=4"])
+  run = train.prepare(cfg, tmp_path / "b" / "run", resume=True, extend=True)
+  state, _, _ = train.loop(run)
+  run.ckpts.wait()
+  run.ckpts.close()
+  run.lock.release()
+  a, b = flat_host(whole.params), flat_host(state.params)
+  for path in a:
+    np.testing.assert_array_equal(a[path], b[path], err_msg=path)
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"lora": {"targets": [r"nothing\.here"]}}, "matches no param"),
+    ({"lora": {"targets": [r"bert\.layers\.query\.bias"]}}, "is not a Dense kernel"),
+    ({"freeze": [r"bert\.nope\..*"]}, "config key model.freeze entry"),
+    ({"freeze": [".*"]}, "nothing would train"),
+    ({"lora": {"targets": [r"bert\.layers\.query\.kernel"], "train": ["pool"]}}, "config key model.lora.train"),
+])
+def test_bad_lora_and_freeze_configs(tiny_bert_dir, model, message):
+  model_cfg = config_lib.from_dict(ModelConfig, {"path": str(tiny_bert_dir), **model})
+  hf_config, _ = pretrained.open_checkpoint(model_cfg)
+  with pytest.raises(UserError, match=message):
+    pretrained.from_config(hf_config, model_cfg, 2, MESH)
+
+
+def test_lora_config_checks():
+  with pytest.raises(UserError, match="model.lora.rank"):
+    LoraConfig(targets=("x",), rank=0)
+  with pytest.raises(UserError, match="model.lora.dropout"):
+    LoraConfig(targets=("x",), dropout=1.0)
