@@ -129,6 +129,8 @@ class TrainConfig:
   # optimiser state unchanged), log it and go on, but stop after nonfinite_max_skips in a row.
   nonfinite: Literal["stop", "skip"] = "stop"
   nonfinite_max_skips: int = 10
+  tensorboard: bool = True  # TensorBoard event files in the run dir (tensorboard --logdir RUN_DIR)
+  wandb_project: str = ""  # a Weights & Biases project to log to as well ("" = off; needs `pip install wandb`)
 
   def __post_init__(self) -> None:
     _check(self.batch_size > 0, "train.batch_size", "must be positive")

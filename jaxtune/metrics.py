@@ -1,4 +1,4 @@
-"""Classification metrics and the run log (progress bar + metrics.jsonl)."""
+"""Classification metrics and the run log (progress bar, metrics.jsonl, TensorBoard, W&B)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from typing import Any
 import jax
 import numpy as np
 from tqdm import tqdm
+
+from jaxtune.errors import UserError
 
 
 def classification(preds: np.ndarray, labels: np.ndarray, losses: np.ndarray, num_classes: int) -> dict[str, float]:
@@ -35,13 +37,15 @@ def json_safe(value: Any) -> Any:
 
 
 class RunLog:
-  """Appends records to run_dir/metrics.jsonl and drives a progress bar; silent off process 0.
+  """Appends records to run_dir/metrics.jsonl, TensorBoard (and W&B when asked) and drives a progress bar;
+  silent off process 0.
 
   Started at step S > 0 (a resume), it first drops the records of steps after S, which the
-  resumed run writes again, so the file holds each step once.
+  resumed run writes again, so the file holds each step once (TensorBoard is told to purge them too).
   """
 
-  def __init__(self, run_dir: Path, total_steps: int, start_step: int):
+  def __init__(self, run_dir: Path, total_steps: int, start_step: int, tensorboard: bool = False,
+               wandb: Any = None, quiet: bool = False):
     from jaxtune import rundir
 
     self.active = jax.process_index() == 0
@@ -51,7 +55,15 @@ class RunLog:
       kept = [line for line in lines if _step_of(line) <= start_step]
       if len(kept) < len(lines):
         rundir.write_text(self.path, "".join(line + "\n" for line in kept))
-    self.bar = tqdm(total=total_steps, initial=start_step, disable=not self.active, dynamic_ncols=True)
+    self.quiet = quiet
+    self.bar = tqdm(total=total_steps, initial=start_step, disable=not self.active or quiet, dynamic_ncols=True)
+    self.latest_eval: dict[str, str] = {}
+    self.tb = None
+    if self.active and tensorboard:
+      from tensorboardX import SummaryWriter
+
+      self.tb = SummaryWriter(str(run_dir), purge_step=start_step + 1 if start_step else None)
+    self.wandb = wandb if self.active else None
 
   def write(self, record: dict[str, Any]) -> None:
     if self.active:
@@ -60,19 +72,59 @@ class RunLog:
 
   def train(self, step: int, record: dict[str, float]) -> None:
     self.write({"step": step, **record})
-    self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+    self._scalars("train", step, record)
+    self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", **self.latest_eval)
 
   def eval(self, step: int, split: str, metrics: dict[str, float]) -> None:
     self.write({"step": step, "split": split, **metrics})
+    self._scalars(split, step, metrics)
     if self.active:
-      shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-      self.bar.write(f"step {step} {split}: {shown}")
+      shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+                        if k != "samples")
+      line = f"step {step} {split}: {shown}"
+      if self.quiet:
+        print(line, flush=True)
+      else:
+        self.bar.write(line)
+      first = next((k for k, v in metrics.items() if isinstance(v, float)), None)
+      self.latest_eval = {f"{split[:3]}_{first}": f"{metrics[first]:.4f}"} if first else {}
+      if self.tb is not None:
+        self.tb.flush()
+
+  def _scalars(self, prefix: str, step: int, values: dict[str, Any]) -> None:
+    """Numeric, finite values as TensorBoard scalars (prefix/name) and to W&B."""
+    scalars = {f"{prefix}/{k}": float(v) for k, v in values.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    if self.tb is not None:
+      for key, value in scalars.items():
+        self.tb.add_scalar(key, value, step)
+    if self.wandb is not None and scalars:
+      self.wandb.log(scalars, step=step)
 
   def advance(self, n: int = 1) -> None:
     self.bar.update(n)
 
   def close(self) -> None:
     self.bar.close()
+    if self.tb is not None:
+      self.tb.close()
+    if self.wandb is not None:
+      self.wandb.finish()
+
+
+def start_wandb(project: str, run_dir: Path, config: dict[str, Any]) -> Any:
+  """A W&B run (process 0) logging to `project`, resumed across --resume by an id kept in the run dir."""
+  if not project or jax.process_index() != 0:
+    return None
+  try:
+    import wandb
+  except ImportError:
+    raise UserError(f"train.wandb_project={project!r} needs Weights & Biases: pip install wandb (or set "
+                    "train.wandb_project to an empty string).") from None
+  id_file = run_dir / "wandb_id.txt"
+  run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+  id_file.write_text(run_id + "\n")
+  return wandb.init(project=project, dir=str(run_dir), id=run_id, resume="allow", name=run_dir.name, config=config)
 
 
 def _step_of(line: str) -> float:

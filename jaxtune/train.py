@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
+import json
 import math
 import shutil
 import time
@@ -18,7 +20,7 @@ import yaml
 from jax.experimental import multihost_utils
 
 from jaxtune import config as config_lib
-from jaxtune import errors, lora, optim, perf, pretrained, rundir, sharding
+from jaxtune import errors, lora, optim, perf, pretrained, rundir, sharding, summary
 from jaxtune import metrics as metrics_lib
 from jaxtune.checkpoint import Checkpoints
 from jaxtune.config import Config
@@ -248,7 +250,7 @@ class Run:
 
 # train keys a resume may change: they alter neither the data order nor the schedule (nor the result)
 RESUMABLE_TRAIN_KEYS = ("eval_batch_size", "eval_every", "log_every", "compile_cache", "nonfinite",
-                        "nonfinite_max_skips")
+                        "nonfinite_max_skips", "tensorboard", "wandb_project")
 EXTENDABLE_TRAIN_KEYS = ("epochs", "max_steps")  # with --extend
 
 
@@ -267,6 +269,9 @@ def prepare(cfg: Config, run_dir: Path, resume: bool = False, clock: perf.RunClo
       mesh = sharding.make_mesh(cfg.mesh)
       rules = sharding.rules_with(cfg.mesh.rules)
       check_devices(cfg, mesh, rules)
+      if cfg.train.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise UserError(f"train.wandb_project={cfg.train.wandb_project!r} needs Weights & Biases: pip install wandb "
+                        "(or set train.wandb_project to an empty string).")
       if not created and jax.process_index() == 0:
         lock.acquire()  # before looking, so that a second writer is refused rather than racing
       _check_run_dir(cfg, run_dir, resume, extend)
@@ -331,8 +336,9 @@ def check_fits_model(cfg: Config, model: pretrained.Model, splits: dict[str, Any
 
 
 def fit(cfg: Config, run_dir: Path, resume: bool = False, clock: perf.RunClock | None = None,
-        extend: bool = False) -> dict[str, Any]:
-  """Fine-tunes per `cfg`, writing logs, checkpoints and timing.json into run_dir; returns the last eval metrics.
+        extend: bool = False, quiet: bool = False) -> dict[str, Any]:
+  """Fine-tunes per `cfg`, writing logs, checkpoints, timing.json and summary.json into run_dir; returns the last
+  eval metrics.
 
   SIGTERM or SIGINT during training saves a checkpoint after the current step and raises
   errors.Stopped (exit code 75); a non-finite step under train.nonfinite raises it with code 3.
@@ -341,16 +347,21 @@ def fit(cfg: Config, run_dir: Path, resume: bool = False, clock: perf.RunClock |
   run = prepare(cfg, run_dir, resume, clock, extend)
   stop = rundir.StopRequests()
   try:
-    with stop.active():
-      _, last_eval, work = loop(run, clock, stop)
-  finally:  # even when interrupted, let finished checkpoint writes commit
-    with clock.phase("checkpoint"):
-      run.ckpts.wait()
-      run.ckpts.close()
+    try:
+      with stop.active():
+        state, last_eval, work = loop(run, clock, stop, quiet)
+    finally:  # even when interrupted, let finished checkpoint writes commit
+      with clock.phase("checkpoint"):
+        run.ckpts.wait()
+        run.ckpts.close()
+    report = clock.report(*work)
+    if jax.process_index() == 0:
+      print(perf.write_report(report, run_dir / "timing.json"), flush=True)
+      record = summary.build(cfg, run_dir, report, param_counts(run.model, state), run.meta["mesh"],
+                             int(state.step), run.steps, "finished")
+      rundir.write_text(run_dir / "summary.json", json.dumps(metrics_lib.json_safe(record), indent=2) + "\n")
+  finally:
     run.lock.release()
-  report = clock.report(*work)
-  if jax.process_index() == 0:
-    print(perf.write_report(report, run_dir / "timing.json"), flush=True)
   return last_eval
 
 
@@ -392,12 +403,13 @@ class _Watch:
     return bool(flags[0]), bool(flags[1])
 
 
-def loop(run: Run, clock: perf.RunClock | None = None,
-         stop: rundir.StopRequests | None = None) -> tuple[TrainState, dict[str, Any], tuple[int, float]]:
+def loop(run: Run, clock: perf.RunClock | None = None, stop: rundir.StopRequests | None = None,
+         quiet: bool = False) -> tuple[TrainState, dict[str, Any], tuple[int, float]]:
   """Trains `run` to its last step: (final state, last validation metrics, (real tokens, FLOPs) trained on)."""
   cfg, state, step = run.cfg, run.state, int(run.state.step)
   clock = clock or perf.RunClock()
-  log = metrics_lib.RunLog(run.dir, run.steps, step)  # on resume, drops records of steps after `step`
+  log = metrics_lib.RunLog(run.dir, run.steps, step, cfg.train.tensorboard,  # on resume, drops later records
+                           metrics_lib.start_wandb(cfg.train.wandb_project, run.dir, run.meta["config"]), quiet)
   sizes = param_counts(run.model, state)
   log.write({"step": step, "event": "resume" if step else "start", "total_steps": run.steps,
              "mesh": run.meta["mesh"], "processes": jax.process_count(), **sizes})

@@ -1,4 +1,7 @@
-"""Fine-tune a pretrained HF model: python scripts/finetune.py --config FILE [--run-dir DIR] [--resume] [k=v ...]"""
+"""Fine-tune a pretrained HF model.
+
+python scripts/finetune.py --config FILE [--run-dir DIR] [--resume [--extend]] [--quiet] [section.key=value ...]
+"""
 
 import argparse
 import time
@@ -15,6 +18,8 @@ def main() -> int:
   parser.add_argument("--extend", action="store_true",
                       help="with --resume: accept a larger train.max_steps or train.epochs; the learning-rate "
                            "schedule is rebuilt for the new total")
+  parser.add_argument("--quiet", action="store_true",
+                      help="no progress bar (batch jobs): one line per evaluation and the final report")
   parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-5")
   args = parser.parse_args()
   started = time.perf_counter()
@@ -30,7 +35,7 @@ def main() -> int:
   run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
   if args.extend and not args.resume:
     parser.error("--extend only applies with --resume")
-  result = train.fit(cfg, run_dir, resume=args.resume, clock=clock, extend=args.extend)
+  result = train.fit(cfg, run_dir, resume=args.resume, clock=clock, extend=args.extend, quiet=args.quiet)
   if jax.process_index() == 0:
     print(f"finished: {run_dir} {result}")
   return 0

@@ -16,7 +16,7 @@ from conftest import records, run_script, write_config
 from test_export import decoder_batch, load_exported
 
 from jaxtune import config as config_lib
-from jaxtune import evaluate, lora, pretrained, sharding, train
+from jaxtune import evaluate, export, lora, pretrained, sharding, train
 from jaxtune.config import LoraConfig, MeshConfig, ModelConfig
 from jaxtune.errors import UserError
 
@@ -43,6 +43,14 @@ def fit_run(tmp_path, model_dir, reviews, model: dict, steps: int = 4, overrides
   return run, initial, state
 
 
+def lora_model(model_dir) -> dict:
+  return {"path": str(model_dir),
+          "lora": {"targets": BERT_TARGETS, "rank": 4, "alpha": 32, "dropout": 0.1, "train": [r"bert\.pooler\..*"]}}
+
+
+LARGE_STEP = ("optim.lr=0.02",)
+
+
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_bert_dir, reviews):
   """4 steps of LoRA (rank 4, dropout 0.1) on the tiny BERT's query, value and mlp_in, pooler trained too.
@@ -50,9 +58,7 @@ def lora_run(tmp_path_factory, tiny_bert_dir, reviews):
   A large step (lr 0.02, alpha / rank = 8) moves the adapters far enough that the exports' logit checks
   below would see an adapter lost or misplaced."""
   tmp = tmp_path_factory.mktemp("lora_run")
-  model = {"path": str(tiny_bert_dir),
-           "lora": {"targets": BERT_TARGETS, "rank": 4, "alpha": 32, "dropout": 0.1, "train": [r"bert\.pooler\..*"]}}
-  run, initial, state = fit_run(tmp, tiny_bert_dir, reviews, model, overrides=("optim.lr=0.02",))
+  run, initial, state = fit_run(tmp, tiny_bert_dir, reviews, lora_model(tiny_bert_dir), overrides=LARGE_STEP)
   return tmp / "run", run, initial, state
 
 
@@ -108,8 +114,7 @@ def test_merged_and_peft_exports_give_adapter_logits(lora_run, tiny_bert_dir, tm
   merged = lora.merged(flat_host(params), model.lora)
   assert set(merged) == set(plain.abstract)
   np.testing.assert_allclose(np.asarray(plain.apply(sharding.unflatten(merged), batch)["logits"]), ours, atol=1e-5)
-  out = run_script("export_hf.py", "--checkpoint", run_dir, "--output", tmp_path / "hf")
-  assert out.returncode == 0, out.stderr
+  export.export(run_dir, "latest", tmp_path / "hf")
   hf = load_exported(tmp_path / "hf", transformers.BertForSequenceClassification)
   with torch.no_grad():
     np.testing.assert_allclose(hf(**inputs).logits.numpy(), ours, atol=1e-4)
@@ -174,14 +179,14 @@ def test_freeze_without_lora_and_grad_accum(tmp_path, tiny_bert_dir, reviews):
   assert not set(sharding.flatten(state.opt_state[1][0].nu)) & run.model.frozen
 
 
-def test_lora_resume_is_exact(tmp_path, tiny_bert_dir, reviews):
+def test_lora_resume_is_exact(lora_run, tmp_path, tiny_bert_dir, reviews):
   """Stopped at step 2 and resumed (--extend), frozen params come from the base dir: equal to 4 steps at once."""
-  model = {"path": str(tiny_bert_dir), "lora": {"targets": BERT_TARGETS, "rank": 2, "dropout": 0.1}}
-  _, _, whole = fit_run(tmp_path / "a", tiny_bert_dir, reviews, model, steps=4)
-  fit_run(tmp_path / "b", tiny_bert_dir, reviews, model, steps=2)
-  cfg = config_lib.load(write_config(tmp_path / "b" / "c.yaml", tiny_bert_dir, reviews, model=model),
-                        ["train.max_steps=4"])
-  run = train.prepare(cfg, tmp_path / "b" / "run", resume=True, extend=True)
+  _, _, _, whole = lora_run
+  model = lora_model(tiny_bert_dir)
+  fit_run(tmp_path, tiny_bert_dir, reviews, model, steps=2, overrides=LARGE_STEP)
+  cfg = config_lib.load(write_config(tmp_path / "c.yaml", tiny_bert_dir, reviews, model=model),
+                        ["train.max_steps=4", *LARGE_STEP])
+  run = train.prepare(cfg, tmp_path / "run", resume=True, extend=True)
   state, _, _ = train.loop(run)
   run.ckpts.wait()
   run.ckpts.close()

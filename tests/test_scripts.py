@@ -14,8 +14,11 @@ def trained_run(tmp_path_factory, tiny_bert_dir, reviews):
   """A 4-step run on the tiny BERT and real reviews: validation evals (and checkpoints) at steps 2 and 4."""
   tmp = tmp_path_factory.mktemp("cli")
   cfg = write_config(tmp / "c.yaml", tiny_bert_dir, reviews)
-  result = run_script("finetune.py", "--config", cfg, "--run-dir", tmp / "run", "train.max_steps=4")
+  result = run_script("finetune.py", "--config", cfg, "--run-dir", tmp / "run", "--quiet", "train.max_steps=4")
   assert result.returncode == 0, result.stderr[-3000:]
+  # --quiet: no progress bar, but each evaluation's line and the final report
+  assert "it/s" not in result.stderr + result.stdout and "%|" not in result.stderr
+  assert "step 2 validation: accuracy" in result.stdout and "where the time went" in result.stdout
   return tmp / "run"
 
 
@@ -76,3 +79,49 @@ def test_batch_not_divisible_by_devices_fails_before_compiling(tmp_path, tiny_be
   assert result.returncode == 2
   assert "train.batch_size=12 is not divisible by the 8 batch shards" in result.stderr
   assert not (tmp_path / "r").exists()
+
+
+def test_run_ends_with_a_summary(trained_run):
+  """summary.json: versions, devices, mesh, commit, seed, time by phase, throughput, params, best and last eval."""
+  summary = json.loads((trained_run / "summary.json").read_text())
+  evals = [r for r in records(trained_run) if r.get("split") == "validation"]
+  assert summary["status"] == "finished" and summary["step"] == summary["total_steps"] == 4
+  assert summary["last_eval"] == evals[-1]
+  assert summary["best_eval"] == max(evals, key=lambda r: r["accuracy"])  # checkpoint.best_metric's default
+  assert summary["versions"]["jax"] and summary["versions"]["flax"] and summary["versions"]["optax"]
+  assert summary["devices"]["count"] >= 1 and summary["mesh"] and summary["seed"] == 0
+  assert summary["trainable_params"] == summary["total_params"] > 0 and summary["lora"] is None
+  assert summary["timing"]["train_s"] > 0 and summary["timing"]["tokens_per_s"] > 0
+  assert summary["git_commit"] is None or len(summary["git_commit"].split("+")[0]) == 40
+
+
+def test_tensorboard_events_hold_the_logged_values(trained_run):
+  """TensorBoard's own reader finds every train and validation scalar of metrics.jsonl in the run dir."""
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+  events = EventAccumulator(str(trained_run))
+  events.Reload()
+  tags = set(events.Tags()["scalars"])
+  assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "validation/accuracy",
+          "validation/loss"} <= tags
+  logged = records(trained_run)
+  train = {r["step"]: r for r in logged if "grad_norm" in r}
+  evals = {r["step"]: r for r in logged if r.get("split") == "validation"}
+  assert sorted(train) == [1, 2, 3, 4] and sorted(evals) == [2, 4]
+  for tag, rows, key in [("train/loss", train, "loss"), ("train/grad_norm", train, "grad_norm"),
+                         ("train/lr", train, "lr"), ("validation/accuracy", evals, "accuracy"),
+                         ("validation/loss", evals, "loss")]:
+    got = {e.step: e.value for e in events.Scalars(tag)}
+    assert sorted(got) == sorted(rows), tag
+    for step, row in rows.items():
+      assert got[step] == pytest.approx(row[key], rel=1e-6, abs=1e-12), (tag, step)
+
+
+def test_explain_prints_attributions_and_writes_html(trained_run, tmp_path):
+  out = tmp_path / "why.html"
+  result = run_script("explain.py", "--checkpoint", trained_run, "--text", "great coffee, would buy again",
+                      "--text", "stale and broken", "--steps", "16", "--html", out)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.count("explained: ") == 2
+  page = out.read_text()
+  assert page.count("<h3>") == 2 and "coffee" in page and "rgba(" in page

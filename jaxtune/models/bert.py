@@ -58,9 +58,11 @@ class Embeddings(nnx.Module):
     self.norm = layers.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, rngs=rngs)
     self.rate, self.padding_id = cfg.hidden_dropout_prob, cfg.pad_token_id
 
-  def __call__(self, ids_BxL: jax.Array, types_BxL: jax.Array, dtype: jnp.dtype, rng: jax.Array | None):
+  def __call__(self, ids_BxL: jax.Array, types_BxL: jax.Array, dtype: jnp.dtype, rng: jax.Array | None,
+               word_BxLxD: jax.Array | None = None):
+    """`word_BxLxD` replaces the token embeddings' lookup (integrated gradients interpolate it)."""
     length = ids_BxL.shape[1]
-    x_BxLxD = layers.lookup(self.word[...], ids_BxL, self.padding_id)
+    x_BxLxD = layers.lookup(self.word[...], ids_BxL, self.padding_id) if word_BxLxD is None else word_BxLxD
     x_BxLxD = x_BxLxD + self.position[...][:length][None] + self.token_type[...][types_BxL]
     return layers.dropout(self.norm(x_BxLxD).astype(dtype), self.rate, rng)
 
@@ -100,9 +102,9 @@ class Encoder(nnx.Module):
     self.num_layers, self.scan_layers = cfg.num_hidden_layers, cfg.scan_layers
     self.pooler = layers.Dense((cfg.hidden_size,), (cfg.hidden_size,), ("embed",), ("embed_out",), rngs=rngs)
 
-  def __call__(self, ids_BxL, mask_BxL, types_BxL, dtype, rng, remat) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, ids_BxL, mask_BxL, types_BxL, dtype, rng, remat, word_BxLxD=None) -> tuple[jax.Array, jax.Array]:
     rngs = None if rng is None else jax.random.split(rng, self.num_layers + 1)  # [0] embeddings, [1:] one per layer
-    x_BxLxD = self.embeddings(ids_BxL, types_BxL, dtype, None if rngs is None else rngs[0])
+    x_BxLxD = self.embeddings(ids_BxL, types_BxL, dtype, None if rngs is None else rngs[0], word_BxLxD)
     bias_Bx1x1xL = layers.attention_bias(mask_BxL, jnp.float32)
 
     def body(layer: Layer, x_BxLxD: jax.Array, r: jax.Array | None) -> tuple[jax.Array, None]:
@@ -124,11 +126,14 @@ class BertClassifier(nnx.Module):
 
   def __call__(self, batch: dict[str, jax.Array], *, dtype: jnp.dtype = jnp.float32,
                dropout_rng: jax.Array | None = None, remat: str = "none") -> dict[str, jax.Array]:
-    """Returns `logits` (B x C, float32) and the last `hidden` states (B x L x D)."""
+    """Returns `logits` (B x C, float32) and the last `hidden` states (B x L x D).
+
+    batch["word_embeddings"] (B x L x D), when present, stands in for the token embeddings of input_ids."""
     r_enc, r_head = layers.split_rng(dropout_rng, 2)
     ids_BxL = batch["input_ids"]
     types_BxL = batch.get("token_type_ids", jnp.zeros_like(ids_BxL))
-    hidden_BxLxD, pooled_BxD = self.bert(ids_BxL, batch["attention_mask"], types_BxL, dtype, r_enc, remat)
+    hidden_BxLxD, pooled_BxD = self.bert(ids_BxL, batch["attention_mask"], types_BxL, dtype, r_enc, remat,
+                                         batch.get("word_embeddings"))
     rate = self.cfg.classifier_dropout if self.cfg.classifier_dropout is not None else self.cfg.hidden_dropout_prob
     logits_BxC = self.classifier(layers.dropout(pooled_BxD, rate, r_head))
     return {"logits": logits_BxC.astype(jnp.float32), "hidden": hidden_BxLxD}
