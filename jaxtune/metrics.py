@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,7 @@ def start_wandb(project: str, run_dir: Path, config: dict[str, Any]) -> Any:
     raise UserError(f"train.wandb_project={project!r} needs Weights & Biases: pip install wandb (or set "
                     "train.wandb_project to an empty string).") from None
   id_file = run_dir / "wandb_id.txt"
-  run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+  run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
   id_file.write_text(run_id + "\n")
   return wandb.init(project=project, dir=str(run_dir), id=run_id, resume="allow", name=run_dir.name, config=config)
 
