@@ -20,23 +20,32 @@ from conftest import REPO, save_tiny_bert, write_config
 
 from jaxtune import sharding
 
-MESHES = {"data8": {"data": 8, "fsdp": 1, "tensor": 1}, "fsdp8": {"data": 1, "fsdp": 8, "tensor": 1},
-          "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2},
-          "tensor2_data4": {"data": 4, "fsdp": 1, "tensor": 2}}
+# Pure data parallelism over 8 devices is tests/test_multihost.py's layout (one process and two); tensor
+# parallelism with data parallelism is in data2_fsdp2_tensor2.
+MESHES = {"fsdp8": {"data": 1, "fsdp": 8, "tensor": 1}, "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2}}
 RULES = {"embed": None, "mlp": ["fsdp"]}  # the override run: no FSDP on embed, the MLP split over fsdp instead
+# LoRA adapters on attention and MLP kernels (Llama's gate/up run as one matmul), the base frozen.
+LORA = {"bert": "model.lora.targets=['bert.layers.(query|value|mlp_in).kernel']",
+        "llama": "model.lora.targets=['layers.attn.(q|v).kernel','layers.mlp.(gate|up|down).kernel']"}
 # 8-device run -> (its mesh, extra overrides, the 1-device run it must match)
 EIGHT = {**{name: (sizes, [], "one") for name, sizes in MESHES.items()},
          "fsdp8_rules": (MESHES["fsdp8"], [f"mesh.rules={json.dumps(RULES)}"], "one"),
-         "data2_fsdp2_tensor2_accum2": (MESHES["data2_fsdp2_tensor2"], ["train.grad_accum=2"], "one_accum2")}
+         "data2_fsdp2_tensor2_accum2": (MESHES["data2_fsdp2_tensor2"], ["train.grad_accum=2"], "one_accum2"),
+         "data2_fsdp2_tensor2_lora": (MESHES["data2_fsdp2_tensor2"], ["LORA"], "one_lora")}
+
+
+def runs_for(model: str, runs: dict[str, list[str]]) -> dict[str, list[str]]:
+  return {name: [LORA[model] if o == "LORA" else o for o in overrides] for name, overrides in runs.items()}
+
+
 RUNS_8 = {name: [*(f"mesh.{a}={n}" for a, n in sizes.items()), *extra] for name, (sizes, extra, _) in EIGHT.items()}
-RUNS_1 = {"one": [], "one_accum2": ["train.grad_accum=2"]}
+RUNS_1 = {"one": [], "one_accum2": ["train.grad_accum=2"], "one_lora": ["LORA"]}
 
 # What the rules table must give a few params (trailing replicated dims left out), written out by hand.
 # BERT: word (V, D), query (N, D, H, K), mlp_in (N, D, F), attn_out (N, H, K, D), classifier (D, C).
 # Llama: embed (V, D), q (N, D, H, K), k (N, D, G, K), gate (N, D, F), down (N, F, D).
 EXPECTED = {
     "bert": {
-        "data8": {},
         "fsdp8": {"bert.embeddings.word": [None, "fsdp"], "bert.layers.query.kernel": [None, "fsdp"],
                   "bert.layers.mlp_in.kernel": [None, "fsdp"],
                   "bert.layers.attn_out.kernel": [None, None, None, "fsdp"], "classifier.kernel": ["fsdp"]},
@@ -45,15 +54,11 @@ EXPECTED = {
                                 "bert.layers.mlp_in.kernel": [None, "fsdp", "tensor"],
                                 "bert.layers.attn_out.kernel": [None, "tensor", None, "fsdp"],
                                 "classifier.kernel": ["fsdp"]},
-        "tensor2_data4": {"bert.embeddings.word": ["tensor"], "bert.layers.query.kernel": [None, None, "tensor"],
-                          "bert.layers.mlp_in.kernel": [None, None, "tensor"],
-                          "bert.layers.attn_out.kernel": [None, "tensor"]},
         "fsdp8_rules": {"bert.embeddings.word": [], "bert.layers.query.kernel": [],
                         "bert.layers.mlp_in.kernel": [None, None, "fsdp"],
                         "bert.layers.mlp_out.kernel": [None, "fsdp"]},
     },
     "llama": {
-        "data8": {},
         "fsdp8": {"embed": [None, "fsdp"], "layers.attn.q.kernel": [None, "fsdp"],
                   "layers.attn.k.kernel": [None, "fsdp"], "layers.mlp.gate.kernel": [None, "fsdp"],
                   "layers.mlp.down.kernel": [None, None, "fsdp"]},
@@ -61,9 +66,6 @@ EXPECTED = {
                                 "layers.attn.k.kernel": [None, "fsdp", "tensor"],
                                 "layers.mlp.gate.kernel": [None, "fsdp", "tensor"],
                                 "layers.mlp.down.kernel": [None, "tensor", "fsdp"]},
-        "tensor2_data4": {"embed": ["tensor"], "layers.attn.q.kernel": [None, None, "tensor"],
-                          "layers.attn.k.kernel": [None, None, "tensor"],
-                          "layers.mlp.gate.kernel": [None, None, "tensor"], "layers.mlp.down.kernel": [None, "tensor"]},
         "fsdp8_rules": {"embed": [], "layers.attn.q.kernel": [], "layers.mlp.gate.kernel": [None, None, "fsdp"],
                         "layers.mlp.down.kernel": [None, "fsdp"]},
     },
@@ -100,7 +102,9 @@ def trained(request, tmp_path_factory, minilm_dir, tiny_llama_dir, reviews):
     cfg["checkpoint"] = {"best_metric": "loss", "best_mode": "min"}
     del cfg["data"]["label_column"]
     path.write_text(yaml.safe_dump(cfg))
-  runs = {**train_all(path, tmp / "one", RUNS_1, 1), **train_all(path, tmp / "eight", RUNS_8, 8)}
+  model = request.param
+  runs = {**train_all(path, tmp / "one", runs_for(model, RUNS_1), 1),
+          **train_all(path, tmp / "eight", runs_for(model, RUNS_8), 8)}
   return request.param, runs
 
 
@@ -117,17 +121,24 @@ def test_layout_matches_one_device(trained, run):
     np.testing.assert_allclose(got_params[path], want_params[path], atol=1e-5, rtol=0, err_msg=path)
 
 
-@pytest.mark.parametrize("run", [*MESHES, "fsdp8_rules"])
+@pytest.mark.parametrize("run", [*MESHES, "fsdp8_rules", "data2_fsdp2_tensor2_lora"])
 def test_params_are_sharded_as_the_rules_say(trained, run):
   model, runs = trained
   record = runs[run][0]
   rules = sharding.rules_with(RULES if run == "fsdp8_rules" else {})
   mesh = types.SimpleNamespace(shape=record["mesh"])  # spec_for only reads the axis sizes
+  adapters = {path for path in record["params"] if ".lora_" in path}
+  assert bool(adapters) == run.endswith("lora")
   for path, p in record["params"].items():
     want = trim(sharding.spec_for(p["shape"], p["axes"], mesh, rules))
     assert trim(p["spec"]) == want, path
-    assert p["moments"] and all(trim(m) == want for m in p["moments"]), path  # Adam mu and nu live with it
-  for path, spec in EXPECTED[model][run].items():
+    trains = not adapters or path in adapters or path.startswith("classifier.")  # LoRA freezes the rest
+    assert bool(p["moments"]) == trains, path  # frozen params have no Adam moments
+    assert all(trim(m) == want for m in p["moments"]), path  # Adam mu and nu live with their param
+  for path, spec in EXPECTED[model][run.removesuffix("_lora")].items():
     assert trim(record["params"][path]["spec"]) == trim(spec), path
-  sharded = [path for path, p in record["params"].items() if trim(p["spec"])]
-  assert bool(sharded) == (run != "data8")  # data parallelism alone replicates every param
+  if adapters:  # A (in, rank) is split like the kernel's input dims, B (rank, out) like its outputs
+    q = "bert.layers.query" if model == "bert" else "layers.attn.q"
+    assert trim(record["params"][f"{q}.lora_a"]["spec"]) == [None, "fsdp"]
+    assert trim(record["params"][f"{q}.lora_b"]["spec"]) == [None, None, "tensor"]
+  assert any(trim(p["spec"]) for p in record["params"].values())
