@@ -20,8 +20,8 @@ from conftest import REPO, save_tiny_bert, write_config
 
 from jaxtune import sharding
 
-# Pure data parallelism over 8 devices is tests/test_multihost.py's layout (one process and two); tensor
-# parallelism with data parallelism is in data2_fsdp2_tensor2.
+# Every layout splits the batch 8 ways (pure data=8, all params replicated, adds nothing to them);
+# tensor parallelism with data parallelism is in data2_fsdp2_tensor2.
 MESHES = {"fsdp8": {"data": 1, "fsdp": 8, "tensor": 1}, "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2}}
 RULES = {"embed": None, "mlp": ["fsdp"]}  # the override run: no FSDP on embed, the MLP split over fsdp instead
 # LoRA adapters on attention and MLP kernels (Llama's gate/up run as one matmul), the base frozen.

@@ -95,7 +95,9 @@ def param_gap(got: Trace, ref: torch_ref.Result) -> float:
   return diff / max(np.abs(final[k] - ref.initial[k]).max() for k in keys)
 
 
-CASES = [("minilm", 1), ("minilm", 2), ("llama", 1), ("llama", 2)]
+# MiniLM with grad_accum 2 repeats what the Llama case proves of accumulation at 75 s: marked slow, left out of
+# the default run (pytest -m "slow or not slow" includes it).
+CASES = [("minilm", 1), pytest.param(("minilm", 2), marks=pytest.mark.slow), ("llama", 1), ("llama", 2)]
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +114,7 @@ def ours(reference, tmp_path_factory) -> Trace:
   return run_jaxtune(reference[0], tmp_path_factory.mktemp("run") / "run")
 
 
-IDS = [f"{c}-accum{a}" for c, a in CASES]
+IDS = ["minilm-accum1", "minilm-accum2", "llama-accum1", "llama-accum2"]
 
 
 @pytest.mark.parametrize("reference", CASES, indirect=True, ids=IDS)
