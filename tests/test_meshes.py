@@ -20,7 +20,7 @@ from conftest import REPO, save_tiny_bert, write_config
 
 from jaxtune import sharding
 
-# Every layout splits the batch 8 ways (pure data=8, all params replicated, adds nothing to them);
+# Every layout splits the batch over its data x fsdp devices (pure data=8, all params replicated, adds little);
 # tensor parallelism with data parallelism is in data2_fsdp2_tensor2.
 MESHES = {"fsdp8": {"data": 1, "fsdp": 8, "tensor": 1}, "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2}}
 RULES = {"embed": None, "mlp": ["fsdp"]}  # the override run: no FSDP on embed, the MLP split over fsdp instead
