@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxtune import metrics
 from jaxtune.errors import UserError
 
 COLUMNS = ("run", "status", "step", "model", "lora", "trainable_params", "best", "last", "tokens_per_s", "mfu",
@@ -20,7 +21,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
   run_dir = Path(run_dir)
   if not (run_dir / "config.yaml").is_file():
     raise UserError(f"{run_dir} is not a run directory (no config.yaml); pass run dirs written by finetune.py.")
-  records = read_records(run_dir)
+  records = metrics.read_records(run_dir)
   evals = [r for r in records if r.get("split") == "validation"]
   steps = [r["step"] for r in records if "loss" in r and "split" not in r]
   summary_path = run_dir / "summary.json"
@@ -39,19 +40,6 @@ def read_run(run_dir: Path) -> dict[str, Any]:
   return {"run": run_dir.name, "status": "unfinished", "step": steps[-1] if steps else 0, "model": None, "lora": "",
           "trainable_params": start.get("trainable_params"), "best": "", "last": _metrics(evals[-1] if evals else None),
           "tokens_per_s": None, "mfu": None, "train_s": None, "wall_s": None, "peak_host_gb": None, "records": records}
-
-
-def read_records(run_dir: Path) -> list[dict[str, Any]]:
-  path = Path(run_dir) / "metrics.jsonl"
-  if not path.is_file():
-    return []
-  out = []
-  for line in path.read_text().splitlines():
-    try:
-      out.append(json.loads(line))
-    except json.JSONDecodeError:  # a line cut short by a kill; the resumed run rewrites it
-      continue
-  return out
 
 
 def _metrics(record: dict[str, Any] | None) -> str:

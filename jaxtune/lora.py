@@ -24,6 +24,7 @@ from jaxtune.errors import UserError
 from jaxtune.models import layers
 
 ADAPTER = r".*\.lora_[ab]"  # the param paths of adapters
+is_adapter = weights.matcher([ADAPTER])
 
 
 def attach(module: nnx.Module, cfg: LoraConfig, rngs: nnx.Rngs) -> None:
@@ -83,7 +84,7 @@ def split(params: Mapping[str, Any], frozen_paths: frozenset[str]) -> tuple[dict
 
 def merged(params: Mapping[str, np.ndarray], cfg: LoraConfig) -> dict[str, np.ndarray]:
   """Flat params with each adapter folded into its kernel (W + alpha/rank A B) and the adapters dropped."""
-  out = {p: v for p, v in params.items() if not weights.matcher([ADAPTER])(p)}
+  out = {p: v for p, v in params.items() if not is_adapter(p)}
   for path in params:
     if path.endswith(".lora_a"):
       base = path.removesuffix(".lora_a")
@@ -130,7 +131,7 @@ def peft_adapter(params: Mapping[str, np.ndarray], param_map: Mapping[str, tuple
       targets.append(module)
   saved_modules: set[str] = set()
   for path in sorted(params):  # whole modules: PEFT swaps each for its saved copy
-    if path in frozen_paths or weights.matcher([ADAPTER])(path):
+    if path in frozen_paths or is_adapter(path):
       continue
     for key in weights.layer_keys(param_map[path][0], params[path].shape):
       saved_modules.add(key.rsplit(".", 1)[0])

@@ -128,6 +128,21 @@ def start_wandb(project: str, run_dir: Path, config: dict[str, Any]) -> Any:
   return wandb.init(project=project, dir=str(run_dir), id=run_id, resume="allow", name=run_dir.name, config=config)
 
 
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+  """Every record of RUN_DIR/metrics.jsonl in order ([] without one); a line cut short by a kill is skipped
+  (the resumed run rewrites it)."""
+  path = Path(run_dir) / "metrics.jsonl"
+  if not path.is_file():
+    return []
+  out = []
+  for line in path.read_text().splitlines():
+    try:
+      out.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
+  return out
+
+
 def _step_of(line: str) -> float:
   """The step of a metrics.jsonl line; a line cut short by a kill counts as after every step."""
   try:

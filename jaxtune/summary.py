@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 
 import jax
 
+from jaxtune import metrics
 from jaxtune.config import Config
 
 PACKAGES = ("jaxtune", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers")
@@ -37,14 +37,6 @@ def versions() -> dict[str, str | None]:
   return out
 
 
-def eval_records(run_dir: Path, split: str = "validation") -> list[dict[str, Any]]:
-  path = run_dir / "metrics.jsonl"
-  if not path.exists():
-    return []
-  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  return [r for r in rows if r.get("split") == split]
-
-
 def best_eval(records: list[dict[str, Any]], metric: str | None, mode: str) -> dict[str, Any] | None:
   """The eval record with the best `metric` (checkpoint.best_metric), or None without one."""
   scored = [r for r in records if metric and isinstance(r.get(metric), (int, float))]
@@ -57,7 +49,7 @@ def build(cfg: Config, run_dir: Path, report: dict[str, Any], sizes: dict[str, i
           final_step: int, total_steps: int, status: str) -> dict[str, Any]:
   """The summary of a run: versions, devices, mesh, commit, seed, time by phase, throughput, MFU, memory,
   param counts and the best and last validation metrics."""
-  evals = eval_records(run_dir)
+  evals = [r for r in metrics.read_records(run_dir) if r.get("split") == "validation"]
   device = jax.devices()[0]
   return {
       "status": status, "step": final_step, "total_steps": total_steps, "task": cfg.task, "model": cfg.model.path,
