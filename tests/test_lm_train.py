@@ -6,6 +6,7 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from conftest import records, run_script
@@ -33,7 +34,11 @@ def lm_config(tmp_path, model_dir, reviews, **data):
 
 
 def test_packed_text_finetune_lowers_loss_and_evaluate_reproduces_it(tmp_path, tiny_llama_dir, reviews):
-  cfg = lm_config(tmp_path, tiny_llama_dir, reviews, text_column="review", pack=True)
+  """On plain .txt files named by a glob: one review per line, two files."""
+  texts = pd.read_csv(reviews["train"])["review"].str.replace("\n", " ")
+  for i, part in enumerate((texts[:48], texts[48:])):
+    (tmp_path / f"part{i}.txt").write_text("\n".join(part) + "\n")
+  cfg = lm_config(tmp_path, tiny_llama_dir, {**reviews, "train": tmp_path / "part*.txt"}, pack=True)
   result = run_script("finetune.py", "--config", cfg, "--run-dir", tmp_path / "run")
   assert result.returncode == 0, result.stderr[-3000:]
   evals = [r for r in records(tmp_path / "run") if r.get("split") == "validation"]

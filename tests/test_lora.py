@@ -132,10 +132,25 @@ def test_merged_and_peft_exports_give_adapter_logits(lora_run, tiny_bert_dir, tm
   assert np.abs(without - ours).max() > 5e-4  # 5x the tolerance: the adapters' share is checked too
 
 
-def test_llama_adapters_on_fused_projections_match_peft(tiny_llama_dir):
-  """Adapters on every Llama projection, including the key/value and gate/up pairs run as one matmul."""
-  model_cfg = ModelConfig(path=str(tiny_llama_dir), new_params=(), lora=LoraConfig(targets=tuple(LLAMA_TARGETS),
-                                                                                   rank=3, alpha=5.0))
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory):
+  torch.manual_seed(0)
+  path = tmp_path_factory.mktemp("tiny_gpt2")
+  transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                       pad_token_id=0)).save_pretrained(path)
+  return path
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_decoder_adapters_on_every_projection_match_peft(name, tiny_llama_dir, tiny_gpt2_dir):
+  """Adapters on every projection: Llama's key/value and gate/up pairs run as one matmul; GPT-2's fused
+  c_attn and its Conv1D layout (PEFT's fan_in_fan_out)."""
+  model_dir, targets, per_layer, cls = {
+      "llama": (tiny_llama_dir, LLAMA_TARGETS, 7, transformers.LlamaForCausalLM),
+      "gpt2": (tiny_gpt2_dir, [r"blocks\.(qkv|attn_out|mlp_in|mlp_out)\.kernel"], 4, transformers.GPT2LMHeadModel),
+  }[name]
+  model_cfg = ModelConfig(path=str(model_dir), new_params=(), lora=LoraConfig(targets=tuple(targets), rank=3,
+                                                                              alpha=5.0))
   model, params = pretrained.from_pretrained(model_cfg, 0, MESH, 0)
   flat = flat_host(params)
   rng = np.random.default_rng(0)
@@ -146,14 +161,14 @@ def test_llama_adapters_on_fused_projections_match_peft(tiny_llama_dir):
   ours = np.asarray(model.apply(sharding.unflatten(flat), batch)["logits"])
   family = pretrained.FAMILIES[model.family]
   adapter_config, tensors = lora.peft_adapter(flat, family.param_map(model.cfg), model.frozen, model_cfg,
-                                              "decoder", fan_in_fan_out=False)
-  assert len(adapter_config["target_modules"]) == 7 * model.cfg.num_hidden_layers
+                                              "decoder", fan_in_fan_out=name == "gpt2")
+  assert len(adapter_config["target_modules"]) == per_layer * 2  # both tiny models have 2 layers
   assert adapter_config["modules_to_save"] == []  # a causal LM under LoRA trains nothing else
-  base = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
+  base = cls.from_pretrained(model_dir).eval()
   inputs = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
   with torch.no_grad():
     before = base(**inputs).logits.numpy()
-  out = tiny_llama_dir.parent / "llama_peft"
+  out = model_dir.parent / f"{name}_peft"
   out.mkdir(exist_ok=True)
   lora.write_peft(out, adapter_config, tensors)
   with torch.no_grad():

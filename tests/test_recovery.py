@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from conftest import REPO, records, write_config
+from conftest import final_params, finetune, reached, records, stop_when, train_steps, write_config
 
-from jaxtune import evaluate, sharding
+from jaxtune import evaluate
 from jaxtune.checkpoint import Checkpoints
 from jaxtune.errors import EXIT_PREEMPTED
 
@@ -37,53 +33,10 @@ def setup(tiny_bert_dir, reviews, tmp_path_factory):
   return cfg, d / "reference"
 
 
-def finetune(cfg: Path, run_dir: Path, *args: str) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, str(REPO / "scripts" / "finetune.py"), "--config", str(cfg), "--run-dir",
-                           str(run_dir), *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def log_lines(run_dir: Path) -> list[str]:
-  path = run_dir / "metrics.jsonl"
-  return path.read_text().splitlines() if path.exists() else []
-
-
-def train_steps(run_dir: Path, lines: list[str] | None = None) -> list[int]:
-  """Steps of the train records in metrics.jsonl, in order (a line cut short by a kill is left out)."""
-  return [int(line.split('"step": ')[1].split(",")[0]) for line in (log_lines(run_dir) if lines is None else lines)
-          if '"loss"' in line and '"split"' not in line and line.endswith("}")]
-
-
-def reached(run_dir: Path, step: int, starts: int, saved: bool = True) -> bool:
-  """The process started as the run's `starts`-th has logged `step` (and, if `saved`, a checkpoint exists)."""
-  lines = log_lines(run_dir)
-  if sum('"event": "start"' in line or '"event": "resume"' in line for line in lines) < starts:
-    return False  # the records there are an earlier process's, not yet cut back by this one
-  logged = train_steps(run_dir, lines)[-1:] >= [step]
-  return bool(logged and (not saved or Checkpoints(run_dir, read_only=True).steps()))
-
-
-def stop_when(proc: subprocess.Popen, ready, sig: int, delay: float = 0.0) -> tuple[int, str]:
-  """Sends `sig` once ready() holds (after `delay` s); (exit code, stderr). The run must not finish first."""
-  deadline = time.monotonic() + 600
-  while not ready():
-    assert proc.poll() is None, f"the run ended before the signal: {proc.communicate()[1][-2000:]}"
-    assert time.monotonic() < deadline
-    time.sleep(0.002)
-  time.sleep(delay)
-  proc.send_signal(sig)
-  _, err = proc.communicate(timeout=600)
-  return proc.returncode, err
-
-
 def partial_writes(run_dir: Path) -> set[str]:
   """Orbax's temp dirs of checkpoint writes in flight (or cut short by a kill)."""
   ckpt_dir = run_dir / "checkpoints"
   return {p.name for p in ckpt_dir.iterdir() if "orbax-checkpoint-tmp" in p.name} if ckpt_dir.is_dir() else set()
-
-
-def final_params(run_dir: Path) -> dict[str, np.ndarray]:
-  ckpts = Checkpoints(run_dir, read_only=True)
-  return sharding.flatten(ocp.StandardCheckpointer().restore(ckpts.dir / str(ckpts.resolve("latest")) / "params"))
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:

@@ -208,36 +208,67 @@ def collate(data: LMExamples, rows: np.ndarray, batch_size: int, buckets: Sequen
   return batch
 
 
+@dataclasses.dataclass(frozen=True)
+class Form:
+  """Which columns make a causal-LM example: a text column, prompt + response, or messages (exactly one)."""
+  text_column: str | None = None  # plain text: one document per row
+  prompt_column: str | None = None
+  response_column: str | None = None
+  messages_column: str | None = None
+  use_chat_template: bool = False
+  pack_text: bool = True  # text documents are packed into full rows; otherwise one example per row
+
+  def check(self, name: str) -> None:
+    forms = [self.text_column is not None, self.prompt_column is not None or self.response_column is not None,
+             self.messages_column is not None]
+    if sum(forms) != 1 or (forms[1] and (self.prompt_column is None or self.response_column is None)):
+      raise UserError(f"data split {name}: give exactly one of a text column, a prompt and a response column, "
+                      "or a messages column.")
+
+  @property
+  def columns(self) -> list[str]:
+    return [c for c in (self.text_column, self.prompt_column, self.response_column, self.messages_column)
+            if c is not None]
+
+  @property
+  def packs(self) -> bool:
+    return self.text_column is not None and self.pack_text
+
+  def check_columns(self, column_names: Sequence[str], name: str) -> None:
+    for column in self.columns:
+      if column not in column_names:
+        raise UserError(f"data split {name} has no column {column!r} (it has {list(column_names)}); set the "
+                        "column names of the data section to existing columns.")
+
+  def encode(self, columns: dict[str, Sequence[Any]], tokenizer: Any, seq_len: int, name: str) -> list[Example]:
+    """The examples of some rows: whole documents when packing, else cut to seq_len + 1 tokens (see `_padded`)."""
+    if self.text_column is not None:
+      docs = encode_documents(columns[self.text_column], tokenizer, name, self.text_column)
+      keep = None if self.pack_text else seq_len + 1
+      return [(d[:keep], np.ones(len(d[:keep]), np.float32)) for d in docs]
+    if self.messages_column is not None:
+      return [encode_messages(m, tokenizer, seq_len + 1, f"data split {name} row {row}")
+              for row, m in enumerate(columns[self.messages_column])]
+    prompts, responses = columns[self.prompt_column], columns[self.response_column]
+    _check_strings(prompts, self.prompt_column, name)
+    _check_strings(responses, self.response_column, name)
+    return [encode_instruction(p, r, tokenizer, seq_len + 1, self.use_chat_template, f"data split {name} row {row}")
+            for row, (p, r) in enumerate(zip(prompts, responses))]
+
+
 def load_lm_split(ds: datasets.Dataset, tokenizer: Any, name: str, seq_len: int, *, text_column: str | None = None,
                   prompt_column: str | None = None, response_column: str | None = None,
                   messages_column: str | None = None, use_chat_template: bool = False,
                   pack_text: bool = True) -> LMExamples:
   """LM rows from one of: a text column (packed, or one document per row), prompt + response, or messages."""
-  forms = [text_column is not None, prompt_column is not None or response_column is not None,
-           messages_column is not None]
-  if sum(forms) != 1 or (forms[1] and (prompt_column is None or response_column is None)):
-    raise UserError(f"data split {name}: give exactly one of a text column, a prompt and a response column, "
-                    "or a messages column.")
+  form = Form(text_column, prompt_column, response_column, messages_column, use_chat_template, pack_text)
+  form.check(name)
   if len(ds) == 0:
     raise UserError(f"data split {name} has no rows; point it at a non-empty file.")
-  for column in (text_column, prompt_column, response_column, messages_column):
-    if column is not None and column not in ds.column_names:
-      raise UserError(f"data split {name} has no column {column!r} (it has {ds.column_names}); set the "
-                      "column names of the data section to existing columns.")
-  if text_column is not None:
-    docs = encode_documents(ds[text_column], tokenizer, name, text_column)
-    if pack_text:
-      return pack(docs, seq_len)
-    examples = [(d[:seq_len + 1], np.ones(min(len(d), seq_len + 1), np.float32)) for d in docs]
-  elif messages_column is not None:
-    examples = [encode_messages(m, tokenizer, seq_len + 1, f"data split {name} row {row}")
-                for row, m in enumerate(ds[messages_column])]
-  else:
-    prompts, responses = ds[prompt_column], ds[response_column]
-    _check_strings(prompts, prompt_column, name)
-    _check_strings(responses, response_column, name)
-    examples = [encode_instruction(p, r, tokenizer, seq_len + 1, use_chat_template, f"data split {name} row {row}")
-                for row, (p, r) in enumerate(zip(prompts, responses))]
+  form.check_columns(ds.column_names, name)
+  examples = form.encode({c: ds[c] for c in form.columns}, tokenizer, seq_len, name)
+  if form.packs:
+    return pack([tokens for tokens, _ in examples], seq_len)
   return _padded(examples, seq_len, name)
 
 

@@ -27,7 +27,7 @@ def load_raw(cfg: DataConfig, seed: int, names: Sequence[str], extra: dict[str, 
   spec = specs(cfg, extra)
   raw: dict[str, datasets.Dataset] = {}
   if "train" in names or ("validation" in names and cfg.validation_holdout):
-    raw["train"] = load_split(cfg.train)
+    raw["train"] = load_split(cfg.train, cfg.text_unit)
     if cfg.validation_holdout:
       if cfg.validation_holdout >= len(raw["train"]):
         raise UserError(f"data.validation_holdout={cfg.validation_holdout} leaves no training rows out of "
@@ -39,5 +39,5 @@ def load_raw(cfg: DataConfig, seed: int, names: Sequence[str], extra: dict[str, 
     if name not in raw:
       if spec.get(name) is None:
         raise UserError(f"split {name!r} is not configured; set data.{name} in the config or pass --data FILE.")
-      raw[name] = load_split(spec[name])
+      raw[name] = load_split(spec[name], cfg.text_unit)
   return {n: raw[n].select(range(min(limit, len(raw[n])))) if limit else raw[n] for n in names}
