@@ -134,7 +134,7 @@ def _torch_side(spec: Spec) -> tuple[Any, dict[str, Any]]:
   hf = {k: v for k, v in spec.hf.items() if k != "model_type"}
   config = transformers.AutoConfig.for_model(spec.hf["model_type"], **hf, num_labels=2)
   torch.manual_seed(spec.seed)
-  module = getattr(transformers, export.ARCHITECTURES[spec.hf["model_type"]])(config).float().to(device).train()
+  module = getattr(transformers, export.architecture(spec.hf["model_type"]))(config).float().to(device).train()
   opt, sched = torch_ref.optimizer(module, OptimConfig(lr=1e-4, schedule="constant"), 1000)
   arrays = batch_arrays(spec)
   ids = torch.from_numpy(arrays["input_ids"]).long().to(device)

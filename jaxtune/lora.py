@@ -102,11 +102,12 @@ def _delta(a: np.ndarray, b: np.ndarray, kernel_ndim: int) -> np.ndarray:
       *a.shape[:-1], *b.shape[lead + 1:])
 
 
-PEFT_TASKS = {"encoder": "SEQ_CLS", "decoder": "CAUSAL_LM"}
+PEFT_TASKS = {"classification": "SEQ_CLS", "question_answering": "QUESTION_ANS",
+              "token_classification": "TOKEN_CLS", "causal_lm": "CAUSAL_LM"}  # our task -> PEFT's task_type
 
 
 def peft_adapter(params: Mapping[str, np.ndarray], param_map: Mapping[str, tuple[str, str]],
-                 frozen_paths: frozenset[str], cfg: ModelConfig, kind: str, fan_in_fan_out: bool
+                 frozen_paths: frozenset[str], cfg: ModelConfig, task: str, fan_in_fan_out: bool
                  ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """(adapter_config.json, adapter_model.safetensors tensors) that peft loads onto the transformers model.
 
@@ -141,7 +142,7 @@ def peft_adapter(params: Mapping[str, np.ndarray], param_map: Mapping[str, tuple
       if key.rsplit(".", 1)[0] in saved_modules:
         value = params[path][i] if stacked else params[path]
         tensors[prefix + key] = np.ascontiguousarray(weights.to_hf(value, layout))
-  config = {"peft_type": "LORA", "task_type": PEFT_TASKS[kind], "r": cfg.lora.rank, "lora_alpha": cfg.lora.alpha,
+  config = {"peft_type": "LORA", "task_type": PEFT_TASKS[task], "r": cfg.lora.rank, "lora_alpha": cfg.lora.alpha,
             "lora_dropout": cfg.lora.dropout, "target_modules": targets, "modules_to_save": sorted(saved_modules),
             "bias": "none", "fan_in_fan_out": fan_in_fan_out, "inference_mode": True,
             "base_model_name_or_path": cfg.path}

@@ -31,11 +31,13 @@ VENDOR_BF16_PEAKS = {
 
 
 def _dims(hf: dict[str, Any]) -> tuple[int, int, int, int, int, int]:
-  """(D, F, layers, heads, head dim, kv heads) of an HF config dict (GPT-2 spells them n_embd, n_inner, ...)."""
-  d = hf.get("hidden_size") or hf["n_embd"]
-  heads = hf.get("num_attention_heads") or hf["n_head"]
-  return (d, hf.get("intermediate_size") or hf.get("n_inner") or 4 * d, hf.get("num_hidden_layers") or hf["n_layer"],
-          heads, hf.get("head_dim") or d // heads, hf.get("num_key_value_heads") or heads)
+  """(D, F, layers, heads, head dim, kv heads) of an HF config dict (GPT-2 spells them n_embd, n_inner, ...,
+  DistilBERT dim, hidden_dim, ...)."""
+  d = hf.get("hidden_size") or hf.get("dim") or hf["n_embd"]
+  heads = hf.get("num_attention_heads") or hf.get("n_heads") or hf["n_head"]
+  f = hf.get("intermediate_size") or hf.get("hidden_dim") or hf.get("n_inner") or 4 * d
+  layers = hf.get("num_hidden_layers") or hf.get("n_layers") or hf["n_layer"]
+  return d, f, layers, heads, hf.get("head_dim") or d // heads, hf.get("num_key_value_heads") or heads
 
 
 def matmul_params_per_token(hf: dict[str, Any], task: str) -> int:

@@ -110,24 +110,25 @@ def load_tokenizer(model_cfg: ModelConfig) -> Any:
                     "to an HF tokenizer directory or hub id.") from None
 
 
-def check_kind(hf_config: dict[str, Any], model_cfg: ModelConfig, kind: str | None) -> tuple[str, ModelFamily]:
-  """(family name, family) of an HF config; a family of another kind than `kind` is a UserError."""
+def check_kind(hf_config: dict[str, Any], model_cfg: ModelConfig, head: str | None) -> tuple[str, ModelFamily]:
+  """(family name, family) of an HF config; a family that cannot carry `head` (a task's name) is a UserError."""
   family_name, family = family_of(hf_config)
-  if kind is not None and family.kind != kind:
-    task = "classification" if kind == "encoder" else "causal_lm"
-    raise UserError(f"model.path {model_cfg.path} is a {family_name} {family.kind}, but task {task} needs "
+  if head is not None and family.kind != (kind := "decoder" if head == "causal_lm" else "encoder"):
+    raise UserError(f"model.path {model_cfg.path} is a {family_name} {family.kind}, but task {head} needs "
                     f"{'an' if kind == 'encoder' else 'a'} {kind} model; change task or model.path.")
   return family_name, family
 
 
 def from_config(hf_config: dict[str, Any], model_cfg: ModelConfig, num_labels: int, mesh: Mesh, seed: int = 0,
-                kind: str | None = None, rules: sharding.Rules = sharding.RULES) -> Model:
+                head: str | None = None, rules: sharding.Rules = sharding.RULES) -> Model:
   """The model an HF config (from `open_checkpoint`) describes, shardings included; no weight is read.
 
-  `kind` ("encoder" / "decoder") is what the task needs; another kind of model is a UserError.
+  `head` is the task (classification, question_answering, token_classification, causal_lm), which
+  decides the encoders' head; a model of the wrong kind for it is a UserError. None: the family's default.
   """
-  family_name, family = check_kind(hf_config, model_cfg, kind)
-  cfg = dataclasses.replace(family.config.from_hf(hf_config, num_labels, model_cfg.dropout),
+  family_name, family = check_kind(hf_config, model_cfg, head)
+  task_head = {} if head is None else {"head": head}
+  cfg = dataclasses.replace(family.config.from_hf(hf_config, num_labels, model_cfg.dropout, **task_head),
                             scan_layers=model_cfg.scan_layers)
   return describe(family_name, cfg, mesh, seed, hf_config, rules, model_cfg)
 
@@ -148,9 +149,9 @@ def load_params(model: Model, model_cfg: ModelConfig, reader: Any, seed: int,
   return sharding.unflatten({**loaded, **fresh})
 
 
-def from_pretrained(model_cfg: ModelConfig, num_labels: int, mesh: Mesh, seed: int, kind: str | None = None,
+def from_pretrained(model_cfg: ModelConfig, num_labels: int, mesh: Mesh, seed: int, head: str | None = None,
                     rules: sharding.Rules = sharding.RULES) -> tuple[Model, dict]:
   """(model, params): params from the checkpoint, new ones (model.new_params) initialised."""
   hf_config, reader = open_checkpoint(model_cfg)  # opened once: parsing a GGUF file takes seconds
-  model = from_config(hf_config, model_cfg, num_labels, mesh, seed, kind, rules)
+  model = from_config(hf_config, model_cfg, num_labels, mesh, seed, head, rules)
   return model, load_params(model, model_cfg, reader, seed)

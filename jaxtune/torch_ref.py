@@ -52,7 +52,7 @@ def build(model: pretrained.Model, params: dict[str, np.ndarray], labels: Sequen
   hf.update({key: getattr(model.cfg, key) for key in type(model.cfg).DROPOUT_KEYS})  # ours, e.g. model.dropout
   config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
   torch.manual_seed(seed)
-  module = getattr(transformers, export.ARCHITECTURES[model.family])(config).float()
+  module = getattr(transformers, export.architecture(model.family, getattr(model.cfg, "head", "")))(config).float()
   tensors = export.hf_tensors(model, params)
   param_map = pretrained.FAMILIES[model.family].param_map(model.cfg)
   is_skipped = weights.matcher(skip)
@@ -139,7 +139,7 @@ def score(module: torch.nn.Module, task_name: str, data: Any, cfg: Config, label
       out = {"loss_sum": (loss * weight).sum(-1), "tokens": weight.sum(-1)}
     for key, value in out.items():
       outputs.setdefault(key, []).append(value.numpy()[:len(rows)])
-  return task.metrics({k: np.concatenate(v) for k, v in outputs.items()}, data, labels)
+  return task.metrics({k: np.concatenate(v) for k, v in outputs.items()}, data, labels, cfg)
 
 
 @torch.no_grad()
@@ -176,6 +176,8 @@ def finetune(cfg: Config, init: str = "jaxtune", score_splits: Sequence[str] = (
   """
   if init not in ("jaxtune", "torch"):
     raise UserError(f"init {init!r} is not one of jaxtune, torch.")
+  if cfg.task not in TARGET_WEIGHTS:
+    raise UserError(f"the PyTorch reference trains {sorted(TARGET_WEIGHTS)} runs, not task {cfg.task}.")
   task = tasks.TASKS[cfg.task]
   tokenizer = pretrained.load_tokenizer(cfg.model)
   configured = [n for n in score_splits
@@ -183,7 +185,7 @@ def finetune(cfg: Config, init: str = "jaxtune", score_splits: Sequence[str] = (
   labels, encoded = task.load(cfg, tokenizer, ["train", *configured])
   per_epoch, steps = total_steps(cfg, len(encoded["train"]))
   mesh = sharding.make_mesh(MeshConfig(data=1))
-  model, params = pretrained.from_pretrained(cfg.model, len(labels or ()), mesh, cfg.train.seed, task.family_kind)
+  model, params = pretrained.from_pretrained(cfg.model, len(labels or ()), mesh, cfg.train.seed, cfg.task)
   flat = {p: np.asarray(a) for p, a in sharding.flatten(params).items()}
   module, initial = build(model, flat, labels, cfg.model.new_params if init == "torch" else (), cfg.train.seed)
   del params, flat  # the JAX copy is not needed again

@@ -173,18 +173,19 @@ def device_batch(task: Any, data: Any, rows: np.ndarray, batch_size: int, cfg: C
 
 
 def evaluate(eval_step, params: Any, data: Any, cfg: Config, batch_sharding: Any, task: Any,
-             labels: Any) -> dict[str, float]:
+             labels: Any, outputs: dict[str, np.ndarray] | None = None) -> dict[str, float]:
   """The task's metrics over every row of `data` (a short last batch is padded, then dropped).
 
   Rows go through shortest first, so each batch pads to the bucket of rows of similar length (fewer pad
-  tokens than in data order); outputs are put back in data order.
+  tokens than in data order); outputs are put back in data order (per-token ones padded with zeros to the
+  widest batch), and into `outputs` when given.
   """
   order = np.argsort(data.lengths, kind="stable")
-  outputs: dict[str, list[np.ndarray]] = {}
+  parts: dict[str, list[np.ndarray]] = {}
 
   def collect(rows: np.ndarray, out: dict[str, jax.Array]) -> None:
     for key, value in jax.device_get(out).items():
-      outputs.setdefault(key, []).append(value[:len(rows)])
+      parts.setdefault(key, []).append(value[:len(rows)])
 
   pending = None  # batch i's outputs are read once batch i+1 is dispatched, so the host never idles the device
   for rows in batching.eval_batches(len(data), cfg.train.eval_batch_size):
@@ -196,11 +197,13 @@ def evaluate(eval_step, params: Any, data: Any, cfg: Config, batch_sharding: Any
     pending = rows, out
   if pending is not None:
     collect(*pending)
-  in_order = {}
-  for key, parts in outputs.items():
-    in_order[key] = np.empty_like(values := np.concatenate(parts))
+  in_order = {} if outputs is None else outputs
+  for key, values in parts.items():
+    width = max(v.shape[1] for v in values) if values[0].ndim > 1 else None
+    values = np.concatenate([v if width is None else np.pad(v, [(0, 0), (0, width - v.shape[1])]) for v in values])
+    in_order[key] = np.empty_like(values)
     in_order[key][order] = values
-  return task.metrics(in_order, data, labels)
+  return task.metrics(in_order, data, labels, cfg)
 
 
 def check_devices(cfg: Config, mesh: jax.sharding.Mesh, rules: sharding.Rules = sharding.RULES,
@@ -279,7 +282,7 @@ def prepare(cfg: Config, run_dir: Path, resume: bool = False, clock: perf.RunClo
       _check_run_dir(cfg, run_dir, resume, extend)
     with clock.phase("weights"):  # the model's config first: a wrong model fails before the data is read
       hf_config, reader = pretrained.open_checkpoint(cfg.model)  # opened once: parsing a GGUF file takes seconds
-      pretrained.check_kind(hf_config, cfg.model, TASKS[cfg.task].family_kind)
+      pretrained.check_kind(hf_config, cfg.model, cfg.task)
     with clock.phase("data"):
       tokenizer = pretrained.load_tokenizer(cfg.model)
       names = ([] if cfg.data.streaming else ["train"]) + (
@@ -304,7 +307,7 @@ def _build(cfg: Config, run_dir: Path, resume: bool, mesh: jax.sharding.Mesh, ru
   task = TASKS[cfg.task]
   steps = run_steps(cfg, train_feed.per_epoch)
   hf_config, reader = checkpoint
-  model = pretrained.from_config(hf_config, cfg.model, len(labels or ()), mesh, cfg.train.seed, task.family_kind,
+  model = pretrained.from_config(hf_config, cfg.model, len(labels or ()), mesh, cfg.train.seed, cfg.task,
                                  rules)
   check_fits_model(cfg, model, {**splits, "train": train_feed} if cfg.data.streaming else splits)
   tx = optim.make(cfg.optim, steps)

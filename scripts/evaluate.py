@@ -1,5 +1,8 @@
 """Score a checkpoint: python scripts/evaluate.py --checkpoint RUN_DIR [--step best|latest|N|base]
-[--split NAME | --data FILE] [--max-examples N] [--output FILE]"""
+[--split NAME | --data FILE] [--max-examples N] [--output FILE]
+
+Writes the metrics to --output (default RUN_DIR/eval/<split>-<step>.json); for question answering also
+the answers, example id -> text, to <output without .json>.predictions.json."""
 
 import argparse
 import json
@@ -15,7 +18,7 @@ def main() -> int:
                       help="best, latest, a saved step number, or base (the pretrained model)")
   source = parser.add_mutually_exclusive_group()
   source.add_argument("--split", help="train, validation or test, as configured for the run (default test)")
-  source.add_argument("--data", help="a .csv/.json/.jsonl/.parquet file with the run's columns")
+  source.add_argument("--data", help="a data file, directory or glob with the run's columns")
   parser.add_argument("--max-examples", type=int, help="score only the first N rows of the split")
   parser.add_argument("--output", help="metrics JSON path (default RUN_DIR/eval/<split>-<step>.json)")
   args = parser.parse_args()
@@ -33,10 +36,14 @@ def main() -> int:
     raise errors.UserError(f"--output {args.output}: directory {Path(args.output).parent} does not exist; create it "
                            "or choose another path.")
   result = evaluate.evaluate_checkpoint(run_dir, args.step, split, args.data, args.max_examples)
+  predictions = result.pop("predictions", None)  # question answering: example id -> answer text
   print(json.dumps(result), flush=True)  # before writing: a failed write loses nothing
   output = Path(args.output or run_dir / "eval" / f"{Path(str(result['split'])).stem}-{result['step']}.json")
   evaluate.write_json(result, output)
   print(f"wrote {output}")
+  if predictions is not None:
+    evaluate.write_json(predictions, output.with_name(output.stem + ".predictions.json"))
+    print(f"wrote {output.with_name(output.stem + '.predictions.json')}")
   return 0
 
 

@@ -56,10 +56,10 @@ def load_exported(out_dir, cls):
   return hf.eval()
 
 
-def save_run(run_dir, model, params, step: int) -> None:
+def save_run(run_dir, model, params, step: int, labels=None) -> None:
   """A run dir as train.py leaves it: one checkpoint of params, AdamW state, train state and meta."""
   meta = {"family": model.family, "model": dataclasses.asdict(model.cfg), "hf_config": model.hf_config,
-          "labels": None}  # a causal LM has no label list
+          "labels": labels}  # None: a causal LM or span head has no label list
   ckpts = Checkpoints(run_dir)
   ckpts.save(step, params, optax.adamw(1e-3).init(params),
              {"step": jnp.asarray(step, jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}, meta, None)

@@ -161,7 +161,7 @@ def test_decoder_adapters_on_every_projection_match_peft(name, tiny_llama_dir, t
   ours = np.asarray(model.apply(sharding.unflatten(flat), batch)["logits"])
   family = pretrained.FAMILIES[model.family]
   adapter_config, tensors = lora.peft_adapter(flat, family.param_map(model.cfg), model.frozen, model_cfg,
-                                              "decoder", fan_in_fan_out=name == "gpt2")
+                                              "causal_lm", fan_in_fan_out=name == "gpt2")
   assert len(adapter_config["target_modules"]) == per_layer * 2  # both tiny models have 2 layers
   assert adapter_config["modules_to_save"] == []  # a causal LM under LoRA trains nothing else
   base = cls.from_pretrained(model_dir).eval()

@@ -21,7 +21,7 @@ def llama(tiny_llama_dir):
   mesh = sharding.make_mesh(MeshConfig())
   model_cfg = ModelConfig(path=str(tiny_llama_dir), new_params=())
   hf_config, reader = pretrained.open_checkpoint(model_cfg)
-  model = pretrained.from_config(hf_config, model_cfg, 0, mesh, kind="decoder")
+  model = pretrained.from_config(hf_config, model_cfg, 0, mesh, head="causal_lm")
   tx = optim.make(OPT, 10)
   return model, tx, train.state_shardings(model, tx), sharding.batch_sharding(mesh), (model_cfg, reader)
 

@@ -60,7 +60,7 @@ def reference_logits(smollm2: Path, ids: np.ndarray, mask: np.ndarray) -> np.nda
 def ours() -> tuple[pretrained.Model, dict]:
   """Our NNX Llama loaded from the GGUF through from_pretrained, as the decoder job loads it."""
   return pretrained.from_pretrained(ModelConfig(path=PATH, new_params=()), 0, sharding.make_mesh(MeshConfig()), 0,
-                                    "decoder")
+                                    "causal_lm")
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -49,11 +50,12 @@ def eval_batches(n: int, batch_size: int) -> list[np.ndarray]:
   return [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
-def collate(data: Encoded, rows: np.ndarray, batch_size: int, buckets: Sequence[int], max_len: int,
-            part: slice = slice(None)) -> dict[str, np.ndarray]:
-  """Padded numpy batch: input_ids, attention_mask, token_type_ids (B x L), labels, weights (B).
+def encoder_batch(data: Any, rows: np.ndarray, batch_size: int, buckets: Sequence[int], max_len: int,
+                  part: slice = slice(None)) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """(padded input_ids, attention_mask, token_type_ids (B x L) and weights (B); the data rows in it) of a batch.
 
-  L comes from every row of the global batch; only rows `part` of it are built (a process's share).
+  `data` has ragged input_ids and token_type_ids. L comes from every row of the global batch; only rows
+  `part` of it are built (a process's share); positions past the real rows are padding with weight 0.
   """
   length = pad_length(max(len(data.input_ids[r]) for r in rows), buckets, max_len)
   mine = np.arange(batch_size)[part]  # positions in the global batch; those >= len(rows) are padding
@@ -64,9 +66,22 @@ def collate(data: Encoded, rows: np.ndarray, batch_size: int, buckets: Sequence[
     batch["input_ids"][i, :n] = data.input_ids[r]
     batch["token_type_ids"][i, :n] = data.token_type_ids[r]
     batch["attention_mask"][i, :n] = 1
-  batch["labels"] = np.zeros(len(mine), np.int32)
-  batch["labels"][:len(real)] = data.labels[real]
   batch["weights"] = (np.arange(len(mine)) < len(real)).astype(np.float32)
+  return batch, real
+
+
+def per_row(values: np.ndarray, real: np.ndarray, n: int) -> np.ndarray:
+  """values[real] in the first rows of an n-row int32 column, 0 after them (padding rows)."""
+  out = np.zeros(n, np.int32)
+  out[:len(real)] = values[real]
+  return out
+
+
+def collate(data: Encoded, rows: np.ndarray, batch_size: int, buckets: Sequence[int], max_len: int,
+            part: slice = slice(None)) -> dict[str, np.ndarray]:
+  """Classification batch: `encoder_batch`'s arrays and labels (B)."""
+  batch, real = encoder_batch(data, rows, batch_size, buckets, max_len, part)
+  batch["labels"] = per_row(data.labels, real, len(batch["weights"]))
   return batch
 
 

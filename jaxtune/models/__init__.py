@@ -6,25 +6,31 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from jaxtune.models import bert, gpt2, llama
+from jaxtune.models import encoder, gpt2, llama
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelFamily:
-  config: type  # frozen dataclass with from_hf(hf config dict, num_labels, dropout)
+  config: type  # frozen dataclass with from_hf(hf config dict, num_labels, dropout, head)
   module: type  # nnx.Module class built as module(cfg, rngs=...)
   param_map: Callable[[Any], dict[str, tuple[str, str]]]  # our path -> (HF key, layout kind)
   ignored_keys: Callable[[Any], tuple[str, ...]]  # checkpoint keys that are buffers, never params
   base_prefix: str  # prefix HF task models add to the base model's keys
-  kind: str  # "encoder" (classification) or "decoder" (causal LM)
+  kind: str  # "encoder" (classification, question answering, token classification) or "decoder" (causal LM)
   max_positions: Callable[[Any], int | None] = lambda cfg: None  # learned position rows; None: no hard limit
 
 
 _LLAMA = ModelFamily(llama.LlamaConfig, llama.LlamaLM, llama.hf_param_map, llama.hf_ignored_keys, "model.",
                      "decoder")
+
+
+def _encoder(model_type: str) -> ModelFamily:
+  return ModelFamily(encoder.EncoderConfig, encoder.EncoderModel, encoder.hf_param_map, encoder.hf_ignored_keys,
+                     encoder.BASE_PREFIX[model_type] + ".", "encoder", encoder.max_positions)
+
+
 FAMILIES: dict[str, ModelFamily] = {
-    "bert": ModelFamily(bert.BertConfig, bert.BertClassifier, bert.hf_param_map, lambda cfg: bert.HF_BUFFER_KEYS,
-                        bert.HF_BASE_PREFIX, "encoder", lambda cfg: cfg.max_position_embeddings),
+    **{t: _encoder(t) for t in encoder.BASE_PREFIX},
     "gpt2": ModelFamily(gpt2.GPT2Config, gpt2.GPT2LM, gpt2.hf_param_map, gpt2.hf_ignored_keys, "transformer.",
                         "decoder", lambda cfg: cfg.n_positions),
     "llama": _LLAMA,

@@ -35,8 +35,9 @@ class GPT2Config:
   DROPOUT_KEYS = ("embd_pdrop", "attn_pdrop", "resid_pdrop")  # HF config keys; model.dropout sets them all
 
   @classmethod
-  def from_hf(cls, hf: dict[str, Any], num_labels: int = 0, dropout: float | None = None) -> GPT2Config:
-    del num_labels
+  def from_hf(cls, hf: dict[str, Any], num_labels: int = 0, dropout: float | None = None,
+              head: str = "causal_lm") -> GPT2Config:
+    del num_labels, head  # a language model's head is its LM head
     names = {f.name for f in dataclasses.fields(cls)}
     cfg = cls(**{k: hf[k] for k in names if k in hf})
     return cfg if dropout is None else dataclasses.replace(cfg, **dict.fromkeys(cls.DROPOUT_KEYS, dropout))

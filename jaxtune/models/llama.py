@@ -50,9 +50,10 @@ class LlamaConfig:
       object.__setattr__(self, "rope_scaling", tuple(tuple(kv) for kv in self.rope_scaling))
 
   @classmethod
-  def from_hf(cls, hf: dict[str, Any], num_labels: int = 0, dropout: float | None = None) -> LlamaConfig:
+  def from_hf(cls, hf: dict[str, Any], num_labels: int = 0, dropout: float | None = None,
+              head: str = "causal_lm") -> LlamaConfig:
     """Our config from an HF llama/mistral/qwen2 config.json (transformers v4 or v5 layout)."""
-    del num_labels  # language models have no label head
+    del num_labels, head  # language models have no label head
     if hf.get("use_sliding_window"):
       raise UserError("sliding-window attention (use_sliding_window: true) is not supported; use a checkpoint "
                       "without it.")
