@@ -93,3 +93,17 @@ def test_each_microbatch_must_split_over_the_batch_shards():
   cfg = config.load(CONFIGS[0], ["train.batch_size=32", "train.eval_batch_size=64", "train.grad_accum=8"])
   with pytest.raises(UserError, match="train.batch_size / train.grad_accum = 4 is not divisible by the 8 batch"):
     train.check_devices(cfg, mesh)
+
+
+def test_online_qa_and_ner_configs_hold_their_recipes():
+  """SQuAD v1.1 + bert-base-uncased with the Flax QA example's recipe; CoNLL-2003 + roberta-base."""
+  configs = Path(__file__).resolve().parents[1] / "configs"
+  squad = config.load(configs / "squad_bert_base.yaml")
+  assert (squad.task, squad.model.path, squad.data.train) == ("question_answering", "bert-base-uncased",
+                                                              "hub:rajpurkar/squad:train")
+  assert (squad.data.max_len, squad.qa.doc_stride, squad.optim.lr, squad.train.epochs, squad.train.batch_size,
+          squad.optim.warmup_steps, squad.optim.weight_decay) == (384, 128, 3e-5, 2, 12, 0, 0.0)
+  conll = config.load(configs / "conll2003_roberta_base.yaml")
+  assert (conll.task, conll.model.path, conll.data.tags_column) == ("token_classification", "roberta-base",
+                                                                    "ner_tags")
+  assert conll.data.train.startswith("hub:") and conll.checkpoint.best_metric == "f1"

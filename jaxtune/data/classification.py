@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,26 +11,16 @@ import numpy as np
 
 from jaxtune.config import DataConfig
 from jaxtune.data import splits
+from jaxtune.data.rows import TokenRows
 from jaxtune.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
-class Encoded:
+class Encoded(TokenRows):
   """One tokenised split; row i is input_ids[i] (ragged, <= max_len) with label labels[i]."""
   input_ids: list[np.ndarray]
   token_type_ids: list[np.ndarray]
   labels: np.ndarray  # int32 ids into the label list saved with the checkpoint
-
-  def __len__(self) -> int:
-    return len(self.input_ids)
-
-  @functools.cached_property
-  def lengths(self) -> np.ndarray:
-    return np.fromiter((len(x) for x in self.input_ids), np.int32, len(self.input_ids))
-
-  @property
-  def max_token_id(self) -> int:
-    return max((int(x.max()) for x in self.input_ids if len(x)), default=0)
 
 
 def check_columns(ds: datasets.Dataset, cfg: DataConfig, name: str) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import re
 import string
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxtune.data.rows import TokenRows
 from jaxtune.errors import UserError
 
 
@@ -39,7 +39,7 @@ class Example:
 
 
 @dataclasses.dataclass(frozen=True)
-class Features:
+class Features(TokenRows):
   """One tokenised split; feature i is input_ids[i] (ragged) from example example_index[i]."""
   input_ids: list[np.ndarray]
   token_type_ids: list[np.ndarray]
@@ -48,17 +48,6 @@ class Features:
   offsets: list[np.ndarray]  # int32 T x 2 character span of each token in the context; -1 outside the context
   example_index: np.ndarray  # int32 feature -> row of `examples`
   examples: list[Example]
-
-  def __len__(self) -> int:
-    return len(self.input_ids)
-
-  @functools.cached_property
-  def lengths(self) -> np.ndarray:
-    return np.fromiter((len(x) for x in self.input_ids), np.int32, len(self.input_ids))
-
-  @property
-  def max_token_id(self) -> int:
-    return max((int(x.max()) for x in self.input_ids if len(x)), default=0)
 
 
 def read_examples(rows: dict[str, Sequence[Any]], name: str, id_column: str = "id", question_column: str = "question",

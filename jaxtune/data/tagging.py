@@ -8,35 +8,24 @@ label_all_tokens off). Words cut off by data.max_len are left out of both the la
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from jaxtune.data.rows import TokenRows
 from jaxtune.errors import UserError
 
 IGNORE = -100  # label of sub-tokens that are not a word's first, and of special tokens
 
 
 @dataclasses.dataclass(frozen=True)
-class Tagged:
+class Tagged(TokenRows):
   """One tokenised split; row i is input_ids[i] (ragged) with token labels labels[i] (IGNORE where untrained)."""
   input_ids: list[np.ndarray]
   token_type_ids: list[np.ndarray]
   labels: list[np.ndarray]  # int32 per token: a tag id on each word's first sub-token, IGNORE elsewhere
   num_words: np.ndarray  # int32 words per row before truncation
-
-  def __len__(self) -> int:
-    return len(self.input_ids)
-
-  @functools.cached_property
-  def lengths(self) -> np.ndarray:
-    return np.fromiter((len(x) for x in self.input_ids), np.int32, len(self.input_ids))
-
-  @property
-  def max_token_id(self) -> int:
-    return max((int(x.max()) for x in self.input_ids if len(x)), default=0)
 
 
 def tag_names(values: Sequence[Any], feature: Any = None) -> list[list[str]]:
