@@ -1,10 +1,11 @@
-"""Classification metrics and the run log (progress bar, metrics.jsonl, TensorBoard, W&B)."""
+"""Classification and generation (BLEU, ROUGE) metrics; the run log (progress bar, metrics.jsonl, TensorBoard, W&B)."""
 
 from __future__ import annotations
 
 import json
 import math
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,23 @@ def classification(preds: np.ndarray, labels: np.ndarray, losses: np.ndarray, nu
     f1s.append(2 * tp / denom if denom else 0.0)
   return {"accuracy": float(np.mean(preds == labels)), "macro_f1": float(np.mean(f1s)),
           "loss": float(np.mean(losses)), "num_examples": len(labels)}
+
+
+def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
+  """Corpus BLEU (0-100) of sacrebleu with its defaults (13a tokenisation, exponential smoothing off for
+  the corpus, one reference per prediction), the score WMT results quote."""
+  import sacrebleu
+
+  return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
+
+
+def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+  """Mean ROUGE-1 / ROUGE-2 / ROUGE-L F-measures (0-1) of rouge-score, with its Porter stemmer."""
+  from rouge_score import rouge_scorer
+
+  scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+  scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references, strict=True)]
+  return {k: float(np.mean([s[k].fmeasure for s in scores])) if scores else 0.0 for k in ("rouge1", "rouge2", "rougeL")}
 
 
 def json_safe(value: Any) -> Any:
