@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from jaxtune.models import encoder, gpt2, llama
+from jaxtune.models import encoder, gpt2, llama, t5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,12 +16,14 @@ class ModelFamily:
   param_map: Callable[[Any], dict[str, tuple[str, str]]]  # our path -> (HF key, layout kind)
   ignored_keys: Callable[[Any], tuple[str, ...]]  # checkpoint keys that are buffers, never params
   base_prefix: str  # prefix HF task models add to the base model's keys
-  kind: str  # "encoder" (classification, question answering, token classification) or "decoder" (causal LM)
+  kind: str  # "encoder" (classification, question answering, token classification), "decoder" (causal LM), "seq2seq"
   max_positions: Callable[[Any], int | None] = lambda cfg: None  # learned position rows; None: no hard limit
 
 
 _LLAMA = ModelFamily(llama.LlamaConfig, llama.LlamaLM, llama.hf_param_map, llama.hf_ignored_keys, "model.",
                      "decoder")
+
+_T5 = ModelFamily(t5.T5Config, t5.T5, t5.hf_param_map, t5.hf_ignored_keys, "", "seq2seq")
 
 
 def _encoder(model_type: str) -> ModelFamily:
@@ -34,6 +36,8 @@ FAMILIES: dict[str, ModelFamily] = {
     "gpt2": ModelFamily(gpt2.GPT2Config, gpt2.GPT2LM, gpt2.hf_param_map, gpt2.hf_ignored_keys, "transformer.",
                         "decoder", lambda cfg: cfg.n_positions),
     "llama": _LLAMA,
+    "t5": _T5,
+    "mt5": _T5,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
 }

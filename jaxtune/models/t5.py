@@ -1,0 +1,288 @@
+"""T5 (v1.0, v1.1, Flan-T5): an encoder-decoder with relative position buckets, RMS norms and no biases.
+
+Each stack computes one relative-position bias (buckets of key - query distance, bidirectional in
+the encoder, causal in the decoder) from its first layer's table and adds it to every layer's
+attention logits, which T5 does not scale by 1/sqrt(K). The MLP is ReLU (v1.0) or gated-GELU (v1.1,
+Flan). A tied LM head (v1.0) scores d_model**-0.5 times the decoder output against the shared
+embedding; an untied one (v1.1) has its own matrix.
+
+Dimensions: N layers, B batch, S source length, T target length, D model dim, H heads, K head dim,
+F mlp dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtune import sharding
+from jaxtune.errors import UserError
+from jaxtune.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  vocab_size: int
+  d_model: int
+  d_kv: int
+  d_ff: int
+  num_layers: int
+  num_heads: int
+  num_decoder_layers: int | None = None  # None: num_layers
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  dropout_rate: float = 0.1
+  layer_norm_epsilon: float = 1e-6
+  feed_forward_proj: str = "relu"  # "relu" (v1.0) or "gated-gelu" (v1.1, Flan-T5)
+  tie_word_embeddings: bool = True  # the LM head is the shared embedding (v1.1 checkpoints have their own lm_head)
+  scale_decoder_outputs: bool | None = None  # times d_model**-0.5 before the head; None: when tied (v1.0)
+  pad_token_id: int = 0
+  eos_token_id: int = 1
+  decoder_start_token_id: int = 0
+  scan_layers: bool = False  # model.scan_layers: one lax.scan over the layers instead of unrolled code
+
+  DROPOUT_KEYS = ("dropout_rate",)  # HF config keys; model.dropout sets them all
+
+  @classmethod
+  def from_hf(cls, hf: dict[str, Any], num_labels: int = 0, dropout: float | None = None,
+              head: str = "seq2seq") -> T5Config:
+    del num_labels, head  # the LM head is the model's only head
+    names = {f.name for f in dataclasses.fields(cls)}
+    cfg = cls(**{k: hf[k] for k in names if k in hf and hf[k] is not None})
+    if cfg.feed_forward_proj not in ("relu", "gated-gelu", "gated-relu", "gelu"):
+      raise UserError(f"T5 feed_forward_proj {cfg.feed_forward_proj!r} is not supported; jaxtune runs relu, gelu, "
+                      "gated-relu and gated-gelu.")
+    return cfg if dropout is None else dataclasses.replace(cfg, dropout_rate=dropout)
+
+  @property
+  def decoder_layers(self) -> int:
+    return self.num_decoder_layers or self.num_layers
+
+  @property
+  def scale(self) -> bool:
+    """transformers 5 saves every T5 as tied, and says with this flag whether it is a v1.0 that rescales."""
+    return self.tie_word_embeddings if self.scale_decoder_outputs is None else self.scale_decoder_outputs
+
+  @property
+  def gated(self) -> bool:
+    return self.feed_forward_proj.startswith("gated-")
+
+  @property
+  def act(self) -> str:
+    act = self.feed_forward_proj.removeprefix("gated-")
+    return "gelu_new" if act == "gelu" else act  # HF maps T5's gelu to the tanh approximation
+
+
+class RMSNorm(nnx.Module):
+  """T5's layer norm: x / sqrt(mean(x^2) + eps) * scale, no centring, no bias, in float32."""
+
+  def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs):
+    self.scale = layers.param(rngs, jax.nn.initializers.ones, (dim,), ("embed",))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps) * self.scale[...]
+    return y.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: T5Config, rngs: nnx.Rngs):
+    d, h, k = cfg.d_model, cfg.num_heads, cfg.d_kv
+    dense = lambda i, o, ia, oa: layers.Dense(i, o, ia, oa, rngs=rngs, use_bias=False)
+    self.q = dense((d,), (h, k), ("embed",), ("heads", "head_dim"))
+    self.k = dense((d,), (h, k), ("embed",), ("heads", "head_dim"))
+    self.v = dense((d,), (h, k), ("embed",), ("heads", "head_dim"))
+    self.o = dense((h, k), (d,), ("heads", "head_dim"), ("embed",))
+    self.rate = cfg.dropout_rate
+
+  def __call__(self, x_BxTxD: jax.Array, kv_BxSxD: jax.Array, bias: jax.Array, rng: jax.Array | None) -> jax.Array:
+    """Attention of x over kv (x itself for self-attention); `bias` (B or 1 x H or 1 x T x S) holds the
+    relative positions and the masks."""
+    heads = ("batch", "length", "heads", "head_dim")
+    q = sharding.constrain(self.q(x_BxTxD), heads)
+    k, v = (sharding.constrain(y, heads) for y in layers.dense_many((self.k, self.v), kv_BxSxD))
+    scores = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32) + bias  # no 1/sqrt(K): folded into T5's init
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return self.o(layers.dropout_matmul("bhts,bshk->bthk", probs, v, self.rate, rng))
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: T5Config, rngs: nnx.Rngs):
+    d, f = cfg.d_model, cfg.d_ff
+    dense = lambda i, o, ia, oa: layers.Dense(i, o, ia, oa, rngs=rngs, use_bias=False)
+    if cfg.gated:
+      self.wi_0 = dense((d,), (f,), ("embed",), ("mlp",))
+      self.wi_1 = dense((d,), (f,), ("embed",), ("mlp",))
+    else:
+      self.wi = dense((d,), (f,), ("embed",), ("mlp",))
+    self.wo = dense((f,), (d,), ("mlp",), ("embed",))
+    self.act, self.gated, self.rate = layers.ACTIVATIONS[cfg.act], cfg.gated, cfg.dropout_rate
+
+  def __call__(self, x_BxTxD: jax.Array, rng: jax.Array | None) -> jax.Array:
+    if self.gated:
+      gate, up = layers.dense_many((self.wi_0, self.wi_1), x_BxTxD)
+      h = self.act(gate) * up
+    else:
+      h = self.act(self.wi(x_BxTxD))
+    h = sharding.constrain(h, ("batch", "length", "mlp"))
+    return self.wo(layers.dropout(h, self.rate, rng))
+
+
+class EncoderLayer(nnx.Module):
+  def __init__(self, cfg: T5Config, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, rngs=rngs)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, rngs=rngs)
+    self.mlp = MLP(cfg, rngs)
+    self.rate = cfg.dropout_rate
+
+  def __call__(self, x, bias, rng):
+    r_probs, r_attn, r_act, r_mlp = layers.split_rng(rng, 4)
+    h = self.attn_norm(x)
+    x = x + layers.dropout(self.attn(h, h, bias, r_probs), self.rate, r_attn)
+    return x + layers.dropout(self.mlp(self.mlp_norm(x), r_act), self.rate, r_mlp)
+
+
+class DecoderLayer(nnx.Module):
+  def __init__(self, cfg: T5Config, rngs: nnx.Rngs):
+    self.self_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, rngs=rngs)
+    self.self_attn = Attention(cfg, rngs)
+    self.cross_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, rngs=rngs)
+    self.cross_attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, rngs=rngs)
+    self.mlp = MLP(cfg, rngs)
+    self.rate = cfg.dropout_rate
+
+  def __call__(self, x, memory, self_bias, cross_bias, rng):
+    r = layers.split_rng(rng, 6)
+    h = self.self_norm(x)
+    x = x + layers.dropout(self.self_attn(h, h, self_bias, r[0]), self.rate, r[1])
+    x = x + layers.dropout(self.cross_attn(self.cross_norm(x), memory, cross_bias, r[2]), self.rate, r[3])
+    return x + layers.dropout(self.mlp(self.mlp_norm(x), r[4]), self.rate, r[5])
+
+
+def relative_buckets(relative_TxS: jax.Array, bidirectional: bool, num_buckets: int, max_distance: int) -> jax.Array:
+  """T5's bucket of each key - query distance: exact up to num_buckets / 4 (/ 2 causal), then log-spaced up to
+  max_distance; bidirectional buckets give the upper half to keys after the query."""
+  buckets = jnp.zeros_like(relative_TxS)
+  if bidirectional:
+    num_buckets //= 2
+    buckets = buckets + (relative_TxS > 0).astype(jnp.int32) * num_buckets
+    distance = jnp.abs(relative_TxS)
+  else:
+    distance = -jnp.minimum(relative_TxS, 0)
+  exact = num_buckets // 2
+  log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / exact) / math.log(max_distance / exact)
+  large = jnp.minimum(exact + (log_ratio * (num_buckets - exact)).astype(jnp.int32), num_buckets - 1)
+  return buckets + jnp.where(distance < exact, distance, large)
+
+
+class Stack(nnx.Module):
+  """Embedded tokens -> layers (sharing one relative-position bias) -> final RMS norm."""
+
+  def __init__(self, cfg: T5Config, decoder: bool, rngs: nnx.Rngs):
+    n = cfg.decoder_layers if decoder else cfg.num_layers
+    make = (lambda r: DecoderLayer(cfg, r)) if decoder else (lambda r: EncoderLayer(cfg, r))
+    self.position_bias = layers.param(rngs, jax.nn.initializers.normal(1.0),
+                                      (cfg.relative_attention_num_buckets, cfg.num_heads), (None, "heads"))
+    self.layers = layers.stack(make, n, rngs)
+    self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, rngs=rngs)
+    self.decoder, self.num_layers, self.scan_layers = decoder, n, cfg.scan_layers
+    self.buckets, self.max_distance, self.rate = (cfg.relative_attention_num_buckets,
+                                                  cfg.relative_attention_max_distance, cfg.dropout_rate)
+
+  def bias(self, q_positions_T: jax.Array, k_positions_S: jax.Array) -> jax.Array:
+    """1 x H x T x S relative-position bias."""
+    buckets_TxS = relative_buckets(k_positions_S[None, :] - q_positions_T[:, None], not self.decoder, self.buckets,
+                                   self.max_distance)
+    return jnp.transpose(self.position_bias[...][buckets_TxS], (2, 0, 1))[None]
+
+  def __call__(self, x, mask_BxT, memory, memory_mask_BxS, rng, remat):
+    rngs = None if rng is None else jax.random.split(rng, self.num_layers + 2)
+    x = layers.dropout(x, self.rate, None if rngs is None else rngs[0])
+    t = x.shape[1]
+    pad = layers.attention_bias(mask_BxT, jnp.float32)  # B x 1 x 1 x T
+    self_bias = self.bias(jnp.arange(t), jnp.arange(t)) + pad
+    if self.decoder:
+      self_bias = self_bias + jnp.where(jnp.tril(jnp.ones((t, t), bool)), 0.0, jnp.finfo(jnp.float32).min)
+      cross_bias = layers.attention_bias(memory_mask_BxS, jnp.float32)
+
+    def body(layer, x, r):
+      x = sharding.constrain(x, ("batch", "length", "embed"))
+      return (layer(x, memory, self_bias, cross_bias, r) if self.decoder else layer(x, self_bias, r)), None
+
+    x, _ = layers.scan(self.layers, body, x, None if rngs is None else rngs[1:-1], remat, unroll=not self.scan_layers)
+    return layers.dropout(self.final_norm(x), self.rate, None if rngs is None else rngs[-1])
+
+
+class T5(nnx.Module):
+  """Shared embedding, encoder and decoder stacks, LM head (tied and rescaled, or its own)."""
+
+  def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.shared = layers.param(rngs, jax.nn.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
+    self.encoder = Stack(cfg, False, rngs)
+    self.decoder = Stack(cfg, True, rngs)
+    self.lm_head = (nnx.data(None) if cfg.tie_word_embeddings else
+                    layers.Dense((cfg.d_model,), (cfg.vocab_size,), ("embed",), ("vocab",), rngs=rngs, use_bias=False))
+
+  def encode(self, batch, dtype, rng=None, remat="none"):
+    x = layers.lookup(self.shared[...], batch["input_ids"]).astype(dtype)
+    return self.encoder(x, batch["attention_mask"], None, None, rng, remat)
+
+  def decode(self, batch, memory, dtype, rng=None, remat="none"):
+    y = layers.lookup(self.shared[...], batch["decoder_input_ids"]).astype(dtype)
+    mask = batch.get("decoder_attention_mask", jnp.ones_like(batch["decoder_input_ids"]))
+    y = self.decoder(y, mask, memory, batch["attention_mask"], rng, remat)
+    if self.cfg.scale:
+      y = y * self.cfg.d_model ** -0.5
+    if self.lm_head is None:
+      return jnp.einsum("btd,vd->btv", y, self.shared[...].astype(y.dtype))
+    return self.lm_head(y)
+
+  def __call__(self, batch: dict[str, jax.Array], *, dtype: jnp.dtype = jnp.float32,
+               dropout_rng: jax.Array | None = None, remat: str = "none") -> dict[str, jax.Array]:
+    """`logits` (B x T x V, float32) of each target position given the source (input_ids, attention_mask) and
+    the target so far (decoder_input_ids); `hidden`: the encoder output (B x S x D)."""
+    r_enc, r_dec = layers.split_rng(dropout_rng, 2)
+    memory = self.encode(batch, dtype, r_enc, remat)
+    return {"logits": self.decode(batch, memory, dtype, r_dec, remat).astype(jnp.float32), "hidden": memory}
+
+
+def hf_param_map(cfg: T5Config) -> dict[str, tuple[str, str]]:
+  """Our param path -> (HF T5ForConditionalGeneration key, layout kind); one entry per stacked param."""
+  m = {"shared": ("shared.weight", "copy"),
+       "encoder.position_bias": ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "copy"),
+       "decoder.position_bias": ("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "copy"),
+       "encoder.final_norm.scale": ("encoder.final_layer_norm.weight", "copy"),
+       "decoder.final_norm.scale": ("decoder.final_layer_norm.weight", "copy")}
+  if not cfg.tie_word_embeddings:
+    m["lm_head.kernel"] = ("lm_head.weight", "linear")
+  mlp = ("wi_0", "wi_1", "wo") if cfg.gated else ("wi", "wo")
+  sublayers = {"encoder": [("attn_norm", "attn", "SelfAttention"), ("mlp_norm", "mlp", None)],
+               "decoder": [("self_norm", "self_attn", "SelfAttention"), ("cross_norm", "cross_attn", "EncDecAttention"),
+                           ("mlp_norm", "mlp", None)]}
+  for stack, parts in sublayers.items():
+    for index, (norm, ours, hf_attention) in enumerate(parts):
+      theirs = f"{stack}.block.{{i}}.layer.{index}"  # stacked: {i} runs over the N layers
+      m[f"{stack}.layers.{norm}.scale"] = (f"{theirs}.layer_norm.weight", "copy")
+      if hf_attention is None:
+        for name in mlp:
+          m[f"{stack}.layers.mlp.{name}.kernel"] = (f"{theirs}.DenseReluDense.{name}.weight", "linear")
+        continue
+      for name in "qkv":
+        m[f"{stack}.layers.{ours}.{name}.kernel"] = (f"{theirs}.{hf_attention}.{name}.weight", "linear")
+      m[f"{stack}.layers.{ours}.o.kernel"] = (f"{theirs}.{hf_attention}.o.weight", "linear_hk")
+  return m
+
+
+def hf_ignored_keys(cfg: T5Config) -> tuple[str, ...]:
+  """The stacks' embed_tokens are the shared embedding under other names (and a tied lm_head is too)."""
+  tied = (r"lm_head\.weight",) if cfg.tie_word_embeddings else ()
+  return (r"(encoder|decoder)\.embed_tokens\.weight", *tied)
