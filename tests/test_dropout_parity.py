@@ -98,7 +98,7 @@ Theirs = Callable[[torch.nn.Module, int], torch.Tensor]
 
 def bert_embeddings_ours(model: pretrained.Model, params: dict, key: jax.Array | None) -> jax.Array:
   emb = model.module(params).bert.embeddings
-  return emb(jnp.asarray(IDS_BxL), jnp.asarray(TYPES_BxL), jnp.float32, key)[REAL_BxL].ravel()
+  return emb(jnp.asarray(IDS_BxL), jnp.asarray(MASK_BxL), jnp.asarray(TYPES_BxL), jnp.float32, key)[REAL_BxL].ravel()
 
 
 def bert_embeddings_theirs(ref: torch.nn.Module, reps: int) -> torch.Tensor:
