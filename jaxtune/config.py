@@ -83,6 +83,11 @@ class DataConfig:
   # token_classification rows (CoNLL form): a list of words and a list of their tags (strings, or ClassLabel ids)
   tokens_column: str = "tokens"
   tags_column: str = "ner_tags"
+  # seq2seq rows: a source text and a target text
+  source_column: str = "source"
+  target_column: str = "target"
+  source_prefix: str = ""  # put before every source, e.g. "translate English to German: " for T5
+  max_target_len: int = 128  # target tokens after truncation (data.max_len is the source's)
   prompt_column: str | None = None  # causal_lm instruction data: loss only on the response
   prompt_template: str | None = None  # instead of prompt_column: str.format over the row, e.g. "{review:.400}"
   response_column: str | None = None
@@ -97,6 +102,7 @@ class DataConfig:
     _check(self.max_len > 0, "data.max_len", "must be positive")
     _check(self.validation_holdout >= 0, "data.validation_holdout", "must be >= 0")
     _check(self.stream_shuffle_window > 0, "data.stream_shuffle_window", "must be positive")
+    _check(self.max_target_len > 0, "data.max_target_len", "must be positive")
     _check(not (self.streaming and self.group_by_length), "data.group_by_length",
            "has no effect with data.streaming (rows come in stream order); set it false")
     _check(not (self.streaming and self.validation_holdout), "data.validation_holdout",
@@ -227,7 +233,8 @@ class QAConfig:
 class Config:
   model: ModelConfig
   data: DataConfig
-  task: Literal["classification", "question_answering", "token_classification", "causal_lm"] = "classification"
+  task: Literal["classification", "question_answering", "token_classification", "causal_lm", "seq2seq"] = (
+      "classification")
   optim: OptimConfig = OptimConfig()
   train: TrainConfig = TrainConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()

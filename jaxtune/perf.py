@@ -33,6 +33,9 @@ VENDOR_BF16_PEAKS = {
 def _dims(hf: dict[str, Any]) -> tuple[int, int, int, int, int, int]:
   """(D, F, layers, heads, head dim, kv heads) of an HF config dict (GPT-2 spells them n_embd, n_inner, ...,
   DistilBERT dim, hidden_dim, ...)."""
+  if hf["model_type"] in ("t5", "mt5"):  # encoder and decoder layers counted alike (cross-attention left out)
+    layers = hf["num_layers"] + (hf.get("num_decoder_layers") or hf["num_layers"])
+    return hf["d_model"], hf["d_ff"], layers, hf["num_heads"], hf["d_kv"], hf["num_heads"]
   d = hf.get("hidden_size") or hf.get("dim") or hf["n_embd"]
   heads = hf.get("num_attention_heads") or hf.get("n_heads") or hf["n_head"]
   f = hf.get("intermediate_size") or hf.get("hidden_dim") or hf.get("n_inner") or 4 * d
@@ -45,7 +48,7 @@ def matmul_params_per_token(hf: dict[str, Any], task: str) -> int:
   d, f, layers, heads, head_dim, kv = _dims(hf)
   attention = 2 * d * heads * head_dim + 2 * d * kv * head_dim
   mlp = (3 if hf["model_type"] in ("llama", "mistral", "qwen2") else 2) * d * f
-  head = d * hf["vocab_size"] if task == "causal_lm" else 0
+  head = d * hf["vocab_size"] if task in ("causal_lm", "seq2seq") else 0
   return layers * (attention + mlp) + head
 
 

@@ -22,7 +22,7 @@ import transformers
 
 from jaxtune import metrics as metrics_lib
 from jaxtune.config import Config
-from jaxtune.data import batching, classification, lm, qa, sources, splits, stream, tagging
+from jaxtune.data import batching, classification, lm, qa, seq2seq, sources, splits, stream, tagging
 from jaxtune.errors import UserError
 
 
@@ -225,6 +225,47 @@ class CausalLM:
             "num_examples": len(data)}
 
 
+class Seq2Seq:
+  """Source text -> target text with an encoder-decoder: teacher-forced loss per target token, perplexity."""
+  name = head = "seq2seq"
+
+  def load(self, cfg: Config, tokenizer: Any, names: Sequence[str], labels: Sequence[Any] | None = None,
+           extra: dict[str, str] | None = None, limit: int | None = None) -> tuple[None, dict[str, seq2seq.Pairs]]:
+    del labels
+    d = cfg.data
+    out = {}
+    for n, ds in splits.load_raw(d, cfg.train.seed, names, extra, limit).items():
+      name = splits.describe(d, n, extra)
+      if len(ds) == 0:
+        raise UserError(f"data split {name} has no rows; point it at a non-empty file.")
+      for column in (d.source_column, d.target_column):
+        if column not in ds.column_names:
+          raise UserError(f"data split {name} has no column {column!r} (it has {ds.column_names}); set "
+                          "data.source_column / data.target_column to existing columns.")
+      out[n] = seq2seq.encode(ds[d.source_column], ds[d.target_column], tokenizer, d.source_prefix, d.max_len,
+                              d.max_target_len, name)
+    return None, out
+
+  def collate(self, data: seq2seq.Pairs, rows: np.ndarray, batch_size: int, cfg: Config,
+              part: slice = slice(None)) -> dict:
+    return seq2seq.collate(data, rows, batch_size, cfg.data.length_buckets, cfg.data.max_len,
+                           cfg.data.max_target_len, part)
+
+  def loss_terms(self, logits_BxTxV: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    loss_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["labels"])
+    return (loss_BxT * batch["label_mask"]).sum(), batch["label_mask"].sum()
+
+  def eval_outputs(self, logits_BxTxV: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    loss_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["labels"])
+    return {"loss_sum": (loss_BxT * batch["label_mask"]).sum(-1), "tokens": batch["label_mask"].sum(-1)}
+
+  def metrics(self, out: dict[str, np.ndarray], data: seq2seq.Pairs, labels: Any, cfg: Config) -> dict:
+    tokens = float(out["tokens"].sum())
+    loss = float(out["loss_sum"].sum()) / max(tokens, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "num_tokens": int(tokens),
+            "num_examples": len(data)}
+
+
 PROMPT = "prompt"  # the column prompts are read from once `with_prompts` has run
 
 
@@ -248,4 +289,4 @@ def with_prompts(ds: datasets.Dataset, cfg: Config, name: str) -> datasets.Datas
 
 
 TASKS = {"classification": Classification(), "question_answering": QuestionAnswering(),
-         "token_classification": TokenClassification(), "causal_lm": CausalLM()}
+         "token_classification": TokenClassification(), "causal_lm": CausalLM(), "seq2seq": Seq2Seq()}

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import records, run_script
 
-from jaxtune import config, pretrained, sharding, train
+from jaxtune import config, evaluate, pretrained, sharding, train
 from jaxtune.config import MeshConfig, ModelConfig
 from jaxtune.errors import UserError
 from jaxtune.tasks import TASKS
@@ -39,19 +39,13 @@ def test_packed_text_finetune_lowers_loss_and_evaluate_reproduces_it(tmp_path, t
   for i, part in enumerate((texts[:48], texts[48:])):
     (tmp_path / f"part{i}.txt").write_text("\n".join(part) + "\n")
   cfg = lm_config(tmp_path, tiny_llama_dir, {**reviews, "train": tmp_path / "part*.txt"}, pack=True)
-  result = run_script("finetune.py", "--config", cfg, "--run-dir", tmp_path / "run")
-  assert result.returncode == 0, result.stderr[-3000:]
+  train.fit(config.load(cfg), tmp_path / "run", quiet=True)  # in process: the CLIs are tested elsewhere
   evals = [r for r in records(tmp_path / "run") if r.get("split") == "validation"]
   assert [e["step"] for e in evals] == [3, 6] and evals[1]["loss"] < evals[0]["loss"]
   assert evals[1]["perplexity"] == pytest.approx(np.exp(evals[1]["loss"]), rel=1e-6)
-  out = run_script("evaluate.py", "--checkpoint", tmp_path / "run", "--split", "validation",
-                   "--output", tmp_path / "e.json")
-  assert out.returncode == 0, out.stderr[-3000:]
-  got = json.loads((tmp_path / "e.json").read_text())
+  got = evaluate.evaluate_checkpoint(tmp_path / "run", "latest", "validation")
   assert got["num_tokens"] == evals[1]["num_tokens"] and abs(got["loss"] - evals[1]["loss"]) < 1e-5
-  base = run_script("evaluate.py", "--checkpoint", tmp_path / "run", "--step", "base", "--split", "validation")
-  assert base.returncode == 0, base.stderr[-3000:]
-  assert json.loads(base.stdout.splitlines()[0])["loss"] > got["loss"]
+  assert evaluate.evaluate_checkpoint(tmp_path / "run", "base", "validation")["loss"] > got["loss"]
 
 
 def test_chat_instruction_finetune_and_exact_match(tmp_path, tiny_llama_dir, reviews):

@@ -34,8 +34,13 @@ EIGHT = {**{name: (sizes, [], "one") for name, sizes in MESHES.items()},
          "data2_fsdp2_tensor2_lora": (MESHES["data2_fsdp2_tensor2"], ["LORA"], "one_lora")}
 
 
+# Runs whose point does not depend on the model (a rules override, microbatches over the mesh): BERT's only.
+BERT_ONLY = {"fsdp8_rules", "data2_fsdp2_tensor2_accum2", "one_accum2"}
+
+
 def runs_for(model: str, runs: dict[str, list[str]]) -> dict[str, list[str]]:
-  return {name: [LORA[model] if o == "LORA" else o for o in overrides] for name, overrides in runs.items()}
+  return {name: [LORA[model] if o == "LORA" else o for o in overrides] for name, overrides in runs.items()
+          if model == "bert" or name not in BERT_ONLY}
 
 
 RUNS_8 = {name: [*(f"mesh.{a}={n}" for a, n in sizes.items()), *extra] for name, (sizes, extra, _) in EIGHT.items()}
@@ -66,8 +71,6 @@ EXPECTED = {
                                 "layers.attn.k.kernel": [None, "fsdp", "tensor"],
                                 "layers.mlp.gate.kernel": [None, "fsdp", "tensor"],
                                 "layers.mlp.down.kernel": [None, "tensor", "fsdp"]},
-        "fsdp8_rules": {"embed": [], "layers.attn.q.kernel": [], "layers.mlp.gate.kernel": [None, None, "fsdp"],
-                        "layers.mlp.down.kernel": [None, "fsdp"]},
     },
 }
 
@@ -111,6 +114,8 @@ def trained(request, tmp_path_factory, minilm_dir, tiny_llama_dir, reviews):
 @pytest.mark.parametrize("run", list(RUNS_8))
 def test_layout_matches_one_device(trained, run):
   _, runs = trained
+  if run not in runs:
+    pytest.skip("a model-agnostic run, checked on the BERT")
   sizes, _, reference = EIGHT[run]
   (got, got_params), (want, want_params) = runs[run], runs[reference]
   assert got["mesh"] == sizes and want["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}  # the layouts really used
@@ -124,6 +129,8 @@ def test_layout_matches_one_device(trained, run):
 @pytest.mark.parametrize("run", [*MESHES, "fsdp8_rules", "data2_fsdp2_tensor2_lora"])
 def test_params_are_sharded_as_the_rules_say(trained, run):
   model, runs = trained
+  if run not in runs:
+    pytest.skip("a model-agnostic run, checked on the BERT")
   record = runs[run][0]
   rules = sharding.rules_with(RULES if run == "fsdp8_rules" else {})
   mesh = types.SimpleNamespace(shape=record["mesh"])  # spec_for only reads the axis sizes

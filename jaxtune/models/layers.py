@@ -245,3 +245,8 @@ def scan(layers: nnx.Module, body: Callable[[nnx.Module, Any, Any], tuple[Any, A
     carry, y = step(carry, jax.tree.map(lambda parts: parts[i], split, is_leaf=lambda t: isinstance(t, list)))
     ys.append(y)
   return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
+
+
+def shift_right(labels_BxT: jax.Array, decoder_start: int) -> jax.Array:
+  """A teacher-forced decoder's input: decoder_start, then the labels but the last."""
+  return jnp.concatenate([jnp.full_like(labels_BxT[:, :1], decoder_start), labels_BxT[:, :-1]], axis=1)

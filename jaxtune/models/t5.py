@@ -237,8 +237,11 @@ class T5(nnx.Module):
     return self.encoder(x, batch["attention_mask"], None, None, rng, remat)
 
   def decode(self, batch, memory, dtype, rng=None, remat="none"):
-    y = layers.lookup(self.shared[...], batch["decoder_input_ids"]).astype(dtype)
-    mask = batch.get("decoder_attention_mask", jnp.ones_like(batch["decoder_input_ids"]))
+    ids = batch.get("decoder_input_ids")
+    if ids is None:  # teacher forcing on the labels
+      ids = layers.shift_right(batch["labels"], self.cfg.decoder_start_token_id)
+    y = layers.lookup(self.shared[...], ids).astype(dtype)
+    mask = batch.get("decoder_attention_mask", jnp.ones_like(ids))
     y = self.decoder(y, mask, memory, batch["attention_mask"], rng, remat)
     if self.cfg.scale:
       y = y * self.cfg.d_model ** -0.5
@@ -249,7 +252,7 @@ class T5(nnx.Module):
   def __call__(self, batch: dict[str, jax.Array], *, dtype: jnp.dtype = jnp.float32,
                dropout_rng: jax.Array | None = None, remat: str = "none") -> dict[str, jax.Array]:
     """`logits` (B x T x V, float32) of each target position given the source (input_ids, attention_mask) and
-    the target so far (decoder_input_ids); `hidden`: the encoder output (B x S x D)."""
+    the target so far (decoder_input_ids, or the labels shifted right); `hidden`: the encoder output (B x S x D)."""
     r_enc, r_dec = layers.split_rng(dropout_rng, 2)
     memory = self.encode(batch, dtype, r_enc, remat)
     return {"logits": self.decode(batch, memory, dtype, r_dec, remat).astype(jnp.float32), "hidden": memory}
