@@ -129,8 +129,12 @@ def from_config(hf_config: dict[str, Any], model_cfg: ModelConfig, num_labels: i
   """
   family_name, family = check_kind(hf_config, model_cfg, head)
   task_head = {} if head is None else {"head": head}
-  cfg = dataclasses.replace(family.config.from_hf(hf_config, num_labels, model_cfg.dropout, **task_head),
-                            scan_layers=model_cfg.scan_layers)
+  try:
+    cfg = family.config.from_hf(hf_config, num_labels, model_cfg.dropout, **task_head)
+  except (TypeError, KeyError) as e:  # a config.json without the fields its model_type has
+    raise UserError(f"{model_cfg.path}: config.json lacks fields ({e}) that a {family_name} model needs; use the "
+                    "checkpoint's own config.json.") from None
+  cfg = dataclasses.replace(cfg, scan_layers=model_cfg.scan_layers)
   return describe(family_name, cfg, mesh, seed, hf_config, rules, model_cfg)
 
 

@@ -48,6 +48,7 @@ def test_packed_text_finetune_lowers_loss_and_evaluate_reproduces_it(tmp_path, t
   assert evaluate.evaluate_checkpoint(tmp_path / "run", "base", "validation")["loss"] > got["loss"]
 
 
+@pytest.mark.slow  # ~30 s; chat encoding is in test_lm_data, generation in test_generate and test_smollm2_parity
 def test_chat_instruction_finetune_and_exact_match(tmp_path, tiny_llama_dir, reviews):
   cfg = lm_config(tmp_path, tiny_llama_dir, reviews, prompt_template="Great or other?\n{review:.120}",
                   response_column="score", use_chat_template=True, max_len=128)

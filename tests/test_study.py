@@ -34,6 +34,7 @@ def test_summary_of_a_hand_worked_case():
   assert "-2.00 points" in text and "within 0.5 point: no" in text
 
 
+@pytest.mark.slow  # ~40 s of subprocesses; the report maths is tested above (python -m pytest -m slow)
 def test_seeds_script_with_a_shared_init_and_no_dropout_gives_both_sides_one_result(tmp_path, tiny_bert_dir, reviews):
   """Same initial weights, no dropout: the two trainings may differ only by rounding, so must their scores."""
   cfg = write_config(tmp_path / "c.yaml", tiny_bert_dir, reviews)

@@ -77,9 +77,12 @@ def test_shape_mismatch_is_an_error(tiny_bert_dir, tmp_path):
 def test_unsupported_model_type_and_missing_dir(tiny_bert_dir, tmp_path):
   d = tmp_path / "gpt"
   shutil.copytree(tiny_bert_dir, d)
-  (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), "model_type": "t5"}))
-  with pytest.raises(UserError, match="model_type 't5'.*not supported"):
+  (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), "model_type": "wav2vec2"}))
+  with pytest.raises(UserError, match="model_type 'wav2vec2'.*not supported"):
     load(d)
+  (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), "model_type": "t5"}))
+  with pytest.raises(UserError, match="config.json lacks .*d_model.* that a t5 model needs"):
+    load(d)  # a BERT config relabelled t5
   with pytest.raises(UserError, match="does-not-exist does not exist"):
     load(tmp_path / "does-not-exist")
   (tmp_path / "empty").mkdir()
