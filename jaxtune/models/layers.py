@@ -111,6 +111,19 @@ class LayerNorm(nnx.Module):
     return y.astype(x.dtype)
 
 
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale, computed in float32: no centring, no bias (Llama's and T5's norm)."""
+
+  def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs):
+    self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ("embed",))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...]).astype(x.dtype)
+
+
 def lookup(table_VxD: jax.Array, ids_BxL: jax.Array, padding_id: int | None = None) -> jax.Array:
   """table[ids]; the `padding_id` row gets no gradient through this lookup, as torch.nn.Embedding(padding_idx).
 

@@ -107,19 +107,6 @@ def apply_rope(x_BxLxNxK: jax.Array, positions_BxL: jax.Array, inv_freq: jax.Arr
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxLxNxK.dtype)
 
 
-class RMSNorm(nnx.Module):
-  """x / rms(x) * scale, computed in float32."""
-
-  def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs):
-    self.scale = layers.param(rngs, jax.nn.initializers.ones, (dim,), ("embed",))
-    self.eps = eps
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...]).astype(x.dtype)
-
-
 class Attention(nnx.Module):
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
     d, h, g, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -163,9 +150,9 @@ class Block(nnx.Module):
   """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
-    self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs)
+    self.attn_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs)
     self.attn = Attention(cfg, rngs)
-    self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs)
+    self.mlp_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs)
     self.mlp = MLP(cfg, rngs)
 
   def __call__(self, x_BxLxD, inv_freq, segments, cache, rng):
@@ -182,7 +169,7 @@ class LlamaLM(nnx.Module):
     normal = jax.nn.initializers.normal(0.02)
     self.embed = layers.param(rngs, normal, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
     self.layers = layers.stack(lambda r: Block(cfg, r), cfg.num_hidden_layers, rngs)
-    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs)
+    self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs)
     if not cfg.tie_word_embeddings:
       self.lm_head = layers.Dense((cfg.hidden_size,), (cfg.vocab_size,), ("embed",), ("vocab",), rngs=rngs,
                                   use_bias=False)

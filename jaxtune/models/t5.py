@@ -78,19 +78,6 @@ class T5Config:
     return "gelu_new" if act == "gelu" else act  # HF maps T5's gelu to the tanh approximation
 
 
-class RMSNorm(nnx.Module):
-  """T5's layer norm: x / sqrt(mean(x^2) + eps) * scale, no centring, no bias, in float32."""
-
-  def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs):
-    self.scale = layers.param(rngs, jax.nn.initializers.ones, (dim,), ("embed",))
-    self.eps = eps
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps) * self.scale[...]
-    return y.astype(x.dtype)
-
-
 class Attention(nnx.Module):
   def __init__(self, cfg: T5Config, rngs: nnx.Rngs):
     d, h, k = cfg.d_model, cfg.num_heads, cfg.d_kv
@@ -136,9 +123,9 @@ class MLP(nnx.Module):
 
 class EncoderLayer(nnx.Module):
   def __init__(self, cfg: T5Config, rngs: nnx.Rngs):
-    self.attn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, rngs=rngs)
+    self.attn_norm = layers.RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, rngs=rngs)
     self.attn = Attention(cfg, rngs)
-    self.mlp_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, rngs=rngs)
+    self.mlp_norm = layers.RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, rngs=rngs)
     self.mlp = MLP(cfg, rngs)
     self.rate = cfg.dropout_rate
 
@@ -151,11 +138,11 @@ class EncoderLayer(nnx.Module):
 
 class DecoderLayer(nnx.Module):
   def __init__(self, cfg: T5Config, rngs: nnx.Rngs):
-    self.self_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, rngs=rngs)
+    self.self_norm = layers.RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, rngs=rngs)
     self.self_attn = Attention(cfg, rngs)
-    self.cross_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, rngs=rngs)
+    self.cross_norm = layers.RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, rngs=rngs)
     self.cross_attn = Attention(cfg, rngs)
-    self.mlp_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, rngs=rngs)
+    self.mlp_norm = layers.RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, rngs=rngs)
     self.mlp = MLP(cfg, rngs)
     self.rate = cfg.dropout_rate
 
@@ -192,7 +179,7 @@ class Stack(nnx.Module):
     self.position_bias = layers.param(rngs, jax.nn.initializers.normal(1.0),
                                       (cfg.relative_attention_num_buckets, cfg.num_heads), (None, "heads"))
     self.layers = layers.stack(make, n, rngs)
-    self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, rngs=rngs)
+    self.final_norm = layers.RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, rngs=rngs)
     self.decoder, self.num_layers, self.scan_layers = decoder, n, cfg.scan_layers
     self.buckets, self.max_distance, self.rate = (cfg.relative_attention_num_buckets,
                                                   cfg.relative_attention_max_distance, cfg.dropout_rate)
