@@ -62,10 +62,7 @@ class QuestionAnswering:
     del labels
     d = cfg.data
     out = {}
-    for n, ds in splits.load_raw(d, cfg.train.seed, names, extra, limit).items():
-      name = splits.describe(d, n, extra)
-      if len(ds) == 0:
-        raise UserError(f"data split {name} has no rows; point it at a non-empty file.")
+    for n, (name, ds) in splits.load_named(d, cfg.train.seed, names, extra, limit).items():
       examples = qa.read_examples({c: ds[c] for c in ds.column_names}, name, d.id_column, d.question_column,
                                   d.context_column, d.answers_column)
       unanswered = next((e for e in examples if not e.answers), None)
@@ -119,10 +116,7 @@ class TokenClassification:
     d = cfg.data
     tokenizer = words_tokenizer(tokenizer)
     rows = {}
-    for n, ds in splits.load_raw(d, cfg.train.seed, names, extra, limit).items():
-      name = splits.describe(d, n, extra)
-      if len(ds) == 0:
-        raise UserError(f"data split {name} has no rows; point it at a non-empty file.")
+    for n, (name, ds) in splits.load_named(d, cfg.train.seed, names, extra, limit).items():
       for column in (d.tokens_column, d.tags_column):
         if column not in ds.column_names:
           raise UserError(f"data split {name} has no column {column!r} (it has {ds.column_names}); set "
@@ -234,10 +228,7 @@ class Seq2Seq:
     del labels
     d = cfg.data
     out = {}
-    for n, ds in splits.load_raw(d, cfg.train.seed, names, extra, limit).items():
-      name = splits.describe(d, n, extra)
-      if len(ds) == 0:
-        raise UserError(f"data split {name} has no rows; point it at a non-empty file.")
+    for n, (name, ds) in splits.load_named(d, cfg.train.seed, names, extra, limit).items():
       for column in (d.source_column, d.target_column):
         if column not in ds.column_names:
           raise UserError(f"data split {name} has no column {column!r} (it has {ds.column_names}); set "

@@ -41,3 +41,15 @@ def load_raw(cfg: DataConfig, seed: int, names: Sequence[str], extra: dict[str, 
         raise UserError(f"split {name!r} is not configured; set data.{name} in the config or pass --data FILE.")
       raw[name] = load_split(spec[name], cfg.text_unit)
   return {n: raw[n].select(range(min(limit, len(raw[n])))) if limit else raw[n] for n in names}
+
+
+def load_named(cfg: DataConfig, seed: int, names: Sequence[str], extra: dict[str, str] | None = None,
+               limit: int | None = None) -> dict[str, tuple[str, datasets.Dataset]]:
+  """split -> (its `describe` name for messages, its rows), as `load_raw`; a split without rows is a UserError."""
+  out = {}
+  for n, ds in load_raw(cfg, seed, names, extra, limit).items():
+    name = describe(cfg, n, extra)
+    if len(ds) == 0:
+      raise UserError(f"data split {name} has no rows; point it at a non-empty file.")
+    out[n] = name, ds
+  return out
