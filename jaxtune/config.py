@@ -207,9 +207,17 @@ class GenerateConfig:
   temperature: float = 0.0  # 0 = greedy
   top_p: float = 1.0  # nucleus sampling mass
   exact_match: bool = False  # evaluate.py on prompt/response data: score greedy generations against responses
+  # seq2seq: evaluate.py generates a target per source and scores BLEU and ROUGE (beside loss and perplexity)
+  predict_with_generate: bool = True
+  num_beams: int = 1  # seq2seq: > 1 for beam search (transformers' rules)
+  length_penalty: float = 1.0  # beam scores are log-probability sums / length ** length_penalty
+  early_stopping: Literal[False, True, "never"] = False  # beam search: stop once num_beams hypotheses end
 
   def __post_init__(self) -> None:
     _check(self.max_new_tokens > 0, "generate.max_new_tokens", "must be positive")
+    _check(self.num_beams > 0, "generate.num_beams", "must be positive")
+    _check(self.num_beams == 1 or self.temperature == 0, "generate.num_beams",
+           "must be 1 when sampling (generate.temperature > 0); beam search is deterministic")
     _check(self.temperature >= 0, "generate.temperature", "must be >= 0")
     _check(0 < self.top_p <= 1, "generate.top_p", "must be in (0, 1]")
 

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import transformers
 
 from jaxtune import config as config_lib
-from jaxtune import generate, metrics, perf, pretrained, rundir, sharding, tasks, train
+from jaxtune import generate, generate_encdec, metrics, perf, pretrained, rundir, sharding, tasks, train
 from jaxtune.checkpoint import Checkpoints
 from jaxtune.config import CheckpointConfig, Config, ModelConfig
-from jaxtune.data import lm, splits
+from jaxtune.data import lm, seq2seq, splits
 from jaxtune.errors import UserError
 from jaxtune.tasks import TASKS
 
@@ -83,7 +83,8 @@ def evaluate_checkpoint(run_dir: Path, step: str = "latest", split: str | None =
                         data_file: str | None = None, limit: int | None = None) -> dict[str, Any]:
   """Restores the params (only) of one step and scores a split of the run's data or a file.
 
-  For question answering the result also holds `predictions`: example id -> answer text."""
+  For question answering the result also holds `predictions` (example id -> answer text), for seq2seq the
+  generated targets (with BLEU and ROUGE in the metrics; generate.predict_with_generate)."""
   if (split is None) == (data_file is None):
     raise UserError("give exactly one of --split NAME or --data FILE.")
   mesh = sharding.make_mesh(config_lib.MeshConfig())  # evaluation runs on whatever devices are here
@@ -101,6 +102,9 @@ def evaluate_checkpoint(run_dir: Path, step: str = "latest", split: str | None =
   result = train.evaluate(eval_step, params, data[name], cfg, batch_sharding, task, labels, outputs)
   if hasattr(task, "predictions"):
     result["predictions"] = task.predictions(outputs, data[name], cfg)
+  if cfg.task == "seq2seq" and cfg.generate.predict_with_generate:
+    scores, result["predictions"] = translate(model, params, cfg, tokenizer, data[name])
+    result.update(scores)
   if cfg.generate.exact_match:
     rows = splits.load_raw(cfg.data, cfg.train.seed, [name], extra, limit)[name]
     result.update(exact_match(model, params, cfg, tokenizer, tasks.with_prompts(rows, cfg, name)))
@@ -118,6 +122,25 @@ def exact_match(model: pretrained.Model, params: Any, cfg: Config, tokenizer: An
     outputs += generate.generate(model, params, chunk, eos, s, jax.random.key(cfg.train.seed + i),
                                  jnp.dtype(cfg.model.compute_dtype))
   return score_generations(outputs, eos, tokenizer, rows[cfg.data.response_column])
+
+
+def translate(model: pretrained.Model, params: Any, cfg: Config, tokenizer: Any,
+              pairs: seq2seq.Pairs) -> tuple[dict[str, Any], list[dict[str, str]]]:
+  """(BLEU, ROUGE-1/2/L and the mean generated length; source/reference/prediction rows) of generating a target for
+  every source of a split, eval_batch_size sources at a time."""
+  rules = generate_encdec.rules_for(model, cfg.model)
+  s = generate_encdec.Search.from_config(cfg.generate)
+  dtype = jnp.dtype(cfg.model.compute_dtype)
+  outputs = []
+  for i in range(0, len(pairs), cfg.train.eval_batch_size):
+    chunk = pairs.input_ids[i:i + cfg.train.eval_batch_size]
+    outputs += generate_encdec.generate(model, params, chunk, rules, s, jax.random.key(cfg.train.seed + i), dtype)
+  texts = [tokenizer.decode(out, skip_special_tokens=True).strip() for out in outputs]
+  scores = {"bleu": metrics.bleu(texts, pairs.references), **metrics.rouge(texts, pairs.references),
+            "generated_length": sum(len(out) for out in outputs) / max(len(outputs), 1)}
+  rows = [{"source": src, "reference": ref, "prediction": text}
+          for src, ref, text in zip(pairs.sources, pairs.references, texts, strict=True)]
+  return scores, rows
 
 
 def score_generations(outputs: Sequence[Sequence[int]], eos: Sequence[int], tokenizer: Any,

@@ -21,12 +21,14 @@ from jaxtune.models import encoder
 # Our family -> the transformers class whose state-dict keys its param_map names (encoders: per head).
 DECODERS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "mistral": "MistralForCausalLM"}
-FAMILIES = set(DECODERS) | set(encoder.ARCHITECTURES)
+SEQ2SEQ = {"t5": "T5ForConditionalGeneration", "mt5": "MT5ForConditionalGeneration",
+           "bart": "BartForConditionalGeneration", "marian": "MarianMTModel"}
+FAMILIES = set(DECODERS) | set(SEQ2SEQ) | set(encoder.ARCHITECTURES)
 
 
 def architecture(family: str, head: str = "classification") -> str:
   """The transformers class name of a family (an encoder's with the given head)."""
-  return encoder.ARCHITECTURES[family][head] if family in encoder.ARCHITECTURES else DECODERS[family]
+  return encoder.ARCHITECTURES[family][head] if family in encoder.ARCHITECTURES else {**DECODERS, **SEQ2SEQ}[family]
 
 
 def load_checkpoint(run_dir: Path, step: str) -> tuple[dict[str, Any], pretrained.Model, dict[str, np.ndarray]]:
@@ -103,7 +105,7 @@ def export(run_dir: Path, step: str, out_dir: Path, peft: bool = False) -> Path:
                       "adapter; export it without --peft.")
     model_cfg = evaluate.model_config(meta)
     family = pretrained.FAMILIES[model.family]
-    task = model.cfg.head if family.kind == "encoder" else "causal_lm"
+    task = {"encoder": getattr(model.cfg, "head", ""), "decoder": "causal_lm", "seq2seq": "seq2seq"}[family.kind]
     adapter_config, tensors = lora.peft_adapter(params, family.param_map(model.cfg), model.frozen, model_cfg, task,
                                                 fan_in_fan_out=model.family == "gpt2")
     return _write(out_dir, run_dir, lambda tmp: lora.write_peft(tmp, adapter_config, tensors))
@@ -111,11 +113,23 @@ def export(run_dir: Path, step: str, out_dir: Path, peft: bool = False) -> Path:
   (dtype,) = {t.dtype for t in tensors.values()}  # params are kept in one dtype (float32)
   config = hf_config(meta, model, dtype)
 
+  generation = _generation_config(meta)
+
   def write(tmp: Path) -> None:
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if generation is not None:
+      (tmp / "generation_config.json").write_text(generation)
     save_file(tensors, tmp / weights.SAFETENSORS, metadata={"format": "pt"})  # transformers wants format=pt
 
   return _write(out_dir, run_dir, write)
+
+
+def _generation_config(meta: dict[str, Any]) -> str | None:
+  """The source checkpoint's generation_config.json (its forced and banned tokens, beam settings), when the run
+  started from a local directory that has one."""
+  model_cfg = evaluate.model_config(meta)
+  path = Path(model_cfg.path).expanduser() / "generation_config.json" if model_cfg else None
+  return path.read_text() if path is not None and path.is_file() else None
 
 
 def _write(out_dir: Path, run_dir: Path, write: Any) -> Path:

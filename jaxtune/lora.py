@@ -103,7 +103,8 @@ def _delta(a: np.ndarray, b: np.ndarray, kernel_ndim: int) -> np.ndarray:
 
 
 PEFT_TASKS = {"classification": "SEQ_CLS", "question_answering": "QUESTION_ANS",
-              "token_classification": "TOKEN_CLS", "causal_lm": "CAUSAL_LM"}  # our task -> PEFT's task_type
+              "token_classification": "TOKEN_CLS", "causal_lm": "CAUSAL_LM",
+              "seq2seq": "SEQ_2_SEQ_LM"}  # our task -> PEFT's task_type
 
 
 def peft_adapter(params: Mapping[str, np.ndarray], param_map: Mapping[str, tuple[str, str]],

@@ -36,6 +36,9 @@ def _dims(hf: dict[str, Any]) -> tuple[int, int, int, int, int, int]:
   if hf["model_type"] in ("t5", "mt5"):  # encoder and decoder layers counted alike (cross-attention left out)
     layers = hf["num_layers"] + (hf.get("num_decoder_layers") or hf["num_layers"])
     return hf["d_model"], hf["d_ff"], layers, hf["num_heads"], hf["d_kv"], hf["num_heads"]
+  if hf["model_type"] in ("bart", "marian"):
+    d, heads = hf["d_model"], hf["encoder_attention_heads"]
+    return d, hf["encoder_ffn_dim"], hf["encoder_layers"] + hf["decoder_layers"], heads, d // heads, heads
   d = hf.get("hidden_size") or hf.get("dim") or hf["n_embd"]
   heads = hf.get("num_attention_heads") or hf.get("n_heads") or hf["n_head"]
   f = hf.get("intermediate_size") or hf.get("hidden_dim") or hf.get("n_inner") or 4 * d

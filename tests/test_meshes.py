@@ -1,4 +1,4 @@
-"""A tiny BERT and a tiny Llama trained on 8 simulated devices under each mesh layout match 1 device.
+"""A tiny BERT, Llama and T5 trained on 8 simulated devices under each mesh layout match 1 device.
 
 Each layout must give the 1-device losses and final params, and every param (and its Adam moments)
 must really be laid out as the rules table says. tests/mesh_run.py trains all runs of a model in one
@@ -16,7 +16,7 @@ import types
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, save_tiny_bert, write_config
+from conftest import REPO, save_tiny_bert, seq2seq_config, write_config
 
 from jaxtune import sharding
 
@@ -26,7 +26,8 @@ MESHES = {"fsdp8": {"data": 1, "fsdp": 8, "tensor": 1}, "data2_fsdp2_tensor2": {
 RULES = {"embed": None, "mlp": ["fsdp"]}  # the override run: no FSDP on embed, the MLP split over fsdp instead
 # LoRA adapters on attention and MLP kernels (Llama's gate/up run as one matmul), the base frozen.
 LORA = {"bert": "model.lora.targets=['bert.layers.(query|value|mlp_in).kernel']",
-        "llama": "model.lora.targets=['layers.attn.(q|v).kernel','layers.mlp.(gate|up|down).kernel']"}
+        "llama": "model.lora.targets=['layers.attn.(q|v).kernel','layers.mlp.(gate|up|down).kernel']",
+        "t5": None}
 # 8-device run -> (its mesh, extra overrides, the 1-device run it must match)
 EIGHT = {**{name: (sizes, [], "one") for name, sizes in MESHES.items()},
          "fsdp8_rules": (MESHES["fsdp8"], [f"mesh.rules={json.dumps(RULES)}"], "one"),
@@ -39,8 +40,9 @@ BERT_ONLY = {"fsdp8_rules", "data2_fsdp2_tensor2_accum2", "one_accum2"}
 
 
 def runs_for(model: str, runs: dict[str, list[str]]) -> dict[str, list[str]]:
+  """The runs of `model`: all for the BERT, the model-specific ones for the Llama, the plain layouts for the T5."""
   return {name: [LORA[model] if o == "LORA" else o for o in overrides] for name, overrides in runs.items()
-          if model == "bert" or name not in BERT_ONLY}
+          if model == "bert" or (name not in BERT_ONLY and (LORA[model] or "LORA" not in overrides))}
 
 
 RUNS_8 = {name: [*(f"mesh.{a}={n}" for a, n in sizes.items()), *extra] for name, (sizes, extra, _) in EIGHT.items()}
@@ -72,6 +74,16 @@ EXPECTED = {
                                 "layers.mlp.gate.kernel": [None, "fsdp", "tensor"],
                                 "layers.mlp.down.kernel": [None, "tensor", "fsdp"]},
     },
+    # T5: shared (V, D), position_bias (buckets, H), q (N, D, H, K), o (N, H, K, D), wi_0 (N, D, F).
+    "t5": {
+        "fsdp8": {"shared": [None, "fsdp"], "encoder.position_bias": [], "encoder.layers.attn.q.kernel": [None, "fsdp"],
+                  "decoder.layers.cross_attn.o.kernel": [None, None, None, "fsdp"],
+                  "decoder.layers.mlp.wi_0.kernel": [None, "fsdp"]},
+        "data2_fsdp2_tensor2": {"shared": ["tensor", "fsdp"], "decoder.position_bias": [None, "tensor"],
+                                "encoder.layers.attn.q.kernel": [None, "fsdp", "tensor"],
+                                "decoder.layers.cross_attn.o.kernel": [None, "tensor", None, "fsdp"],
+                                "decoder.layers.mlp.wi_0.kernel": [None, "fsdp", "tensor"]},
+    },
 }
 
 
@@ -90,14 +102,16 @@ def train_all(config_path, out, runs, devices):
   return {name: (json.loads((out / f"{name}.json").read_text()), dict(np.load(out / f"{name}.npz"))) for name in runs}
 
 
-@pytest.fixture(scope="module", params=["bert", "llama"])
-def trained(request, tmp_path_factory, minilm_dir, tiny_llama_dir, reviews):
+@pytest.fixture(scope="module", params=["bert", "llama", "t5"])
+def trained(request, tmp_path_factory, minilm_dir, tiny_llama_dir, tiny_t5_dir, reviews):
   """model name -> run name -> (record, final params), for the 1-device and the 8-device runs."""
   tmp = tmp_path_factory.mktemp(request.param)
   train = {"batch_size": 16, "eval_batch_size": 16}
   if request.param == "bert":  # dims divisible by 8, so that every rule really shards
     model_dir = save_tiny_bert(tmp / "bert", minilm_dir, intermediate_size=64)
     path = write_config(tmp / "c.yaml", model_dir, reviews, train=train)
+  elif request.param == "t5":  # text-to-text: review -> "great" / "other"
+    path = seq2seq_config(tmp / "c.yaml", tiny_t5_dir, reviews, train=train)
   else:
     path = write_config(tmp / "c.yaml", tiny_llama_dir, reviews, train=train, model={"new_params": []})
     cfg = yaml.safe_load(path.read_text())

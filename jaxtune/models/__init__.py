@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from jaxtune.models import encoder, gpt2, llama, t5
+from jaxtune.models import bart, encoder, gpt2, llama, t5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +25,9 @@ _LLAMA = ModelFamily(llama.LlamaConfig, llama.LlamaLM, llama.hf_param_map, llama
 
 _T5 = ModelFamily(t5.T5Config, t5.T5, t5.hf_param_map, t5.hf_ignored_keys, "", "seq2seq")
 
+_BART = ModelFamily(bart.BartConfig, bart.Bart, bart.hf_param_map, bart.hf_ignored_keys, "model.", "seq2seq",
+                    bart.max_positions)  # BART and Marian (OPUS-MT)
+
 
 def _encoder(model_type: str) -> ModelFamily:
   return ModelFamily(encoder.EncoderConfig, encoder.EncoderModel, encoder.hf_param_map, encoder.hf_ignored_keys,
@@ -38,6 +41,8 @@ FAMILIES: dict[str, ModelFamily] = {
     "llama": _LLAMA,
     "t5": _T5,
     "mt5": _T5,
+    "bart": _BART,
+    "marian": _BART,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
 }

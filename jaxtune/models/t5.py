@@ -22,7 +22,7 @@ from flax import nnx
 
 from jaxtune import sharding
 from jaxtune.errors import UserError
-from jaxtune.models import layers
+from jaxtune.models import encdec, layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,12 +88,17 @@ class Attention(nnx.Module):
     self.o = dense((h, k), (d,), ("heads", "head_dim"), ("embed",))
     self.rate = cfg.dropout_rate
 
-  def __call__(self, x_BxTxD: jax.Array, kv_BxSxD: jax.Array, bias: jax.Array, rng: jax.Array | None) -> jax.Array:
-    """Attention of x over kv (x itself for self-attention); `bias` (B or 1 x H or 1 x T x S) holds the
-    relative positions and the masks."""
+  def kv(self, x_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keys and values (each B x S x H x K) of the tokens attended to."""
     heads = ("batch", "length", "heads", "head_dim")
-    q = sharding.constrain(self.q(x_BxTxD), heads)
-    k, v = (sharding.constrain(y, heads) for y in layers.dense_many((self.k, self.v), kv_BxSxD))
+    return tuple(sharding.constrain(y, heads) for y in layers.dense_many((self.k, self.v), x_BxSxD))
+
+  def __call__(self, x_BxTxD: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, bias: jax.Array,
+               rng: jax.Array | None) -> jax.Array:
+    """Attention of x over keys and values (`kv` of x itself for self-attention); `bias` (B or 1 x H or 1 x T x S)
+    holds the relative positions and the masks."""
+    q = sharding.constrain(self.q(x_BxTxD), ("batch", "length", "heads", "head_dim"))
+    k, v = k_BxSxHxK.astype(q.dtype), v_BxSxHxK.astype(q.dtype)
     scores = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32) + bias  # no 1/sqrt(K): folded into T5's init
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     return self.o(layers.dropout_matmul("bhts,bshk->bthk", probs, v, self.rate, rng))
@@ -132,7 +137,7 @@ class EncoderLayer(nnx.Module):
   def __call__(self, x, bias, rng):
     r_probs, r_attn, r_act, r_mlp = layers.split_rng(rng, 4)
     h = self.attn_norm(x)
-    x = x + layers.dropout(self.attn(h, h, bias, r_probs), self.rate, r_attn)
+    x = x + layers.dropout(self.attn(h, *self.attn.kv(h), bias, r_probs), self.rate, r_attn)
     return x + layers.dropout(self.mlp(self.mlp_norm(x), r_act), self.rate, r_mlp)
 
 
@@ -146,12 +151,21 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(cfg, rngs)
     self.rate = cfg.dropout_rate
 
-  def __call__(self, x, memory, self_bias, cross_bias, rng):
+  def __call__(self, x, memory, self_bias, cross_bias, rng, cache: encdec.LayerCache | None = None,
+               start: jax.Array | None = None):
+    """The layer's output; with a `cache`, the new tokens' keys/values are written at `start` and the
+    cross-attention reads the cached ones: returns (output, updated cache)."""
     r = layers.split_rng(rng, 6)
     h = self.self_norm(x)
-    x = x + layers.dropout(self.self_attn(h, h, self_bias, r[0]), self.rate, r[1])
-    x = x + layers.dropout(self.cross_attn(self.cross_norm(x), memory, cross_bias, r[2]), self.rate, r[3])
-    return x + layers.dropout(self.mlp(self.mlp_norm(x), r[4]), self.rate, r[5])
+    k, v = self.self_attn.kv(h)
+    if cache is not None:
+      cache = encdec.write(cache, k, v, start)
+      k, v = cache.self_k, cache.self_v
+    x = x + layers.dropout(self.self_attn(h, k, v, self_bias, r[0]), self.rate, r[1])
+    cross_kv = self.cross_attn.kv(memory) if cache is None else (cache.cross_k, cache.cross_v)
+    x = x + layers.dropout(self.cross_attn(self.cross_norm(x), *cross_kv, cross_bias, r[2]), self.rate, r[3])
+    x = x + layers.dropout(self.mlp(self.mlp_norm(x), r[4]), self.rate, r[5])
+    return x if cache is None else (x, cache)
 
 
 def relative_buckets(relative_TxS: jax.Array, bidirectional: bool, num_buckets: int, max_distance: int) -> jax.Array:
@@ -197,7 +211,7 @@ class Stack(nnx.Module):
     pad = layers.attention_bias(mask_BxT, jnp.float32)  # B x 1 x 1 x T
     self_bias = self.bias(jnp.arange(t), jnp.arange(t)) + pad
     if self.decoder:
-      self_bias = self_bias + jnp.where(jnp.tril(jnp.ones((t, t), bool)), 0.0, jnp.finfo(jnp.float32).min)
+      self_bias = self_bias + encdec.causal_bias(jnp.arange(t), jnp.arange(t))
       cross_bias = layers.attention_bias(memory_mask_BxS, jnp.float32)
 
     def body(layer, x, r):
@@ -206,6 +220,25 @@ class Stack(nnx.Module):
 
     x, _ = layers.scan(self.layers, body, x, None if rngs is None else rngs[1:-1], remat, unroll=not self.scan_layers)
     return layers.dropout(self.final_norm(x), self.rate, None if rngs is None else rngs[-1])
+
+  def cross_kv(self, memory_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Every decoder layer's cross-attention keys and values of the encoder output (each N x B x S x H x K)."""
+    _, kv = layers.scan(self.layers, lambda layer, c, _: (c, layer.cross_attn.kv(memory_BxSxD)), None, None,
+                        unroll=not self.scan_layers)
+    return kv
+
+  def step(self, x_BxLxD: jax.Array, cache: encdec.Cache) -> tuple[jax.Array, encdec.Cache]:
+    """The decoder on L new tokens at positions cache.length.., reading and extending the cache."""
+    q_positions = cache.length + jnp.arange(x_BxLxD.shape[1])
+    k_positions = jnp.arange(cache.layers.self_k.shape[2])
+    self_bias = self.bias(q_positions, k_positions) + encdec.causal_bias(q_positions, k_positions)
+    cross_bias = layers.attention_bias(cache.memory_mask, jnp.float32)
+
+    def body(layer, x, layer_cache):
+      return layer(x, None, self_bias, cross_bias, None, layer_cache, cache.length)
+
+    x, layer_caches = layers.scan(self.layers, body, x_BxLxD, cache.layers, unroll=not self.scan_layers)
+    return self.final_norm(x), cache._replace(layers=layer_caches, length=cache.length + x_BxLxD.shape[1])
 
 
 class T5(nnx.Module):
@@ -229,12 +262,24 @@ class T5(nnx.Module):
       ids = layers.shift_right(batch["labels"], self.cfg.decoder_start_token_id)
     y = layers.lookup(self.shared[...], ids).astype(dtype)
     mask = batch.get("decoder_attention_mask", jnp.ones_like(ids))
-    y = self.decoder(y, mask, memory, batch["attention_mask"], rng, remat)
+    return self.head(self.decoder(y, mask, memory, batch["attention_mask"], rng, remat))
+
+  def head(self, y_BxTxD: jax.Array) -> jax.Array:
     if self.cfg.scale:
-      y = y * self.cfg.d_model ** -0.5
+      y_BxTxD = y_BxTxD * self.cfg.d_model ** -0.5
     if self.lm_head is None:
-      return jnp.einsum("btd,vd->btv", y, self.shared[...].astype(y.dtype))
-    return self.lm_head(y)
+      return jnp.einsum("btd,vd->btv", y_BxTxD, self.shared[...].astype(y_BxTxD.dtype))
+    return self.lm_head(y_BxTxD)
+
+  def init_cache(self, memory_BxSxD: jax.Array, memory_mask_BxS: jax.Array, slots: int,
+                 dtype: jnp.dtype) -> encdec.Cache:
+    """A decoding cache of `slots` target positions over this encoder output."""
+    return encdec.new_cache(self.decoder.cross_kv(memory_BxSxD), memory_mask_BxS, slots, dtype)
+
+  def decode_step(self, ids_BxL: jax.Array, cache: encdec.Cache, dtype: jnp.dtype) -> tuple[jax.Array, encdec.Cache]:
+    """(float32 logits B x L x V of the next tokens, the extended cache) for L new decoder tokens."""
+    y, cache = self.decoder.step(layers.lookup(self.shared[...], ids_BxL).astype(dtype), cache)
+    return self.head(y).astype(jnp.float32), cache
 
   def __call__(self, batch: dict[str, jax.Array], *, dtype: jnp.dtype = jnp.float32,
                dropout_rng: jax.Array | None = None, remat: str = "none") -> dict[str, jax.Array]:

@@ -1,0 +1,57 @@
+"""The decoding cache shared by the encoder-decoder models (T5, BART, Marian).
+
+Generation encodes the source once. `init_cache` then projects the encoder output through every
+decoder layer's cross-attention keys and values, which stay fixed, and leaves room for T decoder
+self-attention keys and values, written one step at a time from slot `length`. Every row of a
+batch decodes in step (all start from the decoder start token), so one `length` serves them all.
+Dimensions: N decoder layers, B batch, S source length, T decoder slots, L new tokens, H heads, K head dim.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class LayerCache(NamedTuple):
+  self_k: jax.Array  # B x T x H x K (N x ... for all layers, stacked like the layer params)
+  self_v: jax.Array
+  cross_k: jax.Array  # B x S x H x K, the encoder output's
+  cross_v: jax.Array
+
+
+class Cache(NamedTuple):
+  layers: LayerCache
+  memory_mask: jax.Array  # B x S, 1 for real source tokens
+  length: jax.Array  # int32 scalar: decoder slots filled so far
+
+
+def new_cache(cross_kv: tuple[jax.Array, jax.Array], memory_mask_BxS: jax.Array, slots: int,
+              dtype: jnp.dtype) -> Cache:
+  """Empty self-attention slots next to the layers' cross-attention keys/values (each N x B x S x H x K)."""
+  cross_k, cross_v = cross_kv
+  n, b, _, h, k = cross_k.shape
+  zeros = jnp.zeros((n, b, slots, h, k), dtype)
+  return Cache(LayerCache(zeros, zeros, cross_k.astype(dtype), cross_v.astype(dtype)), memory_mask_BxS,
+               jnp.zeros((), jnp.int32))
+
+
+def write(layer: LayerCache, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, start: jax.Array) -> LayerCache:
+  """The layer's cache with the new tokens' self-attention keys and values written from slot `start`."""
+  at = (0, start, 0, 0)
+  return layer._replace(self_k=jax.lax.dynamic_update_slice(layer.self_k, k_BxLxHxK.astype(layer.self_k.dtype), at),
+                        self_v=jax.lax.dynamic_update_slice(layer.self_v, v_BxLxHxK.astype(layer.self_v.dtype), at))
+
+
+def causal_bias(q_positions_L: jax.Array, k_positions_T: jax.Array) -> jax.Array:
+  """1 x 1 x L x T additive mask: a query sees the keys at its own position and before."""
+  seen = k_positions_T[None, :] <= q_positions_L[:, None]
+  return jnp.where(seen, 0.0, jnp.finfo(jnp.float32).min)[None, None]
+
+
+def reorder(cache: Cache, rows_B: jax.Array) -> Cache:
+  """The cache of rows `rows_B` (beam search keeps the beams it extends)."""
+  layers = jax.tree.map(lambda a: a[:, rows_B], cache.layers)  # N x B x ...
+  return Cache(layers, cache.memory_mask[rows_B], cache.length)
