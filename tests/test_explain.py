@@ -35,6 +35,7 @@ def test_attributions_sum_to_the_logit_difference(minilm, baseline):
     assert np.count_nonzero(exp.attributions) > len(exp.tokens) // 2
 
 
+@pytest.mark.slow
 def test_target_label_flips_the_explained_logit(minilm):
   model, params, tokenizer = minilm
   (first,), (second,) = (explain.explain_texts(model, params, tokenizer, REVIEWS[:1], 128, ["great", "other"], t)

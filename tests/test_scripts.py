@@ -27,7 +27,7 @@ def in_training_eval(run_dir, step):
   return record
 
 
-@pytest.mark.parametrize("step", ["2", "latest"])
+@pytest.mark.parametrize("step", ["2", pytest.param("latest", marks=pytest.mark.slow)])
 def test_evaluate_reproduces_the_in_training_metric(trained_run, tmp_path, step):
   out = tmp_path / "m.json"
   result = run_script("evaluate.py", "--checkpoint", trained_run, "--step", step, "--split", "validation",
@@ -117,6 +117,7 @@ def test_tensorboard_events_hold_the_logged_values(trained_run):
       assert got[step] == pytest.approx(row[key], rel=1e-6, abs=1e-12), (tag, step)
 
 
+@pytest.mark.slow  # explain.py's API is tested in test_explain.py
 def test_explain_prints_attributions_and_writes_html(trained_run, tmp_path):
   out = tmp_path / "why.html"
   result = run_script("explain.py", "--checkpoint", trained_run, "--text", "great coffee, would buy again",

@@ -109,7 +109,7 @@ def test_cached_greedy_equals_uncached_decoding_and_transformers(tiny):
     np.testing.assert_array_equal(mine, hf)
 
 
-@pytest.mark.parametrize("early_stopping", [False, True, "never"])
+@pytest.mark.parametrize("early_stopping", [False, True, pytest.param("never", marks=pytest.mark.slow)])
 def test_beam_search_equals_transformers(tiny, early_stopping):
   name, source, model, params, rules, sources = tiny
   if name != "t5_v1.1":

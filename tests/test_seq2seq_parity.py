@@ -106,6 +106,7 @@ def test_encoder_outputs_and_decoder_logits_match_transformers(case, tmp_path):
   assert np.abs(np.asarray(got["logits"]) - want.logits.numpy())[tgt].max() <= 1e-4
 
 
+@pytest.mark.slow  # CI time: test_seq2seq_generate checks cached against uncached greedy decoding per family
 @pytest.mark.parametrize("case", CASES)
 def test_cached_decoding_matches_full_decoding(case, tmp_path):
   """init_cache + decode_step over the target (a two-token chunk, then one token at a time, in more slots than

@@ -98,6 +98,7 @@ def test_logits_match_transformers_on_real_smollm2(smollm2, batch, ours):
   np.testing.assert_array_equal(got_next, want_next)
 
 
+@pytest.mark.slow  # CI time: the logits test stays in the default run
 def test_greedy_answers_match_transformers_generate(ours, theirs):
   """evaluate.py's exact match and the PyTorch reference's (transformers' generate) see the same answers."""
   cfg = config.load(REPO / "configs" / "smollm2_reviews.yaml", ["generate.max_new_tokens=8"])
@@ -109,6 +110,7 @@ def test_greedy_answers_match_transformers_generate(ours, theirs):
   assert all(got["samples"]) and got == want  # the base model answers in sentences, token for token alike
 
 
+@pytest.mark.slow
 def test_gradient_matches_pytorch_on_the_decoder_jobs_first_batch(ours, theirs):
   """Real weights, a real training batch (chat template, answer-only loss): the whole gradient as PyTorch's."""
   model, params = ours
