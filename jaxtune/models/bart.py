@@ -265,23 +265,15 @@ class Stack(nnx.Module):
     rngs = None if rng is None else jax.random.split(rng, self.num_layers + 1)
     t = ids_BxT.shape[1]
     x = self.embed(ids_BxT, table_VxD, jnp.arange(t), dtype, None if rngs is None else rngs[0])
-    self_bias = layers.attention_bias(mask_BxT, jnp.float32)  # B x 1 x 1 x T
+    self_bias, cross_bias = layers.attention_bias(mask_BxT, jnp.float32), None  # B x 1 x 1 x T
     if self.decoder:
       self_bias = self_bias + encdec.causal_bias(jnp.arange(t), jnp.arange(t))
       cross_bias = layers.attention_bias(memory_mask_BxS, jnp.float32)
-
-    def body(layer, x, r):
-      x = sharding.constrain(x, ("batch", "length", "embed"))
-      return (layer(x, memory, self_bias, cross_bias, r) if self.decoder else layer(x, self_bias, r)), None
-
-    x, _ = layers.scan(self.layers, body, x, None if rngs is None else rngs[1:], remat, unroll=not self.scan_layers)
-    return x
+    return encdec.run_stack(self.layers, x, memory if self.decoder else None, self_bias, cross_bias,
+                            None if rngs is None else rngs[1:], remat, self.scan_layers)
 
   def cross_kv(self, memory_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Every decoder layer's cross-attention keys and values of the encoder output (each N x B x S x H x K)."""
-    _, kv = layers.scan(self.layers, lambda layer, c, _: (c, layer.cross_attn.kv(memory_BxSxD)), None, None,
-                        unroll=not self.scan_layers)
-    return kv
+    return encdec.cross_kv(self.layers, memory_BxSxD, self.scan_layers)
 
   def step(self, ids_BxL: jax.Array, table_VxD: jax.Array, cache: encdec.Cache,
            dtype: jnp.dtype) -> tuple[jax.Array, encdec.Cache]:
@@ -289,13 +281,7 @@ class Stack(nnx.Module):
     q_positions = cache.length + jnp.arange(ids_BxL.shape[1])
     x = self.embed(ids_BxL, table_VxD, q_positions, dtype, None)
     self_bias = encdec.causal_bias(q_positions, jnp.arange(cache.layers.self_k.shape[2]))
-    cross_bias = layers.attention_bias(cache.memory_mask, jnp.float32)
-
-    def body(layer, x, layer_cache):
-      return layer(x, None, self_bias, cross_bias, None, layer_cache, cache.length)
-
-    x, layer_caches = layers.scan(self.layers, body, x, cache.layers, unroll=not self.scan_layers)
-    return x, cache._replace(layers=layer_caches, length=cache.length + ids_BxL.shape[1])
+    return encdec.step_stack(self.layers, x, self_bias, cache, self.scan_layers)
 
 
 class LogitsBias(nnx.Module):

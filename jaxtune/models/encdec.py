@@ -1,4 +1,4 @@
-"""The decoding cache shared by the encoder-decoder models (T5, BART, Marian).
+"""What the encoder-decoder models (T5, BART, Marian) share: running a layer stack, and the decoding cache.
 
 Generation encodes the source once. `init_cache` then projects the encoder output through every
 decoder layer's cross-attention keys and values, which stay fixed, and leaves room for T decoder
@@ -9,10 +9,14 @@ Dimensions: N decoder layers, B batch, S source length, T decoder slots, L new t
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from jaxtune import sharding
+from jaxtune.models import layers
 
 
 class LayerCache(NamedTuple):
@@ -55,3 +59,36 @@ def reorder(cache: Cache, rows_B: jax.Array) -> Cache:
   """The cache of rows `rows_B` (beam search keeps the beams it extends)."""
   layers = jax.tree.map(lambda a: a[:, rows_B], cache.layers)  # N x B x ...
   return Cache(layers, cache.memory_mask[rows_B], cache.length)
+
+
+def run_stack(stack: nnx.Module, x_BxTxD: jax.Array, memory_BxSxD: jax.Array | None, self_bias: jax.Array,
+              cross_bias: jax.Array | None, rngs: jax.Array | None, remat: str, scan_layers: bool) -> jax.Array:
+  """Every layer of an encoder stack (memory None: layer(x, self_bias, rng)) or a decoder stack (layer(x, memory,
+  self_bias, cross_bias, rng)), each with its own dropout key of `rngs` (N keys, or None)."""
+
+  def body(layer: nnx.Module, x: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, None]:
+    x = sharding.constrain(x, ("batch", "length", "embed"))
+    if memory_BxSxD is None:
+      return layer(x, self_bias, rng), None
+    return layer(x, memory_BxSxD, self_bias, cross_bias, rng), None
+
+  return layers.scan(stack, body, x_BxTxD, rngs, remat, unroll=not scan_layers)[0]
+
+
+def cross_kv(stack: nnx.Module, memory_BxSxD: jax.Array, scan_layers: bool) -> tuple[jax.Array, jax.Array]:
+  """Every decoder layer's cross-attention keys and values of the encoder output (each N x B x S x H x K)."""
+  _, kv = layers.scan(stack, lambda layer, c, _: (c, layer.cross_attn.kv(memory_BxSxD)), None, None,
+                      unroll=not scan_layers)
+  return kv
+
+
+def step_stack(stack: nnx.Module, x_BxLxD: jax.Array, self_bias: jax.Array, cache: Cache,
+               scan_layers: bool) -> tuple[jax.Array, Cache]:
+  """The decoder layers on L new tokens: each reads and extends its cache from slot cache.length."""
+  cross_bias = layers.attention_bias(cache.memory_mask, jnp.float32)
+
+  def body(layer: nnx.Module, x: jax.Array, layer_cache: LayerCache) -> tuple[jax.Array, Any]:
+    return layer(x, None, self_bias, cross_bias, None, layer_cache, cache.length)
+
+  x, layer_caches = layers.scan(stack, body, x_BxLxD, cache.layers, unroll=not scan_layers)
+  return x, cache._replace(layers=layer_caches, length=cache.length + x_BxLxD.shape[1])

@@ -210,35 +210,25 @@ class Stack(nnx.Module):
     t = x.shape[1]
     pad = layers.attention_bias(mask_BxT, jnp.float32)  # B x 1 x 1 x T
     self_bias = self.bias(jnp.arange(t), jnp.arange(t)) + pad
+    cross_bias = None
     if self.decoder:
       self_bias = self_bias + encdec.causal_bias(jnp.arange(t), jnp.arange(t))
       cross_bias = layers.attention_bias(memory_mask_BxS, jnp.float32)
 
-    def body(layer, x, r):
-      x = sharding.constrain(x, ("batch", "length", "embed"))
-      return (layer(x, memory, self_bias, cross_bias, r) if self.decoder else layer(x, self_bias, r)), None
-
-    x, _ = layers.scan(self.layers, body, x, None if rngs is None else rngs[1:-1], remat, unroll=not self.scan_layers)
+    x = encdec.run_stack(self.layers, x, memory if self.decoder else None, self_bias, cross_bias,
+                         None if rngs is None else rngs[1:-1], remat, self.scan_layers)
     return layers.dropout(self.final_norm(x), self.rate, None if rngs is None else rngs[-1])
 
   def cross_kv(self, memory_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Every decoder layer's cross-attention keys and values of the encoder output (each N x B x S x H x K)."""
-    _, kv = layers.scan(self.layers, lambda layer, c, _: (c, layer.cross_attn.kv(memory_BxSxD)), None, None,
-                        unroll=not self.scan_layers)
-    return kv
+    return encdec.cross_kv(self.layers, memory_BxSxD, self.scan_layers)
 
   def step(self, x_BxLxD: jax.Array, cache: encdec.Cache) -> tuple[jax.Array, encdec.Cache]:
     """The decoder on L new tokens at positions cache.length.., reading and extending the cache."""
     q_positions = cache.length + jnp.arange(x_BxLxD.shape[1])
     k_positions = jnp.arange(cache.layers.self_k.shape[2])
     self_bias = self.bias(q_positions, k_positions) + encdec.causal_bias(q_positions, k_positions)
-    cross_bias = layers.attention_bias(cache.memory_mask, jnp.float32)
-
-    def body(layer, x, layer_cache):
-      return layer(x, None, self_bias, cross_bias, None, layer_cache, cache.length)
-
-    x, layer_caches = layers.scan(self.layers, body, x_BxLxD, cache.layers, unroll=not self.scan_layers)
-    return self.final_norm(x), cache._replace(layers=layer_caches, length=cache.length + x_BxLxD.shape[1])
+    x, cache = encdec.step_stack(self.layers, x_BxLxD, self_bias, cache, self.scan_layers)
+    return self.final_norm(x), cache
 
 
 class T5(nnx.Module):
