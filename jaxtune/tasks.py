@@ -164,10 +164,32 @@ def words_tokenizer(tokenizer: Any) -> Any:
   return tokenizer
 
 
-class CausalLM:
+class TokenLoss:
+  """Cross-entropy per target token (`TARGETS`, weighted by `MASK`), normalised by the true token count; eval
+  metrics loss and perplexity. Shared by the causal LM and seq2seq tasks, which name the two batch fields."""
+  TARGETS: str
+  MASK: str
+
+  def loss_terms(self, logits_BxLxV: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    loss_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch[self.TARGETS])
+    return (loss_BxL * batch[self.MASK]).sum(), batch[self.MASK].sum()
+
+  def eval_outputs(self, logits_BxLxV: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    loss_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch[self.TARGETS])
+    return {"loss_sum": (loss_BxL * batch[self.MASK]).sum(-1), "tokens": batch[self.MASK].sum(-1)}
+
+  def metrics(self, out: dict[str, np.ndarray], data: Any, labels: Any, cfg: Config) -> dict:
+    tokens = float(out["tokens"].sum())
+    loss = float(out["loss_sum"].sum()) / max(tokens, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "num_tokens": int(tokens),
+            "num_examples": len(data)}
+
+
+class CausalLM(TokenLoss):
   """Next-token prediction on text, prompt/response or chat rows; loss and perplexity per target token."""
   name = "causal_lm"
   head = "causal_lm"
+  TARGETS, MASK = "targets", "loss_mask"
 
   def load(self, cfg: Config, tokenizer: Any, names: Sequence[str], labels: Sequence[Any] | None = None,
            extra: dict[str, str] | None = None, limit: int | None = None) -> tuple[None, dict[str, lm.LMExamples]]:
@@ -204,24 +226,12 @@ class CausalLM:
               part: slice = slice(None)) -> dict:
     return lm.collate(data, rows, batch_size, cfg.data.length_buckets, part)
 
-  def loss_terms(self, logits_BxLxV: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    loss_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
-    return (loss_BxL * batch["loss_mask"]).sum(), batch["loss_mask"].sum()
-
-  def eval_outputs(self, logits_BxLxV: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    loss_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
-    return {"loss_sum": (loss_BxL * batch["loss_mask"]).sum(-1), "tokens": batch["loss_mask"].sum(-1)}
-
-  def metrics(self, out: dict[str, np.ndarray], data: lm.LMExamples, labels: Any, cfg: Config) -> dict:
-    tokens = float(out["tokens"].sum())
-    loss = float(out["loss_sum"].sum()) / max(tokens, 1.0)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "num_tokens": int(tokens),
-            "num_examples": len(data)}
 
 
-class Seq2Seq:
+class Seq2Seq(TokenLoss):
   """Source text -> target text with an encoder-decoder: teacher-forced loss per target token, perplexity."""
   name = head = "seq2seq"
+  TARGETS, MASK = "labels", "label_mask"
 
   def load(self, cfg: Config, tokenizer: Any, names: Sequence[str], labels: Sequence[Any] | None = None,
            extra: dict[str, str] | None = None, limit: int | None = None) -> tuple[None, dict[str, seq2seq.Pairs]]:
@@ -244,19 +254,6 @@ class Seq2Seq:
     return seq2seq.collate(data, rows, batch_size, cfg.data.length_buckets, cfg.data.max_len,
                            cfg.data.max_target_len, part)
 
-  def loss_terms(self, logits_BxTxV: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    loss_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["labels"])
-    return (loss_BxT * batch["label_mask"]).sum(), batch["label_mask"].sum()
-
-  def eval_outputs(self, logits_BxTxV: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    loss_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["labels"])
-    return {"loss_sum": (loss_BxT * batch["label_mask"]).sum(-1), "tokens": batch["label_mask"].sum(-1)}
-
-  def metrics(self, out: dict[str, np.ndarray], data: seq2seq.Pairs, labels: Any, cfg: Config) -> dict:
-    tokens = float(out["tokens"].sum())
-    loss = float(out["loss_sum"].sum()) / max(tokens, 1.0)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "num_tokens": int(tokens),
-            "num_examples": len(data)}
 
 
 PROMPT = "prompt"  # the column prompts are read from once `with_prompts` has run
