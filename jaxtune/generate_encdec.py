@@ -190,11 +190,11 @@ def _beam_search(graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.Array
   return out[5][:, 0], out[7][:, 0]
 
 
-PAD_MULTIPLE = 32  # sources pad to a multiple of this, so few distinct shapes get compiled
-
-
 def right_pad(sources: Sequence[np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
-  length = -(-max(len(x) for x in sources) // PAD_MULTIPLE) * PAD_MULTIPLE
+  """Sources as one right-padded batch (input_ids, attention_mask), padded to a multiple of the decoder-only
+  generation's PAD_MULTIPLE so that few distinct shapes get compiled."""
+  multiple = decoder_generate.PAD_MULTIPLE
+  length = -(-max(len(x) for x in sources) // multiple) * multiple
   ids = np.full((len(sources), length), pad_id, np.int32)
   mask = np.zeros_like(ids)
   for i, x in enumerate(sources):
