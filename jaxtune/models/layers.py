@@ -49,7 +49,7 @@ class Dense(nnx.Module):
     self.lora_scale, self.lora_dropout, self.lora_id = 0.0, 0.0, 0
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.tensordot(x, self.kernel[...].astype(x.dtype), axes=self.n_in)
+    y = contract(x, self.kernel[...].astype(x.dtype), self.n_in)
     y = y if self.bias is None else y + self.bias[...].astype(x.dtype)
     return y if self.lora_a is None else y + self.adapter(x)
 
@@ -60,6 +60,41 @@ class Dense(nnx.Module):
       x = dropout(x, self.lora_dropout, jax.random.fold_in(rng, self.lora_id))
     h = jnp.tensordot(x, self.lora_a[...].astype(x.dtype), axes=self.n_in)  # ... x rank
     return jnp.tensordot(h, self.lora_b[...].astype(x.dtype), axes=1) * jnp.asarray(self.lora_scale, x.dtype)
+
+
+def contract(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+  """tensordot(x, kernel, n_in): x (*tokens, *in) . kernel (*in, *out) -> (*tokens, *out).
+
+  The kernel's gradient contracts the tokens of x and of the output gradient dy, and XLA:CPU's
+  matmul library wants that dimension minor in its left operand, so one of the two is transposed
+  first. JAX's own rule computes dy^T x, which transposes dy; where the output is the wider side
+  (BERT's query/key/value and intermediate, Llama's gate/up) `_contract_bwd` computes x^T dy and
+  transposes the narrower x instead.
+  """
+  if math.prod(kernel.shape[:n_in]) < math.prod(kernel.shape[n_in:]):
+    return _contract(x, kernel, n_in)
+  return jnp.tensordot(x, kernel, axes=n_in)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _contract(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+  return jnp.tensordot(x, kernel, axes=n_in)
+
+
+def _contract_fwd(x: jax.Array, kernel: jax.Array, n_in: int) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  return jnp.tensordot(x, kernel, axes=n_in), (x, kernel)
+
+
+def _contract_bwd(n_in: int, residuals: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+  x, kernel = residuals
+  tokens = tuple(range(x.ndim - n_in))
+  dx = jax.lax.dot_general(dy, kernel, ((tuple(range(len(tokens), dy.ndim)), tuple(range(n_in, kernel.ndim))),
+                                        ((), ())))
+  dkernel = jax.lax.dot_general(x, dy, ((tokens, tokens), ((), ())))  # (*in, *out): the kernel's own layout
+  return dx, dkernel
+
+
+_contract.defvjp(_contract_fwd, _contract_bwd)
 
 
 _ADAPTER_RNG: list[jax.Array] = []  # the dropout key of LoRA adapters while a model is traced in training
@@ -87,7 +122,7 @@ def dense_many(denses: Sequence[Dense], x: jax.Array) -> list[jax.Array]:
   """
   first = denses[0]
   kernel = jnp.stack([d.kernel[...] for d in denses], axis=first.n_in).astype(x.dtype)
-  y = jnp.tensordot(x, kernel, axes=first.n_in)  # ... x len(denses) x out
+  y = contract(x, kernel, first.n_in)  # ... x len(denses) x out
   if first.bias is not None:
     y = y + jnp.stack([d.bias[...] for d in denses]).astype(x.dtype)
   at = x.ndim - first.n_in
