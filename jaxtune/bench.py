@@ -85,8 +85,11 @@ def batch_arrays(spec: Spec) -> dict[str, Any]:
           "loss_mask": np.ones(shape, np.float32)}
 
 
-def _jax_side(spec: Spec) -> tuple[Any, dict[str, Any]]:
-  """(one-step callable, facts) for jaxtune: the jitted train step of train.make_train_step, state donated."""
+def _jax_side(spec: Spec, compiler_options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+  """(one-step callable, facts) for jaxtune: the jitted train step of train.make_train_step, state donated.
+
+  `compiler_options`: XLA debug options for this compile only (e.g. {"xla_cpu_enable_fast_math": True}).
+  """
   import jax
   import jax.numpy as jnp
 
@@ -107,7 +110,7 @@ def _jax_side(spec: Spec) -> tuple[Any, dict[str, Any]]:
                                shardings, batch_sharding)
   batch = jax.device_put(batch_arrays(spec), batch_sharding)
   tick = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  compiled = step.lower(state, batch).compile(compiler_options=compiler_options or None)
   facts = {"compile_s": time.perf_counter() - tick, "threads": os.cpu_count(), "devices": jax.device_count(),
            "device_kind": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform}
   analysis = compiled.memory_analysis()  # XLA's buffer plan: the step's temporaries, beside params and batch
@@ -258,6 +261,40 @@ def peer(spec: Spec, reps: int, settle: int = 1) -> dict[str, Any]:
         "mfu": flops_per_token * tokens / step_s / peak if peak else None, **w.facts, **memory[name]}
   result["speedup"] = result["sides"]["pytorch"]["step_s"] / result["sides"]["jaxtune"]["step_s"]
   return result
+
+
+def options_ab(spec: Spec, options: dict[str, Any], reps: int, settle: int = 1) -> dict[str, Any]:
+  """jaxtune's step compiled twice in this process, as is (A) and with XLA `options` (B), turns alternating
+  A B B A (each `settle` untimed steps, then a timed one): both medians and A / B (> 1: the options are faster)."""
+  runs, facts = {}, {}
+  for name, opts in (("A", None), ("B", options)):
+    runs[name], facts[name] = _jax_side(spec, opts)
+    runs[name]()  # warm-up
+  times: dict[str, list[float]] = {"A": [], "B": []}
+  for rep in range(reps):
+    for name in ("A", "B") if rep % 2 == 0 else ("B", "A"):
+      for _ in range(settle):
+        runs[name]()
+      tick = time.perf_counter()
+      runs[name]()
+      times[name].append(time.perf_counter() - tick)
+  medians = {name: statistics.median(t) for name, t in times.items()}
+  return {"spec": dataclasses.asdict(spec), "options": options, "reps": reps, "settle": settle,
+          "step_s": medians, "step_s_all": times, "compile_s": {n: f["compile_s"] for n, f in facts.items()},
+          "xla_temp_bytes": {n: f["xla_temp_bytes"] for n, f in facts.items()}, "speedup": medians["A"] / medians["B"]}
+
+
+def options_table(result: dict[str, Any]) -> str:
+  """The options A/B result as text."""
+  s = result["spec"]
+  lines = [f"{s['shape']}: batch {s['batch']} x {s['length']}, {s['dtype']}, dropout {s['dropout']}; "
+           f"{result['reps']} alternating turns of {result['settle']} untimed + 1 timed step; B: {result['options']}"]
+  for name in ("A", "B"):
+    steps = " ".join(f"{t:.2f}" for t in result["step_s_all"][name])
+    lines.append(f"{name}: step {result['step_s'][name]:.3f} s (median; all: {steps}), compile "
+                 f"{result['compile_s'][name]:.1f} s, XLA temp {result['xla_temp_bytes'][name] / 1e9:.2f} GB")
+  lines.append(f"A / B: {result['speedup']:.3f}x (above 1: the options make the step faster)")
+  return "\n".join(lines)
 
 
 def table(result: dict[str, Any]) -> str:

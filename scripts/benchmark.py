@@ -7,6 +7,11 @@ python scripts/benchmark.py peer [--shape minilm|bert-base|smollm2-135m|llama-1b
   length, dtype, dropout, AdamW + clipping, all cores), in two worker processes whose steps alternate:
   step time, tokens/s, the ratio, compile time, peak memory and MFU (FLOPs formula: jaxtune/perf.py).
 
+python scripts/benchmark.py options --options JSON [--shape ...] [--batch B] [--length L] [--dropout P] [--reps N]
+  jaxtune's train step compiled twice in one process, as is and with extra XLA compiler options for that compile
+  only (e.g. '{"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}'), steps alternating: both
+  medians and their ratio.
+
 python scripts/benchmark.py scale [--hidden 256] [--layers 8] [--batch 8] [--length 256] [--output FILE]
   The scale-out options on a random Llama, its layers scanned: compile time and op count for 2/8/32 layers,
   XLA temp memory and step time per model.remat policy, and 1 vs 4 microbatches of the same global batch.
@@ -19,14 +24,34 @@ import time
 from jaxtune import cli
 
 
-def peer(args: argparse.Namespace) -> dict:
+def _spec(args: argparse.Namespace):
   from jaxtune import bench
 
   shape = bench.SHAPES[args.shape]
-  spec = bench.Spec(args.shape, args.batch or shape["batch"], args.length or shape["length"], args.dtype,
+  return bench.Spec(args.shape, args.batch or shape["batch"], args.length or shape["length"], args.dtype,
                     shape["dropout"] if args.dropout is None else args.dropout, scan_layers=args.scan_layers)
-  result = bench.peer(spec, args.reps, args.settle)
+
+
+def peer(args: argparse.Namespace) -> dict:
+  from jaxtune import bench
+
+  result = bench.peer(_spec(args), args.reps, args.settle)
   print(bench.table(result))
+  return result
+
+
+def options(args: argparse.Namespace) -> dict:
+  import jax
+
+  from jaxtune import bench
+  from jaxtune.errors import UserError
+
+  try:
+    result = bench.options_ab(_spec(args), args.options, args.reps, args.settle)
+  except jax.errors.JaxRuntimeError as e:
+    raise UserError(f"XLA refused --options {json.dumps(args.options)}: {str(e).splitlines()[0]} (enum values take "
+                    "their full names, e.g. LIBRARY_FUSION_TYPE_DOT; several go comma-separated in one string)")
+  print(bench.options_table(result))
   return result
 
 
@@ -97,6 +122,39 @@ def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="mode", required=True)
   p = sub.add_parser("peer", help="jaxtune vs transformers PyTorch, one shape")
+  o = sub.add_parser("options", help="jaxtune's step with and without extra XLA compiler options")
+  o.add_argument("--options", type=_json_object, required=True, help="XLA debug options as a JSON object")
+  for sp in (p, o):
+    _shape_args(sp)
+  p.set_defaults(run=peer)
+  o.set_defaults(run=options)
+  s = sub.add_parser("scale", help="scale-out options on a random Llama")
+  s.add_argument("--hidden", type=int, default=256)
+  s.add_argument("--layers", type=int, default=8)
+  s.add_argument("--batch", type=int, default=8)
+  s.add_argument("--length", type=int, default=256)
+  s.set_defaults(run=scale)
+  for sp in (p, o, s):
+    sp.add_argument("--output", help="also write the results as JSON here")
+  args = parser.parse_args()
+  result = args.run(args)
+  if args.output:
+    with open(args.output, "w") as f:
+      json.dump(result, f, indent=2)
+  return 0
+
+
+def _json_object(text: str) -> dict:
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise argparse.ArgumentTypeError(f"not JSON ({e}); give an object such as '{{\"xla_cpu_enable_fast_math\": true}}'")
+  if not isinstance(value, dict):
+    raise argparse.ArgumentTypeError("give a JSON object of XLA option names to values")
+  return value
+
+
+def _shape_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--shape", default="minilm", choices=("minilm", "bert-base", "smollm2-135m", "llama-1b"))
   p.add_argument("--batch", type=int, help="rows per step (default: the shape's)")
   p.add_argument("--length", type=int, help="tokens per row (default: the shape's)")
@@ -105,21 +163,6 @@ def main() -> int:
   p.add_argument("--reps", type=int, default=6, help="turns per side, alternating; one timed step each")
   p.add_argument("--scan-layers", action="store_true", help="jaxtune's layers as one lax.scan (model.scan_layers)")
   p.add_argument("--settle", type=int, default=1, help="untimed steps at the start of each turn")
-  p.set_defaults(run=peer)
-  s = sub.add_parser("scale", help="scale-out options on a random Llama")
-  s.add_argument("--hidden", type=int, default=256)
-  s.add_argument("--layers", type=int, default=8)
-  s.add_argument("--batch", type=int, default=8)
-  s.add_argument("--length", type=int, default=256)
-  s.set_defaults(run=scale)
-  for sp in (p, s):
-    sp.add_argument("--output", help="also write the results as JSON here")
-  args = parser.parse_args()
-  result = args.run(args)
-  if args.output:
-    with open(args.output, "w") as f:
-      json.dump(result, f, indent=2)
-  return 0
 
 
 if __name__ == "__main__":

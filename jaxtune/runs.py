@@ -1,0 +1,106 @@
+"""Opening a run directory: the checks before a run's first write, and that write.
+
+A new run never lands in a directory that holds one; a resume only continues the same run (the
+config keys that decide data order, schedule and model unchanged; README, Failures and recovery).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import yaml
+from jax.experimental import multihost_utils
+
+from jaxtune import config as config_lib
+from jaxtune import rundir
+from jaxtune.checkpoint import Checkpoints
+from jaxtune.config import Config
+from jaxtune.errors import UserError
+
+# train keys a resume may change: they alter neither the data order nor the schedule (nor the result)
+RESUMABLE_TRAIN_KEYS = ("eval_batch_size", "eval_every", "log_every", "compile_cache", "nonfinite",
+                        "nonfinite_max_skips", "tensorboard", "wandb_project")
+EXTENDABLE_TRAIN_KEYS = ("epochs", "max_steps")  # with --extend
+
+
+def check_run_dir(cfg: Config, run_dir: Path, resume: bool, extend: bool) -> None:
+  """Refuses to mix a new run into an old one's directory, or to resume into a different run."""
+  config_path = run_dir / "config.yaml"
+  if config_path.exists() and not resume:
+    raise UserError(f"run dir {run_dir} already holds a run; pass --resume to continue it or choose a "
+                    "new --run-dir (nothing there was changed).")
+  if resume:
+    if not config_path.is_file():
+      raise UserError(f"--resume: {run_dir} holds no run (no config.yaml); drop --resume to start one there.")
+    if not (run_dir / "checkpoints").is_dir() or not Checkpoints(run_dir, cfg.checkpoint, read_only=True).steps():
+      raise UserError(f"--resume: {run_dir} holds no finished checkpoint to resume from (the run stopped before "
+                      "its first save); delete the directory or choose a new --run-dir, and start without --resume.")
+    refused = resume_differences(config_lib.load(config_path), cfg, extend)
+    if refused:
+      raise UserError(f"--resume: the config differs from {config_path} in what decides the data order, schedule "
+                      f"or model: {'; '.join(refused)}. Resume with the saved values, pass --extend to train a "
+                      "finished run for more epochs / steps, or start a new --run-dir.")
+  barrier("run dir checked")  # every process has looked before process 0 writes anything
+
+
+def resume_differences(saved: Config, new: Config, extend: bool) -> list[str]:
+  """`key: saved -> new` for each config change a resume must refuse (README, Failures and recovery)."""
+  allowed = {f"train.{k}" for k in RESUMABLE_TRAIN_KEYS + (EXTENDABLE_TRAIN_KEYS if extend else ())}
+  a, b = flat(config_lib.to_dict(saved)), flat(config_lib.to_dict(new))
+  changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+  return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed
+          if k not in allowed and not k.startswith(("mesh.", "checkpoint.")) and k != "model.remat"]
+
+
+def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict) and v and not k == "rules":
+      out.update(flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_resumable(meta: dict[str, Any], step: int, train_feed: Any, steps: int) -> None:
+  """The feed takes the restored step's saved data position (a split checks it); steps must remain."""
+  train_feed.resume(meta.get("data_position"), step)
+  if step >= steps:
+    raise UserError(f"--resume: the run already reached its last step ({step} of {steps}); pass --extend with a "
+                    "larger train.max_steps or train.epochs to train it further.")
+
+
+def start_run(cfg: Config, run_dir: Path, tokenizer: Any, lock: rundir.RunLock, created: bool) -> Checkpoints:
+  """Takes the lock, writes config.yaml and the tokenizer (each atomically) into run_dir; opens its checkpoints."""
+  if jax.process_index() == 0:
+    try:
+      run_dir.mkdir(parents=True, exist_ok=True)
+      if not lock.held:
+        lock.acquire()
+        if (run_dir / "config.yaml").exists():  # another process started a run here since check_run_dir
+          raise UserError(f"run dir {run_dir} already holds a run (started while this one was setting up); "
+                          "choose a new --run-dir.")
+      write_config(cfg, run_dir)
+      if not (run_dir / "tokenizer").is_dir():
+        rundir.write_dir(run_dir / "tokenizer", tokenizer.save_pretrained)
+    except BaseException:
+      lock.release()
+      if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+      raise
+  barrier("run dir written")
+  return Checkpoints(run_dir, cfg.checkpoint)
+
+
+def write_config(cfg: Config, run_dir: Path) -> None:
+  if jax.process_index() == 0:
+    rundir.write_text(run_dir / "config.yaml", yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
+
+
+def barrier(name: str) -> None:
+  """Waits for every process (a no-op with one)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"jaxtune: {name}")
