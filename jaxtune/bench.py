@@ -292,7 +292,7 @@ def options_table(result: dict[str, Any]) -> str:
   for name in ("A", "B"):
     steps = " ".join(f"{t:.2f}" for t in result["step_s_all"][name])
     lines.append(f"{name}: step {result['step_s'][name]:.3f} s (median; all: {steps}), compile "
-                 f"{result['compile_s'][name]:.1f} s, XLA temp {result['xla_temp_bytes'][name] / 1e9:.2f} GB")
+                 f"{result['compile_s'][name]:.1f} s, XLA temp {(result['xla_temp_bytes'][name] or 0) / 1e9:.2f} GB")
   lines.append(f"A / B: {result['speedup']:.3f}x (above 1: the options make the step faster)")
   return "\n".join(lines)
 

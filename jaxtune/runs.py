@@ -49,17 +49,17 @@ def check_run_dir(cfg: Config, run_dir: Path, resume: bool, extend: bool) -> Non
 def resume_differences(saved: Config, new: Config, extend: bool) -> list[str]:
   """`key: saved -> new` for each config change a resume must refuse (README, Failures and recovery)."""
   allowed = {f"train.{k}" for k in RESUMABLE_TRAIN_KEYS + (EXTENDABLE_TRAIN_KEYS if extend else ())}
-  a, b = flat(config_lib.to_dict(saved)), flat(config_lib.to_dict(new))
+  a, b = _flat(config_lib.to_dict(saved)), _flat(config_lib.to_dict(new))
   changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
   return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed
           if k not in allowed and not k.startswith(("mesh.", "checkpoint.")) and k != "model.remat"]
 
 
-def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   out = {}
   for k, v in tree.items():
     if isinstance(v, dict) and v and not k == "rules":
-      out.update(flat(v, f"{prefix}{k}."))
+      out.update(_flat(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = v
   return out
