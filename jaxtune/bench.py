@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from jaxtune import perf
@@ -176,6 +177,29 @@ def _device_peak_bytes(side: str) -> int | None:
   return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
 
 
+def _timed_steps(run: Callable[[], None], n: int) -> list[float]:
+  """Seconds of each of `n` calls of `run`, one after the other."""
+  times = []
+  for _ in range(n):
+    tick = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - tick)
+  return times
+
+
+def _alternate(names: list[str], reps: int, turn: Callable[[str], list[float]]) -> tuple[dict, dict]:
+  """`reps` turns per name in the order A B B A ..., `turn(name)` giving a turn's step times (untimed settle
+  steps, then the timed one): ({name: timed steps}, {name: settle steps})."""
+  times: dict[str, list[float]] = {name: [] for name in names}
+  settling: dict[str, list[float]] = {name: [] for name in names}
+  for rep in range(reps):
+    for name in names if rep % 2 == 0 else names[::-1]:
+      *first, timed = turn(name)
+      times[name].append(timed)
+      settling[name] += first
+  return times, settling
+
+
 def worker(side: str, spec: Spec) -> None:
   """Builds one side, then answers the parent's commands on stdin, one JSON line each."""
   base_rss = perf.peak_rss_bytes()
@@ -187,12 +211,7 @@ def worker(side: str, spec: Spec) -> None:
   for command in sys.stdin:
     command = command.strip()
     if command.startswith("steps "):
-      times = []
-      for _ in range(int(command.split()[1])):
-        tick = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - tick)
-      out: dict[str, Any] = {"step_s": times}
+      out: dict[str, Any] = {"step_s": _timed_steps(run, int(command.split()[1]))}
     elif command == "peak":
       out = {"peak_flops": perf.matmul_peak(side, spec.dtype)}
     elif command == "memory":
@@ -233,14 +252,7 @@ def peer(spec: Spec, reps: int, settle: int = 1) -> dict[str, Any]:
   sides = {"jaxtune": _Worker("jax", spec)}
   sides["pytorch"] = _Worker("torch", spec)  # started after jaxtune compiled, so neither slows the other's build
   try:
-    times: dict[str, list[float]] = {name: [] for name in sides}
-    settling: dict[str, list[float]] = {name: [] for name in sides}
-    for rep in range(reps):
-      order = list(sides) if rep % 2 == 0 else list(sides)[::-1]
-      for name in order:
-        *first, timed = sides[name].ask(f"steps {settle + 1}")["step_s"]
-        times[name].append(timed)
-        settling[name] += first
+    times, settling = _alternate(list(sides), reps, lambda name: sides[name].ask(f"steps {settle + 1}")["step_s"])
     peaks = {name: w.ask("peak")["peak_flops"] for name, w in sides.items()}
     memory = {name: w.ask("memory") for name, w in sides.items()}
   finally:
@@ -270,14 +282,7 @@ def options_ab(spec: Spec, options: dict[str, Any], reps: int, settle: int = 1) 
   for name, opts in (("A", None), ("B", options)):
     runs[name], facts[name] = _jax_side(spec, opts)
     runs[name]()  # warm-up
-  times: dict[str, list[float]] = {"A": [], "B": []}
-  for rep in range(reps):
-    for name in ("A", "B") if rep % 2 == 0 else ("B", "A"):
-      for _ in range(settle):
-        runs[name]()
-      tick = time.perf_counter()
-      runs[name]()
-      times[name].append(time.perf_counter() - tick)
+  times, _ = _alternate(["A", "B"], reps, lambda name: _timed_steps(runs[name], settle + 1))
   medians = {name: statistics.median(t) for name, t in times.items()}
   return {"spec": dataclasses.asdict(spec), "options": options, "reps": reps, "settle": settle,
           "step_s": medians, "step_s_all": times, "compile_s": {n: f["compile_s"] for n, f in facts.items()},
