@@ -12,6 +12,7 @@ Run it through scripts/benchmark.py peer; `python -m jaxtune.bench worker SIDE S
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from jaxtune import perf
@@ -275,30 +276,48 @@ def peer(spec: Spec, reps: int, settle: int = 1) -> dict[str, Any]:
   return result
 
 
-def options_ab(spec: Spec, options: dict[str, Any], reps: int, settle: int = 1) -> dict[str, Any]:
-  """jaxtune's step compiled twice in this process, as is (A) and with XLA `options` (B), turns alternating
-  A B B A (each `settle` untimed steps, then a timed one): both medians and A / B (> 1: the options are faster)."""
+def options_ab(spec: Spec, options: dict[str, Any], reps: int, settle: int = 1,
+               env: dict[str, str] | None = None) -> dict[str, Any]:
+  """jaxtune's step compiled twice in this process, as is (A) and with XLA `options` (B) and environment `env` set
+  while B is traced (e.g. JAXTUNE_CPU_ATTENTION=0: XLA's attention instead of jaxtune's kernel); turns alternate
+  A B B A (each `settle` untimed steps, then a timed one): both medians and A / B (> 1: B is faster)."""
   runs, facts = {}, {}
-  for name, opts in (("A", None), ("B", options)):
-    runs[name], facts[name] = _jax_side(spec, opts)
+  for name, opts, variables in (("A", None, {}), ("B", options, env or {})):
+    with _environ(variables):
+      runs[name], facts[name] = _jax_side(spec, opts)
     runs[name]()  # warm-up
   times, _ = _alternate(["A", "B"], reps, lambda name: _timed_steps(runs[name], settle + 1))
   medians = {name: statistics.median(t) for name, t in times.items()}
-  return {"spec": dataclasses.asdict(spec), "options": options, "reps": reps, "settle": settle,
+  return {"spec": dataclasses.asdict(spec), "options": options, "env": env or {}, "reps": reps, "settle": settle,
           "step_s": medians, "step_s_all": times, "compile_s": {n: f["compile_s"] for n, f in facts.items()},
           "xla_temp_bytes": {n: f["xla_temp_bytes"] for n, f in facts.items()}, "speedup": medians["A"] / medians["B"]}
+
+
+@contextlib.contextmanager
+def _environ(variables: dict[str, str]) -> Iterator[None]:
+  saved = {k: os.environ.get(k) for k in variables}
+  os.environ.update({k: str(v) for k, v in variables.items()})
+  try:
+    yield
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k)
+      else:
+        os.environ[k] = v
 
 
 def options_table(result: dict[str, Any]) -> str:
   """The options A/B result as text."""
   s = result["spec"]
   lines = [f"{s['shape']}: batch {s['batch']} x {s['length']}, {s['dtype']}, dropout {s['dropout']}; "
-           f"{result['reps']} alternating turns of {result['settle']} untimed + 1 timed step; B: {result['options']}"]
+           f"{result['reps']} alternating turns of {result['settle']} untimed + 1 timed step; "
+           f"B: options {result['options']}, environment {result['env']}"]
   for name in ("A", "B"):
     steps = " ".join(f"{t:.2f}" for t in result["step_s_all"][name])
     lines.append(f"{name}: step {result['step_s'][name]:.3f} s (median; all: {steps}), compile "
                  f"{result['compile_s'][name]:.1f} s, XLA temp {(result['xla_temp_bytes'][name] or 0) / 1e9:.2f} GB")
-  lines.append(f"A / B: {result['speedup']:.3f}x (above 1: the options make the step faster)")
+  lines.append(f"A / B: {result['speedup']:.3f}x (above 1: B makes the step faster)")
   return "\n".join(lines)
 
 

@@ -7,10 +7,11 @@ python scripts/benchmark.py peer [--shape minilm|bert-base|smollm2-135m|llama-1b
   length, dtype, dropout, AdamW + clipping, all cores), in two worker processes whose steps alternate:
   step time, tokens/s, the ratio, compile time, peak memory and MFU (FLOPs formula: jaxtune/perf.py).
 
-python scripts/benchmark.py options --options JSON [--shape ...] [--batch B] [--length L] [--dropout P] [--reps N]
-  jaxtune's train step compiled twice in one process, as is and with extra XLA compiler options for that compile
-  only (e.g. '{"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}'), steps alternating: both
-  medians and their ratio.
+python scripts/benchmark.py options [--options JSON] [--env JSON] [--shape ...] [--batch B] [--length L] [--reps N]
+  jaxtune's train step compiled twice in one process, as is (A) and (B) with extra XLA compiler options for that
+  compile only (e.g. '{"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}') and/or environment
+  variables set while it is traced (e.g. '{"JAXTUNE_CPU_ATTENTION": "0"}': XLA's attention ops instead of
+  jaxtune's CPU kernel), steps alternating: both medians and their ratio.
 
 python scripts/benchmark.py scale [--hidden 256] [--layers 8] [--batch 8] [--length 256] [--output FILE]
   The scale-out options on a random Llama, its layers scanned: compile time and op count for 2/8/32 layers,
@@ -47,7 +48,9 @@ def options(args: argparse.Namespace) -> dict:
   from jaxtune.errors import UserError
 
   try:
-    result = bench.options_ab(_spec(args), args.options, args.reps, args.settle)
+    if not args.options and not args.env:
+      raise UserError("options: give --options and/or --env (B's XLA options / environment); A is the step as is")
+    result = bench.options_ab(_spec(args), args.options, args.reps, args.settle, args.env)
   except jax.errors.JaxRuntimeError as e:
     raise UserError(f"XLA refused --options {json.dumps(args.options)}: {str(e).splitlines()[0]} (enum values take "
                     "their full names, e.g. LIBRARY_FUSION_TYPE_DOT; several go comma-separated in one string)")
@@ -123,7 +126,9 @@ def main() -> int:
   sub = parser.add_subparsers(dest="mode", required=True)
   p = sub.add_parser("peer", help="jaxtune vs transformers PyTorch, one shape")
   o = sub.add_parser("options", help="jaxtune's step with and without extra XLA compiler options")
-  o.add_argument("--options", type=_json_object, required=True, help="XLA debug options as a JSON object")
+  o.add_argument("--options", type=_json_object, default={}, help="B's XLA debug options as a JSON object")
+  o.add_argument("--env", type=_json_object, default={},
+                 help="environment variables (a JSON object of strings) set while B is traced")
   for sp in (p, o):
     _shape_args(sp)
   p.set_defaults(run=peer)

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxtune.models import layers
+from jaxtune.models import cpu_attention, layers
 
 
 class LayerCache(NamedTuple):
@@ -71,14 +71,17 @@ def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, seg
 
   With `rng` and a non-zero rate the attention probabilities are dropped out (as HF does in training),
   which needs them spelled out, as does a CPU, where XLA's dot_product_attention lays the products out
-  transposed; otherwise XLA's fused dot_product_attention runs.
+  transposed; otherwise XLA's fused dot_product_attention runs, or on one CPU device without a cache
+  jaxtune's own kernel (cpu_attention.py).
   """
   kv_seg_BxS, kv_pos_BxS = kv
+  dropout = rng is not None and dropout_rate > 0.0
+  if not dropout and segments.start is None and _cpu_kernel(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK):
+    return cpu_attention.attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, kv_seg_BxS, kv_pos_BxS)
   same_doc = segments.q_segments[:, :, None] == kv_seg_BxS[:, None, :]
   causal = kv_pos_BxS[:, None, :] <= segments.q_positions[:, :, None]
   mask_BxLxS = same_doc & causal & (kv_seg_BxS[:, None, :] > 0)
   k_BxSxGxK, v_BxSxGxK = k_BxSxGxK.astype(q_BxLxHxK.dtype), v_BxSxGxK.astype(q_BxLxHxK.dtype)
-  dropout = rng is not None and dropout_rate > 0.0
   if not dropout and jax.default_backend() != "cpu":
     return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask_BxLxS[:, None])
   b, length, h, k = q_BxLxHxK.shape
@@ -95,6 +98,11 @@ def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, seg
                              mask_BxLxS[:, q0:q1, :s1], dropout_rate, r))
   ctx_BxGxRxLxK = ctx[0] if len(ctx) == 1 else jnp.concatenate(ctx, axis=3)
   return ctx_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(b, length, h, k)
+
+
+def _cpu_kernel(*qkv: jax.Array) -> bool:
+  """Whether the CPU kernel takes this call: float32, one device (a custom call is not partitioned), built."""
+  return all(x.dtype == jnp.float32 for x in qkv) and jax.device_count() == 1 and cpu_attention.enabled()
 
 
 QUERY_BLOCK = 128  # queries per block of causal attention without a cache

@@ -1,0 +1,122 @@
+"""Segment-causal GQA attention on a CPU as one custom call each way (cpu_attention.cc, through jax.ffi).
+
+XLA:CPU computes attention as separate ops: scores, mask, softmax and two products, each writing a
+B x H x L x L float32 tensor to memory and, in the backward pass, reading them back; the heads move in
+front of the length and back around them. The kernel takes the model's own layouts and keeps each
+block of scores in cache. It is compiled from source with the machine's C++ compiler on first use
+(cached under the compile cache directory, keyed by source, compiler flags, jaxlib and CPU), and
+`attend` falls back to XLA's ops when there is no compiler, the build fails, or the case is not
+covered (dropout, a KV cache, non-float32, more than one device). JAXTUNE_CPU_ATTENTION=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("cpu_attention.cc")
+_COMPILE = ["-w", "-O3", "-march=native", "-ffast-math", "-std=c++17", "-fPIC"]
+_FORWARD, _BACKWARD = "jaxtune_cpu_attention_fwd", "jaxtune_cpu_attention_bwd"
+
+
+def enabled() -> bool:
+  """Whether `attention` can run here: a CPU backend, switched on, and the kernel built and registered."""
+  if os.environ.get("JAXTUNE_CPU_ATTENTION", "1") == "0" or jax.default_backend() != "cpu":
+    return False
+  return _library() is not None
+
+
+def _cpu_id() -> str:
+  try:
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+  except OSError:
+    return platform.processor()
+  return "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
+
+
+def _build_dir() -> Path:
+  root = os.environ.get("JAXTUNE_KERNEL_DIR") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxtune", "kernels")
+  return Path(root)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+  """The compiled kernel, registered with XLA; None (once, with a log line) where it cannot be built."""
+  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+  if compiler is None:
+    log.info("no C++ compiler found: CPU attention runs as XLA ops")
+    return None
+  key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *_COMPILE, jaxlib.__version__, _cpu_id()]).encode())
+  target = _build_dir() / f"cpu_attention_{key.hexdigest()[:16]}.so"
+  try:
+    if not target.exists():
+      _compile(compiler, target)
+    lib = ctypes.cdll.LoadLibrary(str(target))
+    jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.JaxtuneAttentionForward), platform="cpu")
+    jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.JaxtuneAttentionBackward), platform="cpu")
+  except (OSError, subprocess.CalledProcessError, AttributeError) as e:
+    log.warning("CPU attention kernel unavailable (%s): attention runs as XLA ops", e)
+    return None
+  return lib
+
+
+def _compile(compiler: str, target: Path) -> None:
+  """Object with -ffast-math, shared library without it (so the process's float mode is left alone)."""
+  target.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    obj, so = Path(tmp) / "k.o", Path(tmp) / "k.so"
+    run = functools.partial(subprocess.run, check=True, capture_output=True, text=True)
+    try:
+      run([compiler, *_COMPILE, "-I", jax.ffi.include_dir(), "-c", str(SOURCE), "-o", str(obj)])
+      run([compiler, "-shared", str(obj), "-o", str(so)])
+    except subprocess.CalledProcessError as e:
+      errors = [ln for ln in e.stderr.splitlines() if "error" in ln] or e.stderr.splitlines()
+      log.warning("compiling %s failed:\n%s", SOURCE.name, "\n".join(errors[:10]))
+      raise
+    os.replace(so, target)  # atomic: concurrent processes each build, the last rename wins
+
+
+@jax.custom_vjp
+def attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, segments_BxL: jax.Array,
+              positions_BxL: jax.Array) -> jax.Array:
+  """Softmax(q k^T / sqrt(K)) v over keys j <= i of query i's segment at positions <= its own; B x L x H x K."""
+  return _forward(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segments_BxL, positions_BxL)[0]
+
+
+def _forward(q, k, v, seg, pos):
+  if _library() is None:
+    raise RuntimeError("the CPU attention kernel is not available here; check cpu_attention.enabled() first")
+  b, length, h, _ = q.shape
+  out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, length), jnp.float32))
+  return jax.ffi.ffi_call(_FORWARD, out, vmap_method="sequential")(q, k, v, seg.astype(jnp.int32),
+                                                                    pos.astype(jnp.int32))
+
+
+def _attention_fwd(q, k, v, seg, pos):
+  o, lse = _forward(q, k, v, seg, pos)
+  return o, (q, k, v, seg, pos, o, lse)
+
+
+def _attention_bwd(residuals, do):
+  q, k, v, seg, pos, o, lse = residuals
+  out = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+  dq, dk, dv = jax.ffi.ffi_call(_BACKWARD, out, vmap_method="sequential")(
+      q, k, v, seg.astype(jnp.int32), pos.astype(jnp.int32), o, lse, do)
+  return dq, dk, dv, None, None
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)

@@ -1,0 +1,78 @@
+"""jaxtune's CPU attention kernel (models/cpu_attention.cc) against the XLA ops it replaces, and its fallback."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtune.models import cpu_attention, decoding
+
+pytestmark = pytest.mark.skipif(not cpu_attention.enabled(), reason="no C++ compiler: the kernel cannot be built")
+
+
+def _inputs(b, length, h, g, k, seed=0):
+  rng = np.random.default_rng(seed)
+  q, kk, v = (jnp.asarray(rng.normal(size=(b, length, n, k)), jnp.float32) for n in (h, g, g))
+  seg = np.ones((b, length), np.int32)
+  pos = np.tile(np.arange(length), (b, 1)).astype(np.int32)
+  if b > 1:  # row 1 packs two documents and ends in padding
+    third = length // 3
+    seg[1, third:], pos[1, third:] = 2, np.arange(length - third)
+    seg[1, length - 5:], pos[1, length - 5:] = 0, 0
+  return q, kk, v, jnp.asarray(seg), jnp.asarray(pos)
+
+
+def _xla(q, k, v, seg, pos):
+  """decoding.attend's XLA path: the query-block softmax attention the kernel replaces."""
+  segments = decoding.Segments(seg, pos, seg, pos, None)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(decoding, "_cpu_kernel", lambda *_: False)
+    return decoding.attend(q, k, v, segments, (seg, pos))
+
+
+@pytest.mark.parametrize("shape", [(2, 150, 4, 2, 16), (3, 67, 6, 3, 12), (1, 5, 2, 1, 3), (2, 256, 9, 3, 64)],
+                         ids=["gqa-2-blocks", "odd-head-dim", "tiny", "smollm2-heads"])
+def test_matches_xla_forward_and_gradients(shape):
+  q, k, v, seg, pos = _inputs(*shape)
+  valid = (seg > 0)[:, :, None, None]  # padding queries: the kernel gives 0, XLA a mean of values
+  w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32) * valid
+
+  def loss(f):
+    return lambda q, k, v: jnp.sum(f(q, k, v, seg, pos) * w)
+
+  ours, ref = jax.jit(cpu_attention.attention)(q, k, v, seg, pos), jax.jit(_xla)(q, k, v, seg, pos)
+  np.testing.assert_allclose(ours * valid, ref * valid, atol=2e-6, rtol=1e-5)
+  assert not jnp.any((ours != 0) & ~valid)
+  grads = jax.jit(jax.grad(loss(cpu_attention.attention), argnums=(0, 1, 2)))(q, k, v)
+  ref_grads = jax.jit(jax.grad(loss(_xla), argnums=(0, 1, 2)))(q, k, v)
+  for name, g, r in zip("qkv", grads, ref_grads):
+    np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
+
+
+def test_attend_routes_training_attention_to_the_kernel():
+  q, k, v, seg, pos = _inputs(2, 32, 4, 2, 8)
+  segments = decoding.Segments(seg, pos, seg, pos, None)
+  hlo = jax.jit(lambda q, k, v: decoding.attend(q, k, v, segments, (seg, pos))).lower(q, k, v).as_text()
+  assert cpu_attention._FORWARD in hlo
+  dropped = jax.jit(lambda q, k, v: decoding.attend(q, k, v, segments, (seg, pos), 0.1, jax.random.key(0)))
+  assert cpu_attention._FORWARD not in dropped.lower(q, k, v).as_text()  # dropout: XLA's ops
+  hlo16 = jax.jit(lambda *x: decoding.attend(*x, segments, (seg, pos))).lower(
+      *(x.astype(jnp.bfloat16) for x in (q, k, v))).as_text()
+  assert cpu_attention._FORWARD not in hlo16  # float32 only
+
+
+def test_without_a_compiler_attention_falls_back_to_xla(monkeypatch, tmp_path, caplog):
+  monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+  monkeypatch.setenv("JAXTUNE_KERNEL_DIR", str(tmp_path / "kernels"))
+  cpu_attention._library.cache_clear()
+  try:
+    assert not cpu_attention.enabled()
+    assert "CPU attention kernel unavailable" in caplog.text
+    q, k, v, seg, pos = _inputs(2, 20, 4, 2, 8)
+    segments = decoding.Segments(seg, pos, seg, pos, None)
+    out = jax.jit(lambda q, k, v: decoding.attend(q, k, v, segments, (seg, pos)))(q, k, v)
+    np.testing.assert_allclose(out, _xla(q, k, v, seg, pos), atol=1e-6)
+  finally:
+    cpu_attention._library.cache_clear()
+  monkeypatch.setenv("JAXTUNE_CPU_ATTENTION", "0")
+  assert not cpu_attention.enabled()
