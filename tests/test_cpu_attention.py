@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtune.models import cpu_attention, decoding
+from jaxtune.models import cpu_attention, decoding, layers
 
 pytestmark = pytest.mark.skipif(not cpu_attention.enabled(), reason="no C++ compiler: the kernel cannot be built")
 
@@ -26,8 +26,15 @@ def _xla(q, k, v, seg, pos):
   """decoding.attend's XLA path: the query-block softmax attention the kernel replaces."""
   segments = decoding.Segments(seg, pos, seg, pos, None)
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(decoding, "_cpu_kernel", lambda *_: False)
+    mp.setattr(cpu_attention, "takes", lambda *_: False)
     return decoding.attend(q, k, v, segments, (seg, pos))
+
+
+def _xla_bidirectional(q, k, v, mask, rate, rng):
+  """layers.dot_product_attention's XLA path (an encoder's attention)."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(cpu_attention, "takes", lambda *_: False)
+    return layers.dot_product_attention(q, k, v, mask, rate, rng)
 
 
 @pytest.mark.parametrize("shape", [(2, 150, 4, 2, 16), (3, 67, 6, 3, 12), (1, 5, 2, 1, 3), (2, 256, 9, 3, 64)],
@@ -47,6 +54,29 @@ def test_matches_xla_forward_and_gradients(shape):
   ref_grads = jax.jit(jax.grad(loss(_xla), argnums=(0, 1, 2)))(q, k, v)
   for name, g, r in zip("qkv", grads, ref_grads):
     np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1], ids=["no-dropout", "dropout"])
+def test_bidirectional_matches_xla_with_the_same_dropout_masks(rate):
+  """An encoder's attention: padded keys masked, padded queries kept, dropout drawn as layers.keep_mask draws it."""
+  q, k, v, _, _ = _inputs(3, 70, 4, 4, 16)
+  mask = jnp.ones((3, 70), jnp.int32).at[1, 50:].set(0).at[2, 3:].set(0)
+  rng = jax.random.key(7)
+  w = jnp.asarray(np.random.default_rng(2).normal(size=q.shape), jnp.float32)
+
+  def loss(f):
+    return lambda q, k, v: jnp.sum(f(q, k, v, mask, rate, rng) * w)
+
+  ours = jax.jit(cpu_attention.bidirectional_attention, static_argnums=4)(q, k, v, mask, rate, rng)
+  ref = jax.jit(_xla_bidirectional, static_argnums=4)(q, k, v, mask, rate, rng)
+  np.testing.assert_allclose(ours, ref, atol=2e-6, rtol=1e-5)
+  grads = jax.jit(jax.grad(loss(cpu_attention.bidirectional_attention), argnums=(0, 1, 2)))(q, k, v)
+  ref_grads = jax.jit(jax.grad(loss(_xla_bidirectional), argnums=(0, 1, 2)))(q, k, v)
+  for name, g, r in zip("qkv", grads, ref_grads):
+    np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
+  if rate:  # a different key drops other probabilities
+    other = cpu_attention.bidirectional_attention(q, k, v, mask, rate, jax.random.key(8))
+    assert float(jnp.max(jnp.abs(other - ours))) > 1e-2
 
 
 def test_attend_routes_training_attention_to_the_kernel():

@@ -117,66 +117,97 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, F f) {
   state->cv.wait(lock, [&] { return state->done.load() == n; });
 }
 
-struct Dims {
+// What one call computes: its dims, the mask (segment-causal, or bidirectional over the keys whose seg > 0)
+// and dropout on the probabilities (bidirectional only): keep element (b, h, i, j) of the B x H x L x L
+// probabilities when hash(its flat index) < threshold, then scale by 1 / keep, as layers.keep_mask does.
+struct Spec {
   int64_t B, L, H, G, R, K;
+  bool causal;
+  uint32_t k0, k1, threshold;
+  float keep;  // 1 - rate; 0: no dropout
+  float scale;
 };
 
-Dims dims_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k) {
+Spec spec_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k, int64_t causal,
+             const ffi::Buffer<ffi::U32>& key, int64_t threshold, float keep) {
   auto qd = q.dimensions(), kd = k.dimensions();
-  Dims d{qd[0], qd[1], qd[2], kd[2], qd[2] / kd[2], qd[3]};
-  return d;
+  const uint32_t* kp = key.typed_data();
+  return Spec{qd[0], qd[1], qd[2], kd[2], qd[2] / kd[2], qd[3], causal != 0, kp[0], kp[1],
+              static_cast<uint32_t>(threshold), keep, 1.0f / std::sqrt(static_cast<float>(qd[3]))};
 }
 
-// dst (K x L, row stride ld) = src rows 0..n of one kv head (row stride G * K), transposed.
+inline uint32_t mix32(uint32_t x) {  // lowbias32, as layers._mix32
+  x = (x ^ (x >> 16)) * 0x7FEB352Du;
+  x = (x ^ (x >> 15)) * 0x846CA68Bu;
+  return x ^ (x >> 16);
+}
+
+// factor[j] = kept ? 1 / keep : 0 for keys [0, n) of query i of head h in batch row b.
+void dropout_factors(const Spec& d, int64_t b, int64_t h, int64_t i, float* factor, int64_t n) {
+  const uint32_t base = static_cast<uint32_t>(((b * d.H + h) * d.L + i) * d.L) + d.k0, k1 = d.k1;
+  const uint32_t threshold = d.threshold;
+  const float inv = 1.0f / d.keep;  // p * (1 / keep): within an ulp of XLA's p / keep
+  for (int64_t j = 0; j < n; ++j)
+    factor[j] = mix32(mix32(base + static_cast<uint32_t>(j)) ^ k1) < threshold ? inv : 0.0f;
+}
+
+// dst (K x n, row stride ld) = src rows 0..n of one kv head (row stride G * K), transposed.
 void transpose_head(const float* src, int64_t n, int64_t K, int64_t src_stride, float* dst, int64_t ld) {
   for (int64_t s = 0; s < n; ++s)
     for (int64_t c = 0; c < K; ++c) dst[c * ld + s] = src[s * src_stride + c];
 }
 
-// Scaled, masked scores of queries [i0, i1) against keys [0, i1) -> probabilities in place. The forward
+inline int64_t keys_of(const Spec& d, int64_t i) { return d.causal ? i + 1 : d.L; }  // keys [0, n) query i sees
+
+// Scaled, masked scores of queries [i0, i1) against keys [0, n) -> probabilities in place. The forward
 // pass computes each row's log-sum-exp into lse; the backward pass reads it back and recomputes exp(s - lse).
 // Masked scores become -kNoKey, whose exp is 0 whatever the row's log-sum-exp, so no loop needs a branch.
-void probabilities(float* s, int64_t ld, int64_t i0, int64_t i1, float scale, const int32_t* seg,
+void probabilities(const Spec& d, float* s, int64_t ld, int64_t i0, int64_t i1, int64_t n, const int32_t* seg,
                    const int32_t* pos, float* lse, bool given) {
   for (int64_t i = i0; i < i1; ++i) {
     float* row = s + (i - i0) * ld;
+    const int64_t end = keys_of(d, i);
     const int32_t si = seg[i], pi = pos[i];
-    for (int64_t j = 0; j <= i; ++j) row[j] = (si > 0 && seg[j] == si && pos[j] <= pi) ? row[j] * scale : -kNoKey;
+    if (d.causal) {
+      for (int64_t j = 0; j < end; ++j) row[j] = (si > 0 && seg[j] == si && pos[j] <= pi) ? row[j] * d.scale : -kNoKey;
+    } else {
+      for (int64_t j = 0; j < end; ++j) row[j] = seg[j] > 0 ? row[j] * d.scale : -kNoKey;
+    }
     if (given) {
       const float l = lse[i];
-      for (int64_t j = 0; j <= i; ++j) row[j] = std::exp(row[j] - l);
+      for (int64_t j = 0; j < end; ++j) row[j] = std::exp(row[j] - l);
     } else {
       float m = -kNoKey, sum = 0.0f;
-      for (int64_t j = 0; j <= i; ++j) m = std::max(m, row[j]);
-      for (int64_t j = 0; j <= i; ++j) {
+      for (int64_t j = 0; j < end; ++j) m = std::max(m, row[j]);
+      for (int64_t j = 0; j < end; ++j) {
         row[j] = std::exp(row[j] - m);
         sum += row[j];
       }
       if (m == -kNoKey) {  // no key: every entry is exp(0) = 1 so far
         lse[i] = kNoKey;
-        for (int64_t j = 0; j <= i; ++j) row[j] = 0.0f;
+        for (int64_t j = 0; j < end; ++j) row[j] = 0.0f;
       } else {
         lse[i] = m + std::log(sum);
         const float inv = 1.0f / sum;
-        for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
+        for (int64_t j = 0; j < end; ++j) row[j] *= inv;
       }
     }
-    for (int64_t j = i + 1; j < i1; ++j) row[j] = 0.0f;
+    for (int64_t j = end; j < n; ++j) row[j] = 0.0f;
   }
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> o,
-                   ffi::ResultBuffer<ffi::F32> lse) {
-  const Dims d = dims_of(q, k);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d.K));
+                   ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::U32> key,
+                   ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse, int64_t causal, int64_t threshold,
+                   float keep) {
+  const Spec d = spec_of(q, k, causal, key, threshold, keep);
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const int32_t *segp = seg.typed_data(), *posp = pos.typed_data();
   float *op = o->typed_data(), *lp = lse->typed_data();
   const int64_t qs = d.H * d.K, ks = d.G * d.K;  // row strides
   parallel_for(pool, d.B * d.G, [&](int64_t task) {
     const int64_t b = task / d.G, g = task % d.G;
-    std::vector<float> kt(d.K * d.L), s(BQ * d.L);
+    std::vector<float> kt(d.K * d.L), s(BQ * d.L), factor(d.keep > 0.0f ? d.L : 0);
     const float* kb = kp + b * d.L * ks + g * d.K;
     const float* vb = vp + b * d.L * ks + g * d.K;
     transpose_head(kb, d.L, d.K, ks, kt.data(), d.L);
@@ -186,10 +217,17 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
       float* ob = op + b * d.L * qs + h * d.K;
       float* lb = lp + (b * d.H + h) * d.L;
       for (int64_t i0 = 0; i0 < d.L; i0 += BQ) {
-        const int64_t i1 = std::min(i0 + BQ, d.L);
-        gemm(i1 - i0, i1, d.K, qb + i0 * qs, qs, 1, kt.data(), d.L, s.data(), d.L, false);
-        probabilities(s.data(), d.L, i0, i1, scale, segp + b * d.L, posp + b * d.L, lb, false);
-        gemm(i1 - i0, d.K, i1, s.data(), d.L, 1, vb, ks, ob + i0 * qs, qs, false);
+        const int64_t i1 = std::min(i0 + BQ, d.L), n = keys_of(d, i1 - 1);
+        gemm(i1 - i0, n, d.K, qb + i0 * qs, qs, 1, kt.data(), d.L, s.data(), d.L, false);
+        probabilities(d, s.data(), d.L, i0, i1, n, segp + b * d.L, posp + b * d.L, lb, false);
+        if (d.keep > 0.0f) {
+          for (int64_t i = i0; i < i1; ++i) {
+            float* row = s.data() + (i - i0) * d.L;
+            dropout_factors(d, b, h, i, factor.data(), n);
+            for (int64_t j = 0; j < n; ++j) row[j] *= factor[j];
+          }
+        }
+        gemm(i1 - i0, d.K, n, s.data(), d.L, 1, vb, ks, ob + i0 * qs, qs, false);
       }
     }
   });
@@ -197,20 +235,21 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                    ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::F32> o,
-                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
-                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
-  const Dims d = dims_of(q, k);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d.K));
+                    ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::U32> key,
+                    ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
+                    int64_t causal, int64_t threshold, float keep) {
+  const Spec d = spec_of(q, k, causal, key, threshold, keep);
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const float *opp = o.typed_data(), *lp = lse.typed_data(), *dop = dout.typed_data();
   const int32_t *segp = seg.typed_data(), *posp = pos.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
   const int64_t qs = d.H * d.K, ks = d.G * d.K;
+  const bool dropout = d.keep > 0.0f;
   parallel_for(pool, d.B * d.G, [&](int64_t task) {
     const int64_t b = task / d.G, g = task % d.G;
     std::vector<float> kt(d.K * d.L), vt(d.K * d.L), p(BQ * d.L), dp(BQ * d.L), delta(BQ);
-    std::vector<float> dkacc(d.L * d.K, 0.0f), dvacc(d.L * d.K, 0.0f);
+    std::vector<float> kept(dropout ? BQ * d.L : 0), factor(dropout ? d.L : 0), dkacc(d.L * d.K, 0.0f), dvacc(d.L * d.K, 0.0f);
     const float* kb = kp + b * d.L * ks + g * d.K;
     const float* vb = vp + b * d.L * ks + g * d.K;
     transpose_head(kb, d.L, d.K, ks, kt.data(), d.L);
@@ -224,10 +263,23 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
       float* dqb = dqp + b * d.L * qs + h * d.K;
       float* lb = const_cast<float*>(lp + (b * d.H + h) * d.L);
       for (int64_t i0 = 0; i0 < d.L; i0 += BQ) {
-        const int64_t i1 = std::min(i0 + BQ, d.L), m = i1 - i0;
-        gemm(m, i1, d.K, qb + i0 * qs, qs, 1, kt.data(), d.L, p.data(), d.L, false);
-        probabilities(p.data(), d.L, i0, i1, scale, sb, pb, lb, true);
-        gemm(m, i1, d.K, dob + i0 * qs, qs, 1, vt.data(), d.L, dp.data(), d.L, false);  // dP = dO V^T
+        const int64_t i1 = std::min(i0 + BQ, d.L), m = i1 - i0, n = keys_of(d, i1 - 1);
+        gemm(m, n, d.K, qb + i0 * qs, qs, 1, kt.data(), d.L, p.data(), d.L, false);
+        probabilities(d, p.data(), d.L, i0, i1, n, sb, pb, lb, true);
+        gemm(m, n, d.K, dob + i0 * qs, qs, 1, vt.data(), d.L, dp.data(), d.L, false);  // dO V^T
+        const float* pv = p.data();  // the probabilities that multiplied V
+        if (dropout) {  // dP = (dO V^T) * mask / keep, and V saw the dropped P
+          for (int64_t i = 0; i < m; ++i) {
+            float *dpr = dp.data() + i * d.L, *kr = kept.data() + i * d.L;
+            const float* pr = p.data() + i * d.L;
+            dropout_factors(d, b, h, i0 + i, factor.data(), n);
+            for (int64_t j = 0; j < n; ++j) {
+              dpr[j] *= factor[j];
+              kr[j] = pr[j] * factor[j];
+            }
+          }
+          pv = kept.data();
+        }
         for (int64_t i = 0; i < m; ++i) {
           float acc = 0.0f;
           for (int64_t c = 0; c < d.K; ++c) acc += dob[(i0 + i) * qs + c] * ob[(i0 + i) * qs + c];
@@ -236,11 +288,11 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
         for (int64_t i = 0; i < m; ++i) {  // dS = P (dP - rowsum(dO o)) / sqrt(K)
           float* dpr = dp.data() + i * d.L;
           const float* pr = p.data() + i * d.L;
-          for (int64_t j = 0; j < i1; ++j) dpr[j] = pr[j] * (dpr[j] - delta[i]) * scale;
+          for (int64_t j = 0; j < n; ++j) dpr[j] = pr[j] * (dpr[j] - delta[i]) * d.scale;
         }
-        gemm(i1, d.K, m, p.data(), 1, d.L, dob + i0 * qs, qs, dvacc.data(), d.K, true);  // dV += P^T dO
-        gemm(m, d.K, i1, dp.data(), d.L, 1, kb, ks, dqb + i0 * qs, qs, false);  // dQ = dS K
-        gemm(i1, d.K, m, dp.data(), 1, d.L, qb + i0 * qs, qs, dkacc.data(), d.K, true);  // dK += dS^T Q
+        gemm(n, d.K, m, pv, 1, d.L, dob + i0 * qs, qs, dvacc.data(), d.K, true);  // dV += P^T dO
+        gemm(m, d.K, n, dp.data(), d.L, 1, kb, ks, dqb + i0 * qs, qs, false);  // dQ = dS K
+        gemm(n, d.K, m, dp.data(), 1, d.L, qb + i0 * qs, qs, dkacc.data(), d.K, true);  // dK += dS^T Q
       }
     }
     float* dkb = dkp + b * d.L * ks + g * d.K;
@@ -263,8 +315,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtuneAttentionForward, Forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("causal")
+                                  .Attr<int64_t>("threshold")
+                                  .Attr<float>("keep"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtuneAttentionBackward, Backward,
                               ffi::Ffi::Bind()
@@ -274,9 +330,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtuneAttentionBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("causal")
+                                  .Attr<int64_t>("threshold")
+                                  .Attr<float>("keep"));

@@ -25,6 +25,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
@@ -37,6 +38,11 @@ def enabled() -> bool:
   if os.environ.get("JAXTUNE_CPU_ATTENTION", "1") == "0" or jax.default_backend() != "cpu":
     return False
   return _library() is not None
+
+
+def takes(*qkv: jax.Array) -> bool:
+  """Whether the kernel runs for these q, k, v: float32, one device (a custom call is not partitioned), built."""
+  return all(x.dtype == jnp.float32 for x in qkv) and jax.device_count() == 1 and enabled()
 
 
 def _cpu_id() -> str:
@@ -90,33 +96,63 @@ def _compile(compiler: str, target: Path) -> None:
     os.replace(so, target)  # atomic: concurrent processes each build, the last rename wins
 
 
-@jax.custom_vjp
 def attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, segments_BxL: jax.Array,
               positions_BxL: jax.Array) -> jax.Array:
   """Softmax(q k^T / sqrt(K)) v over keys j <= i of query i's segment at positions <= its own; B x L x H x K."""
-  return _forward(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segments_BxL, positions_BxL)[0]
+  no_key = jnp.zeros((2,), jnp.uint32)
+  return _attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segments_BxL, positions_BxL, no_key, True, 0, 0.0)
 
 
-def _forward(q, k, v, seg, pos):
+def bidirectional_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, mask_BxL: jax.Array,
+                            rate: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
+  """Softmax(q k^T / sqrt(K)) v over the keys where mask_BxL is set (an encoder's), dropout(rate) on the
+  probabilities drawn as layers.keep_mask(rng, (B, H, L, L), 1 - rate) draws them; B x L x H x K."""
+  dropout = rng is not None and rate > 0.0
+  assert not dropout or dropout_supported(q_BxLxHxK.shape), "the flat index of B x H x L x L overflows 32 bits"
+  mask = (mask_BxL != 0).astype(jnp.int32)
+  if not dropout:
+    key, threshold, keep = jnp.zeros((2,), jnp.uint32), 0, 0.0
+  else:  # the words layers.keep_mask keys its hash with, and its threshold
+    key, keep = jax.random.bits(rng, (2,), jnp.uint32), 1.0 - rate
+    threshold = min(round(keep * 2**32), 2**32 - 1)
+  return _attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask, jnp.zeros_like(mask), key, False, threshold, keep)
+
+
+def dropout_supported(shape_BxLxHxK: tuple[int, ...]) -> bool:
+  """Whether the kernel's dropout reproduces layers.keep_mask here (its flat index fits 32 bits)."""
+  b, length, h, _ = shape_BxLxHxK
+  return b * h * length * length < 2**32
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _attention(q, k, v, seg, pos, key, causal: bool, threshold: int, keep: float) -> jax.Array:
+  return _forward(q, k, v, seg, pos, key, causal, threshold, keep)[0]
+
+
+def _attrs(causal: bool, threshold: int, keep: float) -> dict:
+  return {"causal": np.int64(causal), "threshold": np.int64(threshold), "keep": np.float32(keep)}
+
+
+def _forward(q, k, v, seg, pos, key, causal, threshold, keep):
   if _library() is None:
     raise RuntimeError("the CPU attention kernel is not available here; check cpu_attention.enabled() first")
   b, length, h, _ = q.shape
   out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, length), jnp.float32))
-  return jax.ffi.ffi_call(_FORWARD, out, vmap_method="sequential")(q, k, v, seg.astype(jnp.int32),
-                                                                    pos.astype(jnp.int32))
+  return jax.ffi.ffi_call(_FORWARD, out, vmap_method="sequential")(
+      q, k, v, seg.astype(jnp.int32), pos.astype(jnp.int32), key, **_attrs(causal, threshold, keep))
 
 
-def _attention_fwd(q, k, v, seg, pos):
-  o, lse = _forward(q, k, v, seg, pos)
-  return o, (q, k, v, seg, pos, o, lse)
+def _attention_fwd(q, k, v, seg, pos, key, causal, threshold, keep):
+  o, lse = _forward(q, k, v, seg, pos, key, causal, threshold, keep)
+  return o, (q, k, v, seg, pos, key, o, lse)
 
 
-def _attention_bwd(residuals, do):
-  q, k, v, seg, pos, o, lse = residuals
+def _attention_bwd(causal, threshold, keep, residuals, do):
+  q, k, v, seg, pos, key, o, lse = residuals
   out = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
   dq, dk, dv = jax.ffi.ffi_call(_BACKWARD, out, vmap_method="sequential")(
-      q, k, v, seg.astype(jnp.int32), pos.astype(jnp.int32), o, lse, do)
-  return dq, dk, dv, None, None
+      q, k, v, seg.astype(jnp.int32), pos.astype(jnp.int32), key, o, lse, do, **_attrs(causal, threshold, keep))
+  return dq, dk, dv, None, None, None
 
 
-attention.defvjp(_attention_fwd, _attention_bwd)
+_attention.defvjp(_attention_fwd, _attention_bwd)

@@ -76,7 +76,7 @@ def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, seg
   """
   kv_seg_BxS, kv_pos_BxS = kv
   dropout = rng is not None and dropout_rate > 0.0
-  if not dropout and segments.start is None and _cpu_kernel(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK):
+  if not dropout and segments.start is None and cpu_attention.takes(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK):
     return cpu_attention.attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, kv_seg_BxS, kv_pos_BxS)
   same_doc = segments.q_segments[:, :, None] == kv_seg_BxS[:, None, :]
   causal = kv_pos_BxS[:, None, :] <= segments.q_positions[:, :, None]
@@ -98,11 +98,6 @@ def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, seg
                              mask_BxLxS[:, q0:q1, :s1], dropout_rate, r))
   ctx_BxGxRxLxK = ctx[0] if len(ctx) == 1 else jnp.concatenate(ctx, axis=3)
   return ctx_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(b, length, h, k)
-
-
-def _cpu_kernel(*qkv: jax.Array) -> bool:
-  """Whether the CPU kernel takes this call: float32, one device (a custom call is not partitioned), built."""
-  return all(x.dtype == jnp.float32 for x in qkv) and jax.device_count() == 1 and cpu_attention.enabled()
 
 
 QUERY_BLOCK = 128  # queries per block of causal attention without a cache

@@ -150,11 +150,11 @@ class Layer(nnx.Module):
     self.rate, self.attn_rate = cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob
     self.attn_out_rate = 0.0 if cfg.family == "distilbert" else cfg.hidden_dropout_prob  # DistilBERT has none there
 
-  def __call__(self, x_BxLxD: jax.Array, bias_Bx1x1xL: jax.Array, rng: jax.Array | None) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, mask_BxL: jax.Array, rng: jax.Array | None) -> jax.Array:
     r_attn, r_out, r_mlp = layers.split_rng(rng, 3)
     heads = ("batch", "length", "heads", "head_dim")
     q, k, v = (sharding.constrain(y, heads) for y in layers.dense_many((self.query, self.key, self.value), x_BxLxD))
-    ctx_BxLxHxK = layers.dot_product_attention(q, k, v, bias_Bx1x1xL, self.attn_rate, r_attn)
+    ctx_BxLxHxK = layers.dot_product_attention(q, k, v, mask_BxL, self.attn_rate, r_attn)
     x_BxLxD = self.attn_norm(x_BxLxD + layers.dropout(self.attn_out(ctx_BxLxHxK), self.attn_out_rate, r_out))
     h_BxLxF = sharding.constrain(self.act(self.mlp_in(x_BxLxD)), ("batch", "length", "mlp"))
     return self.mlp_norm(x_BxLxD + layers.dropout(self.mlp_out(h_BxLxF), self.rate, r_mlp))
@@ -178,10 +178,9 @@ class Encoder(nnx.Module):
     x_BxLxD = self.embeddings(ids_BxL, mask_BxL, types_BxL, dtype, None if rngs is None else rngs[0], word_BxLxE)
     if self.project is not None:
       x_BxLxD = self.project(x_BxLxD)
-    bias_Bx1x1xL = layers.attention_bias(mask_BxL, jnp.float32)
 
     def body(layer: Layer, x_BxLxD: jax.Array, r: jax.Array | None) -> tuple[jax.Array, None]:
-      return layer(sharding.constrain(x_BxLxD, ("batch", "length", "embed")), bias_Bx1x1xL, r), None
+      return layer(sharding.constrain(x_BxLxD, ("batch", "length", "embed")), mask_BxL, r), None
 
     x_BxLxD, _ = layers.scan(self.layers, body, x_BxLxD, None if rngs is None else rngs[1:], remat,
                              unroll=not self.scan_layers)

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtune.models import cpu_attention
+
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -216,18 +218,24 @@ def attention_bias(mask_BxL: jax.Array, dtype: jnp.dtype) -> jax.Array:
   return jnp.where(mask_BxL[:, None, None, :].astype(bool), 0.0, jnp.finfo(dtype).min).astype(dtype)
 
 
-def dot_product_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array,
-                          bias_Bx1x1xL: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-  """Softmax(q k^T / sqrt(K) + bias) v with softmax in float32; returns B x L x H x K.
+def dot_product_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, mask_BxL: jax.Array,
+                          rate: float, rng: jax.Array | None) -> jax.Array:
+  """Softmax(q k^T / sqrt(K)) v over the keys where mask_BxL is set, softmax in float32; returns B x L x H x K.
 
-  The heads move in front of the length first, so both products are plain batched matmuls that
-  contract each operand's minor dimension: on a CPU, XLA otherwise lays them out transposed and, in
-  evaluation, fuses the whole attention into one library call that allocates every L x L tensor anew.
+  On one CPU device, in float32, it is jaxtune's kernel (cpu_attention.py), dropout included (the
+  same masks). Otherwise the heads move in front of the length first, so both products are plain
+  batched matmuls that contract each operand's minor dimension: on a CPU, XLA otherwise lays them out
+  transposed and, in evaluation, fuses the whole attention into one library call that allocates every
+  L x L tensor anew.
   """
+  dropout = rng is not None and rate > 0.0
+  if cpu_attention.takes(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK) and (
+      not dropout or cpu_attention.dropout_supported(q_BxLxHxK.shape)):
+    return cpu_attention.bidirectional_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_BxL, rate, rng)
   scale = 1.0 / math.sqrt(q_BxLxHxK.shape[-1])
   q_BxHxLxK, k_BxHxLxK, v_BxHxLxK = (x.transpose(0, 2, 1, 3) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
   scores_BxHxLxL = jnp.einsum("bhqk,bhtk->bhqt", q_BxHxLxK, k_BxHxLxK).astype(jnp.float32) * scale
-  probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL + bias_Bx1x1xL.astype(jnp.float32), axis=-1)
+  probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL + attention_bias(mask_BxL, jnp.float32), axis=-1)
   ctx_BxHxLxK = dropout_matmul("bhqt,bhtk->bhqk", probs_BxHxLxL.astype(q_BxLxHxK.dtype), v_BxHxLxK, rate, rng)
   return ctx_BxHxLxK.transpose(0, 2, 1, 3)
 
