@@ -1,16 +1,17 @@
-// Segment-causal grouped-query attention for XLA:CPU, forward and backward, as jax.ffi custom calls.
+// jaxtune's attention for XLA:CPU, forward and backward, as jax.ffi custom calls.
 //
 // jaxtune/models/cpu_attention.py compiles this file on first use and falls back to XLA's attention
 // when it cannot. Layouts are the model's own, so nothing is transposed around the call:
 //   q, o, dq: B x L x H x K    k, v, dk, dv: B x L x G x K    seg, pos: B x L (int32)    lse: B x H x L
-// H = G * R query heads share each kv head. Query i attends to key j when j <= i, seg[j] == seg[i] > 0
-// and pos[j] <= pos[i] (keys and queries are the same tokens: training, or a prompt without a cache).
-// A query with no such key (padding) gets zero output and gradient.
+// H = G * R query heads share each kv head. Causal (the decoders, keys and queries the same tokens: training,
+// or a prompt without a cache): query i attends to key j when j <= i, seg[j] == seg[i] > 0 and
+// pos[j] <= pos[i]. Bidirectional (the encoders): to every key with seg[j] > 0, with optional dropout on
+// the probabilities (see Spec). A query with no key gets zero output and gradient.
 //
 // Each (batch row, kv head) is one task on XLA's intra-op thread pool. Within it, blocks of BQ queries
-// run against the keys up to their last query only: scores and probabilities are BQ x (up to L) float32
-// tiles that stay in cache, the softmax's log-sum-exp is kept for the backward pass, which recomputes
-// the probabilities (FlashAttention's scheme, with whole rows of keys rather than an online softmax).
+// run against the keys they can see: scores and probabilities are BQ x (up to L) float32 tiles that
+// stay in cache, the softmax's log-sum-exp is kept for the backward pass, which recomputes the
+// probabilities (FlashAttention's scheme, with whole rows of keys rather than an online softmax).
 
 #include <atomic>
 #include <cmath>

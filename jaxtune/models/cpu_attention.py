@@ -1,14 +1,15 @@
-"""Segment-causal GQA attention on a CPU as one custom call each way (cpu_attention.cc, through jax.ffi).
+"""Attention on a CPU as one custom call each way (cpu_attention.cc, through jax.ffi).
 
-XLA:CPU computes attention as separate ops: scores, mask, softmax and two products, each writing a
-B x H x L x L float32 tensor to memory and, in the backward pass, reading them back; the heads move in
-front of the length and back around them. The kernel takes the model's own layouts and keeps each
-block of scores in cache. It is compiled from source with the machine's C++ compiler on first use
-(cached under the compile cache directory, keyed by source, compiler flags, jaxlib and CPU), and
-`attend` falls back to XLA's ops when there is no compiler, the build fails, or the case is not
-covered (dropout, a KV cache, non-float32, more than one device). JAXTUNE_CPU_ATTENTION=0 turns it off.
+XLA:CPU computes attention as separate ops: scores, mask, softmax, dropout and two products, each
+writing a B x H x L x L float32 tensor to memory and, in the backward pass, reading them back; the
+heads move in front of the length and back around them. The kernel takes the model's own layouts and
+keeps each block of scores in cache: the decoders' segment-causal GQA attention (`attention`, from
+decoding.attend) and the encoders' attention over unpadded keys with dropout (`bidirectional_attention`,
+from layers.dot_product_attention). It is compiled from source with the machine's C++ compiler on first
+use (cached in ~/.cache/jaxtune/kernels or $JAXTUNE_KERNEL_DIR, keyed by source, compiler flags, jaxlib
+and CPU). Callers fall back to XLA's ops when `takes` says no: no compiler or a failed build (logged
+once), not float32, more than one device (a custom call is not partitioned), or JAXTUNE_CPU_ATTENTION=0.
 """
-
 from __future__ import annotations
 
 import ctypes
