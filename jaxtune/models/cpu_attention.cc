@@ -20,6 +20,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -306,38 +307,35 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+// The inputs both calls begin with (pool; q, k, v, seg, pos, dropout key) and the attributes they end with.
+auto Inputs() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::U32>>();
+}
+
+template <typename Binding>
+auto WithAttrs(Binding binding) {
+  return std::move(binding).template Attr<int64_t>("causal").template Attr<int64_t>("threshold").template Attr<float>(
+      "keep");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtuneAttentionForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("causal")
-                                  .Attr<int64_t>("threshold")
-                                  .Attr<float>("keep"));
+                              WithAttrs(Inputs().Ret<ffi::Buffer<ffi::F32>>()  // o
+                                            .Ret<ffi::Buffer<ffi::F32>>()));  // lse
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtuneAttentionBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("causal")
-                                  .Attr<int64_t>("threshold")
-                                  .Attr<float>("keep"));
+                              WithAttrs(Inputs()
+                                            .Arg<ffi::Buffer<ffi::F32>>()  // o
+                                            .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                            .Arg<ffi::Buffer<ffi::F32>>()  // do
+                                            .Ret<ffi::Buffer<ffi::F32>>()  // dq
+                                            .Ret<ffi::Buffer<ffi::F32>>()  // dk
+                                            .Ret<ffi::Buffer<ffi::F32>>()));  // dv

@@ -60,10 +60,15 @@ def _build_dir() -> Path:
   return Path(root)
 
 
+def find_compiler() -> str | None:
+  """The C++ compiler the kernel is built with: $CXX, else g++ or c++ on the PATH."""
+  return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
   """The compiled kernel, registered with XLA; None (once, with a log line) where it cannot be built."""
-  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+  compiler = find_compiler()
   if compiler is None:
     log.info("no C++ compiler found: CPU attention runs as XLA ops")
     return None
