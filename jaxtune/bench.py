@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from jaxtune import perf
+from jaxtune import perf, steps
 
 # Named shapes: the HF config.json of each (random weights), the task, and defaults for batch x length and dropout.
 _BERT = {"model_type": "bert", "vocab_size": 30522, "max_position_embeddings": 512, "type_vocab_size": 2,
@@ -88,14 +88,14 @@ def batch_arrays(spec: Spec) -> dict[str, Any]:
 
 
 def _jax_side(spec: Spec, compiler_options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
-  """(one-step callable, facts) for jaxtune: the jitted train step of train.make_train_step, state donated.
+  """(one-step callable, facts) for jaxtune: the jitted train step of steps.make_train_step, state donated.
 
   `compiler_options`: XLA debug options for this compile only (e.g. {"xla_cpu_enable_fast_math": True}).
   """
   import jax
   import jax.numpy as jnp
 
-  from jaxtune import optim, pretrained, sharding, train
+  from jaxtune import optim, pretrained, sharding
   from jaxtune.config import MeshConfig, ModelConfig, OptimConfig
   from jaxtune.tasks import TASKS
 
@@ -105,10 +105,10 @@ def _jax_side(spec: Spec, compiler_options: dict[str, Any] | None = None) -> tup
   model = pretrained.from_config(spec.hf, model_cfg, num_labels, mesh, spec.seed)
   opt = OptimConfig(lr=1e-4, schedule="constant")
   tx = optim.make(opt, 1000)
-  shardings = train.state_shardings(model, tx)
-  state = train.init_state(sharding.unflatten(pretrained.init_params(model, spec.seed)), tx, spec.seed, shardings)
+  shardings = steps.state_shardings(model, tx)
+  state = steps.init_state(sharding.unflatten(pretrained.init_params(model, spec.seed)), tx, spec.seed, shardings)
   batch_sharding = sharding.batch_sharding(mesh)
-  step = train.make_train_step(model, TASKS[spec.task], tx, optim.schedule(opt, 1000), jnp.dtype(spec.dtype),
+  step = steps.make_train_step(model, TASKS[spec.task], tx, optim.schedule(opt, 1000), jnp.dtype(spec.dtype),
                                shardings, batch_sharding)
   batch = jax.device_put(batch_arrays(spec), batch_sharding)
   tick = time.perf_counter()

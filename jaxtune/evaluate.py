@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import transformers
 
 from jaxtune import config as config_lib
-from jaxtune import generate, generate_encdec, metrics, perf, pretrained, rundir, sharding, tasks, train
+from jaxtune import generate, generate_encdec, metrics, perf, pretrained, rundir, sharding, steps, tasks, train
 from jaxtune.checkpoint import Checkpoints
 from jaxtune.config import CheckpointConfig, Config, ModelConfig
 from jaxtune.data import lm, seq2seq, splits
@@ -40,7 +40,7 @@ def restore_step(run_dir: Path, step: str,
     family = pretrained.FAMILIES[meta["family"]]
     model = models[id(meta)] = pretrained.describe(meta["family"], family.config(**meta["model"]), mesh,
                                                    hf_config=meta.get("hf_config"), model_cfg=model_config(meta))
-    return {"params": train.trainable(sharding.placed(sharding.unflatten(model.abstract), model.shardings),
+    return {"params": steps.trainable(sharding.placed(sharding.unflatten(model.abstract), model.shardings),
                                       model.frozen)}
 
   if step == "latest":  # the newest checkpoint that reads back; damaged newer ones are named and skipped
@@ -97,9 +97,9 @@ def evaluate_checkpoint(run_dir: Path, step: str = "latest", split: str | None =
   _, data = task.load(cfg, tokenizer, [name], labels=labels, extra=extra, limit=limit)
   batch_sharding = sharding.batch_sharding(mesh)
   dtype = jnp.dtype(cfg.model.compute_dtype)
-  eval_step = train.make_eval_step(model, task, dtype, model.shardings, batch_sharding)
+  eval_step = steps.make_eval_step(model, task, dtype, model.shardings, batch_sharding)
   outputs: dict[str, Any] = {}
-  result = train.evaluate(eval_step, params, data[name], cfg, batch_sharding, task, labels, outputs)
+  result = steps.evaluate(eval_step, params, data[name], cfg, batch_sharding, task, labels, outputs)
   if hasattr(task, "predictions"):
     result["predictions"] = task.predictions(outputs, data[name], cfg)
   if cfg.task == "seq2seq" and cfg.generate.predict_with_generate:

@@ -22,7 +22,7 @@ import argparse
 import json
 import time
 
-from jaxtune import cli
+from jaxtune import cli, steps
 
 
 def _spec(args: argparse.Namespace):
@@ -63,7 +63,7 @@ def scale(args: argparse.Namespace) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
-  from jaxtune import optim, pretrained, sharding, train
+  from jaxtune import optim, pretrained, sharding
   from jaxtune.config import MeshConfig, OptimConfig
   from jaxtune.models.llama import LlamaConfig
   from jaxtune.tasks import TASKS
@@ -77,9 +77,9 @@ def scale(args: argparse.Namespace) -> dict:
                       num_key_value_heads=max(1, args.hidden // 256), head_dim=64, scan_layers=True)
     model = pretrained.describe("llama", cfg, mesh)
     tx = optim.make(opt, 100)
-    shardings = train.state_shardings(model, tx)
-    state = train.init_state(sharding.unflatten(pretrained.init_params(model, 0)), tx, 0, shardings)
-    step = train.make_train_step(model, TASKS["causal_lm"], tx, optim.schedule(opt, 100), jnp.float32, shardings,
+    shardings = steps.state_shardings(model, tx)
+    state = steps.init_state(sharding.unflatten(pretrained.init_params(model, 0)), tx, 0, shardings)
+    step = steps.make_train_step(model, TASKS["causal_lm"], tx, optim.schedule(opt, 100), jnp.float32, shardings,
                                  sharding.batch_sharding(mesh), **step_kwargs)
     return state, step
 

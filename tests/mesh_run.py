@@ -17,14 +17,14 @@ import jax
 import numpy as np
 from conftest import records  # this script runs from tests/, beside conftest.py
 
-from jaxtune import config, sharding, train
+from jaxtune import config, sharding, steps, train
 
 
 def spec(x: jax.Array) -> list:
   return [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
 
 
-def record(run: train.Run, state: train.TrainState) -> dict:
+def record(run: train.Run, state: steps.TrainState) -> dict:
   params = sharding.flatten(state.params)
   moments = {path: leaf for path, leaf in sharding.flatten({"opt": state.opt_state}).items()
              if ".mu." in path or ".nu." in path}

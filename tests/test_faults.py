@@ -16,7 +16,7 @@ import pytest
 from conftest import records, write_config
 from test_train import CLS, tiny_state, toy_batch
 
-from jaxtune import config, errors, optim, rundir, sharding, train
+from jaxtune import config, errors, optim, rundir, sharding, steps, train
 from jaxtune.checkpoint import Checkpoints
 from jaxtune.config import OptimConfig
 from jaxtune.data import batching
@@ -25,8 +25,8 @@ from jaxtune.errors import UserError
 
 def test_a_skipped_non_finite_step_changes_nothing_and_says_so(tiny_bert_dir):
   model, tx, state, bs = tiny_state(tiny_bert_dir)
-  shardings = train.state_shardings(model, tx)
-  step = train.make_train_step(model, CLS, tx, optim.schedule(OptimConfig(), 10), jnp.float32, shardings, bs,
+  shardings = steps.state_shardings(model, tx)
+  step = steps.make_train_step(model, CLS, tx, optim.schedule(OptimConfig(), 10), jnp.float32, shardings, bs,
                                skip_nonfinite=True)
   before = jax.device_get((state.params, state.opt_state))
   poisoned = {**toy_batch(bs), "weights": jnp.full((8,), jnp.nan)}

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import records, run_script
 
-from jaxtune import config, evaluate, pretrained, sharding, train
+from jaxtune import config, evaluate, pretrained, sharding, steps, train
 from jaxtune.config import MeshConfig, ModelConfig
 from jaxtune.errors import UserError
 from jaxtune.tasks import TASKS
@@ -72,14 +72,14 @@ def test_loss_is_the_mean_over_target_tokens_and_ignores_masked_targets(tiny_lla
   mask[1, 5:7] = 1
   batch = {"input_ids": ids, "targets": np.roll(ids, -1, 1), "segment_ids": np.ones_like(ids),
            "positions": np.tile(np.arange(12, dtype=np.int32), (2, 1)), "loss_mask": mask}
-  loss, logits = train.loss_fn(model, LM, params, {k: jnp.asarray(v) for k, v in batch.items()}, jnp.float32, None)
+  loss, logits = steps.loss_fn(model, LM, params, {k: jnp.asarray(v) for k, v in batch.items()}, jnp.float32, None)
   logp = np.asarray(logits) - np.log(np.exp(np.asarray(logits, np.float64)).sum(-1, keepdims=True))
   token_loss = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
   want = (token_loss * mask).sum() / mask.sum()
   per_row_mean = np.mean([(token_loss[r] * mask[r]).sum() / mask[r].sum() for r in range(2)])
   assert float(loss) == pytest.approx(want, rel=1e-5) and abs(want - per_row_mean) > 1e-3
   changed = dict(batch, targets=np.where(mask > 0, batch["targets"], 7))  # only masked targets change
-  loss2, _ = train.loss_fn(model, LM, params, {k: jnp.asarray(v) for k, v in changed.items()}, jnp.float32, None)
+  loss2, _ = steps.loss_fn(model, LM, params, {k: jnp.asarray(v) for k, v in changed.items()}, jnp.float32, None)
   assert float(loss2) == float(loss)
 
 

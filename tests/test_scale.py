@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtune import optim, pretrained, sharding, train
+from jaxtune import optim, pretrained, sharding, steps
 from jaxtune.config import MeshConfig, ModelConfig, OptimConfig
 from jaxtune.data import batching
 from jaxtune.tasks import TASKS
@@ -23,12 +23,12 @@ def llama(tiny_llama_dir):
   hf_config, reader = pretrained.open_checkpoint(model_cfg)
   model = pretrained.from_config(hf_config, model_cfg, 0, mesh, head="causal_lm")
   tx = optim.make(OPT, 10)
-  return model, tx, train.state_shardings(model, tx), sharding.batch_sharding(mesh), (model_cfg, reader)
+  return model, tx, steps.state_shardings(model, tx), sharding.batch_sharding(mesh), (model_cfg, reader)
 
 
 def fresh_state(llama):
   model, tx, shardings, _, (model_cfg, reader) = llama
-  return train.init_state(pretrained.load_params(model, model_cfg, reader, 0), tx, 0, shardings)
+  return steps.init_state(pretrained.load_params(model, model_cfg, reader, 0), tx, 0, shardings)
 
 
 def lm_batch(batch_sharding, rows=8, length=16, vocab=49152):
@@ -46,7 +46,7 @@ def lm_batch(batch_sharding, rows=8, length=16, vocab=49152):
 
 def step_fn(llama, **kwargs):
   model, tx, shardings, batch_sharding, _ = llama
-  return train.make_train_step(model, LM, tx, optim.schedule(OPT, 10), jnp.float32, shardings, batch_sharding,
+  return steps.make_train_step(model, LM, tx, optim.schedule(OPT, 10), jnp.float32, shardings, batch_sharding,
                                **kwargs)
 
 

@@ -121,7 +121,7 @@ def test_gradient_matches_pytorch_on_the_decoder_jobs_first_batch(ours, theirs):
   rows = next(batching.step_batches(data.lengths, cfg.train.batch_size, cfg.train.seed, cfg.data.group_by_length,
                                    per_epoch, 0, steps))
   batch = task.collate(data, rows, cfg.train.batch_size, cfg)
-  loss_fn = lambda p: train.loss_fn(model, task, p, jax.tree.map(jnp.asarray, batch), jnp.float32, None)[0]
+  loss_fn = lambda p: steps.loss_fn(model, task, p, jax.tree.map(jnp.asarray, batch), jnp.float32, None)[0]
   loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
   got = export.hf_tensors(model, {k: np.asarray(v) for k, v in sharding.flatten(grads).items()})
   theirs.zero_grad()

@@ -29,7 +29,7 @@ import torch
 import yaml
 from conftest import records
 
-from jaxtune import config, export, optim, pretrained, sharding, tasks, torch_ref, train
+from jaxtune import config, export, optim, pretrained, sharding, steps, tasks, torch_ref, train
 from jaxtune.config import MeshConfig
 from jaxtune.models import layers
 
@@ -197,7 +197,7 @@ def test_bert_key_bias_gets_only_rounding_noise(reviews, tmp_path):
   labels, data = task.load(cfg, pretrained.load_tokenizer(cfg.model), ["train"])
   model, params = pretrained.from_pretrained(cfg.model, len(labels), sharding.make_mesh(MeshConfig()), 0)
   batch = task.collate(data["train"], np.arange(8), 8, cfg)
-  grads = jax.grad(lambda p: train.loss_fn(model, task, p, jax.tree.map(jnp.asarray, batch), jnp.float32, None)[0])
+  grads = jax.grad(lambda p: steps.loss_fn(model, task, p, jax.tree.map(jnp.asarray, batch), jnp.float32, None)[0])
   ours = export.hf_tensors(model, {k: np.asarray(v) for k, v in sharding.flatten(grads(params)).items()})
   module, _ = torch_ref.build(model, {k: np.asarray(v) for k, v in sharding.flatten(params).items()}, labels)
   loss, weight, _ = torch_ref.per_target_loss(module, "classification", batch)

