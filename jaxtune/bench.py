@@ -58,6 +58,7 @@ class Spec:
   dropout: float = 0.0  # every dropout rate of the model, on both sides
   seed: int = 0
   scan_layers: bool = False  # jaxtune's model.scan_layers
+  remat: str = "none"  # jaxtune's model.remat
 
   @property
   def hf(self) -> dict[str, Any]:
@@ -109,7 +110,7 @@ def _jax_side(spec: Spec, compiler_options: dict[str, Any] | None = None) -> tup
   state = steps.init_state(sharding.unflatten(pretrained.init_params(model, spec.seed)), tx, spec.seed, shardings)
   batch_sharding = sharding.batch_sharding(mesh)
   step = steps.make_train_step(model, TASKS[spec.task], tx, optim.schedule(opt, 1000), jnp.dtype(spec.dtype),
-                               shardings, batch_sharding)
+                               shardings, batch_sharding, remat=spec.remat)
   batch = jax.device_put(batch_arrays(spec), batch_sharding)
   tick = time.perf_counter()
   compiled = step.lower(state, batch).compile(compiler_options=compiler_options or None)
@@ -310,7 +311,8 @@ def _environ(variables: dict[str, str]) -> Iterator[None]:
 def options_table(result: dict[str, Any]) -> str:
   """The options A/B result as text."""
   s = result["spec"]
-  lines = [f"{s['shape']}: batch {s['batch']} x {s['length']}, {s['dtype']}, dropout {s['dropout']}; "
+  lines = [f"{s['shape']}: batch {s['batch']} x {s['length']}, {s['dtype']}, dropout {s['dropout']}, "
+           f"remat {s['remat']}; "
            f"{result['reps']} alternating turns of {result['settle']} untimed + 1 timed step; "
            f"B: options {result['options']}, environment {result['env']}"]
   for name in ("A", "B"):
@@ -325,6 +327,7 @@ def table(result: dict[str, Any]) -> str:
   """The peer result as a text table."""
   s = result["spec"]
   lines = [f"{s['shape']}: batch {s['batch']} x {s['length']}, {s['dtype']}, dropout {s['dropout']}, "
+           f"remat {s['remat']}, "
            f"{result['reps']} alternating turns of {result['settle']} untimed + 1 timed step per side; "
            f"peak {result['peak_flops'] / 1e9:.0f} GFLOP/s ({result['peak_source']}), "
            f"{result['flops_per_token'] / 1e6:.1f} MFLOP per token",

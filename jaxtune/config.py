@@ -50,7 +50,8 @@ class ModelConfig:
   dropout: float | None = None  # when set, replaces every dropout rate of the checkpoint (the family's DROPOUT_KEYS)
   # Per-layer rematerialisation in training: none keeps every activation for the backward pass;
   # full saves only each layer's input and recomputes the rest; dots keeps matmul outputs;
-  # dots_no_batch keeps matmuls without a batch dim (i.e. with the weights).
+  # dots_no_batch keeps matmuls without a batch dim (i.e. with the weights). Any of them runs the layers
+  # as a scan, whatever scan_layers says (unrolled, XLA keeps the memory remat is meant to save).
   remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
   # true: the layers run as one lax.scan (compile time flat in depth); false: unrolled, each layer its own
   # code (no stacked activation buffers: a faster CPU step, a slower compile).

@@ -30,7 +30,8 @@ def _spec(args: argparse.Namespace):
 
   shape = bench.SHAPES[args.shape]
   return bench.Spec(args.shape, args.batch or shape["batch"], args.length or shape["length"], args.dtype,
-                    shape["dropout"] if args.dropout is None else args.dropout, scan_layers=args.scan_layers)
+                    shape["dropout"] if args.dropout is None else args.dropout, scan_layers=args.scan_layers,
+                    remat=args.remat)
 
 
 def peer(args: argparse.Namespace) -> dict:
@@ -167,6 +168,8 @@ def _shape_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--dropout", type=float, help="every dropout rate (default: 0.1 for BERT shapes, 0 for Llama)")
   p.add_argument("--reps", type=int, default=6, help="turns per side, alternating; one timed step each")
   p.add_argument("--scan-layers", action="store_true", help="jaxtune's layers as one lax.scan (model.scan_layers)")
+  p.add_argument("--remat", default="none", choices=("none", "full", "dots", "dots_no_batch"),
+                 help="jaxtune's model.remat (PyTorch's side keeps every activation)")
   p.add_argument("--settle", type=int, default=1, help="untimed steps at the start of each turn")
 
 

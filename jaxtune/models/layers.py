@@ -278,7 +278,10 @@ def scan(layers: nnx.Module, body: Callable[[nnx.Module, Any, Any], tuple[Any, A
   Scanned, the layer is traced once whatever the depth, so compile time does not grow with it.
   Unrolled (model.scan_layers: false), each layer is its own code: XLA then keeps no stacked
   activation buffers to zero-fill and slice, so a CPU step is faster and compiling takes longer.
-  With `remat` each layer's backward pass recomputes what the policy does not save.
+  With `remat` each layer's backward pass recomputes what the policy does not save, and the layers
+  always run as the scan: unrolled, nothing keeps XLA from running every layer's recomputation and
+  kernel gradients wherever it likes, and on XLA:CPU remat then saved almost none of the memory it is
+  for (`tests/test_scale.py`; README, Scaling out).
   """
   graphdef, state = nnx.split(layers)
   n = jax.tree.leaves(nnx.to_pure_dict(state))[0].shape[0]
@@ -289,8 +292,9 @@ def scan(layers: nnx.Module, body: Callable[[nnx.Module, Any, Any], tuple[Any, A
     with adapter_rng(rng):  # each layer's adapters drop with their own key
       return body(nnx.merge(graphdef, layer_state), carry, x)
 
-  if remat != "none":  # a scan body cannot be merged with its recomputation; unrolled code needs prevent_cse
-    step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=unroll)
+  if remat != "none":  # a scan body cannot be merged with its recomputation, so it needs no prevent_cse
+    step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    unroll = False
   inputs = (nnx.to_pure_dict(state), xs, adapter_rngs)
   if not unroll:
     return jax.lax.scan(step, carry, inputs)
