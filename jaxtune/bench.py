@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from jaxtune import perf, steps
+from jaxtune import perf
 
 # Named shapes: the HF config.json of each (random weights), the task, and defaults for batch x length and dropout.
 _BERT = {"model_type": "bert", "vocab_size": 30522, "max_position_embeddings": 512, "type_vocab_size": 2,
@@ -96,7 +96,7 @@ def _jax_side(spec: Spec, compiler_options: dict[str, Any] | None = None) -> tup
   import jax
   import jax.numpy as jnp
 
-  from jaxtune import optim, pretrained, sharding
+  from jaxtune import optim, pretrained, sharding, steps
   from jaxtune.config import MeshConfig, ModelConfig, OptimConfig
   from jaxtune.tasks import TASKS
 

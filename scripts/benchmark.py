@@ -1,8 +1,8 @@
 """Benchmarks, each measured side by side in one invocation.
 
 python scripts/benchmark.py peer [--shape minilm|bert-base|smollm2-135m|llama-1b] [--batch B] [--length L]
-                                 [--dtype float32|bfloat16] [--dropout P] [--scan-layers] [--reps N] [--settle N]
-                                 [--output FILE]
+                                 [--dtype float32|bfloat16] [--dropout P] [--scan-layers] [--remat POLICY] [--reps N]
+                                 [--settle N] [--output FILE]
   jaxtune's train step against the transformers PyTorch class of the same shape (random weights, same batch,
   length, dtype, dropout, AdamW + clipping, all cores), in two worker processes whose steps alternate:
   step time, tokens/s, the ratio, compile time, peak memory and MFU (FLOPs formula: jaxtune/perf.py).
@@ -22,7 +22,7 @@ import argparse
 import json
 import time
 
-from jaxtune import cli, steps
+from jaxtune import cli
 
 
 def _spec(args: argparse.Namespace):
@@ -64,7 +64,7 @@ def scale(args: argparse.Namespace) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
-  from jaxtune import optim, pretrained, sharding
+  from jaxtune import optim, pretrained, sharding, steps
   from jaxtune.config import MeshConfig, OptimConfig
   from jaxtune.models.llama import LlamaConfig
   from jaxtune.tasks import TASKS
