@@ -13,7 +13,7 @@ import transformers
 from conftest import REPO
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-from jaxtune import config, evaluate, export, pretrained, sharding, tasks, torch_ref, train, weights
+from jaxtune import config, evaluate, export, pretrained, sharding, steps, tasks, torch_ref, train, weights
 from jaxtune import gguf as jgguf
 from jaxtune.config import MeshConfig, ModelConfig
 from jaxtune.data import batching, splits
@@ -117,9 +117,9 @@ def test_gradient_matches_pytorch_on_the_decoder_jobs_first_batch(ours, theirs):
   cfg = config.load(REPO / "configs" / "smollm2_reviews.yaml")
   task = tasks.TASKS["causal_lm"]
   data = task.load(cfg, pretrained.load_tokenizer(cfg.model), ["train"])[1]["train"]
-  per_epoch, steps = train.total_steps(cfg, len(data))
+  per_epoch, total = train.total_steps(cfg, len(data))
   rows = next(batching.step_batches(data.lengths, cfg.train.batch_size, cfg.train.seed, cfg.data.group_by_length,
-                                   per_epoch, 0, steps))
+                                   per_epoch, 0, total))
   batch = task.collate(data, rows, cfg.train.batch_size, cfg)
   loss_fn = lambda p: steps.loss_fn(model, task, p, jax.tree.map(jnp.asarray, batch), jnp.float32, None)[0]
   loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)

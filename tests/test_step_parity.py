@@ -70,8 +70,8 @@ def run_jaxtune(cfg: config.Config, run_dir: Path) -> Trace:
   """scripts/finetune.py's training (train.fit), its per-step log and its final checkpoint."""
   train.fit(cfg, run_dir)
   _, model, params = export.load_checkpoint(run_dir, "latest")
-  steps = [r for r in records(run_dir) if "loss" in r and "split" not in r]
-  return Trace(steps, export.hf_tensors(model, params))
+  logged = [r for r in records(run_dir) if "loss" in r and "split" not in r]
+  return Trace(logged, export.hf_tensors(model, params))
 
 
 def mismatches(got: Trace, ref: torch_ref.Result) -> dict[str, str]:
