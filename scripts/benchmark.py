@@ -21,6 +21,7 @@ python scripts/benchmark.py scale [--hidden 256] [--layers 8] [--batch 8] [--len
 import argparse
 import json
 import time
+import typing
 
 from jaxtune import cli
 
@@ -161,6 +162,8 @@ def _json_object(text: str) -> dict:
 
 
 def _shape_args(p: argparse.ArgumentParser) -> None:
+  from jaxtune.config import ModelConfig  # no jax: cli.tune_host still runs first
+
   p.add_argument("--shape", default="minilm", choices=("minilm", "bert-base", "smollm2-135m", "llama-1b"))
   p.add_argument("--batch", type=int, help="rows per step (default: the shape's)")
   p.add_argument("--length", type=int, help="tokens per row (default: the shape's)")
@@ -168,7 +171,7 @@ def _shape_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--dropout", type=float, help="every dropout rate (default: 0.1 for BERT shapes, 0 for Llama)")
   p.add_argument("--reps", type=int, default=6, help="turns per side, alternating; one timed step each")
   p.add_argument("--scan-layers", action="store_true", help="jaxtune's layers as one lax.scan (model.scan_layers)")
-  p.add_argument("--remat", default="none", choices=("none", "full", "dots", "dots_no_batch"),
+  p.add_argument("--remat", default="none", choices=typing.get_args(typing.get_type_hints(ModelConfig)["remat"]),
                  help="jaxtune's model.remat (PyTorch's side keeps every activation)")
   p.add_argument("--settle", type=int, default=1, help="untimed steps at the start of each turn")
 
