@@ -177,8 +177,11 @@ class CheckpointConfig:
   save_every: int = 0  # steps between checkpoints; 0 = at each eval; the final step is always saved
   save_every_minutes: float = 30.0  # also save once this long has passed since the last save; 0 = never
   keep_last: int = 2  # most recent checkpoints kept
-  best_metric: str = "accuracy"  # validation metric whose best checkpoint is also kept; "" = none
-  best_mode: Literal["max", "min"] = "max"
+  # The validation metric whose best checkpoint is also kept ("" = none). Unset: the task's own (accuracy for
+  # classification, f1 for question answering and NER, loss for causal LM, bleu for seq2seq).
+  best_metric: str | None = None
+  # Whether larger is better. Unset: the task's direction for its metric; min for loss / perplexity, else max.
+  best_mode: Literal["max", "min"] | None = None
 
   def __post_init__(self) -> None:
     _check(self.save_every >= 0, "checkpoint.save_every", "must be >= 0")

@@ -13,7 +13,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxtune.config import MeshConfig
+from jaxtune import params as params_lib
+from jaxtune.config import MeshConfig, TrainConfig
 from jaxtune.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -85,13 +86,29 @@ def spec_for(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh, rules
 def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Rules = RULES) -> dict[str, Any]:
   """Pure-dict tree of NamedShardings for an (abstract) nnx param state, from each param's `axes`."""
   flat = {path: NamedSharding(mesh, spec_for(v.get_value().shape, v.get_metadata()["axes"], mesh, rules))
-          for path, v in flat_variables(abstract_state).items()}
-  return unflatten(flat)
+          for path, v in params_lib.flat_variables(abstract_state).items()}
+  return params_lib.unflatten(flat)
 
 
 def batch_shards(mesh: Mesh, rules: Rules = RULES) -> int:
   """How many ways the `batch` rule splits a batch: every global batch must be a multiple of this."""
   return math.prod(mesh.shape[a] for a in dict(rules)["batch"])
+
+
+def check_batch_sizes(cfg: TrainConfig, mesh: Mesh, rules: Rules = RULES,
+                      keys: tuple[str, ...] = ("batch_size", "eval_batch_size")) -> None:
+  """Each global batch size in `keys` (a train microbatch for batch_size) splits evenly over the batch shards."""
+  shards = batch_shards(mesh, rules)
+  axes = " x ".join(f"mesh.{a}" for a in dict(rules)["batch"])
+  for key in keys:
+    size = getattr(cfg, key)
+    what = f"train.{key}={size}"
+    if key == "batch_size" and cfg.grad_accum > 1:
+      size //= cfg.grad_accum
+      what = f"train.batch_size / train.grad_accum = {size}"
+    if size % shards:
+      raise UserError(f"config key {what} is not divisible by the {shards} batch shards ({axes}); make it a "
+                      "multiple.")
 
 
 def batch_sharding(mesh: Mesh, rules: Rules = RULES) -> NamedSharding:
@@ -127,30 +144,3 @@ def placed(abstract: Any, shardings: Any) -> Any:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
-
-
-def flat_variables(state: nnx.State) -> dict[str, nnx.Variable]:
-  """`a.b.0.c` path -> Variable for every variable of an nnx State."""
-  leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
-  return {_path_str(p): v for p, v in leaves}
-
-
-def flatten(tree: Mapping[Any, Any]) -> dict[str, Any]:
-  """`a.b.0.c` path -> leaf for a nested dict (list indices become path components)."""
-  return {_path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[Any, Any]:
-  """Inverse of `flatten`; numeric components become int keys as nnx uses for layer lists."""
-  tree: dict[Any, Any] = {}
-  for path, value in flat.items():
-    *parents, leaf = (int(k) if k.isdigit() else k for k in path.split("."))
-    node = tree
-    for k in parents:
-      node = node.setdefault(k, {})
-    node[leaf] = value
-  return tree
-
-
-def _path_str(path: tuple[Any, ...]) -> str:
-  return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)

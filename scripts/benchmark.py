@@ -5,7 +5,7 @@ python scripts/benchmark.py peer [--shape minilm|bert-base|smollm2-135m|llama-1b
                                  [--settle N] [--output FILE]
   jaxtune's train step against the transformers PyTorch class of the same shape (random weights, same batch,
   length, dtype, dropout, AdamW + clipping, all cores), in two worker processes whose steps alternate:
-  step time, tokens/s, the ratio, compile time, peak memory and MFU (FLOPs formula: jaxtune/perf.py).
+  step time, tokens/s, the ratio, compile time, peak memory and MFU (FLOPs formula: jaxtune/train/perf.py).
 
 python scripts/benchmark.py options [--options JSON] [--env JSON] [--shape ...] [--batch B] [--length L] [--reps N]
   jaxtune's train step compiled twice in one process, as is (A) and (B) with extra XLA compiler options for that
@@ -20,14 +20,13 @@ python scripts/benchmark.py scale [--hidden 256] [--layers 8] [--batch 8] [--len
 
 import argparse
 import json
-import time
 import typing
 
 from jaxtune import cli
 
 
 def _spec(args: argparse.Namespace):
-  from jaxtune import bench
+  from jaxtune.tools import bench
 
   shape = bench.SHAPES[args.shape]
   return bench.Spec(args.shape, args.batch or shape["batch"], args.length or shape["length"], args.dtype,
@@ -36,7 +35,7 @@ def _spec(args: argparse.Namespace):
 
 
 def peer(args: argparse.Namespace) -> dict:
-  from jaxtune import bench
+  from jaxtune.tools import bench
 
   result = bench.peer(_spec(args), args.reps, args.settle)
   print(bench.table(result))
@@ -46,8 +45,8 @@ def peer(args: argparse.Namespace) -> dict:
 def options(args: argparse.Namespace) -> dict:
   import jax
 
-  from jaxtune import bench
   from jaxtune.errors import UserError
+  from jaxtune.tools import bench
 
   try:
     if not args.options and not args.env:
@@ -61,66 +60,11 @@ def options(args: argparse.Namespace) -> dict:
 
 
 def scale(args: argparse.Namespace) -> dict:
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
+  from jaxtune.tools import scale as scale_lib
 
-  from jaxtune import optim, pretrained, sharding, steps
-  from jaxtune.config import MeshConfig, OptimConfig
-  from jaxtune.models.llama import LlamaConfig
-  from jaxtune.tasks import TASKS
-
-  mesh = sharding.make_mesh(MeshConfig())
-  opt = OptimConfig(lr=1e-4, schedule="constant")
-
-  def setup(layers: int, **step_kwargs):
-    cfg = LlamaConfig(vocab_size=4096, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                      num_hidden_layers=layers, num_attention_heads=args.hidden // 64,
-                      num_key_value_heads=max(1, args.hidden // 256), head_dim=64, scan_layers=True)
-    model = pretrained.describe("llama", cfg, mesh)
-    tx = optim.make(opt, 100)
-    shardings = steps.state_shardings(model, tx)
-    state = steps.init_state(sharding.unflatten(pretrained.init_params(model, 0)), tx, 0, shardings)
-    step = steps.make_train_step(model, TASKS["causal_lm"], tx, optim.schedule(opt, 100), jnp.float32, shardings,
-                                 sharding.batch_sharding(mesh), **step_kwargs)
-    return state, step
-
-  rng = np.random.default_rng(0)
-  shape = (args.batch, args.length)
-  batch = {"input_ids": rng.integers(0, 4096, shape).astype(np.int32), "targets": rng.integers(0, 4096, shape)
-           .astype(np.int32), "segment_ids": np.ones(shape, np.int32),
-           "positions": np.tile(np.arange(args.length, dtype=np.int32), (args.batch, 1)),
-           "loss_mask": np.ones(shape, np.float32)}
-  batch = jax.device_put(batch, sharding.batch_sharding(mesh))
-
-  def measure(state, step) -> dict:
-    tick = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - tick
-    state, metrics = compiled(state, batch)  # warm-up
-    jax.block_until_ready(metrics)
-    tick = time.perf_counter()
-    for _ in range(3):
-      state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    memory = compiled.memory_analysis()
-    return {"compile_s": round(compile_s, 2), "step_s": round((time.perf_counter() - tick) / 3, 3),
-            "temp_MiB": round(memory.temp_size_in_bytes / 2**20, 1) if memory else None,
-            "ops": compiled.as_text().count("\n")}
-
-  tables = {
-      "depth": {f"{n} layers": measure(*setup(n)) for n in (2, 8, 32)},
-      "remat": {policy: measure(*setup(args.layers, remat=policy)) for policy in ("none", "full", "dots",
-                                                                                  "dots_no_batch")},
-      "grad_accum": {f"{k} x {args.batch // k} rows": measure(*setup(args.layers, grad_accum=k)) for k in (1, 4)},
-  }
-  print(f"random Llama, hidden {args.hidden}, batch {args.batch} x {args.length} tokens, "
-        f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
-  for name, rows in tables.items():
-    print(f"\n{name:<16} | compile s | step s | XLA temp MiB | HLO lines")
-    for label, r in rows.items():
-      print(f"{label:<16} | {r['compile_s']:>9} | {r['step_s']:>6} | {r['temp_MiB']!s:>12} | {r['ops']:>9}")
-  return {"args": {k: v for k, v in vars(args).items() if k != "run"}, **tables}
+  result = scale_lib.measure_all(args.hidden, args.layers, args.batch, args.length)
+  print(scale_lib.table(result))
+  return {"args": {k: v for k, v in vars(args).items() if k != "run"}, **result["tables"]}
 
 
 def main() -> int:

@@ -18,7 +18,7 @@ def main() -> int:
   parser.add_argument("--plot", metavar="FILE.png", help="also draw the runs' curves into this PNG")
   args = parser.parse_args()
 
-  from jaxtune import compare
+  from jaxtune.tools import compare
 
   rows = [compare.read_run(Path(r)) for r in args.runs]
   print(compare.to_csv(rows) if args.csv else compare.markdown(rows), end="")

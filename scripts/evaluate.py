@@ -26,7 +26,8 @@ def main() -> int:
 
   from absl import logging
 
-  from jaxtune import distributed, errors, evaluate
+  from jaxtune import distributed, errors
+  from jaxtune.eval import evaluate
 
   logging.set_verbosity(logging.ERROR)  # Orbax warns that a read-only checkpoint dir is read-only
 

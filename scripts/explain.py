@@ -3,7 +3,7 @@
 python scripts/explain.py --checkpoint RUN_DIR [--step best|latest|N] (--text "..." [--text ...] | --data FILE
                           [--max-examples N]) [--target LABEL] [--steps 50] [--baseline pad|zeros] [--html FILE]
 
-Attributions are integrated gradients on the input token embeddings (jaxtune/explain.py) for the predicted
+Attributions are integrated gradients on the input token embeddings (jaxtune/eval/explain.py) for the predicted
 class, or --target: positive tokens push towards it. The baseline keeps [CLS]/[SEP] and puts [PAD]'s
 embedding (or zeros) everywhere else. The HTML heatmap goes to --html (default RUN_DIR/explain/STEP.html).
 """
@@ -29,14 +29,16 @@ def main() -> int:
 
   import transformers
 
-  from jaxtune import config, evaluate, explain, rundir, sharding
+  from jaxtune import config, sharding
   from jaxtune.data import sources
   from jaxtune.errors import UserError
+  from jaxtune.eval import explain
+  from jaxtune.train import restore, rundir
 
   if bool(args.text) == bool(args.data):
     raise UserError("give --text (one or more) or --data FILE, not both and not neither.")
   run_dir = Path(args.checkpoint)
-  cfg, model, params, labels, step = evaluate.restore(run_dir, args.step, sharding.make_mesh(config.MeshConfig()))
+  cfg, model, params, labels, step = restore.restore(run_dir, args.step, sharding.make_mesh(config.MeshConfig()))
   if cfg.task != "classification":
     raise UserError(f"{run_dir} is a {cfg.task} run; explain.py explains classification runs.")
   texts = list(args.text)

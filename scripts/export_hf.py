@@ -18,11 +18,16 @@ def main() -> int:
 
   from absl import logging
 
-  from jaxtune import export
+  from jaxtune import config, sharding
+  from jaxtune.train import restore
+  from jaxtune.weights import export
 
   logging.set_verbosity(logging.ERROR)  # Orbax warns that a read-only checkpoint dir is read-only
 
-  out_dir = export.export(Path(args.checkpoint), args.step, Path(args.output), args.peft)
+  run_dir, out_dir = Path(args.checkpoint), Path(args.output)
+  export.check_free(out_dir)  # before reading the checkpoint, not after
+  meta, model, params, _ = restore.restore_step(run_dir, args.step, sharding.make_mesh(config.MeshConfig()))
+  export.export(model, params, meta["labels"], restore.model_config(meta), run_dir / "tokenizer", out_dir, args.peft)
   print(f"wrote {out_dir}")
   return 0
 

@@ -26,7 +26,8 @@ def main() -> int:
 
   import jax
 
-  from jaxtune import config, distributed, perf, train
+  from jaxtune import config, distributed
+  from jaxtune.train import loop, perf
 
   clock = perf.RunClock(started)
   with clock.phase("imports"):  # with jax.distributed's start-up on a cluster
@@ -35,7 +36,7 @@ def main() -> int:
   run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
   if args.extend and not args.resume:
     parser.error("--extend only applies with --resume")
-  result = train.fit(cfg, run_dir, resume=args.resume, clock=clock, extend=args.extend, quiet=args.quiet)
+  result = loop.fit(cfg, run_dir, resume=args.resume, clock=clock, extend=args.extend, quiet=args.quiet)
   if jax.process_index() == 0:
     print(f"finished: {run_dir} {result}")
   return 0

@@ -29,8 +29,8 @@ def main() -> int:
   parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for both sides")
   args = parser.parse_args()
 
-  from jaxtune import study
   from jaxtune.errors import UserError
+  from jaxtune.tools import study
 
   try:
     seeds = tuple(int(s) for s in args.seeds.split(","))

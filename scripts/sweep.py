@@ -21,8 +21,8 @@ def main() -> int:
   parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for every variant")
   args = parser.parse_args()
 
-  from jaxtune import sweep
   from jaxtune.errors import UserError
+  from jaxtune.tools import sweep
 
   if not args.grid:
     raise UserError("give at least one --grid section.key=[value, ...].")

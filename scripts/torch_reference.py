@@ -5,7 +5,7 @@ python scripts/torch_reference.py --config FILE [--output FILE] [--init torch|ja
 
 Same recipe as jaxtune: the config's model, tokenisation, held-out split, batch order and padding (jaxtune's
 own data code), trained by transformers' PyTorch class with torch's fused AdamW, HF Trainer's weight-decay groups,
-transformers' schedule and torch's gradient clipping (jaxtune/torch_ref.py). Classification and causal LM.
+transformers' schedule and torch's gradient clipping (jaxtune/tools/torch_ref.py). Classification and causal LM.
 --init torch (the default) gives new params (a classification head) torch's own seeded init; --init jaxtune
 starts from jaxtune's initial weights exactly. Dropout masks come from torch's RNG (seeded by train.seed).
 Scores the final step on the validation and test splits (--max-examples: the first N test rows) and writes
@@ -29,7 +29,8 @@ def main() -> int:
   parser.add_argument("overrides", nargs="*", metavar="key=value")
   args = parser.parse_args()
 
-  from jaxtune import config, torch_ref
+  from jaxtune import config
+  from jaxtune.tools import torch_ref
 
   cfg = config.load(args.config, args.overrides)
 

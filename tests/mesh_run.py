@@ -17,16 +17,18 @@ import jax
 import numpy as np
 from conftest import records  # this script runs from tests/, beside conftest.py
 
-from jaxtune import config, sharding, steps, train
+from jaxtune import config
+from jaxtune import params as params_lib
+from jaxtune.train import loop, setup, steps
 
 
 def spec(x: jax.Array) -> list:
   return [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
 
 
-def record(run: train.Run, state: steps.TrainState) -> dict:
-  params = sharding.flatten(state.params)
-  moments = {path: leaf for path, leaf in sharding.flatten({"opt": state.opt_state}).items()
+def record(run: setup.Run, state: steps.TrainState) -> dict:
+  params = params_lib.flatten(state.params)
+  moments = {path: leaf for path, leaf in params_lib.flatten({"opt": state.opt_state}).items()
              if ".mu." in path or ".nu." in path}
   return {
       "mesh": run.meta["mesh"],
@@ -41,15 +43,15 @@ def main(config_path: str, out_dir: str, runs_json: str) -> None:
   out = Path(out_dir)
   for name, overrides in json.loads(runs_json).items():
     cfg = config.load(config_path, overrides)
-    run = train.prepare(cfg, out / name)
+    run = setup.prepare(cfg, out / name)
     try:
-      state, _, _ = train.loop(run)
+      state, _, _ = loop.loop(run)
     finally:
       run.ckpts.wait()
       run.ckpts.close()
       run.lock.release()
     (out / f"{name}.json").write_text(json.dumps(record(run, state)))
-    params = sharding.flatten(jax.device_get(state.params))
+    params = params_lib.flatten(jax.device_get(state.params))
     np.savez(out / f"{name}.npz", **{p: np.asarray(x) for p, x in params.items()})
 
 

@@ -21,7 +21,8 @@ import yaml
 from conftest import REPO, save_tiny_bert, write_config
 from test_gguf import write_tiny_llama
 
-from jaxtune import config, rundir, train
+from jaxtune import config
+from jaxtune.train import loop, rundir
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def world(tmp_path_factory, tiny_bert_dir, minilm_dir, reviews):
   """Files the cases point at: a trained 2-step run, its config, bad data and model files."""
   d = tmp_path_factory.mktemp("bad_inputs")
   cfg = write_config(d / "c.yaml", tiny_bert_dir, reviews, train={"max_steps": 2})
-  train.fit(config.load(cfg), d / "run")
+  loop.fit(config.load(cfg), d / "run")
   (d / "not_mapping.yaml").write_text("- model\n- data\n")
   (d / "broken.yaml").write_text("model: [path\n")
   (d / "latin1.csv").write_bytes("review,score\nun caf\xe9 tr\xe8s bon,great\nbof,other\n".encode("latin-1"))

@@ -8,8 +8,9 @@ import pytest
 import torch
 import transformers
 
-from jaxtune import pretrained, sharding
+from jaxtune import sharding
 from jaxtune.config import MeshConfig, ModelConfig
+from jaxtune.weights import pretrained
 
 TEXTS = ["The coffee was stale and bitter.", "Great!", "My dog loves these treats, I order them every month."]
 

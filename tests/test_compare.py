@@ -11,8 +11,8 @@ import pytest
 from conftest import run_script, write_config
 from PIL import Image
 
-from jaxtune import sweep
 from jaxtune.errors import UserError
+from jaxtune.tools import sweep
 
 
 @pytest.fixture(scope="module")

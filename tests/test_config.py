@@ -85,14 +85,12 @@ def test_round_trip_through_dict():
 def test_each_microbatch_must_split_over_the_batch_shards():
   from types import SimpleNamespace
 
-  from jaxtune import train
-
-  mesh = SimpleNamespace(shape={"data": 4, "fsdp": 2, "tensor": 1})  # check_devices reads only the axis sizes
+  mesh = SimpleNamespace(shape={"data": 4, "fsdp": 2, "tensor": 1})  # the check reads only the axis sizes
   cfg = config.load(CONFIGS[0], ["train.batch_size=32", "train.eval_batch_size=64", "train.grad_accum=4"])
-  train.check_devices(cfg, mesh)  # 32 / 4 = 8 rows per microbatch: one per batch shard
+  sharding.check_batch_sizes(cfg.train, mesh)  # 32 / 4 = 8 rows per microbatch: one per batch shard
   cfg = config.load(CONFIGS[0], ["train.batch_size=32", "train.eval_batch_size=64", "train.grad_accum=8"])
   with pytest.raises(UserError, match="train.batch_size / train.grad_accum = 4 is not divisible by the 8 batch"):
-    train.check_devices(cfg, mesh)
+    sharding.check_batch_sizes(cfg.train, mesh)
 
 
 def test_online_qa_and_ner_configs_hold_their_recipes():

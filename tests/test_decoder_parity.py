@@ -8,9 +8,10 @@ import pytest
 import torch
 import transformers
 
-from jaxtune import pretrained, sharding
+from jaxtune import sharding
 from jaxtune.config import MeshConfig, ModelConfig
 from jaxtune.models.llama import LlamaConfig, rope_frequencies
+from jaxtune.weights import pretrained
 
 MESH = sharding.make_mesh(MeshConfig())
 BASE = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,

@@ -19,9 +19,11 @@ import torch
 import transformers
 from flax import nnx
 
-from jaxtune import pretrained, sharding
+from jaxtune import sharding
 from jaxtune.config import MeshConfig, ModelConfig
 from jaxtune.models import cpu_attention, layers
+from jaxtune.models import model as model_lib
+from jaxtune.weights import pretrained
 
 MESH = sharding.make_mesh(MeshConfig())
 RATE = 0.1
@@ -85,18 +87,18 @@ def bert_batch() -> dict[str, jax.Array]:
           "token_type_ids": jnp.asarray(TYPES_BxL)}
 
 
-def bert_layer0(model: pretrained.Model, params: dict) -> nnx.Module:
+def bert_layer0(model: model_lib.Model, params: dict) -> nnx.Module:
   """Our first BERT layer alone: the stack's graphdef merged with the layer-0 slice of its params (as in scan)."""
   graphdef, state = nnx.split(model.module(params).bert.layers)
   return nnx.merge(graphdef, jax.tree.map(lambda a: a[0], nnx.to_pure_dict(state)))
 
 
 # What a site compares: ours(model, params, key) -> E values; theirs(HF model, reps) -> reps x E values.
-Ours = Callable[[pretrained.Model, dict, jax.Array | None], jax.Array]
+Ours = Callable[[model_lib.Model, dict, jax.Array | None], jax.Array]
 Theirs = Callable[[torch.nn.Module, int], torch.Tensor]
 
 
-def bert_embeddings_ours(model: pretrained.Model, params: dict, key: jax.Array | None) -> jax.Array:
+def bert_embeddings_ours(model: model_lib.Model, params: dict, key: jax.Array | None) -> jax.Array:
   emb = model.module(params).bert.embeddings
   return emb(jnp.asarray(IDS_BxL), jnp.asarray(MASK_BxL), jnp.asarray(TYPES_BxL), jnp.float32, key)[REAL_BxL].ravel()
 
@@ -105,7 +107,7 @@ def bert_embeddings_theirs(ref: torch.nn.Module, reps: int) -> torch.Tensor:
   return per_token(ref.bert.embeddings(input_ids=tile(IDS_BxL, reps), token_type_ids=tile(TYPES_BxL, reps)), reps)
 
 
-def bert_layer_ours(model: pretrained.Model, params: dict, key: jax.Array | None) -> jax.Array:
+def bert_layer_ours(model: model_lib.Model, params: dict, key: jax.Array | None) -> jax.Array:
   return bert_layer0(model, params)(jnp.asarray(X_BxLxD), jnp.asarray(MASK_BxL), key)[REAL_BxL].ravel()
 
 
@@ -114,7 +116,7 @@ def bert_layer_theirs(ref: torch.nn.Module, reps: int) -> torch.Tensor:
   return per_token(ref.bert.encoder.layer[0](tile(X_BxLxD, reps), attention_mask=bias), reps)
 
 
-def bert_model_ours(model: pretrained.Model, params: dict, key: jax.Array | None) -> jax.Array:
+def bert_model_ours(model: model_lib.Model, params: dict, key: jax.Array | None) -> jax.Array:
   out = model.apply(params, bert_batch(), dropout_rng=key)
   return jnp.concatenate([out["hidden"][REAL_BxL].ravel(), out["logits"].ravel()])
 
@@ -125,7 +127,7 @@ def bert_model_theirs(ref: torch.nn.Module, reps: int) -> torch.Tensor:
   return torch.cat([per_token(out.hidden_states[-1], reps), out.logits.reshape(reps, -1)], 1)
 
 
-def bert_logits_ours(model: pretrained.Model, params: dict, key: jax.Array | None) -> jax.Array:
+def bert_logits_ours(model: model_lib.Model, params: dict, key: jax.Array | None) -> jax.Array:
   return model.apply(params, bert_batch(), dropout_rng=key)["logits"].ravel()
 
 
@@ -134,7 +136,7 @@ def bert_logits_theirs(ref: torch.nn.Module, reps: int) -> torch.Tensor:
   return out.logits.reshape(reps, -1)
 
 
-def decoder_ours(model: pretrained.Model, params: dict, key: jax.Array | None) -> jax.Array:
+def decoder_ours(model: model_lib.Model, params: dict, key: jax.Array | None) -> jax.Array:
   return model.apply(params, decoder_batch(), dropout_rng=key)["logits"][REAL_BxL].ravel()
 
 
@@ -180,7 +182,7 @@ def unscaled_dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Ar
   return jnp.where(jax.random.bernoulli(rng, 1.0 - rate, x.shape), x, 0).astype(x.dtype)
 
 
-def sample_ours(site: Site, model: pretrained.Model, params: dict) -> np.ndarray:
+def sample_ours(site: Site, model: model_lib.Model, params: dict) -> np.ndarray:
   """N x E: the output under keys 0..N-1, all in one jitted vmap."""
   fn = jax.jit(lambda p, ks: jax.vmap(lambda k: site.ours(model, p, k))(ks), compiler_options=FAST_COMPILE)
   return np.asarray(fn(params, jax.vmap(jax.random.key)(jnp.arange(N))))
@@ -214,7 +216,7 @@ def agrees(s: dict[str, float]) -> bool:
   return s["z_mean_max"] < Z_MAX and s["z_var_max"] < Z_MAX and abs(s["var_ratio"] - 1) < VAR_TOL
 
 
-Setup = tuple[Site, pretrained.Model, dict, torch.nn.Module, np.ndarray]  # ..., HF model, its N x E samples
+Setup = tuple[Site, model_lib.Model, dict, torch.nn.Module, np.ndarray]  # ..., HF model, its N x E samples
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +278,7 @@ def test_comparator_rejects_wrong_dropout(setups: Callable[[str], Setup], monkey
     monkeypatch.setattr(cpu_attention, "takes", lambda *_: False)
   else:
     cfg = dataclasses.replace(model.cfg, **{site.key: 2 * RATE})
-    model = pretrained.describe(model.family, cfg, MESH)
+    model = model_lib.describe(model.family, cfg, MESH)
   s = compare(sample_ours(site, model, params), theirs)
   assert not agrees(s), s
   # each wrong side is caught by the statistic made for it: the mean for scaling, the variance for the rate

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import export_run
 from test_export import MESH, load_exported, perturbed, save_run
 
-from jaxtune import export, pretrained
 from jaxtune.config import ModelConfig
+from jaxtune.weights import pretrained
 
 TINY = {"vocab_size": 99, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
         "intermediate_size": 37, "max_position_embeddings": 40}
@@ -90,7 +91,7 @@ def test_logits_match_transformers_and_the_export_round_trips(case, tmp_path):
   params = perturbed(params, 1)
   labels = None if head == "question_answering" else [f"L{i}" for i in range(NUM_LABELS)]
   save_run(tmp_path / "run", model, params, step=2, labels=labels)
-  out = export.export(tmp_path / "run", "latest", tmp_path / "hf")
+  out = export_run(tmp_path / "run", "latest", tmp_path / "hf")
   config = json.loads((out / "config.json").read_text())
   assert config["architectures"] == [hf_class(family, head).__name__]
   if labels:

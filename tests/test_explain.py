@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import transformers
 
-from jaxtune import explain, pretrained, sharding
+from jaxtune import sharding
 from jaxtune.config import MeshConfig, ModelConfig
+from jaxtune.eval import explain
+from jaxtune.weights import pretrained
 
 REVIEWS = ["These cookies are wonderful, crisp and not too sweet. My kids ask for them every week.",
            "The coffee tasted burnt and stale, and half the pods were cracked when the box arrived."]

@@ -12,15 +12,18 @@ import optax
 import pytest
 import torch
 import transformers
-from conftest import run_script, write_config
+from conftest import export_run, load_checkpoint, run_script, write_config
 from safetensors import safe_open
 from test_gguf import write_tiny_llama
 
 from jaxtune import config as config_lib
-from jaxtune import export, pretrained, sharding, train, weights
-from jaxtune.checkpoint import Checkpoints
+from jaxtune import params as params_lib
+from jaxtune import sharding
 from jaxtune.config import MeshConfig, ModelConfig
 from jaxtune.data import batching, classification
+from jaxtune.train import loop
+from jaxtune.train.checkpoints import Checkpoints
+from jaxtune.weights import hf, pretrained
 
 MESH = sharding.make_mesh(MeshConfig())
 BASE = {"vocab_size": 99, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
@@ -37,10 +40,10 @@ DECODERS = {
 @pytest.mark.parametrize("kind, shape", [("copy", (5, 3)), ("flat", (4, 2)), ("linear", (3, 4, 2)),
                                          ("linear_hk", (2, 3, 5)), ("conv", (3, 2, 4)), ("conv_hk", (2, 3, 5))])
 def test_to_hf_inverts_to_ours(kind, shape):
-  theirs = np.arange(np.prod(shape), dtype=np.float32).reshape(weights.hf_shape(kind, shape))
-  ours = weights.to_ours(theirs, kind, shape)
+  theirs = np.arange(np.prod(shape), dtype=np.float32).reshape(hf.hf_shape(kind, shape))
+  ours = hf.to_ours(theirs, kind, shape)
   assert ours.shape == shape
-  np.testing.assert_array_equal(weights.to_hf(ours, kind), theirs)
+  np.testing.assert_array_equal(hf.to_hf(ours, kind), theirs)
   if kind.startswith("linear"):  # a real transpose, not a reshape: the inverse has something to undo
     assert not np.array_equal(ours.reshape(-1), theirs.reshape(-1))
 
@@ -86,7 +89,7 @@ def check_decoder_export(tmp_path, model_path, cls, source=None) -> None:
   model, params = pretrained.from_pretrained(ModelConfig(path=str(model_path), new_params=()), 0, MESH, 0)
   params = perturbed(params, 1)
   save_run(tmp_path / "run", model, params, step=3)
-  out = export.export(tmp_path / "run", "latest", tmp_path / "hf")
+  out = export_run(tmp_path / "run", "latest", tmp_path / "hf")
   assert json.loads((out / "config.json").read_text())["architectures"] == [cls.__name__]
   hf = load_exported(out, cls)
   ids, mask, batch = decoder_batch(model.cfg.vocab_size)
@@ -132,7 +135,7 @@ def bert_run(tmp_path_factory, tiny_bert_dir, reviews):
   """4 steps on the tiny BERT (new classifier head): checkpoints and validation evals at steps 2 and 4."""
   tmp = tmp_path_factory.mktemp("export_bert")
   cfg = config_lib.load(write_config(tmp / "c.yaml", tiny_bert_dir, reviews), ["train.max_steps=4"])
-  train.fit(cfg, tmp / "run")
+  loop.fit(cfg, tmp / "run")
   return tmp / "run"
 
 
@@ -143,7 +146,7 @@ def test_bert_classifier_export_via_cli(bert_run, tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temp dir left beside it
   hf = load_exported(out, transformers.BertForSequenceClassification)
   assert hf.config.architectures == ["BertForSequenceClassification"]  # the source said BertModel
-  meta, model, params = export.load_checkpoint(bert_run, "2")
+  meta, model, params = load_checkpoint(bert_run, "2")
   assert hf.config.id2label == {i: str(label) for i, label in enumerate(meta["labels"])} and len(meta["labels"]) > 1
   cfg = config_lib.from_dict(config_lib.Config, meta["config"])
   tokenizer_files = {p.name for p in (bert_run / "tokenizer").iterdir()}
@@ -153,7 +156,7 @@ def test_bert_classifier_export_via_cli(bert_run, tmp_path):
   rows = np.arange(len(data["validation"]))
   batch = batching.collate(data["validation"], rows, len(rows), cfg.data.length_buckets, cfg.data.max_len)
   assert (batch["attention_mask"] == 0).any()  # padding in the batch
-  ours = np.asarray(model.apply(sharding.unflatten(params), batch)["logits"])
+  ours = np.asarray(model.apply(params_lib.unflatten(params), batch)["logits"])
   with torch.no_grad():
     theirs = hf(**{k: torch.from_numpy(batch[k]).long() for k in ("input_ids", "attention_mask", "token_type_ids")},
                 labels=torch.from_numpy(batch["labels"]).long())

@@ -16,11 +16,13 @@ import pytest
 from conftest import records, write_config
 from test_train import CLS, tiny_state, toy_batch
 
-from jaxtune import config, errors, optim, rundir, sharding, steps, train
-from jaxtune.checkpoint import Checkpoints
+from jaxtune import config, errors
+from jaxtune import params as params_lib
 from jaxtune.config import OptimConfig
 from jaxtune.data import batching
 from jaxtune.errors import UserError
+from jaxtune.train import loop, optim, rundir, steps
+from jaxtune.train.checkpoints import Checkpoints
 
 
 def test_a_skipped_non_finite_step_changes_nothing_and_says_so(tiny_bert_dir):
@@ -38,8 +40,8 @@ def test_a_skipped_non_finite_step_changes_nothing_and_says_so(tiny_bert_dir):
   state, metrics = step(state, toy_batch(bs))
   assert bool(metrics["finite"])
   changed = jax.device_get(state.params)
-  assert not np.array_equal(sharding.flatten(changed)["classifier.kernel"],
-                            sharding.flatten(before[0])["classifier.kernel"])
+  assert not np.array_equal(params_lib.flatten(changed)["classifier.kernel"],
+                            params_lib.flatten(before[0])["classifier.kernel"])
 
 
 def poison_steps(monkeypatch, steps, batch_size):
@@ -68,7 +70,7 @@ def nan_cfg(tiny_bert_dir, reviews, tmp_path):
 def test_nonfinite_stop_keeps_the_good_checkpoints_and_names_the_step(nan_cfg, tmp_path, monkeypatch):
   poison_steps(monkeypatch, {3}, 8)
   with pytest.raises(errors.Stopped, match=r"step 3: the loss is nan; the run stopped") as stopped:
-    train.fit(nan_cfg(), tmp_path / "run")
+    loop.fit(nan_cfg(), tmp_path / "run")
   assert stopped.value.code == errors.EXIT_NONFINITE == 3
   assert Checkpoints(tmp_path / "run", read_only=True).steps() == [2]  # nothing saved at or after the NaN step
   assert not (tmp_path / "run" / ".lock").exists()
@@ -76,7 +78,7 @@ def test_nonfinite_stop_keeps_the_good_checkpoints_and_names_the_step(nan_cfg, t
 
 def test_nonfinite_skip_drops_the_update_logs_it_and_stops_after_n_in_a_row(nan_cfg, tmp_path, monkeypatch):
   poison_steps(monkeypatch, {3}, 8)
-  train.fit(nan_cfg("train.nonfinite=skip"), tmp_path / "once")
+  loop.fit(nan_cfg("train.nonfinite=skip"), tmp_path / "once")
   log = records(tmp_path / "once")
   assert [r["step"] for r in log if r.get("event") == "skipped_update"] == [3]
   (nan_record,) = [r for r in log if r.get("step") == 3 and "loss" in r]
@@ -88,7 +90,7 @@ def test_nonfinite_skip_drops_the_update_logs_it_and_stops_after_n_in_a_row(nan_
   assert Checkpoints(tmp_path / "once", read_only=True).steps() == [2, 4, 6]
   poison_steps(monkeypatch, {2, 3, 4}, 8)
   with pytest.raises(errors.Stopped, match=r"step 3: the loss was nan for 2 steps in a row") as stopped:
-    train.fit(nan_cfg("train.nonfinite=skip", "train.nonfinite_max_skips=2"), tmp_path / "twice")
+    loop.fit(nan_cfg("train.nonfinite=skip", "train.nonfinite_max_skips=2"), tmp_path / "twice")
   assert stopped.value.code == 3
   assert Checkpoints(tmp_path / "twice", read_only=True).steps() == [2]
 
@@ -100,20 +102,20 @@ def test_the_lock_refuses_a_live_writer_and_takes_over_a_dead_ones(tiny_bert_dir
   lock = run / rundir.LOCK
   lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid()}))  # alive: pytest's parent
   with pytest.raises(UserError, match=rf"is in use by process {os.getppid()} on {socket.gethostname()}"):
-    train.fit(cfg, run)
+    loop.fit(cfg, run)
   lock.write_text(json.dumps({"host": "elsewhere", "pid": 1}))  # cannot be checked from here: refused too
   with pytest.raises(UserError, match="in use by process 1 on elsewhere"):
-    train.fit(cfg, run)
+    loop.fit(cfg, run)
   gone = subprocess.Popen([sys.executable, "-c", "pass"])
   gone.wait()
   lock.write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid}))
-  train.fit(cfg, run)
+  loop.fit(cfg, run)
   assert f"removing the stale lock {lock} of process {gone.pid}" in capsys.readouterr().err
   assert not lock.exists() and Checkpoints(run, read_only=True).steps() == [2]
 
 
 def test_a_first_signal_asks_to_stop_a_second_ctrl_c_interrupts():
-  stop, before = rundir.StopRequests(), signal.getsignal(signal.SIGINT)
+  stop, before = loop.StopRequests(), signal.getsignal(signal.SIGINT)
   with stop.active():
     os.kill(os.getpid(), signal.SIGTERM)
     assert stop.signal == "SIGTERM"
@@ -124,7 +126,7 @@ def test_a_first_signal_asks_to_stop_a_second_ctrl_c_interrupts():
 
 def test_time_based_saves(nan_cfg, tmp_path):
   """checkpoint.save_every_minutes saves whenever that long has passed, whatever save_every says."""
-  train.fit(nan_cfg("checkpoint.save_every=100", "checkpoint.save_every_minutes=1e-9"), tmp_path / "often")
+  loop.fit(nan_cfg("checkpoint.save_every=100", "checkpoint.save_every_minutes=1e-9"), tmp_path / "often")
   assert Checkpoints(tmp_path / "often", read_only=True).steps() == [2, 3, 4, 5, 6]  # keep_last 5
-  train.fit(nan_cfg("checkpoint.save_every=100", "checkpoint.save_every_minutes=0"), tmp_path / "never")
+  loop.fit(nan_cfg("checkpoint.save_every=100", "checkpoint.save_every_minutes=0"), tmp_path / "never")
   assert Checkpoints(tmp_path / "never", read_only=True).steps() == [6]  # the last step only

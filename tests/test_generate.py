@@ -9,8 +9,10 @@ import pytest
 import torch
 import transformers
 
-from jaxtune import generate, pretrained, sharding
+from jaxtune import sharding
 from jaxtune.config import MeshConfig, ModelConfig
+from jaxtune.generation import decoder as generate
+from jaxtune.weights import pretrained
 
 CASES = {
     "llama": (transformers.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from jaxtune import metrics
+from jaxtune.tasks import metrics
 
 
 def test_bleu_by_hand():

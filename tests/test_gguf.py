@@ -8,8 +8,8 @@ import gguf
 import numpy as np
 import pytest
 
-from jaxtune import gguf as jgguf
 from jaxtune.errors import UserError
+from jaxtune.weights import gguf as jgguf
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:

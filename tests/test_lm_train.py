@@ -11,10 +11,13 @@ import pytest
 import yaml
 from conftest import records, run_script
 
-from jaxtune import config, evaluate, pretrained, sharding, steps, train
+from jaxtune import config, sharding
 from jaxtune.config import MeshConfig, ModelConfig
 from jaxtune.errors import UserError
+from jaxtune.eval import evaluate
 from jaxtune.tasks import TASKS
+from jaxtune.train import loop, steps
+from jaxtune.weights import pretrained
 
 LM = TASKS["causal_lm"]
 
@@ -39,7 +42,7 @@ def test_packed_text_finetune_lowers_loss_and_evaluate_reproduces_it(tmp_path, t
   for i, part in enumerate((texts[:48], texts[48:])):
     (tmp_path / f"part{i}.txt").write_text("\n".join(part) + "\n")
   cfg = lm_config(tmp_path, tiny_llama_dir, {**reviews, "train": tmp_path / "part*.txt"}, pack=True)
-  train.fit(config.load(cfg), tmp_path / "run", quiet=True)  # in process: the CLIs are tested elsewhere
+  loop.fit(config.load(cfg), tmp_path / "run", quiet=True)  # in process: the CLIs are tested elsewhere
   evals = [r for r in records(tmp_path / "run") if r.get("split") == "validation"]
   assert [e["step"] for e in evals] == [3, 6] and evals[1]["loss"] < evals[0]["loss"]
   assert evals[1]["perplexity"] == pytest.approx(np.exp(evals[1]["loss"]), rel=1e-6)
@@ -90,4 +93,4 @@ def test_task_and_model_kind_must_agree(tmp_path, tiny_llama_dir, reviews):
   raw["data"] = {**raw["data"], "label_column": "score"}
   path.write_text(yaml.safe_dump({k: v for k, v in raw.items() if k != "generate"}))
   with pytest.raises(UserError, match="is a llama decoder, but task classification needs an encoder model"):
-    train.fit(config.load(path), tmp_path / "run")
+    loop.fit(config.load(path), tmp_path / "run")

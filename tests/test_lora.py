@@ -12,13 +12,19 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import records, run_script, write_config
+from conftest import export_run, records, run_script, write_config
 from test_export import decoder_batch, load_exported
 
 from jaxtune import config as config_lib
-from jaxtune import evaluate, export, lora, pretrained, sharding, train
+from jaxtune import params as params_lib
+from jaxtune import sharding
 from jaxtune.config import LoraConfig, MeshConfig, ModelConfig
 from jaxtune.errors import UserError
+from jaxtune.models import FAMILIES
+from jaxtune.models import model as model_lib
+from jaxtune.train import loop, restore, setup
+from jaxtune.weights import peft as peft_export
+from jaxtune.weights import pretrained
 
 MESH = sharding.make_mesh(MeshConfig())
 BERT_TARGETS = [r"bert\.layers\.(query|value|mlp_in)\.kernel"]
@@ -26,7 +32,7 @@ LLAMA_TARGETS = [r"layers\.attn\.(q|k|v|o)\.kernel", r"layers\.mlp\.(gate|up|dow
 
 
 def flat_host(tree) -> dict[str, np.ndarray]:
-  return {p: np.asarray(a) for p, a in sharding.flatten(jax.device_get(tree)).items()}
+  return {p: np.asarray(a) for p, a in params_lib.flatten(jax.device_get(tree)).items()}
 
 
 def fit_run(tmp_path, model_dir, reviews, model: dict, steps: int = 4, overrides: tuple[str, ...] = (), **train_cfg):
@@ -34,9 +40,9 @@ def fit_run(tmp_path, model_dir, reviews, model: dict, steps: int = 4, overrides
   tmp_path.mkdir(parents=True, exist_ok=True)
   cfg = config_lib.load(write_config(tmp_path / "c.yaml", model_dir, reviews, model=model),
                         [f"train.max_steps={steps}", *(f"train.{k}={v}" for k, v in train_cfg.items()), *overrides])
-  run = train.prepare(cfg, tmp_path / "run")
+  run = setup.prepare(cfg, tmp_path / "run")
   initial = flat_host(run.state.params)
-  state, _, _ = train.loop(run)
+  state, _, _ = loop.loop(run)
   run.ckpts.wait()
   run.ckpts.close()
   run.lock.release()
@@ -75,7 +81,7 @@ def test_lora_trains_only_adapters_head_and_listed(lora_run):
   assert not np.any(initial["bert.layers.query.lora_b"])  # B starts at zero: the pretrained function
   # Frozen params have no optimiser state: every moment tree holds exactly the trainable paths.
   mu = state.opt_state[1][0].mu
-  assert set(sharding.flatten(mu)) == trainable
+  assert set(params_lib.flatten(mu)) == trainable
   start = next(r for r in records(run_dir) if r.get("event") == "start")
   assert start["trainable_params"] == sum(final[p].size for p in trainable)
   assert start["total_params"] == sum(a.size for a in final.values())
@@ -85,8 +91,8 @@ def test_lora_trains_only_adapters_head_and_listed(lora_run):
 def test_checkpoint_holds_only_trainable_and_restores_onto_base(lora_run, tiny_bert_dir):
   run_dir, run, _, state = lora_run
   saved = ocp.StandardCheckpointer().metadata(run_dir / "checkpoints" / "4" / "params").item_metadata.tree
-  assert set(sharding.flatten(saved)) == {p for p in run.model.abstract if p not in run.model.frozen}
-  _, model, params, step = evaluate.restore_step(run_dir, "latest", MESH)  # frozen params from the base dir
+  assert set(params_lib.flatten(saved)) == {p for p in run.model.abstract if p not in run.model.frozen}
+  _, model, params, step = restore.restore_step(run_dir, "latest", MESH)  # frozen params from the base dir
   assert step == 4 and model.frozen == run.model.frozen
   want = flat_host(state.params)
   got = flat_host(params)
@@ -106,15 +112,15 @@ def bert_inputs(tokenizer_dir):
 
 def test_merged_and_peft_exports_give_adapter_logits(lora_run, tiny_bert_dir, tmp_path):
   run_dir, _, _, _ = lora_run
-  _, model, params, _ = evaluate.restore_step(run_dir, "latest", MESH)
+  _, model, params, _ = restore.restore_step(run_dir, "latest", MESH)
   batch, inputs = bert_inputs(tiny_bert_dir)
   ours = np.asarray(model.apply(params, batch)["logits"])
   # Our forward on the merged kernels (no adapters) equals the adapter forward.
-  plain = pretrained.describe(model.family, model.cfg, MESH, hf_config=model.hf_config)
-  merged = lora.merged(flat_host(params), model.lora)
+  plain = model_lib.describe(model.family, model.cfg, MESH, hf_config=model.hf_config)
+  merged = peft_export.merged(flat_host(params), model.lora)
   assert set(merged) == set(plain.abstract)
-  np.testing.assert_allclose(np.asarray(plain.apply(sharding.unflatten(merged), batch)["logits"]), ours, atol=1e-5)
-  export.export(run_dir, "latest", tmp_path / "hf")
+  np.testing.assert_allclose(np.asarray(plain.apply(params_lib.unflatten(merged), batch)["logits"]), ours, atol=1e-5)
+  export_run(run_dir, "latest", tmp_path / "hf")
   hf = load_exported(tmp_path / "hf", transformers.BertForSequenceClassification)
   with torch.no_grad():
     np.testing.assert_allclose(hf(**inputs).logits.numpy(), ours, atol=1e-4)
@@ -128,7 +134,7 @@ def test_merged_and_peft_exports_give_adapter_logits(lora_run, tiny_bert_dir, tm
     theirs = with_adapter(**inputs).logits.numpy()
   assert np.abs(theirs - ours).max() <= 1e-4
   no_adapters = {p: np.zeros_like(v) if p.endswith("lora_b") else v for p, v in flat_host(params).items()}
-  without = np.asarray(model.apply(sharding.unflatten(no_adapters), batch)["logits"])
+  without = np.asarray(model.apply(params_lib.unflatten(no_adapters), batch)["logits"])
   assert np.abs(without - ours).max() > 5e-4  # 5x the tolerance: the adapters' share is checked too
 
 
@@ -158,9 +164,9 @@ def test_decoder_adapters_on_every_projection_match_peft(name, tiny_llama_dir, t
     if path.endswith(".lora_b"):  # trained adapters: B away from its zero start
       flat[path] = rng.normal(0, 0.3, flat[path].shape).astype(np.float32)
   ids, mask, batch = decoder_batch(model.cfg.vocab_size)
-  ours = np.asarray(model.apply(sharding.unflatten(flat), batch)["logits"])
-  family = pretrained.FAMILIES[model.family]
-  adapter_config, tensors = lora.peft_adapter(flat, family.param_map(model.cfg), model.frozen, model_cfg,
+  ours = np.asarray(model.apply(params_lib.unflatten(flat), batch)["logits"])
+  family = FAMILIES[model.family]
+  adapter_config, tensors = peft_export.peft_adapter(flat, family.param_map(model.cfg), model.frozen, model_cfg,
                                               "causal_lm", fan_in_fan_out=name == "gpt2")
   assert len(adapter_config["target_modules"]) == per_layer * 2  # both tiny models have 2 layers
   assert adapter_config["modules_to_save"] == []  # a causal LM under LoRA trains nothing else
@@ -170,15 +176,15 @@ def test_decoder_adapters_on_every_projection_match_peft(name, tiny_llama_dir, t
     before = base(**inputs).logits.numpy()
   out = model_dir.parent / f"{name}_peft"
   out.mkdir(exist_ok=True)
-  lora.write_peft(out, adapter_config, tensors)
+  peft_export.write_peft(out, adapter_config, tensors)
   with torch.no_grad():
     theirs = peft.PeftModel.from_pretrained(base, out).eval()(**inputs).logits.numpy()
   real = mask.astype(bool)
   assert np.abs(theirs - ours)[real].max() <= 1e-4
   assert np.abs(before - ours)[real].max() > 1e-2  # the adapters changed the function, so the match means something
-  merged = lora.merged(flat, model.lora)
-  plain = pretrained.describe(model.family, model.cfg, MESH, hf_config=model.hf_config)
-  np.testing.assert_allclose(np.asarray(plain.apply(sharding.unflatten(merged), batch)["logits"])[real], ours[real],
+  merged = peft_export.merged(flat, model.lora)
+  plain = model_lib.describe(model.family, model.cfg, MESH, hf_config=model.hf_config)
+  np.testing.assert_allclose(np.asarray(plain.apply(params_lib.unflatten(merged), batch)["logits"])[real], ours[real],
                              atol=1e-4)
 
 
@@ -191,7 +197,7 @@ def test_freeze_without_lora_and_grad_accum(tmp_path, tiny_bert_dir, reviews):
   assert run.model.frozen == {p for p in final if p.startswith("bert.embeddings.") or "norm." in p}
   for path in final:
     assert np.array_equal(final[path], initial[path]) == (path in run.model.frozen), path
-  assert not set(sharding.flatten(state.opt_state[1][0].nu)) & run.model.frozen
+  assert not set(params_lib.flatten(state.opt_state[1][0].nu)) & run.model.frozen
 
 
 def test_lora_resume_is_exact(lora_run, tmp_path, tiny_bert_dir, reviews):
@@ -201,8 +207,8 @@ def test_lora_resume_is_exact(lora_run, tmp_path, tiny_bert_dir, reviews):
   fit_run(tmp_path, tiny_bert_dir, reviews, model, steps=2, overrides=LARGE_STEP)
   cfg = config_lib.load(write_config(tmp_path / "c.yaml", tiny_bert_dir, reviews, model=model),
                         ["train.max_steps=4", *LARGE_STEP])
-  run = train.prepare(cfg, tmp_path / "run", resume=True, extend=True)
-  state, _, _ = train.loop(run)
+  run = setup.prepare(cfg, tmp_path / "run", resume=True, extend=True)
+  state, _, _ = loop.loop(run)
   run.ckpts.wait()
   run.ckpts.close()
   run.lock.release()

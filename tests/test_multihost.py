@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from conftest import REPO, records, run_script, save_tiny_bert, write_config
 
-from jaxtune import distributed, evaluate, sharding
+from jaxtune import distributed, sharding
+from jaxtune import params as params_lib
 from jaxtune.config import MeshConfig
 from jaxtune.errors import UserError
+from jaxtune.train import restore
 
 
 def free_port() -> int:
@@ -70,8 +72,8 @@ def test_two_processes_match_one_process_with_eight_devices(config_path, tmp_pat
     for key in set(w) - {"processes", "examples_per_s", "tokens_per_s"}:
       assert g[key] == (pytest.approx(w[key], rel=1e-6, abs=1e-7) if isinstance(w[key], float) else w[key]), key
   # The checkpoint both processes wrote together holds the single-process params.
-  single = sharding.flatten(evaluate.restore_step(tmp_path / "one", "latest", sharding.make_mesh(MeshConfig()))[2])
-  multi = sharding.flatten(evaluate.restore_step(tmp_path / "two", "latest", sharding.make_mesh(MeshConfig()))[2])
+  single = params_lib.flatten(restore.restore_step(tmp_path / "one", "latest", sharding.make_mesh(MeshConfig()))[2])
+  multi = params_lib.flatten(restore.restore_step(tmp_path / "two", "latest", sharding.make_mesh(MeshConfig()))[2])
   for path, value in single.items():
     np.testing.assert_allclose(np.asarray(multi[path]), np.asarray(value), atol=1e-6, rtol=0, err_msg=path)
   # Both runs continue for 2 more steps in one process on another layout (tensor2 x data4): the

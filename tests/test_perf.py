@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune import bench, perf
 from jaxtune.models import layers
+from jaxtune.tools import bench
+from jaxtune.train import perf
 
 
 def test_flops_per_token_of_minilm_and_smollm2_by_hand():

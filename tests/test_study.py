@@ -8,7 +8,7 @@ import math
 import pytest
 from conftest import run_script, write_config
 
-from jaxtune import study
+from jaxtune.tools import study
 
 
 def test_summary_of_a_hand_worked_case():

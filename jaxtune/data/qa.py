@@ -16,10 +16,7 @@ than that margin.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import re
-import string
 from collections.abc import Sequence
 from typing import Any
 
@@ -138,37 +135,3 @@ def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, data: Features,
       text = ""
     answers[example.id] = text
   return answers
-
-
-def normalize_answer(text: str) -> str:
-  """The SQuAD evaluation script's normalisation: lower case, no punctuation, no articles, single spaces."""
-  text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
-  return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
-
-
-_PUNCTUATION = frozenset(string.punctuation)
-
-
-def f1_score(prediction: str, truth: str) -> float:
-  """Token-overlap F1 of the normalised texts (1 if both are empty, 0 if only one is)."""
-  pred, gold = normalize_answer(prediction).split(), normalize_answer(truth).split()
-  if not pred or not gold:
-    return float(pred == gold)
-  same = sum((collections.Counter(pred) & collections.Counter(gold)).values())
-  if same == 0:
-    return 0.0
-  precision, recall = same / len(pred), same / len(gold)
-  return 2 * precision * recall / (precision + recall)
-
-
-def squad_metrics(predictions: dict[str, str], examples: Sequence[Example]) -> dict[str, float]:
-  """exact_match and f1 (fractions, x100 for the usual SQuAD figures): each the best over an example's gold
-  answers; a question without answers counts as answered correctly only by ""."""
-  em = f1 = 0.0
-  for example in examples:
-    golds = example.answers or ("",)
-    prediction = predictions[example.id]
-    em += max(float(normalize_answer(prediction) == normalize_answer(g)) for g in golds)
-    f1 += max(f1_score(prediction, g) for g in golds)
-  n = max(len(examples), 1)
-  return {"exact_match": em / n, "f1": f1 / n}

@@ -78,21 +78,3 @@ def encode(words: Sequence[Sequence[str]], tags: Sequence[Sequence[str]], tokeni
   as_arrays = lambda rows: [np.asarray(r, np.int32) for r in rows]
   return Tagged(as_arrays(enc["input_ids"]), as_arrays(enc["token_type_ids"]), token_labels,
                 np.asarray([len(w) for w in words], np.int32))
-
-
-def metrics(preds: Sequence[np.ndarray], data: Tagged, labels: Sequence[str]) -> dict[str, float]:
-  """Entity-level precision / recall / F1 (seqeval, CoNLL evaluation rules) and token accuracy over the words
-  that fit; preds[i] holds row i's predicted tag id per token."""
-  from seqeval.metrics import f1_score, precision_score, recall_score
-
-  gold, pred = [], []
-  for row in range(len(data)):
-    first = data.labels[row] != IGNORE
-    gold.append([labels[t] for t in data.labels[row][first]])
-    pred.append([labels[t] for t in np.asarray(preds[row])[:len(first)][first]])
-  words = sum(len(g) for g in gold)
-  correct = sum(int(a == b) for g, p in zip(gold, pred) for a, b in zip(g, p))
-  return {"precision": float(precision_score(gold, pred, zero_division=0)),
-          "recall": float(recall_score(gold, pred, zero_division=0)),
-          "f1": float(f1_score(gold, pred, zero_division=0)), "accuracy": correct / max(words, 1),
-          "num_examples": len(data), "num_words": words, "words_cut": int(data.num_words.sum()) - words}

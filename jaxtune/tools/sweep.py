@@ -13,11 +13,11 @@ from typing import Any
 
 import yaml
 
-from jaxtune import compare
 from jaxtune import config as config_lib
 from jaxtune.errors import UserError
+from jaxtune.tools import compare
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 def parse_grid(items: Sequence[str]) -> list[tuple[str, list[Any]]]:

@@ -168,7 +168,7 @@ def write_report(report: dict[str, Any], path: Path) -> str:
   """Writes `report` as JSON to `path` (atomically); returns it as a few lines of text."""
   import json
 
-  from jaxtune import rundir
+  from jaxtune.train import rundir
 
   rundir.write_text(path, json.dumps(report, indent=2) + "\n")
   phases = ("imports", "data", "weights", "setup", "compile", "train", "eval", "checkpoint")

@@ -7,7 +7,7 @@ is slower on a shared VM (on this 2-core machine jaxtune's MiniLM step took 5.5 
 3.2 s after one of its own, as the memory it freed was handed back to the host in between), and a training
 run never alternates. Weights are random: a step's time does not depend on their values.
 
-Run it through scripts/benchmark.py peer; `python -m jaxtune.bench worker SIDE SPEC` is the worker.
+Run it through scripts/benchmark.py peer; `python -m jaxtune.tools.bench worker SIDE SPEC` is the worker.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from jaxtune import perf
+from jaxtune.train import perf
 
 # Named shapes: the HF config.json of each (random weights), the task, and defaults for batch x length and dropout.
 _BERT = {"model_type": "bert", "vocab_size": 30522, "max_position_embeddings": 512, "type_vocab_size": 2,
@@ -96,9 +96,13 @@ def _jax_side(spec: Spec, compiler_options: dict[str, Any] | None = None) -> tup
   import jax
   import jax.numpy as jnp
 
-  from jaxtune import optim, pretrained, sharding, steps
+  from jaxtune import params as params_lib
+  from jaxtune import sharding
   from jaxtune.config import MeshConfig, ModelConfig, OptimConfig
+  from jaxtune.models.model import init_params
   from jaxtune.tasks import TASKS
+  from jaxtune.train import optim, steps
+  from jaxtune.weights import pretrained
 
   mesh = sharding.make_mesh(MeshConfig())
   num_labels = 2 if spec.task == "classification" else 0
@@ -107,7 +111,7 @@ def _jax_side(spec: Spec, compiler_options: dict[str, Any] | None = None) -> tup
   opt = OptimConfig(lr=1e-4, schedule="constant")
   tx = optim.make(opt, 1000)
   shardings = steps.state_shardings(model, tx)
-  state = steps.init_state(sharding.unflatten(pretrained.init_params(model, spec.seed)), tx, spec.seed, shardings)
+  state = steps.init_state(params_lib.unflatten(init_params(model, spec.seed)), tx, spec.seed, shardings)
   batch_sharding = sharding.batch_sharding(mesh)
   step = steps.make_train_step(model, TASKS[spec.task], tx, optim.schedule(opt, 1000), jnp.dtype(spec.dtype),
                                shardings, batch_sharding, remat=spec.remat)
@@ -132,8 +136,9 @@ def _torch_side(spec: Spec) -> tuple[Any, dict[str, Any]]:
   import torch
   import transformers
 
-  from jaxtune import export, torch_ref
   from jaxtune.config import OptimConfig
+  from jaxtune.tools import torch_ref
+  from jaxtune.weights import export
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch.set_num_threads(os.cpu_count() or 1)
@@ -228,7 +233,7 @@ class _Worker:
 
   def __init__(self, side: str, spec: Spec):
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}  # share one GPU with the torch side
-    self.proc = subprocess.Popen([sys.executable, "-m", "jaxtune.bench", "worker", side,
+    self.proc = subprocess.Popen([sys.executable, "-m", "jaxtune.tools.bench", "worker", side,
                                   json.dumps(dataclasses.asdict(spec))], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, text=True, env=env)
     self.facts = self._read()

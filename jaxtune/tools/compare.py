@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxtune import metrics
 from jaxtune.errors import UserError
+from jaxtune.train import runlog
 
 COLUMNS = ("run", "status", "step", "model", "lora", "trainable_params", "best", "last", "tokens_per_s", "mfu",
            "train_s", "wall_s", "peak_host_gb")
@@ -21,7 +21,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
   run_dir = Path(run_dir)
   if not (run_dir / "config.yaml").is_file():
     raise UserError(f"{run_dir} is not a run directory (no config.yaml); pass run dirs written by finetune.py.")
-  records = metrics.read_records(run_dir)
+  records = runlog.read_records(run_dir)
   evals = [r for r in records if r.get("split") == "validation"]
   steps = [r["step"] for r in records if "loss" in r and "split" not in r]
   summary_path = run_dir / "summary.json"

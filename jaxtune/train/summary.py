@@ -9,8 +9,9 @@ from typing import Any
 
 import jax
 
-from jaxtune import metrics
+from jaxtune import tasks
 from jaxtune.config import Config
+from jaxtune.train import runlog
 
 PACKAGES = ("jaxtune", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers")
 
@@ -49,7 +50,8 @@ def build(cfg: Config, run_dir: Path, report: dict[str, Any], sizes: dict[str, i
           final_step: int, total_steps: int, status: str) -> dict[str, Any]:
   """The summary of a run: versions, devices, mesh, commit, seed, time by phase, throughput, MFU, memory,
   param counts and the best and last validation metrics."""
-  evals = [r for r in metrics.read_records(run_dir) if r.get("split") == "validation"]
+  evals = [r for r in runlog.read_records(run_dir) if r.get("split") == "validation"]
+  best = tasks.checkpoint_config(cfg)
   device = jax.devices()[0]
   return {
       "status": status, "step": final_step, "total_steps": total_steps, "task": cfg.task, "model": cfg.model.path,
@@ -59,6 +61,6 @@ def build(cfg: Config, run_dir: Path, report: dict[str, Any], sizes: dict[str, i
       "mesh": mesh, **sizes,
       "lora": {"targets": list(cfg.model.lora.targets), "rank": cfg.model.lora.rank} if cfg.model.lora.on else None,
       "timing": report,
-      "best_eval": best_eval(evals, cfg.checkpoint.best_metric, cfg.checkpoint.best_mode),
+      "best_eval": best_eval(evals, best.best_metric, best.best_mode),
       "last_eval": evals[-1] if evals else None,
   }

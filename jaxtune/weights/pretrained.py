@@ -1,46 +1,25 @@
-"""Builds a model from a HF checkpoint directly into its shardings: abstract init, then load."""
+"""A model from an HF checkpoint (directory, hub id or GGUF file), loaded straight into its shardings.
+
+`from_config` describes the model a config.json gives (models/model.py: abstract init, shardings);
+`load_params` then reads every param from the checkpoint onto its devices and initialises the new
+ones (a task head, LoRA adapters). The tokenizer comes from the same place.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-import jax
 import transformers
-from flax import nnx
 from jax.sharding import Mesh
 
-from jaxtune import gguf, lora, sharding, weights
-from jaxtune.config import LoraConfig, ModelConfig
+from jaxtune import params as params_lib
+from jaxtune import sharding
+from jaxtune.config import ModelConfig
 from jaxtune.errors import UserError
-from jaxtune.models import FAMILIES, ModelFamily, layers
-
-
-@dataclasses.dataclass(frozen=True)
-class Model:
-  family: str  # key of FAMILIES (the HF model_type)
-  cfg: Any  # the family's frozen config
-  hf_config: dict[str, Any]  # the checkpoint's config.json (or the GGUF-derived one), for export
-  graphdef: nnx.GraphDef  # module structure; merge with params to call it
-  abstract: dict[str, jax.ShapeDtypeStruct]  # flat param path -> shape/dtype
-  axes: dict[str, tuple[str | None, ...]]  # flat param path -> logical name of each dim
-  shardings: dict[str, Any]  # pure-dict tree of NamedShardings, same structure as params
-  rules: sharding.Rules  # logical -> mesh axes, for params (above) and activations (in apply)
-  lora: LoraConfig = LoraConfig()  # adapters attached to the module (model.lora)
-  frozen: frozenset[str] = frozenset()  # param paths that do not train (model.freeze, and the base under LoRA)
-
-  def module(self, params: dict[str, Any]) -> nnx.Module:
-    return nnx.merge(self.graphdef, params)
-
-  def apply(self, params: dict[str, Any], batch: dict[str, jax.Array], **kwargs: Any) -> dict[str, jax.Array]:
-    """The module's outputs, its activations constrained to the rules' shardings while traced."""
-    adapter_rng = kwargs.get("dropout_rng") if self.lora.dropout > 0 else None
-    with sharding.activation_rules(self.mesh, self.rules), layers.adapter_rng(adapter_rng):
-      return self.module(params)(batch, **kwargs)
-
-  @property
-  def mesh(self) -> Mesh:
-    return jax.tree.leaves(self.shardings)[0].mesh
+from jaxtune.models import FAMILIES, ModelFamily, lora
+from jaxtune.models.model import Model, describe, init_params
+from jaxtune.weights import gguf, hf
 
 
 def family_of(hf_config: dict[str, Any]) -> tuple[str, ModelFamily]:
@@ -51,56 +30,20 @@ def family_of(hf_config: dict[str, Any]) -> tuple[str, ModelFamily]:
   return model_type, FAMILIES[model_type]
 
 
-def _construct(family: str, cfg: Any, lora_cfg: LoraConfig, seed: int) -> nnx.Module:
-  """The family's module with its LoRA adapters attached (their init draws after the model's)."""
-  rngs = nnx.Rngs(seed)
-  module = FAMILIES[family].module(cfg, rngs=rngs)
-  lora.attach(module, lora_cfg, rngs)
-  return module
-
-
-def describe(family: str, cfg: Any, mesh: Mesh, seed: int = 0, hf_config: dict[str, Any] | None = None,
-             rules: sharding.Rules = sharding.RULES, model_cfg: ModelConfig | None = None) -> Model:
-  """Model structure and param shardings, without allocating any parameter.
-
-  `model_cfg` brings LoRA adapters (model.lora) and frozen params (model.freeze); None: neither."""
-  lora_cfg = model_cfg.lora if model_cfg is not None else LoraConfig()
-  abstract_module = nnx.eval_shape(lambda: _construct(family, cfg, lora_cfg, seed))
-  graphdef, state = nnx.split(abstract_module)
-  variables = sharding.flat_variables(state)
-  abstract = {p: v.get_value() for p, v in variables.items()}
-  axes = {p: tuple(v.get_metadata()["axes"]) for p, v in variables.items()}
-  frozen = lora.frozen(abstract, model_cfg) if model_cfg is not None else frozenset()
-  return Model(family, cfg, hf_config or {}, graphdef, abstract, axes, sharding.param_shardings(state, mesh, rules),
-               rules, lora_cfg, frozen)
-
-
-def init_params(model: Model, seed: int, only: set[str] | None = None) -> dict[str, jax.Array]:
-  """Randomly initialised params (flat), each created on its devices; `only` limits which."""
-  flat_shardings = sharding.flatten(model.shardings)
-  keep = set(flat_shardings) if only is None else only
-
-  def init() -> dict[str, jax.Array]:  # XLA drops the initialisers of params not returned
-    state = nnx.state(_construct(model.family, model.cfg, model.lora, seed))
-    return {p: v.get_value() for p, v in sharding.flat_variables(state).items() if p in keep}
-
-  return jax.jit(init, out_shardings={p: flat_shardings[p] for p in keep})()
-
-
 def open_checkpoint(model_cfg: ModelConfig) -> tuple[dict[str, Any], Any]:
   """(HF config dict, tensor reader) of an HF directory, hub id or llama.cpp .gguf file."""
-  local = weights.resolve_path(model_cfg.path)
+  local = hf.resolve_path(model_cfg.path)
   if local.suffix == ".gguf":
     reader = gguf.GGUFReader(local)
     return reader.hf_config(), reader
-  model_dir = weights.resolve_model_dir(model_cfg.path)
-  return weights.read_hf_config(model_dir), weights.SafetensorsReader(model_dir)
+  model_dir = hf.resolve_model_dir(model_cfg.path)
+  return hf.read_hf_config(model_dir), hf.SafetensorsReader(model_dir)
 
 
 def load_tokenizer(model_cfg: ModelConfig) -> Any:
   """model.tokenizer if set, else the tokenizer stored with the checkpoint (HF dir or GGUF metadata)."""
   source = model_cfg.tokenizer or model_cfg.path
-  local = weights.resolve_path(source)
+  local = hf.resolve_path(source)
   try:
     if local.suffix == ".gguf":
       return gguf.load_tokenizer(local)
@@ -143,15 +86,15 @@ def load_params(model: Model, model_cfg: ModelConfig, reader: Any, seed: int,
   """Params read from `reader` (see `open_checkpoint`) straight into their shardings; new_params and LoRA
   adapters initialised. With `only`, just those params (flat), all read from the checkpoint."""
   family = FAMILIES[model.family]
-  loaded = weights.load_params(
-      model.abstract, sharding.flatten(model.shardings), family.param_map(model.cfg),
+  loaded = hf.load_params(
+      model.abstract, params_lib.flatten(model.shardings), family.param_map(model.cfg),
       reader, new_params=() if only is not None else (*model_cfg.new_params, lora.ADAPTER),
       unused_keys=model_cfg.unused_keys, buffer_keys=family.ignored_keys(model.cfg), base_prefix=family.base_prefix,
       only=only)
   if only is not None:
     return loaded
   fresh = init_params(model, seed, only=set(model.abstract) - set(loaded))
-  return sharding.unflatten({**loaded, **fresh})
+  return params_lib.unflatten({**loaded, **fresh})
 
 
 def from_pretrained(model_cfg: ModelConfig, num_labels: int, mesh: Mesh, seed: int, head: str | None = None,

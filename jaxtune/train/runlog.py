@@ -1,47 +1,18 @@
-"""Classification and generation (BLEU, ROUGE) metrics; the run log (progress bar, metrics.jsonl, TensorBoard, W&B)."""
+"""The run log: RUN_DIR/metrics.jsonl, the progress bar, TensorBoard and W&B; reading the log back."""
 
 from __future__ import annotations
 
 import json
 import math
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 from jaxtune.errors import UserError
-
-
-def classification(preds: np.ndarray, labels: np.ndarray, losses: np.ndarray, num_classes: int) -> dict[str, float]:
-  """accuracy, macro F1 (mean over classes of the training label set), mean loss, example count."""
-  f1s = []
-  for c in range(num_classes):
-    tp = np.sum((preds == c) & (labels == c))
-    denom = np.sum(preds == c) + np.sum(labels == c)
-    f1s.append(2 * tp / denom if denom else 0.0)
-  return {"accuracy": float(np.mean(preds == labels)), "macro_f1": float(np.mean(f1s)),
-          "loss": float(np.mean(losses)), "num_examples": len(labels)}
-
-
-def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
-  """Corpus BLEU (0-100) of sacrebleu with its defaults (13a tokenisation, exponential smoothing off for
-  the corpus, one reference per prediction), the score WMT results quote."""
-  import sacrebleu
-
-  return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
-
-
-def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-  """Mean ROUGE-1 / ROUGE-2 / ROUGE-L F-measures (0-1) of rouge-score, with its Porter stemmer."""
-  from rouge_score import rouge_scorer
-
-  scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-  scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references, strict=True)]
-  return {k: float(np.mean([s[k].fmeasure for s in scores])) if scores else 0.0 for k in ("rouge1", "rouge2", "rougeL")}
+from jaxtune.train import rundir
 
 
 def json_safe(value: Any) -> Any:
@@ -65,8 +36,6 @@ class RunLog:
 
   def __init__(self, run_dir: Path, total_steps: int, start_step: int, tensorboard: bool = False,
                wandb: Any = None, quiet: bool = False):
-    from jaxtune import rundir
-
     self.active = jax.process_index() == 0
     self.path = run_dir / "metrics.jsonl"
     if self.active and self.path.exists():

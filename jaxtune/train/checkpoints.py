@@ -12,7 +12,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from jaxtune import sharding
+from jaxtune import params as params_lib
 from jaxtune.config import CheckpointConfig
 from jaxtune.errors import UserError
 
@@ -141,8 +141,8 @@ class Checkpoints:
   def _check_fits(self, step: int, params: Any) -> None:
     """Saved param paths and shapes must be the target's (checked from metadata, before any read)."""
     saved = ocp.StandardCheckpointer().metadata(self.dir / str(step) / "params").item_metadata.tree
-    have = {p: tuple(m.shape) for p, m in sharding.flatten(saved).items()}
-    want = {p: tuple(x.shape) for p, x in sharding.flatten(params).items()}
+    have = {p: tuple(m.shape) for p, m in params_lib.flatten(saved).items()}
+    want = {p: tuple(x.shape) for p, x in params_lib.flatten(params).items()}
     if have != want:
       path = sorted(set(have) ^ set(want)) or sorted(p for p in want if have[p] != want[p])
       raise self._misfit(step, f"first difference: {path[0]}, saved {have.get(path[0])}, model {want.get(path[0])}")

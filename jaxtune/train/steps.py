@@ -1,6 +1,6 @@
 """The jitted train and eval steps, the state they update, and the eval loop over a split.
 
-`train.py` runs these in the fine-tuning loop; `evaluate.py` and the benchmarks reuse them.
+loop.py runs these in the fine-tuning loop; eval/evaluate.py and the benchmarks reuse them.
 """
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxtune import lora, pretrained, sharding
+from jaxtune import params as params_lib
+from jaxtune import sharding
 from jaxtune.config import Config
 from jaxtune.data import batching
+from jaxtune.models import lora
+from jaxtune.models.model import Model
 
 
 class TrainState(NamedTuple):
@@ -25,7 +28,7 @@ class TrainState(NamedTuple):
   rng: jax.Array  # uint32[2] base key; step keys are fold_in(rng, step) so resume replays them
 
 
-def loss_fn(model: pretrained.Model, task: Any, params: Any, batch: dict[str, jax.Array], dtype: jnp.dtype,
+def loss_fn(model: Model, task: Any, params: Any, batch: dict[str, jax.Array], dtype: jnp.dtype,
             rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
   """(float32 loss summed over the batch's targets / their true count, logits)."""
   logits = model.apply(params, batch, dtype=dtype, dropout_rng=rng)["logits"]
@@ -35,15 +38,15 @@ def loss_fn(model: pretrained.Model, task: Any, params: Any, batch: dict[str, ja
 
 def trainable(params: Any, frozen: frozenset[str]) -> Any:
   """The params that train (a nested tree like `params`): all but the `frozen` paths (model.freeze, LoRA)."""
-  return sharding.unflatten(lora.split(sharding.flatten(params), frozen)[0])
+  return params_lib.unflatten(lora.split(params_lib.flatten(params), frozen)[0])
 
 
-def state_shardings(model: pretrained.Model, tx: optax.GradientTransformation) -> TrainState:
+def state_shardings(model: Model, tx: optax.GradientTransformation) -> TrainState:
   """Where each leaf of the train state lives: params per the rules, moments like their param.
 
   Frozen params (model.frozen) have no optimiser state."""
   replicated = sharding.replicated(model.mesh)
-  abstract_opt = jax.eval_shape(tx.init, trainable(sharding.unflatten(model.abstract), model.frozen))
+  abstract_opt = jax.eval_shape(tx.init, trainable(params_lib.unflatten(model.abstract), model.frozen))
   opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, trainable(model.shardings, model.frozen),
                               transform_non_params=lambda _: replicated)
   return TrainState(replicated, model.shardings, opt, replicated)
@@ -56,9 +59,9 @@ def initial_state(params: Any, tx: optax.GradientTransformation, seed: int,
                     jax.random.key_data(jax.random.key(seed)))
 
 
-def abstract_state(model: pretrained.Model, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+def abstract_state(model: Model, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
   """The train state's shapes, dtypes and shardings, allocating nothing (a restore target)."""
-  state = jax.eval_shape(lambda p: initial_state(p, tx, 0, model.frozen), sharding.unflatten(model.abstract))
+  state = jax.eval_shape(lambda p: initial_state(p, tx, 0, model.frozen), params_lib.unflatten(model.abstract))
   return sharding.placed(state, shardings)
 
 
@@ -68,7 +71,7 @@ def init_state(params: Any, tx: optax.GradientTransformation, seed: int, shardin
   return jax.jit(lambda p: initial_state(p, tx, seed, frozen), out_shardings=shardings, donate_argnums=0)(params)
 
 
-def param_counts(model: pretrained.Model, state: TrainState) -> dict[str, int]:
+def param_counts(model: Model, state: TrainState) -> dict[str, int]:
   """Trainable and total param counts, and the optimiser state's bytes (frozen params have none)."""
   total = sum(math.prod(a.shape) for a in model.abstract.values())
   train_count = sum(math.prod(a.shape) for p, a in model.abstract.items() if p not in model.frozen)
@@ -76,7 +79,7 @@ def param_counts(model: pretrained.Model, state: TrainState) -> dict[str, int]:
   return {"trainable_params": train_count, "total_params": total, "optimizer_state_bytes": int(opt_bytes)}
 
 
-def make_train_step(model: pretrained.Model, task: Any, tx: optax.GradientTransformation,
+def make_train_step(model: Model, task: Any, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, dtype: jnp.dtype, shardings: TrainState, batch_sharding: Any,
                     grad_accum: int = 1, remat: str = "none", skip_nonfinite: bool = False):
   """(state, batch) -> (state, metrics): one AdamW update, jitted once per batch shape, state donated.
@@ -93,7 +96,7 @@ def make_train_step(model: pretrained.Model, task: Any, tx: optax.GradientTransf
              rng: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
     """(loss summed over the batch's targets, their count, gradient of the sum w.r.t. the trainable params)."""
     def total(p: Any) -> tuple[jax.Array, jax.Array]:
-      every = sharding.unflatten({**sharding.flatten(p), **fixed})
+      every = params_lib.unflatten({**params_lib.flatten(p), **fixed})
       logits = model.apply(every, batch, dtype=dtype, dropout_rng=rng, remat=remat)["logits"]
       return task.loss_terms(logits, batch)
 
@@ -113,13 +116,13 @@ def make_train_step(model: pretrained.Model, task: Any, tx: optax.GradientTransf
 
   def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
     rng = jax.random.fold_in(state.rng, state.step)
-    train_flat, fixed = lora.split(sharding.flatten(state.params), model.frozen)
-    train_params = sharding.unflatten(train_flat)
+    train_flat, fixed = lora.split(params_lib.flatten(state.params), model.frozen)
+    train_params = params_lib.unflatten(train_flat)
     loss_sum, count, grads = (summed if grad_accum == 1 else accumulated)(train_params, fixed, batch, rng)
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state.opt_state, train_params)
-    params = sharding.unflatten({**sharding.flatten(optax.apply_updates(train_params, updates)), **fixed})
+    params = params_lib.unflatten({**params_lib.flatten(optax.apply_updates(train_params, updates)), **fixed})
     loss, grad_norm = loss_sum / count, optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if skip_nonfinite:  # params and moments stay as they were; the batch still counts as consumed
@@ -142,7 +145,7 @@ def microbatches(batch: dict[str, jax.Array], k: int, batch_sharding: Any) -> di
   return jax.tree.map(split, batch)
 
 
-def make_eval_step(model: pretrained.Model, task: Any, dtype: jnp.dtype, params_shardings: Any, batch_sharding: Any):
+def make_eval_step(model: Model, task: Any, dtype: jnp.dtype, params_shardings: Any, batch_sharding: Any):
   """(params, batch) -> the task's per-row outputs, replicated so every process can score them."""
 
   def step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:

@@ -1,12 +1,19 @@
-"""Opening a run directory: the checks before a run's first write, and that write.
+"""A run directory: its single-writer lock, atomic file writes, and the checks before a run's first write.
 
 A new run never lands in a directory that holds one; a resume only continues the same run (the
 config keys that decide data order, schedule and model unchanged; README, Failures and recovery).
+The first write (config.yaml, the tokenizer) happens once every check has passed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import shutil
+import socket
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +22,94 @@ import yaml
 from jax.experimental import multihost_utils
 
 from jaxtune import config as config_lib
-from jaxtune import rundir
-from jaxtune.checkpoint import Checkpoints
+from jaxtune import tasks
 from jaxtune.config import Config
 from jaxtune.errors import UserError
+from jaxtune.train.checkpoints import Checkpoints
+
+LOCK = ".lock"
+
+
+def write_text(path: Path, text: str) -> None:
+  """Writes `path` whole or not at all: a temp file in the same directory, then a rename."""
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  try:
+    tmp.write_text(text)
+    tmp.replace(path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def write_dir(path: Path, fill: Callable[[Path], Any]) -> None:
+  """Creates directory `path` whole or not at all: `fill(tmp_dir)`, then a rename."""
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    fill(tmp)
+    tmp.rename(path)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+  """Whether process `pid` on this host exists and is not a zombie."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # someone else's process
+    return True
+  with contextlib.suppress(OSError):  # Linux: a killed child nobody has waited for yet is a zombie
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+  return True
+
+
+class RunLock:
+  """RUN_DIR/.lock, created exclusively, holding this process's host and pid; one writer per run dir.
+
+  A lock whose process is gone (same host, pid not running) is stale and taken over with a warning;
+  a lock held from another host cannot be checked, so it is refused with its owner named.
+  """
+
+  def __init__(self, run_dir: Path):
+    self.path = run_dir / LOCK
+    self.owner = {"host": socket.gethostname(), "pid": os.getpid()}
+    self.held = False
+
+  def acquire(self) -> None:
+    for _ in range(3):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        holder = self._holder()
+        if holder is not None and holder.get("host") == self.owner["host"] and not _alive(int(holder["pid"])):
+          print(f"warning: removing the stale lock {self.path} of process {holder['pid']}, which is gone",
+                file=sys.stderr)
+          self.path.unlink(missing_ok=True)
+          continue
+        if holder is None:  # being written by its owner this instant, or unreadable: look again
+          continue
+        raise UserError(f"run dir {self.path.parent} is in use by process {holder['pid']} on {holder['host']} "
+                        f"(lock {self.path}); wait for that run to end, or delete the lock if it is gone.") from None
+      with os.fdopen(fd, "w") as f:
+        json.dump(self.owner, f)
+      self.held = True
+      return
+    raise UserError(f"run dir {self.path.parent}: could not take the lock {self.path}; delete it if no run is using "
+                    "that directory.")
+
+  def _holder(self) -> dict[str, Any] | None:
+    try:
+      holder = json.loads(self.path.read_text())
+      return holder if isinstance(holder, dict) and "pid" in holder and "host" in holder else None
+    except (OSError, ValueError):
+      return None
+
+  def release(self) -> None:
+    if self.held:
+      self.path.unlink(missing_ok=True)
+      self.held = False
+
 
 # train keys a resume may change: they alter neither the data order nor the schedule (nor the result)
 RESUMABLE_TRAIN_KEYS = ("eval_batch_size", "eval_every", "log_every", "compile_cache", "nonfinite",
@@ -35,7 +126,7 @@ def check_run_dir(cfg: Config, run_dir: Path, resume: bool, extend: bool) -> Non
   if resume:
     if not config_path.is_file():
       raise UserError(f"--resume: {run_dir} holds no run (no config.yaml); drop --resume to start one there.")
-    if not (run_dir / "checkpoints").is_dir() or not Checkpoints(run_dir, cfg.checkpoint, read_only=True).steps():
+    if not (run_dir / "checkpoints").is_dir() or not Checkpoints(run_dir, read_only=True).steps():
       raise UserError(f"--resume: {run_dir} holds no finished checkpoint to resume from (the run stopped before "
                       "its first save); delete the directory or choose a new --run-dir, and start without --resume.")
     refused = resume_differences(config_lib.load(config_path), cfg, extend)
@@ -73,7 +164,7 @@ def check_resumable(meta: dict[str, Any], step: int, train_feed: Any, steps: int
                     "larger train.max_steps or train.epochs to train it further.")
 
 
-def start_run(cfg: Config, run_dir: Path, tokenizer: Any, lock: rundir.RunLock, created: bool) -> Checkpoints:
+def start_run(cfg: Config, run_dir: Path, tokenizer: Any, lock: RunLock, created: bool) -> Checkpoints:
   """Takes the lock, writes config.yaml and the tokenizer (each atomically) into run_dir; opens its checkpoints."""
   if jax.process_index() == 0:
     try:
@@ -85,19 +176,19 @@ def start_run(cfg: Config, run_dir: Path, tokenizer: Any, lock: rundir.RunLock, 
                           "choose a new --run-dir.")
       write_config(cfg, run_dir)
       if not (run_dir / "tokenizer").is_dir():
-        rundir.write_dir(run_dir / "tokenizer", tokenizer.save_pretrained)
+        write_dir(run_dir / "tokenizer", tokenizer.save_pretrained)
     except BaseException:
       lock.release()
       if created:
         shutil.rmtree(run_dir, ignore_errors=True)
       raise
   barrier("run dir written")
-  return Checkpoints(run_dir, cfg.checkpoint)
+  return Checkpoints(run_dir, tasks.checkpoint_config(cfg))
 
 
 def write_config(cfg: Config, run_dir: Path) -> None:
   if jax.process_index() == 0:
-    rundir.write_text(run_dir / "config.yaml", yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
+    write_text(run_dir / "config.yaml", yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
 
 
 def barrier(name: str) -> None:

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune import pretrained
 from jaxtune.errors import UserError
 from jaxtune.models import encoder
+from jaxtune.models.model import Model
 
 BASELINES = ("pad", "zeros")
 
@@ -52,7 +52,7 @@ def baseline_embeddings(word_VxD: jax.Array, ids: np.ndarray, special: np.ndarra
   return jnp.where(jnp.asarray(special)[..., None], x, fill)
 
 
-def integrated_gradients(model: pretrained.Model, params: Any, batch: dict[str, np.ndarray], target: int | None,
+def integrated_gradients(model: Model, params: Any, batch: dict[str, np.ndarray], target: int | None,
                          steps: int = 50, baseline: str = "pad", pad_id: int | None = None,
                          special: np.ndarray | None = None) -> tuple[np.ndarray, int, np.ndarray, float, float]:
   """(per-token attributions L, target, probs, F(x), F(x')) for one row (batch of 1) of a classifier."""
@@ -87,7 +87,7 @@ def integrated_gradients(model: pretrained.Model, params: Any, batch: dict[str, 
   return np.asarray(attr), target, probs, float(out[target]), float(base)
 
 
-def explain_texts(model: pretrained.Model, params: Any, tokenizer: Any, texts: Sequence[str], max_len: int,
+def explain_texts(model: Model, params: Any, tokenizer: Any, texts: Sequence[str], max_len: int,
                   labels: Sequence[Any], target: str | None = None, steps: int = 50,
                   baseline: str = "pad") -> list[Explanation]:
   """An Explanation per text (pairs are not supported), the class `target` (a label) or the predicted one."""

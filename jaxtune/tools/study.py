@@ -22,7 +22,7 @@ from typing import Any
 from jaxtune import config as config_lib
 from jaxtune.errors import UserError
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 SIDES = ("jaxtune", "torch")
 # The test metrics a report shows, per task; the first is the headline, compared in points.
 METRICS = {"classification": ("accuracy", "macro_f1", "loss"), "causal_lm": ("exact_match", "loss", "perplexity")}

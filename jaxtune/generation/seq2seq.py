@@ -23,10 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtune import generate as decoder_generate
-from jaxtune import pretrained, weights
 from jaxtune.config import GenerateConfig, ModelConfig
+from jaxtune.generation import decoder as decoder_generate
 from jaxtune.models import encdec
+from jaxtune.models.model import Model
+from jaxtune.weights import hf
 
 NEG = -1.0e9  # transformers' "never" score in beam search
 
@@ -55,9 +56,9 @@ class Rules:
                hf.get("forced_eos_token_id"), tuple(sorted(set(bad))))
 
 
-def rules_for(model: pretrained.Model, model_cfg: ModelConfig) -> Rules:
+def rules_for(model: Model, model_cfg: ModelConfig) -> Rules:
   """The rules of a loaded model: its config.json with the checkpoint's generation_config.json over it."""
-  model_dir = weights.resolve_path(model_cfg.path)
+  model_dir = hf.resolve_path(model_cfg.path)
   generation = model_dir / "generation_config.json"
   extra = json.loads(generation.read_text()) if model_dir.is_dir() and generation.is_file() else {}
   return Rules.from_hf({**model.hf_config, **extra})
@@ -202,7 +203,7 @@ def right_pad(sources: Sequence[np.ndarray], pad_id: int) -> dict[str, np.ndarra
   return {"input_ids": ids, "attention_mask": mask}
 
 
-def generate(model: pretrained.Model, params: Any, sources: Sequence[np.ndarray], rules: Rules,
+def generate(model: Model, params: Any, sources: Sequence[np.ndarray], rules: Rules,
              s: Search = Search(), rng: jax.Array | None = None, dtype: Any = jnp.float32) -> list[np.ndarray]:
   """The generated target tokens of each source (without the decoder start token, up to and with EOS)."""
   if s.num_beams > 1 and s.temperature > 0:

@@ -21,11 +21,16 @@ import numpy as np
 import torch
 import transformers
 
-from jaxtune import evaluate, export, pretrained, sharding, tasks, weights
+from jaxtune import params as params_lib
+from jaxtune import sharding
 from jaxtune.config import Config, MeshConfig, OptimConfig
 from jaxtune.data import batching, lm, splits
 from jaxtune.errors import UserError
-from jaxtune.train import total_steps
+from jaxtune.models import FAMILIES
+from jaxtune.models.model import Model
+from jaxtune.tasks import TASKS, metrics, text
+from jaxtune.train.setup import total_steps
+from jaxtune.weights import export, hf, pretrained
 
 # jaxtune's optim.schedule names -> transformers.get_scheduler's (all warm up linearly from 0 first).
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
@@ -41,23 +46,23 @@ class Result:
   train_seconds: float
 
 
-def build(model: pretrained.Model, params: dict[str, np.ndarray], labels: Sequence[Any] | None,
+def build(model: Model, params: dict[str, np.ndarray], labels: Sequence[Any] | None,
           skip: Sequence[str] = (), seed: int = 0) -> tuple[torch.nn.Module, dict[str, np.ndarray]]:
   """(transformers model, its HF-keyed weights): `model`'s class and dropout rates, holding our flat `params`.
 
   Params whose path matches a `skip` regex keep transformers' own random init (seeded by `seed`),
   as `from_pretrained` would initialise a new head.
   """
-  hf = export.hf_config({"hf_config": model.hf_config, "labels": labels}, model, np.dtype(np.float32))
-  hf.update({key: getattr(model.cfg, key) for key in type(model.cfg).DROPOUT_KEYS})  # ours, e.g. model.dropout
-  config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+  described = export.hf_config(model, labels, np.dtype(np.float32))
+  described.update({key: getattr(model.cfg, key) for key in type(model.cfg).DROPOUT_KEYS})  # ours, e.g. model.dropout
+  config = transformers.AutoConfig.for_model(described.pop("model_type"), **described)
   torch.manual_seed(seed)
   module = getattr(transformers, export.architecture(model.family, getattr(model.cfg, "head", "")))(config).float()
   tensors = export.hf_tensors(model, params)
-  param_map = pretrained.FAMILIES[model.family].param_map(model.cfg)
-  is_skipped = weights.matcher(skip)
+  param_map = FAMILIES[model.family].param_map(model.cfg)
+  is_skipped = params_lib.matcher(skip)
   skipped = {key for path, (hf_key, _) in param_map.items() if is_skipped(path)
-             for key in weights.layer_keys(hf_key, params[path].shape)}
+             for key in hf.layer_keys(hf_key, params[path].shape)}
   missing, unexpected = module.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in tensors.items()
                                                 if k not in skipped}, strict=False)
   tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
@@ -130,7 +135,7 @@ def score(module: torch.nn.Module, task_name: str, data: Any, cfg: Config, label
   """The task's metrics (jaxtune's own formulas) from the model's per-row outputs on every row of `data`."""
   module.eval()
   outputs: dict[str, list[np.ndarray]] = {}
-  task = tasks.TASKS[task_name]
+  task = TASKS[task_name]
   for rows in batching.eval_batches(len(data), cfg.train.eval_batch_size):
     loss, weight, logits = per_target_loss(module, task_name, task.collate(data, rows, cfg.train.eval_batch_size, cfg))
     if task_name == "classification":
@@ -146,7 +151,7 @@ def score(module: torch.nn.Module, task_name: str, data: Any, cfg: Config, label
 def exact_match(module: torch.nn.Module, tokenizer: Any, cfg: Config, rows: Any) -> dict[str, Any]:
   """evaluate.exact_match with transformers' generate: left-padded prompts, greedy (or sampled) new tokens."""
   module.eval()
-  prompts = [lm.encode_prompt(p, tokenizer, cfg.data.use_chat_template) for p in rows[tasks.PROMPT]]
+  prompts = [lm.encode_prompt(p, tokenizer, cfg.data.use_chat_template) for p in rows[text.PROMPT]]
   eos = lm.eos_id(tokenizer)
   g = cfg.generate
   gen = transformers.GenerationConfig(max_new_tokens=g.max_new_tokens, do_sample=g.temperature > 0,
@@ -162,7 +167,7 @@ def exact_match(module: torch.nn.Module, tokenizer: Any, cfg: Config, rows: Any)
     new = module.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                           generation_config=gen).numpy()[:, length:]
     outputs += [row[:np.flatnonzero(row == eos)[0] + 1] if (row == eos).any() else row for row in new]
-  return evaluate.score_generations(outputs, [eos], tokenizer, rows[cfg.data.response_column])
+  return metrics.exact_match(outputs, [eos], tokenizer, rows[cfg.data.response_column])
 
 
 def finetune(cfg: Config, init: str = "jaxtune", score_splits: Sequence[str] = ("validation", "test"),
@@ -178,7 +183,7 @@ def finetune(cfg: Config, init: str = "jaxtune", score_splits: Sequence[str] = (
     raise UserError(f"init {init!r} is not one of jaxtune, torch.")
   if cfg.task not in TARGET_WEIGHTS:
     raise UserError(f"the PyTorch reference trains {sorted(TARGET_WEIGHTS)} runs, not task {cfg.task}.")
-  task = tasks.TASKS[cfg.task]
+  task = TASKS[cfg.task]
   tokenizer = pretrained.load_tokenizer(cfg.model)
   configured = [n for n in score_splits
                 if splits.specs(cfg.data).get(n) or (n == "validation" and cfg.data.validation_holdout)]
@@ -186,7 +191,7 @@ def finetune(cfg: Config, init: str = "jaxtune", score_splits: Sequence[str] = (
   per_epoch, steps = total_steps(cfg, len(encoded["train"]))
   mesh = sharding.make_mesh(MeshConfig(data=1))
   model, params = pretrained.from_pretrained(cfg.model, len(labels or ()), mesh, cfg.train.seed, cfg.task)
-  flat = {p: np.asarray(a) for p, a in sharding.flatten(params).items()}
+  flat = {p: np.asarray(a) for p, a in params_lib.flatten(params).items()}
   module, initial = build(model, flat, labels, cfg.model.new_params if init == "torch" else (), cfg.train.seed)
   del params, flat  # the JAX copy is not needed again
   module = module.to(dtype)
@@ -209,5 +214,5 @@ def finetune(cfg: Config, init: str = "jaxtune", score_splits: Sequence[str] = (
     metrics[name] = score(module, cfg.task, data, cfg, labels)
     if cfg.generate.exact_match and name == "test":
       rows = splits.load_raw(cfg.data, cfg.train.seed, ["test"], limit=limit)["test"]
-      metrics[name].update(exact_match(module, tokenizer, cfg, tasks.with_prompts(rows, cfg, "test")))
+      metrics[name].update(exact_match(module, tokenizer, cfg, text.with_prompts(rows, cfg, "test")))
   return Result(module, initial, records, metrics, seconds)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtune import pretrained
+from jaxtune.models.model import Model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +87,7 @@ def _generate(graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.Array], 
   return jax.lax.while_loop(cond, body, carry)[2]
 
 
-def generate(model: pretrained.Model, params: Any, prompts: Sequence[np.ndarray], eos_ids: Sequence[int],
+def generate(model: Model, params: Any, prompts: Sequence[np.ndarray], eos_ids: Sequence[int],
              s: Sampling = Sampling(), rng: jax.Array | None = None, dtype: Any = jnp.float32) -> list[np.ndarray]:
   """New tokens for each prompt, cut after the first EOS (which is kept)."""
   batch = {k: jnp.asarray(v) for k, v in left_pad(prompts).items()}

@@ -1,0 +1,1 @@
+"""Generation with a KV cache: decoder-only (greedy, top-p sampling) and encoder-decoder (also beam search)."""

@@ -1,0 +1,57 @@
+"""The Task protocol: what a task decides, so that the train and eval steps need not know which task runs.
+
+Every task gives the steps a (summed loss, target count) pair, so the loss is always normalised by the
+true number of targets of the global batch: examples for classification, answer windows for QA, tagged
+words for NER, target tokens for the causal LM and seq2seq.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol
+
+import jax
+import numpy as np
+
+from jaxtune.config import Config
+from jaxtune.errors import UserError
+
+Batch = dict[str, np.ndarray]  # one collated batch, B rows first in every array
+
+
+class Task(Protocol):
+  """One task: how its splits are encoded and batched, its loss, eval outputs and metrics, the model head it
+  trains, and the validation metric that picks the best checkpoint when the config names none."""
+  name: str  # the config's `task`
+  head: str  # the model head it trains (weights/pretrained.from_config)
+  best_metric: str  # default checkpoint.best_metric
+  best_mode: Literal["max", "min"]  # whether a larger best_metric is better
+
+  def load(self, cfg: Config, tokenizer: Any, names: Sequence[str], labels: Sequence[Any] | None = None,
+           extra: dict[str, str] | None = None, limit: int | None = None) -> tuple[list[Any] | None, dict[str, Any]]:
+    """(labels, split name -> encoded rows); `labels` given keeps the training run's label list."""
+    ...
+
+  def collate(self, data: Any, rows: np.ndarray, batch_size: int, cfg: Config, part: slice = slice(None)) -> Batch:
+    """The batch of `rows` padded to `batch_size` rows; only rows `part` (this process's share) are built."""
+    ...
+
+  def loss_terms(self, logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(loss summed over the batch's targets, their count)."""
+    ...
+
+  def eval_outputs(self, logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-row outputs of the eval step (losses, predictions), computed on the devices."""
+    ...
+
+  def metrics(self, out: dict[str, np.ndarray], data: Any, labels: Any, cfg: Config) -> dict[str, Any]:
+    """The split's metrics from every row's eval outputs (in data order)."""
+    ...
+
+  def predictions(self, out: dict[str, np.ndarray], data: Any, cfg: Config) -> Any:
+    """What evaluate.py writes beside the metrics (QA: example id -> answer text); None for most tasks."""
+    return None
+
+  def stream(self, cfg: Config, tokenizer: Any) -> Any:
+    """The train split read lazily (data.streaming), for the tasks that support it."""
+    raise UserError(f"data.streaming is not supported for task {self.name}; set it false.")

@@ -1,0 +1,135 @@
+"""The text-to-text tasks: causal-LM fine-tuning (plain text, prompt/response or chat rows) and seq2seq
+(source -> target with an encoder-decoder); both train on a cross-entropy per target token."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import datasets
+import jax
+import numpy as np
+import optax
+
+from jaxtune.config import Config
+from jaxtune.data import lm, seq2seq, sources, splits, stream
+from jaxtune.errors import UserError
+from jaxtune.tasks.base import Batch, Task
+
+
+class TokenLoss:
+  """Cross-entropy per target token (`TARGETS`, weighted by `MASK`), normalised by the true token count; eval
+  metrics loss and perplexity. Shared by the causal LM and seq2seq tasks, which name the two batch fields."""
+  TARGETS: str
+  MASK: str
+
+  def loss_terms(self, logits_BxLxV: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    loss_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch[self.TARGETS])
+    return (loss_BxL * batch[self.MASK]).sum(), batch[self.MASK].sum()
+
+  def eval_outputs(self, logits_BxLxV: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    loss_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch[self.TARGETS])
+    return {"loss_sum": (loss_BxL * batch[self.MASK]).sum(-1), "tokens": batch[self.MASK].sum(-1)}
+
+  def metrics(self, out: dict[str, np.ndarray], data: Any, labels: Any, cfg: Config) -> dict[str, Any]:
+    tokens = float(out["tokens"].sum())
+    loss = float(out["loss_sum"].sum()) / max(tokens, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "num_tokens": int(tokens),
+            "num_examples": len(data)}
+
+
+class CausalLM(TokenLoss, Task):
+  """Next-token prediction on text, prompt/response or chat rows; loss and perplexity per target token."""
+  name = head = "causal_lm"
+  best_metric, best_mode = "loss", "min"
+  TARGETS, MASK = "targets", "loss_mask"
+
+  def load(self, cfg: Config, tokenizer: Any, names: Sequence[str], labels: Sequence[Any] | None = None,
+           extra: dict[str, str] | None = None, limit: int | None = None) -> tuple[None, dict[str, lm.LMExamples]]:
+    del labels
+    d = cfg.data
+    raw = splits.load_raw(d, cfg.train.seed, names, extra, limit)
+    raw = {n: with_prompts(ds, cfg, splits.describe(d, n, extra)) for n, ds in raw.items()}
+    return None, {n: lm.load_lm_split(raw[n], tokenizer, splits.describe(d, n, extra), d.max_len,
+                                      **dataclasses.asdict(self.form(cfg)))
+                  for n in names}
+
+  def form(self, cfg: Config) -> lm.Form:
+    d = cfg.data
+    return lm.Form(text_column=None if (d.response_column or d.messages_column) else d.text_column,
+                   prompt_column=PROMPT if d.response_column else None, response_column=d.response_column,
+                   messages_column=d.messages_column, use_chat_template=d.use_chat_template, pack_text=d.pack)
+
+  def stream(self, cfg: Config, tokenizer: Any) -> stream.LMStream:
+    """The train split read lazily (data.streaming): windows of rows encoded as `load` would encode them."""
+    d, form = cfg.data, self.form(cfg)
+    name = splits.describe(d, "train")
+    open_source = functools.partial(sources.load_split, d.train, d.text_unit, streaming=True)
+    open_source()  # a bad spec or unreadable file fails here, before anything is written
+
+    def encode(rows: list[dict[str, Any]], where: str) -> list[lm.Example]:
+      ds = with_prompts(datasets.Dataset.from_list(rows), cfg, where)
+      form.check_columns(ds.column_names, where)
+      return form.encode({c: ds[c] for c in form.columns}, tokenizer, d.max_len, where)
+
+    return stream.LMStream(open_source, encode, d.max_len, cfg.train.batch_size, cfg.train.seed,
+                           d.stream_shuffle_window, form.packs, name)
+
+  def collate(self, data: lm.LMExamples, rows: np.ndarray, batch_size: int, cfg: Config,
+              part: slice = slice(None)) -> Batch:
+    return lm.collate(data, rows, batch_size, cfg.data.length_buckets, part)
+
+
+
+class Seq2Seq(TokenLoss, Task):
+  """Source text -> target text with an encoder-decoder: teacher-forced loss per target token, perplexity."""
+  name = head = "seq2seq"
+  best_metric, best_mode = "loss", "min"
+  TARGETS, MASK = "labels", "label_mask"
+
+  def load(self, cfg: Config, tokenizer: Any, names: Sequence[str], labels: Sequence[Any] | None = None,
+           extra: dict[str, str] | None = None, limit: int | None = None) -> tuple[None, dict[str, seq2seq.Pairs]]:
+    del labels
+    d = cfg.data
+    out = {}
+    for n, (name, ds) in splits.load_named(d, cfg.train.seed, names, extra, limit).items():
+      if "." in d.source_column + d.target_column:  # WMT's {"translation": {"en": ..., "ro": ...}}: translation.en
+        ds = ds.flatten()
+      for column in (d.source_column, d.target_column):
+        if column not in ds.column_names:
+          raise UserError(f"data split {name} has no column {column!r} (it has {ds.column_names}); set "
+                          "data.source_column / data.target_column to existing columns.")
+      out[n] = seq2seq.encode(ds[d.source_column], ds[d.target_column], tokenizer, d.source_prefix, d.max_len,
+                              d.max_target_len, name)
+    return None, out
+
+  def collate(self, data: seq2seq.Pairs, rows: np.ndarray, batch_size: int, cfg: Config,
+              part: slice = slice(None)) -> Batch:
+    return seq2seq.collate(data, rows, batch_size, cfg.data.length_buckets, cfg.data.max_len,
+                           cfg.data.max_target_len, part)
+
+
+
+PROMPT = "prompt"  # the column prompts are read from once `with_prompts` has run
+
+
+def with_prompts(ds: datasets.Dataset, cfg: Config, name: str) -> datasets.Dataset:
+  """`ds` with its prompts in column PROMPT: data.prompt_column copied, or data.prompt_template filled."""
+  d = cfg.data
+  if d.prompt_template is not None:
+    try:
+      prompts = [d.prompt_template.format(**row) for row in ds]
+    except (KeyError, ValueError, IndexError) as e:
+      raise UserError(f"data.prompt_template does not fit split {name} ({type(e).__name__}: {e}); use "
+                      f"{{column}} fields of {ds.column_names}.") from None
+  elif d.prompt_column is not None:
+    if d.prompt_column not in ds.column_names:
+      raise UserError(f"data split {name} has no column {d.prompt_column!r} (it has {ds.column_names}); set "
+                      "data.prompt_column to an existing column.")
+    prompts = ds[d.prompt_column]
+  else:
+    return ds
+  return ds.remove_columns([c for c in (PROMPT,) if c in ds.column_names]).add_column(PROMPT, list(prompts))

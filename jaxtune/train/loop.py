@@ -1,0 +1,209 @@
+"""The fine-tuning loop: steps, logging, validation cadence, checkpoints, stop requests and the end-of-run report.
+
+`fit` is the whole job (set-up in setup.py, then `loop`); SIGTERM / SIGINT ask the loop to stop after
+the current step with a checkpoint, and a non-finite step stops it (or is skipped) per train.nonfinite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxtune import errors
+from jaxtune.config import Config
+from jaxtune.train import perf, rundir, runlog, setup, steps, summary
+
+
+def fit(cfg: Config, run_dir: Path, resume: bool = False, clock: perf.RunClock | None = None,
+        extend: bool = False, quiet: bool = False) -> dict[str, Any]:
+  """Fine-tunes per `cfg`, writing logs, checkpoints, timing.json and summary.json into run_dir; returns the last
+  eval metrics.
+
+  SIGTERM or SIGINT during training saves a checkpoint after the current step and raises
+  errors.Stopped (exit code 75); a non-finite step under train.nonfinite raises it with code 3.
+  """
+  clock = clock or perf.RunClock()
+  run = setup.prepare(cfg, run_dir, resume, clock, extend)
+  stop = StopRequests()
+  try:
+    try:
+      with stop.active():
+        state, last_eval, work = loop(run, clock, stop, quiet)
+    finally:  # even when interrupted, let finished checkpoint writes commit
+      with clock.phase("checkpoint"):
+        run.ckpts.wait()
+        run.ckpts.close()
+    report = clock.report(*work)
+    if jax.process_index() == 0:
+      print(perf.write_report(report, run_dir / "timing.json"), flush=True)
+      record = summary.build(cfg, run_dir, report, steps.param_counts(run.model, state), run.meta["mesh"],
+                             int(state.step), run.steps, "finished")
+      rundir.write_text(run_dir / "summary.json", json.dumps(runlog.json_safe(record), indent=2) + "\n")
+  finally:
+    run.lock.release()
+  return last_eval
+
+
+class _Watch:
+  """Per-step host checks of a running loop: non-finite steps, stop signals and time-based saves."""
+
+  def __init__(self, cfg: Config, stop: StopRequests | None):
+    self.cfg, self.stop = cfg, stop
+    self.skips_in_row = 0
+    self.last_save = time.monotonic()
+
+  def check_step(self, log: runlog.RunLog, step: int, record: dict[str, float]) -> None:
+    """After step `step`'s metrics are read: raises Stopped for a non-finite step unless it may be skipped."""
+    if record["finite"]:
+      self.skips_in_row = 0
+      return
+    what = "loss" if not math.isfinite(record["loss"]) else "gradient norm"
+    value = record["loss"] if what == "loss" else record["grad_norm"]
+    if self.cfg.train.nonfinite == "skip":
+      self.skips_in_row += 1
+      log.write({"step": step, "event": "skipped_update", "nonfinite": what, "value": str(value)})
+      if self.skips_in_row < self.cfg.train.nonfinite_max_skips:
+        return
+      raise errors.Stopped(f"error: step {step}: the {what} was {value} for {self.skips_in_row} steps in a row "
+                           f"(train.nonfinite_max_skips={self.cfg.train.nonfinite_max_skips}); none of those "
+                           "updates was applied and the run stopped, keeping its checkpoints. Lower optim.lr or "
+                           "check the data.", errors.EXIT_NONFINITE)
+    raise errors.Stopped(f"error: step {step}: the {what} is {value}; the run stopped (train.nonfinite: stop) and "
+                         "saved nothing from that step on, keeping its earlier checkpoints. Lower optim.lr or check "
+                         "the data, or set train.nonfinite=skip to drop such steps.", errors.EXIT_NONFINITE)
+
+  def stop_and_save(self) -> tuple[bool, bool]:
+    """(stop after this step, save this step for time): the same answer on every process."""
+    minutes = self.cfg.checkpoint.save_every_minutes
+    flags = np.array([self.stop is not None and self.stop.signal is not None,
+                      minutes > 0 and time.monotonic() - self.last_save >= 60 * minutes], np.int32)
+    if jax.process_count() > 1:  # a signal may reach the processes at different steps
+      flags = multihost_utils.process_allgather(flags).reshape(-1, 2).max(axis=0)
+    return bool(flags[0]), bool(flags[1])
+
+
+def loop(run: setup.Run, clock: perf.RunClock | None = None, stop: StopRequests | None = None,
+         quiet: bool = False) -> tuple[steps.TrainState, dict[str, Any], tuple[int, float]]:
+  """Trains `run` to its last step: (final state, last validation metrics, (real tokens, FLOPs) trained on)."""
+  cfg, state, step = run.cfg, run.state, int(run.state.step)
+  clock = clock or perf.RunClock()
+  log = runlog.RunLog(run.dir, run.steps, step, cfg.train.tensorboard,  # on resume, drops later records
+                           runlog.start_wandb(cfg.train.wandb_project, run.dir, run.meta["config"]), quiet)
+  sizes = steps.param_counts(run.model, state)
+  log.write({"step": step, "event": "resume" if step else "start", "total_steps": run.steps,
+             "mesh": run.meta["mesh"], "processes": jax.process_count(), **sizes})
+  if jax.process_index() == 0:
+    print(f"params: {sizes['trainable_params']:,} trainable of {sizes['total_params']:,}; optimiser state "
+          f"{sizes['optimizer_state_bytes'] / 2**20:.1f} MiB", flush=True)
+  watch = _Watch(cfg, stop)
+  last_eval: dict[str, Any] = {}
+  flops_per_token = functools.cache(lambda length: perf.train_flops_per_token(run.model.hf_config, length, cfg.task))
+  tick, seen, work = time.perf_counter(), {"examples": 0, "tokens": 0}, [0, 0.0]
+  save_every = cfg.checkpoint.save_every or cfg.train.eval_every
+  pending = None  # the previous step's (step, metrics, throughput or None): read once the next is dispatched
+  stop_now = False
+  try:
+    for data, rows in run.feed.batches(step, run.steps):
+      with clock.phase("train"):
+        batch = steps.device_batch(run.task, data, rows, cfg.train.batch_size, cfg, run.batch_sharding)
+        state, step_metrics = run.train_step(state, batch)
+        clock.mark_first_step()
+        step += 1
+        tokens = int(data.lengths[rows].sum())  # real tokens
+        seen["examples"] += len(rows)
+        seen["tokens"] += tokens
+        length = batch["input_ids"].shape[1]
+        work[0] += tokens
+        work[1] += cfg.train.batch_size * length * flops_per_token(length)
+        if pending is not None:
+          _read_step(log, run, watch, *pending)
+        log.advance()
+        stop_now, save_for_time = watch.stop_and_save()
+        evaluate_now = "validation" in run.splits and (
+            step == run.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
+        save_now = step == run.steps or (save_every and step % save_every == 0) or save_for_time or stop_now
+        logged = step % cfg.train.log_every == 0 or step == run.steps
+        pending = step, step_metrics, (dict(seen), tick, run.feed.epoch(step)) if logged else None
+        if evaluate_now or save_now:  # the state is about to be read anyway; never save past a non-finite step
+          _read_step(log, run, watch, *pending)
+          pending = None
+      if evaluate_now:
+        with clock.phase("eval"):
+          last_eval = steps.evaluate(run.eval_step, state.params, run.splits["validation"], cfg, run.batch_sharding,
+                               run.task, run.labels)
+        log.eval(step, "validation", last_eval)
+      if save_now:
+        with clock.phase("checkpoint"):
+          run.ckpts.save(step, steps.trainable(state.params, run.model.frozen), state.opt_state,
+                         {"step": state.step, "rng": state.rng},
+                         {**run.meta, "data_position": run.feed.position(step)},
+                         last_eval if evaluate_now else None)
+        watch.last_save = time.monotonic()
+      if evaluate_now or logged:  # throughput counts training time only
+        tick, seen = time.perf_counter(), {"examples": 0, "tokens": 0}
+      if stop_now:
+        break
+    if pending is not None:
+      _read_step(log, run, watch, *pending)
+  finally:
+    log.close()
+  if stop_now and step < run.steps:
+    run.ckpts.wait()
+    raise errors.Stopped(f"stopped at step {step}; resume with --resume", errors.EXIT_PREEMPTED)
+  return state, last_eval, tuple(work)
+
+
+def _read_step(log: runlog.RunLog, run: setup.Run, watch: _Watch, step: int, step_metrics: dict[str, jax.Array],
+               throughput: tuple[dict[str, int], float, float] | None) -> None:
+  """Reads step `step`'s metrics (waiting for it, not for any later step): checks them and logs a log step."""
+  record = {k: v.item() for k, v in jax.device_get(step_metrics).items()}
+  if throughput is not None:
+    seen, tick, epoch = throughput
+    elapsed = time.perf_counter() - tick
+    log.train(step, {**{k: v for k, v in record.items() if k != "finite"}, "epoch": epoch,
+                     "examples_per_s": seen["examples"] / elapsed, "tokens_per_s": seen["tokens"] / elapsed})
+  watch.check_step(log, step, record)
+
+
+class StopRequests:
+  """SIGTERM and SIGINT, while active, ask training to stop after the current step instead of killing it.
+
+  A second SIGINT (Ctrl-C) stops at once with KeyboardInterrupt. Outside the main thread (where
+  Python cannot take signals) this does nothing.
+  """
+
+  def __init__(self) -> None:
+    self.signal: str | None = None
+    self._previous: dict[int, Any] = {}
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    if self.signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signal = signal.Signals(signum).name
+    print(f"\n{self.signal}: stopping after this step and saving a checkpoint (Ctrl-C again stops at once, "
+          "without saving)", file=sys.stderr, flush=True)
+
+  @contextlib.contextmanager
+  def active(self) -> Iterator[StopRequests]:
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+      self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+      yield self
+    finally:
+      for s, handler in self._previous.items():
+        signal.signal(s, handler)
+      self._previous = {}
