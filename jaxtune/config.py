@@ -183,6 +183,11 @@ class CheckpointConfig:
   # Whether larger is better. Unset: the task's direction for its metric; min for loss / perplexity, else max.
   best_mode: Literal["max", "min"] | None = None
 
+  @property
+  def best_direction(self) -> Literal["max", "min"]:
+    """best_mode, or when unset: min for a loss or perplexity, max for any other metric."""
+    return self.best_mode or ("min" if self.best_metric in ("loss", "perplexity") else "max")
+
   def __post_init__(self) -> None:
     _check(self.save_every >= 0, "checkpoint.save_every", "must be >= 0")
     _check(self.save_every_minutes >= 0, "checkpoint.save_every_minutes", "must be >= 0 (0 = never)")

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -116,24 +115,8 @@ def batch_sharding(mesh: Mesh, rules: Rules = RULES) -> NamedSharding:
   return NamedSharding(mesh, spec_for((batch_shards(mesh, rules),), ("batch",), mesh, rules))
 
 
-_ACTIVE: list[tuple[Mesh, Rules]] = []  # the (mesh, rules) that `constrain` applies while tracing
-
-
-@contextlib.contextmanager
-def activation_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
-  """Within this block (while a model is traced), `constrain` pins activations per `rules` on `mesh`."""
-  _ACTIVE.append((mesh, rules))
-  try:
-    yield
-  finally:
-    _ACTIVE.pop()
-
-
-def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-  """`x` with a sharding constraint from its logical `axes`; the identity outside `activation_rules`."""
-  if not _ACTIVE:
-    return x
-  mesh, rules = _ACTIVE[-1]
+def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh, rules: Rules = RULES) -> jax.Array:
+  """`x` (an activation, while traced) pinned to the sharding `rules` give its logical `axes` on `mesh`."""
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(x.shape, axes, mesh, rules)))
 
 

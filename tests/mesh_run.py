@@ -27,7 +27,7 @@ def spec(x: jax.Array) -> list:
 
 
 def record(run: setup.Run, state: steps.TrainState) -> dict:
-  params = params_lib.flatten(state.params)
+  params = params_lib.flatten(params_lib.merge(state.params, state.frozen))
   moments = {path: leaf for path, leaf in params_lib.flatten({"opt": state.opt_state}).items()
              if ".mu." in path or ".nu." in path}
   return {
@@ -51,7 +51,7 @@ def main(config_path: str, out_dir: str, runs_json: str) -> None:
       run.ckpts.close()
       run.lock.release()
     (out / f"{name}.json").write_text(json.dumps(record(run, state)))
-    params = params_lib.flatten(jax.device_get(state.params))
+    params = params_lib.flatten(jax.device_get(params_lib.merge(state.params, state.frozen)))
     np.savez(out / f"{name}.npz", **{p: np.asarray(x) for p, x in params.items()})
 
 

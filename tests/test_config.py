@@ -122,3 +122,25 @@ def test_online_seq2seq_configs_parse_with_their_recipes():
   assert (bart.model.path, bart.data.source_column, bart.data.target_column, bart.data.max_len,
           bart.generate.num_beams) == ("facebook/bart-base", "document", "summary", 1024, 6)
   assert bart.model.new_params == (r"final_logits\.bias",)
+
+
+@pytest.mark.parametrize("task, overrides, want", [
+    ("classification", [], ("accuracy", "max")),
+    ("question_answering", [], ("f1", "max")),
+    ("token_classification", [], ("f1", "max")),
+    ("causal_lm", [], ("loss", "min")),
+    ("seq2seq", [], ("bleu", "max")),  # generate.predict_with_generate is on by default
+    ("seq2seq", ["generate.predict_with_generate=false"], ("loss", "min")),
+    ("classification", ["checkpoint.best_metric=loss"], ("loss", "min")),  # a loss is minimised unless told
+    ("causal_lm", ["checkpoint.best_metric=perplexity", "checkpoint.best_mode=max"], ("perplexity", "max")),
+    ("classification", ["checkpoint.best_metric="], ("", "max")),  # "" keeps no best checkpoint
+])
+def test_the_best_checkpoint_metric_defaults_to_the_tasks(tmp_path, task, overrides, want):
+  from jaxtune import tasks
+
+  path = tmp_path / "c.yaml"
+  path.write_text(f"task: {task}\nmodel: {{path: m}}\ndata: {{train: t.csv, max_len: 256}}\n")
+  cfg = config.load(path, overrides)
+  assert cfg.checkpoint.best_metric is None or overrides  # the config itself leaves it to the task
+  ckpt = tasks.checkpoint_config(cfg)
+  assert (ckpt.best_metric, ckpt.best_direction) == want

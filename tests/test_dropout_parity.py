@@ -108,7 +108,7 @@ def bert_embeddings_theirs(ref: torch.nn.Module, reps: int) -> torch.Tensor:
 
 
 def bert_layer_ours(model: model_lib.Model, params: dict, key: jax.Array | None) -> jax.Array:
-  return bert_layer0(model, params)(jnp.asarray(X_BxLxD), jnp.asarray(MASK_BxL), key)[REAL_BxL].ravel()
+  return bert_layer0(model, params)(jnp.asarray(X_BxLxD), jnp.asarray(MASK_BxL), key, layers.Context())[REAL_BxL].ravel()
 
 
 def bert_layer_theirs(ref: torch.nn.Module, reps: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ import transformers
 from jaxtune import sharding
 from jaxtune.config import MeshConfig, ModelConfig
 from jaxtune.generation import decoder as generate
+from jaxtune.generation import search
 from jaxtune.weights import pretrained
 
 CASES = {
@@ -56,12 +57,12 @@ def test_cached_generation_equals_uncached_argmax(tiny):
   model, params = tiny
   rng = np.random.default_rng(0)
   prompts = [rng.integers(1, 99, n) for n in (5, 11, 2)]
-  free = generate.generate(model, params, prompts, eos_ids=[-1], s=generate.Sampling(max_new_tokens=12))
+  free = generate.generate(model, params, prompts, eos_ids=[-1], s=search.Search(max_new_tokens=12))
   assert all(len(g) == 12 for g in free)
   for prompt, got in zip(prompts, free):
     assert got.tolist() == uncached_greedy(model, params, prompt, 12, [-1])
   eos = int(free[0][4])  # a token the first row emits: generation must stop right after it
-  stopped = generate.generate(model, params, prompts, eos_ids=[eos], s=generate.Sampling(max_new_tokens=12))
+  stopped = generate.generate(model, params, prompts, eos_ids=[eos], s=search.Search(max_new_tokens=12))
   for prompt, got in zip(prompts, stopped):
     assert got.tolist() == uncached_greedy(model, params, prompt, 12, [eos])
   assert len(stopped[0]) <= 5 and stopped[0][-1] == eos
@@ -70,15 +71,15 @@ def test_cached_generation_equals_uncached_argmax(tiny):
 def test_sampling_is_seeded_and_top_p_narrows_to_argmax(tiny):
   model, params = tiny
   prompts = [np.array([3, 4, 5]), np.array([7])]
-  hot = generate.Sampling(max_new_tokens=8, temperature=1.5)
+  hot = search.Search(max_new_tokens=8, temperature=1.5)
   draw = lambda s, seed: [g.tolist() for g in generate.generate(model, params, prompts, [-1], s, jax.random.key(seed))]
   assert draw(hot, 1) == draw(hot, 1) and draw(hot, 1) != draw(hot, 2)
-  greedy = draw(generate.Sampling(max_new_tokens=8), 0)
-  assert draw(generate.Sampling(max_new_tokens=8, temperature=1.5, top_p=1e-6), 5) == greedy
+  greedy = draw(search.Search(max_new_tokens=8), 0)
+  assert draw(search.Search(max_new_tokens=8, temperature=1.5, top_p=1e-6), 5) == greedy
 
 
 def test_top_p_only_draws_from_the_nucleus():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-  s = generate.Sampling(temperature=1.0, top_p=0.7)
-  draws = {int(generate.sample(logits, jax.random.key(i), s)[0]) for i in range(200)}
+  s = search.Search(temperature=1.0, top_p=0.7)
+  draws = {int(search.sample(logits, jax.random.key(i), s)[0]) for i in range(200)}
   assert draws == {0, 1}

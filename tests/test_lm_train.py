@@ -8,14 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
+import transformers
 import yaml
-from conftest import records, run_script
+from conftest import export_run, records, run_script
 
 from jaxtune import config, sharding
 from jaxtune.config import MeshConfig, ModelConfig
+from jaxtune.data import splits
 from jaxtune.errors import UserError
 from jaxtune.eval import evaluate
-from jaxtune.tasks import TASKS
+from jaxtune.tasks import TASKS, text
+from jaxtune.tools import torch_ref
 from jaxtune.train import loop, steps
 from jaxtune.weights import pretrained
 
@@ -60,9 +63,16 @@ def test_chat_instruction_finetune_and_exact_match(tmp_path, tiny_llama_dir, rev
   out = run_script("evaluate.py", "--checkpoint", tmp_path / "run", "--split", "test", "--max-examples", "8")
   assert out.returncode == 0, out.stderr[-3000:]
   metrics = json.loads(out.stdout.splitlines()[0])
-  assert metrics["num_examples"] == 8 and 0.0 <= metrics["exact_match"] <= 1.0 and len(metrics["samples"]) == 5
+  assert metrics["num_examples"] == 8 and len(metrics["samples"]) == 5
   # Only the answer ("great"/"other") and the end-of-turn token are targets: 2 per example.
   assert metrics["num_tokens"] == 2 * 8
+  # The exact match is transformers' generate's on the exported model: the same answers, token for token.
+  run_cfg = config.load(tmp_path / "run" / "config.yaml")
+  module = transformers.LlamaForCausalLM.from_pretrained(export_run(tmp_path / "run", "latest", tmp_path / "hf"))
+  rows = text.with_prompts(splits.load_raw(run_cfg.data, run_cfg.train.seed, ["test"], limit=8)["test"], run_cfg,
+                           "test")
+  want = torch_ref.exact_match(module.eval(), pretrained.load_tokenizer(run_cfg.model), run_cfg, rows)
+  assert (metrics["exact_match"], metrics["samples"]) == (want["exact_match"], want["samples"])
 
 
 def test_loss_is_the_mean_over_target_tokens_and_ignores_masked_targets(tiny_llama_dir):

@@ -35,13 +35,18 @@ def flat_host(tree) -> dict[str, np.ndarray]:
   return {p: np.asarray(a) for p, a in params_lib.flatten(jax.device_get(tree)).items()}
 
 
+def every_param(state) -> dict[str, np.ndarray]:
+  """The trained and the frozen params of a train state, flat on the host."""
+  return flat_host(params_lib.merge(state.params, state.frozen))
+
+
 def fit_run(tmp_path, model_dir, reviews, model: dict, steps: int = 4, overrides: tuple[str, ...] = (), **train_cfg):
   """Trains a tiny classification run in process: (prepared run, initial flat params, final state)."""
   tmp_path.mkdir(parents=True, exist_ok=True)
   cfg = config_lib.load(write_config(tmp_path / "c.yaml", model_dir, reviews, model=model),
                         [f"train.max_steps={steps}", *(f"train.{k}={v}" for k, v in train_cfg.items()), *overrides])
   run = setup.prepare(cfg, tmp_path / "run")
-  initial = flat_host(run.state.params)
+  initial = every_param(run.state)
   state, _, _ = loop.loop(run)
   run.ckpts.wait()
   run.ckpts.close()
@@ -70,8 +75,9 @@ def lora_run(tmp_path_factory, tiny_bert_dir, reviews):
 
 def test_lora_trains_only_adapters_head_and_listed(lora_run):
   run_dir, run, initial, state = lora_run
-  final = flat_host(state.params)
+  final = every_param(state)
   trainable = {p for p in final if p not in run.model.frozen}
+  assert set(flat_host(state.params)) == trainable and set(flat_host(state.frozen)) == run.model.frozen
   assert trainable == {f"bert.layers.{m}.lora_{ab}" for m in ("query", "value", "mlp_in") for ab in "ab"} | {
       "bert.pooler.kernel", "bert.pooler.bias", "classifier.kernel", "classifier.bias"}
   for path in run.model.frozen:  # bitwise: not even a rounding step went through them
@@ -91,10 +97,10 @@ def test_lora_trains_only_adapters_head_and_listed(lora_run):
 def test_checkpoint_holds_only_trainable_and_restores_onto_base(lora_run, tiny_bert_dir):
   run_dir, run, _, state = lora_run
   saved = ocp.StandardCheckpointer().metadata(run_dir / "checkpoints" / "4" / "params").item_metadata.tree
-  assert set(params_lib.flatten(saved)) == {p for p in run.model.abstract if p not in run.model.frozen}
+  assert set(params_lib.flatten(saved)) == {p for p in run.model.axes if p not in run.model.frozen}
   _, model, params, step = restore.restore_step(run_dir, "latest", MESH)  # frozen params from the base dir
   assert step == 4 and model.frozen == run.model.frozen
-  want = flat_host(state.params)
+  want = every_param(state)
   got = flat_host(params)
   assert set(got) == set(want)
   for path in want:
@@ -118,7 +124,7 @@ def test_merged_and_peft_exports_give_adapter_logits(lora_run, tiny_bert_dir, tm
   # Our forward on the merged kernels (no adapters) equals the adapter forward.
   plain = model_lib.describe(model.family, model.cfg, MESH, hf_config=model.hf_config)
   merged = peft_export.merged(flat_host(params), model.lora)
-  assert set(merged) == set(plain.abstract)
+  assert set(merged) == set(plain.axes)
   np.testing.assert_allclose(np.asarray(plain.apply(params_lib.unflatten(merged), batch)["logits"]), ours, atol=1e-5)
   export_run(run_dir, "latest", tmp_path / "hf")
   hf = load_exported(tmp_path / "hf", transformers.BertForSequenceClassification)
@@ -193,7 +199,7 @@ def test_freeze_without_lora_and_grad_accum(tmp_path, tiny_bert_dir, reviews):
   freeze = [r"bert\.embeddings\..*", r".*norm\..*"]
   run, initial, state = fit_run(tmp_path, tiny_bert_dir, reviews, {"path": str(tiny_bert_dir), "freeze": freeze},
                                 steps=2, grad_accum=2)
-  final = flat_host(state.params)
+  final = every_param(state)
   assert run.model.frozen == {p for p in final if p.startswith("bert.embeddings.") or "norm." in p}
   for path in final:
     assert np.array_equal(final[path], initial[path]) == (path in run.model.frozen), path
@@ -212,7 +218,7 @@ def test_lora_resume_is_exact(lora_run, tmp_path, tiny_bert_dir, reviews):
   run.ckpts.wait()
   run.ckpts.close()
   run.lock.release()
-  a, b = flat_host(whole.params), flat_host(state.params)
+  a, b = every_param(whole), every_param(state)
   for path in a:
     np.testing.assert_array_equal(a[path], b[path], err_msg=path)
 

@@ -32,7 +32,7 @@ def llama(tiny_llama_dir):
 
 def fresh_state(llama):
   model, tx, shardings, _, (model_cfg, reader) = llama
-  return steps.init_state(pretrained.load_params(model, model_cfg, reader, 0), tx, 0, shardings)
+  return steps.init_state(model, pretrained.load_params(model, model_cfg, reader, 0), tx, 0, shardings)
 
 
 def lm_batch(batch_sharding, rows=8, length=16, vocab=49152):
@@ -108,7 +108,7 @@ def test_the_compiled_program_does_not_grow_with_depth_when_scanned():
   for scan_layers in (True, False):
     for depth in (2, 8):
       model = _tiny_llama(depth, scan_layers)
-      params = params_lib.unflatten(model_lib.init_params(model, 0))
+      params = model_lib.init_params(model, 0)
       assert params["layers"]["attn"]["q"]["kernel"].shape == (depth, 16, 2, 8)
       loss = lambda p, model=model: model.apply(p, TINY_BATCH)["logits"].sum()
       programs[scan_layers, depth] = jax.jit(jax.grad(loss)).lower(params).as_text()
@@ -125,7 +125,7 @@ def test_unrolled_layers_compute_what_the_scan_computes():
   grads = {}
   for scan_layers in (True, False):
     model = _tiny_llama(3, scan_layers, dropout=0.3)
-    params = params_lib.unflatten(model_lib.init_params(model, 0))
+    params = model_lib.init_params(model, 0)
     loss = lambda p, model=model: (model.apply(p, batch, dropout_rng=jax.random.key(1))["logits"] ** 2
                                    ).mean()
     grads[scan_layers] = jax.jit(jax.value_and_grad(loss))(params)
@@ -143,7 +143,7 @@ def test_remat_runs_the_layers_scanned_and_keeps_less():
   compiled = {}
   for scan_layers, remat in ((False, "none"), (False, "full"), (True, "full")):
     model = _tiny_llama(6, scan_layers)
-    params = params_lib.unflatten(model_lib.init_params(model, 0))
+    params = model_lib.init_params(model, 0)
     loss = lambda p, model=model, remat=remat: (model.apply(p, batch, remat=remat)["logits"] ** 2).mean()
     compiled[scan_layers, remat] = jax.jit(jax.grad(loss)).lower(params).compile()
   temp = {k: c.memory_analysis().temp_size_in_bytes for k, c in compiled.items()}

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import export_run
-from flax import nnx
 from safetensors import safe_open
 from test_export import perturbed, save_run
 from test_seq2seq_parity import CASES, MESH, batch
 
 from jaxtune.config import ModelConfig
+from jaxtune.generation import search
 from jaxtune.generation import seq2seq as generate_encdec
 from jaxtune.weights import pretrained
 
@@ -58,9 +58,9 @@ def tiny(request, tmp_path_factory):
   return request.param, source, model, params, rules, sources
 
 
-@functools.partial(jax.jit, static_argnames="graphdef")
-def _logits(graphdef, params, batch):
-  return nnx.merge(graphdef, params)(batch)["logits"]
+@functools.partial(jax.jit, static_argnames="model")
+def _logits(model, params, batch):
+  return model.apply(params, batch)["logits"]
 
 
 def uncached_greedy(model, params, sources, rules):
@@ -71,8 +71,8 @@ def uncached_greedy(model, params, sources, rules):
   decoded[:, 0] = rules.decoder_start
   done = np.zeros(len(sources), bool)
   for step in range(N):
-    logits = _logits(model.graphdef, params, {**batch, "decoder_input_ids": jnp.asarray(decoded)})[:, step]
-    token = np.asarray(jnp.argmax(generate_encdec._process(logits, jnp.int32(step), rules, generate_encdec.Search(N)),
+    logits = _logits(model, params, {**batch, "decoder_input_ids": jnp.asarray(decoded)})[:, step]
+    token = np.asarray(jnp.argmax(generate_encdec._process(logits, jnp.int32(step), rules, search.Search(N)),
                                   -1))
     decoded[:, step + 1] = np.where(done, rules.pad_id, token)
     done |= np.isin(token, rules.eos_ids)
@@ -100,7 +100,7 @@ def hf_generate(source, sources, rules, **kwargs):
 
 def test_cached_greedy_equals_uncached_decoding_and_transformers(tiny):
   name, source, model, params, rules, sources = tiny
-  s = generate_encdec.Search(N)
+  s = search.Search(N)
   ours = generate_encdec.generate(model, params, sources, rules, s)
   if name == "t5_v1.1":  # its random weights say more than one token: EOS stops rows at different steps
     assert any(len(o) < N for o in ours) and any(len(o) != len(ours[0]) for o in ours), ours
@@ -116,7 +116,7 @@ def test_beam_search_equals_transformers(tiny, early_stopping):
   name, source, model, params, rules, sources = tiny
   if name != "t5_v1.1":
     pytest.skip("beam search is family-agnostic: one family checks it")
-  s = generate_encdec.Search(N, num_beams=3, length_penalty=0.6, early_stopping=early_stopping)
+  s = search.Search(N, num_beams=3, length_penalty=0.6, early_stopping=early_stopping)
   ours = generate_encdec.generate(model, params, sources, rules, s)
   theirs = hf_generate(source, sources, rules, do_sample=False, num_beams=3, length_penalty=0.6,
                        early_stopping=early_stopping)
@@ -129,12 +129,12 @@ def test_sampling_draws_differ_by_key_and_a_tiny_nucleus_is_greedy(tiny):
   name, _, model, params, rules, sources = tiny
   if name != "t5_v1.0":
     pytest.skip("sampling is family-agnostic: one family checks it")
-  hot = generate_encdec.Search(N, temperature=2.0)
+  hot = search.Search(N, temperature=2.0)
   draws = {tuple(np.concatenate(generate_encdec.generate(model, params, sources, rules, hot, jax.random.key(i))))
            for i in range(4)}
   assert len(draws) > 1
-  greedy = generate_encdec.generate(model, params, sources, rules, generate_encdec.Search(N))
-  narrow = generate_encdec.generate(model, params, sources, rules, generate_encdec.Search(N, 2.0, 1e-6),
+  greedy = generate_encdec.generate(model, params, sources, rules, search.Search(N))
+  narrow = generate_encdec.generate(model, params, sources, rules, search.Search(N, 2.0, 1e-6),
                                     jax.random.key(7))
   for g, n in zip(greedy, narrow, strict=True):
     np.testing.assert_array_equal(g, n)

@@ -117,17 +117,16 @@ def test_cached_decoding_matches_full_decoding(case, tmp_path):
   steps, which costs less than compiling each case."""
   source = source_model(case, tmp_path)
   model, params = load(tmp_path)
-  module = model.module(params)
   inputs = {k: jnp.asarray(v) for k, v in batch(source.config, source.config.pad_token_id).items()}
   ids_BxT = inputs.pop("decoder_input_ids")
   del inputs["decoder_attention_mask"]  # the cache has no target mask: every position is compared
-  memory = module.encode(inputs, jnp.float32)
-  full = np.asarray(module.decode({**inputs, "decoder_input_ids": ids_BxT}, memory, jnp.float32))
-  cache = module.init_cache(memory, inputs["attention_mask"], ids_BxT.shape[1] + 2, jnp.float32)
+  memory = model.apply(params, inputs, jnp.float32, method="encode")
+  full = np.asarray(model.apply(params, {**inputs, "decoder_input_ids": ids_BxT})["logits"])
+  cache = model.apply(params, memory, inputs["attention_mask"], ids_BxT.shape[1] + 2, jnp.float32, method="init_cache")
   t = ids_BxT.shape[1]
   got = []
   for start, stop in zip([0, *range(2, t)], range(2, t + 1)):
-    logits, cache = module.decode_step(ids_BxT[:, start:stop], cache, jnp.float32)
+    logits, cache = model.apply(params, ids_BxT[:, start:stop], cache, jnp.float32, method="decode_step")
     got.append(np.asarray(logits))
   assert int(cache.length) == t
   assert np.abs(np.concatenate(got, axis=1) - full).max() <= 1e-5

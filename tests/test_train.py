@@ -19,6 +19,7 @@ from jaxtune import params as params_lib
 from jaxtune.config import CheckpointConfig, MeshConfig, ModelConfig, OptimConfig
 from jaxtune.data import batching, classification
 from jaxtune.errors import UserError
+from jaxtune.models import layers
 from jaxtune.models import model as model_lib
 from jaxtune.tasks import TASKS
 from jaxtune.train import loop, optim, steps
@@ -43,7 +44,7 @@ def test_loss_falls_on_a_real_batch(minilm_dir):
   tx = optim.make(opt_cfg, 10)
   shardings = steps.state_shardings(model, tx)
   before = float(steps.loss_fn(model, CLS, params, batch, jnp.float32, None)[0])
-  state = steps.init_state(params, tx, 0, shardings)
+  state = steps.init_state(model, params, tx, 0, shardings)
   step = steps.make_train_step(model, CLS, tx, optim.schedule(opt_cfg, 10), jnp.float32, shardings, batch_sharding)
   for _ in range(10):
     state, metrics = step(state, batch)
@@ -69,7 +70,7 @@ def test_checkpoint_restores_identical_params(tiny_bert_dir, tmp_path):
   # A checkpoint of another layout (here: one layer more) is one clear error, not Orbax's.
   deeper = model_lib.describe("bert", dataclasses.replace(model.cfg, num_hidden_layers=3), mesh)
   with pytest.raises(UserError, match="checkpoint step 7 .* does not fit this model's state"):
-    Checkpoints(tmp_path, read_only=True).restore(7, params=params_lib.unflatten(deeper.abstract))
+    Checkpoints(tmp_path, read_only=True).restore(7, params=deeper.abstract)
 
 
 def params_at(run_dir, step="latest"):
@@ -145,7 +146,7 @@ def tiny_state(tiny_bert_dir, opt_cfg=OptimConfig()):
   mesh = sharding.make_mesh(MeshConfig())
   model, params = pretrained.from_pretrained(ModelConfig(path=str(tiny_bert_dir)), 2, mesh, seed=0)
   tx = optim.make(opt_cfg, 10)
-  return model, tx, steps.init_state(params, tx, 0, steps.state_shardings(model, tx)), sharding.batch_sharding(mesh)
+  return model, tx, steps.init_state(model, params, tx, 0, steps.state_shardings(model, tx)), sharding.batch_sharding(mesh)
 
 
 def toy_batch(batch_sharding, length=16):
@@ -182,9 +183,29 @@ def test_weight_decay_skips_biases_and_norms_and_dropout_is_seeded(tiny_bert_dir
   batch = toy_batch(bs)
   key = jax.random.key(1)
   drop = lambda k: model.apply(state.params, batch, dropout_rng=k)["logits"]
-  np.testing.assert_array_equal(drop(key), drop(key))
-  assert not np.allclose(drop(key), drop(jax.random.key(2)))
-  assert not np.allclose(drop(key), model.apply(state.params, batch)["logits"])
+  # The masks are a function of the key alone: compiled as one program or run op by op, the same key drops the
+  # same units (so a resumed run replays them), and another key drops others.
+  np.testing.assert_allclose(jax.jit(drop)(key), drop(key), rtol=1e-5, atol=1e-6)
+  assert not np.allclose(drop(key), drop(jax.random.key(2)), rtol=1e-3, atol=1e-4)
+  assert not np.allclose(drop(key), model.apply(state.params, batch)["logits"], rtol=1e-3, atol=1e-4)
+
+
+def test_dropout_masks_are_the_documented_hash_of_the_key():
+  """layers.keep_mask against the hash its docstring states, written out here in numpy: two rounds of lowbias32
+  over each element's flat index, keyed by two words drawn from the key, kept below keep * 2**32."""
+  def lowbias32(x):
+    x = (x ^ (x >> np.uint32(16))) * np.uint32(0x7FEB352D)
+    x = (x ^ (x >> np.uint32(15))) * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+  rng, shape, keep = jax.random.key(7), (6, 5, 9), 0.9
+  k0, k1 = (np.uint32(k) for k in np.asarray(jax.random.bits(rng, (2,), jnp.uint32)))
+  with np.errstate(over="ignore"):
+    index = np.arange(np.prod(shape), dtype=np.uint32).reshape(shape)
+    want = lowbias32(lowbias32(index + k0) ^ k1) < np.uint32(round(keep * 2**32))
+  got = np.asarray(layers.keep_mask(rng, shape, keep))
+  np.testing.assert_array_equal(got, want)
+  assert 0.8 < got.mean() < 0.97  # a 270-element sample of keep 0.9
 
 
 def test_checkpoints_keep_the_last_k_and_the_best(tmp_path):

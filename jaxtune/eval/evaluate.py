@@ -13,10 +13,10 @@ import transformers
 from jaxtune import config as config_lib
 from jaxtune import sharding
 from jaxtune.config import Config
-from jaxtune.data import lm, seq2seq, splits
+from jaxtune.data import lm, splits
 from jaxtune.errors import UserError
 from jaxtune.generation import decoder as decoder_generation
-from jaxtune.generation import seq2seq as seq2seq_generation
+from jaxtune.generation import search
 from jaxtune.models.model import Model
 from jaxtune.tasks import TASKS, metrics, text
 from jaxtune.train import perf, restore, rundir, runlog, steps
@@ -40,15 +40,14 @@ def evaluate_checkpoint(run_dir: Path, step: str = "latest", split: str | None =
   _, data = task.load(cfg, tokenizer, [name], labels=labels, extra=extra, limit=limit)
   batch_sharding = sharding.batch_sharding(mesh)
   dtype = jnp.dtype(cfg.model.compute_dtype)
-  eval_step = steps.make_eval_step(model, task, dtype, model.shardings, batch_sharding)
+  eval_step = steps.make_eval_step(model, task, dtype, batch_sharding)
   outputs: dict[str, Any] = {}
   result = steps.evaluate(eval_step, params, data[name], cfg, batch_sharding, task, labels, outputs)
-  predictions = task.predictions(outputs, data[name], cfg)
+  scores, generated = task.generate(model, params, data[name], cfg, tokenizer)
+  result.update(scores)
+  predictions = generated if generated is not None else task.predictions(outputs, data[name], cfg)
   if predictions is not None:
     result["predictions"] = predictions
-  if cfg.task == "seq2seq" and cfg.generate.predict_with_generate:
-    scores, result["predictions"] = translate(model, params, cfg, tokenizer, data[name])
-    result.update(scores)
   if cfg.generate.exact_match:
     rows = splits.load_raw(cfg.data, cfg.train.seed, [name], extra, limit)[name]
     result.update(exact_match(model, params, cfg, tokenizer, text.with_prompts(rows, cfg, name)))
@@ -58,7 +57,7 @@ def evaluate_checkpoint(run_dir: Path, step: str = "latest", split: str | None =
 def exact_match(model: Model, params: Any, cfg: Config, tokenizer: Any, rows: Any) -> dict[str, Any]:
   """Share of prompts whose generation (decoded, stripped) equals the response, with a few samples."""
   prompts = [lm.encode_prompt(p, tokenizer, cfg.data.use_chat_template) for p in rows[text.PROMPT]]
-  s = decoder_generation.Sampling(cfg.generate.max_new_tokens, cfg.generate.temperature, cfg.generate.top_p)
+  s = search.Search(cfg.generate.max_new_tokens, cfg.generate.temperature, cfg.generate.top_p)
   eos = [lm.eos_id(tokenizer)]
   outputs = []
   for i in range(0, len(prompts), cfg.train.eval_batch_size):
@@ -66,26 +65,6 @@ def exact_match(model: Model, params: Any, cfg: Config, tokenizer: Any, rows: An
     outputs += decoder_generation.generate(model, params, chunk, eos, s, jax.random.key(cfg.train.seed + i),
                                            jnp.dtype(cfg.model.compute_dtype))
   return metrics.exact_match(outputs, eos, tokenizer, rows[cfg.data.response_column])
-
-
-def translate(model: Model, params: Any, cfg: Config, tokenizer: Any,
-              pairs: seq2seq.Pairs) -> tuple[dict[str, Any], list[dict[str, str]]]:
-  """(BLEU, ROUGE-1/2/L and the mean generated length; source/reference/prediction rows) of generating a target for
-  every source of a split, eval_batch_size sources at a time."""
-  rules = seq2seq_generation.rules_for(model, cfg.model)
-  s = seq2seq_generation.Search.from_config(cfg.generate)
-  dtype = jnp.dtype(cfg.model.compute_dtype)
-  outputs = []
-  for i in range(0, len(pairs), cfg.train.eval_batch_size):
-    chunk = pairs.input_ids[i:i + cfg.train.eval_batch_size]
-    outputs += seq2seq_generation.generate(model, params, chunk, rules, s, jax.random.key(cfg.train.seed + i),
-                                           dtype)
-  texts = [tokenizer.decode(out, skip_special_tokens=True).strip() for out in outputs]
-  scores = {"bleu": metrics.bleu(texts, pairs.references), **metrics.rouge(texts, pairs.references),
-            "generated_length": sum(len(out) for out in outputs) / max(len(outputs), 1)}
-  rows = [{"source": src, "reference": ref, "prediction": text}
-          for src, ref, text in zip(pairs.sources, pairs.references, texts, strict=True)]
-  return scores, rows
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:

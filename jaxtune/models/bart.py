@@ -39,7 +39,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtune import sharding
 from jaxtune.errors import UserError
 from jaxtune.models import encdec, layers
 
@@ -143,29 +142,10 @@ def sinusoidal_table(positions: int, dim: int) -> np.ndarray:
   return table
 
 
-class Attention(nnx.Module):
-  def __init__(self, cfg: BartConfig, heads: int, rngs: nnx.Rngs):
-    d, h, k = cfg.d_model, heads, cfg.d_model // heads
-    self.q = layers.Dense((d,), (h, k), ("embed",), ("heads", "head_dim"), rngs=rngs)
-    self.k = layers.Dense((d,), (h, k), ("embed",), ("heads", "head_dim"), rngs=rngs)
-    self.v = layers.Dense((d,), (h, k), ("embed",), ("heads", "head_dim"), rngs=rngs)
-    self.o = layers.Dense((h, k), (d,), ("heads", "head_dim"), ("embed",), rngs=rngs)
-    self.rate, self.scale = cfg.attention_dropout, k ** -0.5
-
-  def kv(self, x_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Keys and values (each B x S x H x K) of the tokens attended to."""
-    heads = ("batch", "length", "heads", "head_dim")
-    return tuple(sharding.constrain(y, heads) for y in layers.dense_many((self.k, self.v), x_BxSxD))
-
-  def __call__(self, x_BxTxD: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, bias: jax.Array,
-               rng: jax.Array | None) -> jax.Array:
-    """Attention of x over keys and values (`kv` of x itself for self-attention); `bias` (B or 1 x 1 x T or 1 x S)
-    holds the masks. Dropout on the probabilities."""
-    q = sharding.constrain(self.q(x_BxTxD), ("batch", "length", "heads", "head_dim"))
-    k, v = k_BxSxHxK.astype(q.dtype), v_BxSxHxK.astype(q.dtype)
-    scores = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32) * self.scale + bias
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return self.o(layers.dropout_matmul("bhts,bshk->bthk", probs, v, self.rate, rng))
+def attention(cfg: BartConfig, heads: int, rngs: nnx.Rngs) -> encdec.Attention:
+  """BART's and Marian's attention: biases on every projection, logits scaled by K**-0.5."""
+  k = cfg.d_model // heads
+  return encdec.Attention(cfg.d_model, heads, k, use_bias=True, scale=k ** -0.5, rate=cfg.attention_dropout, rngs=rngs)
 
 
 class MLP(nnx.Module):
@@ -177,25 +157,25 @@ class MLP(nnx.Module):
     self.fc2 = layers.Dense((f,), (d,), ("mlp",), ("embed",), rngs=rngs)
     self.act, self.rate = ACTIVATIONS[cfg.activation_function], cfg.activation_dropout
 
-  def __call__(self, x_BxTxD: jax.Array, rng: jax.Array | None) -> jax.Array:
-    h_BxTxF = sharding.constrain(self.act(self.fc1(x_BxTxD)), ("batch", "length", "mlp"))
-    return self.fc2(layers.dropout(h_BxTxF, self.rate, rng))
+  def __call__(self, x_BxTxD: jax.Array, rng: jax.Array | None, ctx: layers.Context) -> jax.Array:
+    h_BxTxF = ctx.constrain(self.act(self.fc1(x_BxTxD, ctx)), ("batch", "length", "mlp"))
+    return self.fc2(layers.dropout(h_BxTxF, self.rate, rng), ctx)
 
 
 class EncoderLayer(nnx.Module):
   """Post-LN: x = LN(x + dropout(attention(x))); x = LN(x + dropout(mlp(x)))."""
 
   def __init__(self, cfg: BartConfig, rngs: nnx.Rngs):
-    self.attn = Attention(cfg, cfg.encoder_attention_heads, rngs)
+    self.attn = attention(cfg, cfg.encoder_attention_heads, rngs)
     self.attn_norm = layers.LayerNorm(cfg.d_model, LN_EPS, rngs=rngs)
     self.mlp = MLP(cfg, cfg.encoder_ffn_dim, rngs)
     self.mlp_norm = layers.LayerNorm(cfg.d_model, LN_EPS, rngs=rngs)
     self.rate = cfg.dropout
 
-  def __call__(self, x, bias, rng):
+  def __call__(self, x, bias, rng, ctx):
     r_probs, r_attn, r_act, r_mlp = layers.split_rng(rng, 4)
-    x = self.attn_norm(x + layers.dropout(self.attn(x, *self.attn.kv(x), bias, r_probs), self.rate, r_attn))
-    return self.mlp_norm(x + layers.dropout(self.mlp(x, r_act), self.rate, r_mlp))
+    x = self.attn_norm(x + layers.dropout(self.attn(x, *self.attn.kv(x, ctx), bias, r_probs, ctx), self.rate, r_attn))
+    return self.mlp_norm(x + layers.dropout(self.mlp(x, r_act, ctx), self.rate, r_mlp))
 
 
 class DecoderLayer(nnx.Module):
@@ -203,28 +183,25 @@ class DecoderLayer(nnx.Module):
 
   def __init__(self, cfg: BartConfig, rngs: nnx.Rngs):
     heads = cfg.decoder_attention_heads
-    self.self_attn = Attention(cfg, heads, rngs)
+    self.self_attn = attention(cfg, heads, rngs)
     self.self_norm = layers.LayerNorm(cfg.d_model, LN_EPS, rngs=rngs)
-    self.cross_attn = Attention(cfg, heads, rngs)
+    self.cross_attn = attention(cfg, heads, rngs)
     self.cross_norm = layers.LayerNorm(cfg.d_model, LN_EPS, rngs=rngs)
     self.mlp = MLP(cfg, cfg.decoder_ffn_dim, rngs)
     self.mlp_norm = layers.LayerNorm(cfg.d_model, LN_EPS, rngs=rngs)
     self.rate = cfg.dropout
 
-  def __call__(self, x, memory, self_bias, cross_bias, rng, cache: encdec.LayerCache | None = None,
+  def __call__(self, x, memory, self_bias, cross_bias, rng, ctx, cache: encdec.LayerCache | None = None,
                start: jax.Array | None = None):
     """The layer's output; with a `cache`, the new tokens' keys/values are written at `start` and the
     cross-attention reads the cached ones: returns (output, updated cache)."""
     r = layers.split_rng(rng, 6)
-    k, v = self.self_attn.kv(x)
-    if cache is not None:
-      cache = encdec.write(cache, k, v, start)
-      k, v = cache.self_k, cache.self_v
-    x = self.self_norm(x + layers.dropout(self.self_attn(x, k, v, self_bias, r[0]), self.rate, r[1]))
-    cross_kv = self.cross_attn.kv(memory) if cache is None else (cache.cross_k, cache.cross_v)
-    x = self.cross_norm(x + layers.dropout(self.cross_attn(x, *cross_kv, cross_bias, r[2]), self.rate, r[3]))
-    x = self.mlp_norm(x + layers.dropout(self.mlp(x, r[4]), self.rate, r[5]))
-    return x if cache is None else (x, cache)
+    h, new_cache = encdec.self_attention(self.self_attn, x, self_bias, r[0], ctx, cache, start)
+    x = self.self_norm(x + layers.dropout(h, self.rate, r[1]))
+    h = encdec.cross_attention(self.cross_attn, x, memory, cross_bias, r[2], ctx, cache)
+    x = self.cross_norm(x + layers.dropout(h, self.rate, r[3]))
+    x = self.mlp_norm(x + layers.dropout(self.mlp(x, r[4], ctx), self.rate, r[5]))
+    return x if cache is None else (x, new_cache)
 
 
 class Stack(nnx.Module):
@@ -259,7 +236,7 @@ class Stack(nnx.Module):
       x_BxTxD = self.layernorm_embedding(x_BxTxD)
     return layers.dropout(x_BxTxD.astype(dtype), self.rate, rng)
 
-  def __call__(self, ids_BxT, table_VxD, mask_BxT, memory, memory_mask_BxS, dtype, rng, remat):
+  def __call__(self, ids_BxT, table_VxD, mask_BxT, memory, memory_mask_BxS, dtype, rng, remat, ctx):
     """The stack's output (B x T x D) on token ids; `table_VxD` is the shared token embedding (unused when the
     stack has its own)."""
     rngs = None if rng is None else jax.random.split(rng, self.num_layers + 1)
@@ -270,18 +247,18 @@ class Stack(nnx.Module):
       self_bias = self_bias + encdec.causal_bias(jnp.arange(t), jnp.arange(t))
       cross_bias = layers.attention_bias(memory_mask_BxS, jnp.float32)
     return encdec.run_stack(self.layers, x, memory if self.decoder else None, self_bias, cross_bias,
-                            None if rngs is None else rngs[1:], remat, self.scan_layers)
+                            None if rngs is None else rngs[1:], remat, self.scan_layers, ctx)
 
-  def cross_kv(self, memory_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return encdec.cross_kv(self.layers, memory_BxSxD, self.scan_layers)
+  def cross_kv(self, memory_BxSxD: jax.Array, ctx: layers.Context) -> tuple[jax.Array, jax.Array]:
+    return encdec.cross_kv(self.layers, memory_BxSxD, self.scan_layers, ctx)
 
-  def step(self, ids_BxL: jax.Array, table_VxD: jax.Array, cache: encdec.Cache,
-           dtype: jnp.dtype) -> tuple[jax.Array, encdec.Cache]:
+  def step(self, ids_BxL: jax.Array, table_VxD: jax.Array, cache: encdec.Cache, dtype: jnp.dtype,
+           ctx: layers.Context) -> tuple[jax.Array, encdec.Cache]:
     """The decoder on L new tokens at positions cache.length.., reading and extending the cache."""
     q_positions = cache.length + jnp.arange(ids_BxL.shape[1])
     x = self.embed(ids_BxL, table_VxD, q_positions, dtype, None)
     self_bias = encdec.causal_bias(q_positions, jnp.arange(cache.layers.self_k.shape[2]))
-    return encdec.step_stack(self.layers, x, self_bias, cache, self.scan_layers)
+    return encdec.step_stack(self.layers, x, self_bias, cache, self.scan_layers, ctx)
 
 
 class LogitsBias(nnx.Module):
@@ -311,40 +288,44 @@ class Bart(nnx.Module):
   def _shared(self) -> jax.Array | None:
     return None if self.shared is None else self.shared[...]
 
-  def encode(self, batch, dtype, rng=None, remat="none"):
-    return self.encoder(batch["input_ids"], self._shared(), batch["attention_mask"], None, None, dtype, rng, remat)
+  def encode(self, batch, dtype, *, ctx, rng=None, remat="none"):
+    """The encoder output (B x S x D) of the source (input_ids, attention_mask)."""
+    return self.encoder(batch["input_ids"], self._shared(), batch["attention_mask"], None, None, dtype, rng, remat,
+                        ctx)
 
-  def decode(self, batch, memory, dtype, rng=None, remat="none"):
+  def decode(self, batch, memory, dtype, ctx, rng=None, remat="none"):
     ids = batch.get("decoder_input_ids")
     if ids is None:  # teacher forcing on the labels
       ids = layers.shift_right(batch["labels"], self.cfg.decoder_start_token_id)
     mask = batch.get("decoder_attention_mask", jnp.ones_like(ids))
-    return self.head(self.decoder(ids, self._shared(), mask, memory, batch["attention_mask"], dtype, rng, remat))
+    y = self.decoder(ids, self._shared(), mask, memory, batch["attention_mask"], dtype, rng, remat, ctx)
+    return self.head(y, ctx)
 
-  def head(self, y_BxTxD: jax.Array) -> jax.Array:
+  def head(self, y_BxTxD: jax.Array, ctx: layers.Context) -> jax.Array:
     """float32 logits (B x T x V): the decoder's token table (or lm_head) plus final_logits_bias."""
     if self.lm_head is not None:
-      return self.final_logits(self.lm_head(y_BxTxD))
+      return self.final_logits(self.lm_head(y_BxTxD, ctx))
     table_VxD = self.shared[...] if self.shared is not None else self.decoder.embed_tokens[...]
     return self.final_logits(jnp.einsum("btd,vd->btv", y_BxTxD, table_VxD.astype(y_BxTxD.dtype)))
 
-  def init_cache(self, memory_BxSxD: jax.Array, memory_mask_BxS: jax.Array, slots: int,
-                 dtype: jnp.dtype) -> encdec.Cache:
+  def init_cache(self, memory_BxSxD: jax.Array, memory_mask_BxS: jax.Array, slots: int, dtype: jnp.dtype, *,
+                 ctx: layers.Context) -> encdec.Cache:
     """A decoding cache of `slots` target positions over this encoder output."""
-    return encdec.new_cache(self.decoder.cross_kv(memory_BxSxD), memory_mask_BxS, slots, dtype)
+    return encdec.new_cache(self.decoder.cross_kv(memory_BxSxD, ctx), memory_mask_BxS, slots, dtype)
 
-  def decode_step(self, ids_BxL: jax.Array, cache: encdec.Cache, dtype: jnp.dtype) -> tuple[jax.Array, encdec.Cache]:
+  def decode_step(self, ids_BxL: jax.Array, cache: encdec.Cache, dtype: jnp.dtype, *,
+                  ctx: layers.Context) -> tuple[jax.Array, encdec.Cache]:
     """(float32 logits B x L x V of the next tokens, the extended cache) for L new decoder tokens."""
-    y, cache = self.decoder.step(ids_BxL, self._shared(), cache, dtype)
-    return self.head(y), cache
+    y, cache = self.decoder.step(ids_BxL, self._shared(), cache, dtype, ctx)
+    return self.head(y, ctx), cache
 
-  def __call__(self, batch: dict[str, jax.Array], *, dtype: jnp.dtype = jnp.float32,
+  def __call__(self, batch: dict[str, jax.Array], *, ctx: layers.Context, dtype: jnp.dtype = jnp.float32,
                dropout_rng: jax.Array | None = None, remat: str = "none") -> dict[str, jax.Array]:
     """`logits` (B x T x V, float32) of each target position given the source (input_ids, attention_mask) and
     the target so far (decoder_input_ids, or the labels shifted right); `hidden`: the encoder output (B x S x D)."""
     r_enc, r_dec = layers.split_rng(dropout_rng, 2)
-    memory = self.encode(batch, dtype, r_enc, remat)
-    return {"logits": self.decode(batch, memory, dtype, r_dec, remat), "hidden": memory}
+    memory = self.encode(batch, dtype, ctx=ctx, rng=r_enc, remat=remat)
+    return {"logits": self.decode(batch, memory, dtype, ctx, r_dec, remat), "hidden": memory}
 
 
 def hf_param_map(cfg: BartConfig) -> dict[str, tuple[str, str]]:

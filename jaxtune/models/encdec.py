@@ -1,4 +1,5 @@
-"""What the encoder-decoder models (T5, BART, Marian) share: running a layer stack, and the decoding cache.
+"""What the encoder-decoder models (T5, BART, Marian) share: their attention, running a layer stack, and the
+decoding cache.
 
 Generation encodes the source once. `init_cache` then projects the encoder output through every
 decoder layer's cross-attention keys and values, which stay fixed, and leaves room for T decoder
@@ -15,8 +16,41 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtune import sharding
 from jaxtune.models import layers
+
+HEADS = ("batch", "length", "heads", "head_dim")
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with q, k, v and o projections, softmax in float32 and dropout on the probabilities.
+
+  T5 and BART differ only in the arguments: T5 has no biases and no 1/sqrt(K) on the logits (folded into its
+  init: `scale` None), BART and Marian have biases and scale by K**-0.5.
+  """
+
+  def __init__(self, d: int, heads: int, head_dim: int, *, use_bias: bool, scale: float | None, rate: float,
+               rngs: nnx.Rngs):
+    dense = lambda i, o, ia, oa: layers.Dense(i, o, ia, oa, rngs=rngs, use_bias=use_bias)
+    self.q = dense((d,), (heads, head_dim), ("embed",), ("heads", "head_dim"))
+    self.k = dense((d,), (heads, head_dim), ("embed",), ("heads", "head_dim"))
+    self.v = dense((d,), (heads, head_dim), ("embed",), ("heads", "head_dim"))
+    self.o = dense((heads, head_dim), (d,), ("heads", "head_dim"), ("embed",))
+    self.scale, self.rate = scale, rate
+
+  def kv(self, x_BxSxD: jax.Array, ctx: layers.Context) -> tuple[jax.Array, jax.Array]:
+    """Keys and values (each B x S x H x K) of the tokens attended to."""
+    return tuple(ctx.constrain(y, HEADS) for y in layers.dense_many((self.k, self.v), x_BxSxD, ctx))
+
+  def __call__(self, x_BxTxD: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, bias: jax.Array,
+               rng: jax.Array | None, ctx: layers.Context) -> jax.Array:
+    """Attention of x over keys and values (`kv` of x itself for self-attention); `bias` (B or 1 x H or 1 x T x S)
+    holds the masks (and T5's relative positions)."""
+    q = ctx.constrain(self.q(x_BxTxD, ctx), HEADS)
+    k, v = k_BxSxHxK.astype(q.dtype), v_BxSxHxK.astype(q.dtype)
+    scores = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32)
+    scores = (scores if self.scale is None else scores * self.scale) + bias
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return self.o(layers.dropout_matmul("bhts,bshk->bthk", probs, v, self.rate, rng), ctx)
 
 
 class LayerCache(NamedTuple):
@@ -61,34 +95,54 @@ def reorder(cache: Cache, rows_B: jax.Array) -> Cache:
   return Cache(layers, cache.memory_mask[rows_B], cache.length)
 
 
+def self_attention(attn: Attention, x_BxTxD: jax.Array, bias: jax.Array, rng: jax.Array | None, ctx: layers.Context,
+                   cache: LayerCache | None, start: jax.Array | None) -> tuple[jax.Array, LayerCache | None]:
+  """A decoder's self-attention over x; with a layer `cache`, x's keys and values are written at `start` and
+  the attention reads every cached slot (the mask in `bias` hides the empty ones)."""
+  k, v = attn.kv(x_BxTxD, ctx)
+  if cache is not None:
+    cache = write(cache, k, v, start)
+    k, v = cache.self_k, cache.self_v
+  return attn(x_BxTxD, k, v, bias, rng, ctx), cache
+
+
+def cross_attention(attn: Attention, x_BxTxD: jax.Array, memory_BxSxD: jax.Array | None, bias: jax.Array,
+                    rng: jax.Array | None, ctx: layers.Context, cache: LayerCache | None) -> jax.Array:
+  """A decoder's attention over the encoder output, whose keys and values a `cache` already holds."""
+  k, v = attn.kv(memory_BxSxD, ctx) if cache is None else (cache.cross_k, cache.cross_v)
+  return attn(x_BxTxD, k, v, bias, rng, ctx)
+
+
 def run_stack(stack: nnx.Module, x_BxTxD: jax.Array, memory_BxSxD: jax.Array | None, self_bias: jax.Array,
-              cross_bias: jax.Array | None, rngs: jax.Array | None, remat: str, scan_layers: bool) -> jax.Array:
-  """Every layer of an encoder stack (memory None: layer(x, self_bias, rng)) or a decoder stack (layer(x, memory,
-  self_bias, cross_bias, rng)), each with its own dropout key of `rngs` (N keys, or None)."""
+              cross_bias: jax.Array | None, rngs: jax.Array | None, remat: str, scan_layers: bool,
+              ctx: layers.Context) -> jax.Array:
+  """Every layer of an encoder stack (memory None: layer(x, self_bias, rng, ctx)) or a decoder stack (layer(x,
+  memory, self_bias, cross_bias, rng, ctx)), each with its own dropout key of `rngs` (N keys, or None)."""
 
-  def body(layer: nnx.Module, x: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, None]:
-    x = sharding.constrain(x, ("batch", "length", "embed"))
+  def body(layer: nnx.Module, x: jax.Array, rng: jax.Array | None, ctx: layers.Context) -> tuple[jax.Array, None]:
+    x = ctx.constrain(x, ("batch", "length", "embed"))
     if memory_BxSxD is None:
-      return layer(x, self_bias, rng), None
-    return layer(x, memory_BxSxD, self_bias, cross_bias, rng), None
+      return layer(x, self_bias, rng, ctx), None
+    return layer(x, memory_BxSxD, self_bias, cross_bias, rng, ctx), None
 
-  return layers.scan(stack, body, x_BxTxD, rngs, remat, unroll=not scan_layers)[0]
+  return layers.scan(stack, body, x_BxTxD, rngs, ctx, remat, unroll=not scan_layers)[0]
 
 
-def cross_kv(stack: nnx.Module, memory_BxSxD: jax.Array, scan_layers: bool) -> tuple[jax.Array, jax.Array]:
+def cross_kv(stack: nnx.Module, memory_BxSxD: jax.Array, scan_layers: bool,
+             ctx: layers.Context) -> tuple[jax.Array, jax.Array]:
   """Every decoder layer's cross-attention keys and values of the encoder output (each N x B x S x H x K)."""
-  _, kv = layers.scan(stack, lambda layer, c, _: (c, layer.cross_attn.kv(memory_BxSxD)), None, None,
+  _, kv = layers.scan(stack, lambda layer, c, _, ctx: (c, layer.cross_attn.kv(memory_BxSxD, ctx)), None, None, ctx,
                       unroll=not scan_layers)
   return kv
 
 
-def step_stack(stack: nnx.Module, x_BxLxD: jax.Array, self_bias: jax.Array, cache: Cache,
-               scan_layers: bool) -> tuple[jax.Array, Cache]:
+def step_stack(stack: nnx.Module, x_BxLxD: jax.Array, self_bias: jax.Array, cache: Cache, scan_layers: bool,
+               ctx: layers.Context) -> tuple[jax.Array, Cache]:
   """The decoder layers on L new tokens: each reads and extends its cache from slot cache.length."""
   cross_bias = layers.attention_bias(cache.memory_mask, jnp.float32)
 
-  def body(layer: nnx.Module, x: jax.Array, layer_cache: LayerCache) -> tuple[jax.Array, Any]:
-    return layer(x, None, self_bias, cross_bias, None, layer_cache, cache.length)
+  def body(layer: nnx.Module, x: jax.Array, layer_cache: LayerCache, ctx: layers.Context) -> tuple[jax.Array, Any]:
+    return layer(x, None, self_bias, cross_bias, None, ctx, layer_cache, cache.length)
 
-  x, layer_caches = layers.scan(stack, body, x_BxLxD, cache.layers, unroll=not scan_layers)
+  x, layer_caches = layers.scan(stack, body, x_BxLxD, cache.layers, ctx, unroll=not scan_layers)
   return x, cache._replace(layers=layer_caches, length=cache.length + x_BxLxD.shape[1])

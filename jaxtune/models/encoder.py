@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtune import sharding
 from jaxtune.errors import UserError
 from jaxtune.models import layers
 
@@ -150,14 +149,15 @@ class Layer(nnx.Module):
     self.rate, self.attn_rate = cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob
     self.attn_out_rate = 0.0 if cfg.family == "distilbert" else cfg.hidden_dropout_prob  # DistilBERT has none there
 
-  def __call__(self, x_BxLxD: jax.Array, mask_BxL: jax.Array, rng: jax.Array | None) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, mask_BxL: jax.Array, rng: jax.Array | None,
+               ctx: layers.Context) -> jax.Array:
     r_attn, r_out, r_mlp = layers.split_rng(rng, 3)
     heads = ("batch", "length", "heads", "head_dim")
-    q, k, v = (sharding.constrain(y, heads) for y in layers.dense_many((self.query, self.key, self.value), x_BxLxD))
-    ctx_BxLxHxK = layers.dot_product_attention(q, k, v, mask_BxL, self.attn_rate, r_attn)
-    x_BxLxD = self.attn_norm(x_BxLxD + layers.dropout(self.attn_out(ctx_BxLxHxK), self.attn_out_rate, r_out))
-    h_BxLxF = sharding.constrain(self.act(self.mlp_in(x_BxLxD)), ("batch", "length", "mlp"))
-    return self.mlp_norm(x_BxLxD + layers.dropout(self.mlp_out(h_BxLxF), self.rate, r_mlp))
+    q, k, v = (ctx.constrain(y, heads) for y in layers.dense_many((self.query, self.key, self.value), x_BxLxD, ctx))
+    attn_BxLxHxK = layers.dot_product_attention(q, k, v, mask_BxL, self.attn_rate, r_attn)
+    x_BxLxD = self.attn_norm(x_BxLxD + layers.dropout(self.attn_out(attn_BxLxHxK, ctx), self.attn_out_rate, r_out))
+    h_BxLxF = ctx.constrain(self.act(self.mlp_in(x_BxLxD, ctx)), ("batch", "length", "mlp"))
+    return self.mlp_norm(x_BxLxD + layers.dropout(self.mlp_out(h_BxLxF, ctx), self.rate, r_mlp))
 
 
 class Encoder(nnx.Module):
@@ -172,19 +172,20 @@ class Encoder(nnx.Module):
     self.pooler = (layers.Dense((cfg.hidden_size,), (cfg.hidden_size,), ("embed",), ("embed_out",), rngs=rngs)
                    if cfg.has_pooler else nnx.data(None))
 
-  def __call__(self, ids_BxL, mask_BxL, types_BxL, dtype, rng, remat, word_BxLxE=None) -> tuple[jax.Array, Any]:
+  def __call__(self, ids_BxL, mask_BxL, types_BxL, dtype, rng, remat, ctx: layers.Context,
+               word_BxLxE=None) -> tuple[jax.Array, Any]:
     """(last hidden states B x L x D, pooled [CLS] B x D or None without a pooler)."""
     rngs = None if rng is None else jax.random.split(rng, self.num_layers + 1)  # [0] embeddings, [1:] one per layer
     x_BxLxD = self.embeddings(ids_BxL, mask_BxL, types_BxL, dtype, None if rngs is None else rngs[0], word_BxLxE)
     if self.project is not None:
-      x_BxLxD = self.project(x_BxLxD)
+      x_BxLxD = self.project(x_BxLxD, ctx)
 
-    def body(layer: Layer, x_BxLxD: jax.Array, r: jax.Array | None) -> tuple[jax.Array, None]:
-      return layer(sharding.constrain(x_BxLxD, ("batch", "length", "embed")), mask_BxL, r), None
+    def body(layer: Layer, x_BxLxD: jax.Array, r: jax.Array | None, ctx: layers.Context) -> tuple[jax.Array, None]:
+      return layer(ctx.constrain(x_BxLxD, ("batch", "length", "embed")), mask_BxL, r, ctx), None
 
-    x_BxLxD, _ = layers.scan(self.layers, body, x_BxLxD, None if rngs is None else rngs[1:], remat,
+    x_BxLxD, _ = layers.scan(self.layers, body, x_BxLxD, None if rngs is None else rngs[1:], ctx, remat,
                              unroll=not self.scan_layers)
-    pooled_BxD = None if self.pooler is None else jnp.tanh(self.pooler(x_BxLxD[:, 0]))
+    pooled_BxD = None if self.pooler is None else jnp.tanh(self.pooler(x_BxLxD[:, 0], ctx))
     return x_BxLxD, pooled_BxD
 
 
@@ -198,10 +199,10 @@ class ClassificationHead(nnx.Module):
     self.act = layers.ACTIVATIONS["gelu"] if cfg.family == "electra" else jnp.tanh
     self.rate = cfg.head_dropout
 
-  def __call__(self, x_BxD: jax.Array, rng: jax.Array | None) -> jax.Array:
+  def __call__(self, x_BxD: jax.Array, rng: jax.Array | None, ctx: layers.Context) -> jax.Array:
     r_in, r_out = layers.split_rng(rng, 2)
-    x_BxD = self.act(self.dense(layers.dropout(x_BxD, self.rate, r_in)))
-    return self.out_proj(layers.dropout(x_BxD, self.rate, r_out))
+    x_BxD = self.act(self.dense(layers.dropout(x_BxD, self.rate, r_in), ctx))
+    return self.out_proj(layers.dropout(x_BxD, self.rate, r_out), ctx)
 
 
 class EncoderModel(nnx.Module):
@@ -222,7 +223,7 @@ class EncoderModel(nnx.Module):
     else:
       self.classifier = ClassificationHead(cfg, rngs)
 
-  def __call__(self, batch: dict[str, jax.Array], *, dtype: jnp.dtype = jnp.float32,
+  def __call__(self, batch: dict[str, jax.Array], *, ctx: layers.Context, dtype: jnp.dtype = jnp.float32,
                dropout_rng: jax.Array | None = None, remat: str = "none") -> dict[str, jax.Array]:
     """`logits` (float32; B x C, B x L x 2 or B x L x C by head) and the last `hidden` states (B x L x D).
 
@@ -232,19 +233,19 @@ class EncoderModel(nnx.Module):
     ids_BxL = batch["input_ids"]
     types_BxL = batch.get("token_type_ids", jnp.zeros_like(ids_BxL))
     hidden_BxLxD, pooled_BxD = getattr(self, self.base_name)(ids_BxL, batch["attention_mask"], types_BxL, dtype,
-                                                             r_enc, remat, batch.get("word_embeddings"))
+                                                             r_enc, remat, ctx, batch.get("word_embeddings"))
     if cfg.head == "question_answering":
-      logits = self.qa_outputs(layers.dropout(hidden_BxLxD, cfg.qa_dropout, r_head))
+      logits = self.qa_outputs(layers.dropout(hidden_BxLxD, cfg.qa_dropout, r_head), ctx)
     elif cfg.head == "token_classification":
       rate = cfg.hidden_dropout_prob if cfg.family == "distilbert" else cfg.head_dropout
-      logits = self.classifier(layers.dropout(hidden_BxLxD, rate, r_head))
+      logits = self.classifier(layers.dropout(hidden_BxLxD, rate, r_head), ctx)
     elif cfg.family == "bert":
-      logits = self.classifier(layers.dropout(pooled_BxD, cfg.head_dropout, r_head))
+      logits = self.classifier(layers.dropout(pooled_BxD, cfg.head_dropout, r_head), ctx)
     elif cfg.family == "distilbert":
-      logits = self.classifier(layers.dropout(jax.nn.relu(self.pre_classifier(hidden_BxLxD[:, 0])),
-                                              cfg.head_dropout, r_head))
+      logits = self.classifier(layers.dropout(jax.nn.relu(self.pre_classifier(hidden_BxLxD[:, 0], ctx)),
+                                              cfg.head_dropout, r_head), ctx)
     else:
-      logits = self.classifier(hidden_BxLxD[:, 0], r_head)
+      logits = self.classifier(hidden_BxLxD[:, 0], r_head, ctx)
     return {"logits": logits.astype(jnp.float32), "hidden": hidden_BxLxD}
 
 

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtune import sharding
 from jaxtune.models import decoding, layers
 
 
@@ -61,17 +60,17 @@ class Block(nnx.Module):
     self.rate, self.attn_rate = cfg.resid_pdrop, cfg.attn_pdrop
     self.scale_by_layer = cfg.scale_attn_by_inverse_layer_idx
 
-  def __call__(self, x_BxLxD, segments, cache, rng, index):
+  def __call__(self, x_BxLxD, segments, cache, rng, index, ctx):
     r_probs, r_attn, r_mlp = layers.split_rng(rng, 3)
-    qkv_BxLx3xHxK = sharding.constrain(self.qkv(self.ln_1(x_BxLxD)), ("batch", "length", None, "heads", "head_dim"))
+    qkv_BxLx3xHxK = ctx.constrain(self.qkv(self.ln_1(x_BxLxD), ctx), ("batch", "length", None, "heads", "head_dim"))
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
     if self.scale_by_layer:  # HF's optional extra 1/(layer+1) on the attention logits, folded into the query
       q_BxLxHxK = q_BxLxHxK / (index + 1).astype(q_BxLxHxK.dtype)
     k_all, v_all, kv, cache = decoding.extend(cache, k_BxLxHxK, v_BxLxHxK, segments)
-    ctx_BxLxHxK = decoding.attend(q_BxLxHxK, k_all, v_all, segments, kv, self.attn_rate, r_probs)
-    x_BxLxD = x_BxLxD + layers.dropout(self.attn_out(ctx_BxLxHxK), self.rate, r_attn)
-    h_BxLxF = sharding.constrain(self.act(self.mlp_in(self.ln_2(x_BxLxD))), ("batch", "length", "mlp"))
-    return x_BxLxD + layers.dropout(self.mlp_out(h_BxLxF), self.rate, r_mlp), cache
+    attn_BxLxHxK = decoding.attend(q_BxLxHxK, k_all, v_all, segments, kv, self.attn_rate, r_probs)
+    x_BxLxD = x_BxLxD + layers.dropout(self.attn_out(attn_BxLxHxK, ctx), self.rate, r_attn)
+    h_BxLxF = ctx.constrain(self.act(self.mlp_in(self.ln_2(x_BxLxD), ctx)), ("batch", "length", "mlp"))
+    return x_BxLxD + layers.dropout(self.mlp_out(h_BxLxF, ctx), self.rate, r_mlp), cache
 
 
 class GPT2LM(nnx.Module):
@@ -85,11 +84,12 @@ class GPT2LM(nnx.Module):
     self.blocks = layers.stack(lambda r: Block(cfg, r), cfg.n_layer, rngs)
     self.ln_f = layers.LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, rngs=rngs)
 
-  def init_cache(self, batch: int, slots: int, dtype: jnp.dtype) -> decoding.Cache:
+  def init_cache(self, batch: int, slots: int, dtype: jnp.dtype, *, ctx: layers.Context) -> decoding.Cache:
+    del ctx  # allocates only
     c = self.cfg
     return decoding.init_cache(batch, slots, c.n_layer, c.n_head, c.n_embd // c.n_head, dtype)
 
-  def __call__(self, batch: dict[str, jax.Array], *, dtype: jnp.dtype = jnp.float32,
+  def __call__(self, batch: dict[str, jax.Array], *, ctx: layers.Context, dtype: jnp.dtype = jnp.float32,
                dropout_rng: jax.Array | None = None, cache: decoding.Cache | None = None,
                remat: str = "none") -> dict[str, Any]:
     """`logits` (B x L x V, float32) and the updated `cache` (None when called without one)."""
@@ -99,14 +99,14 @@ class GPT2LM(nnx.Module):
     x_BxLxD = self.wte[...][batch["input_ids"]] + self.wpe[...][batch["positions"]]
     x_BxLxD = layers.dropout(x_BxLxD.astype(dtype), self.cfg.embd_pdrop, None if rngs is None else rngs[0])
 
-    def body(block: Block, x_BxLxD: jax.Array, xs: tuple[Any, Any, jax.Array]):
+    def body(block: Block, x_BxLxD: jax.Array, xs: tuple[Any, Any, jax.Array], ctx: layers.Context):
       layer_cache, rng, index = xs
-      return block(sharding.constrain(x_BxLxD, ("batch", "length", "embed")), segments, layer_cache, rng, index)
+      return block(ctx.constrain(x_BxLxD, ("batch", "length", "embed")), segments, layer_cache, rng, index, ctx)
 
     xs = (None if cache is None else cache.layers, None if rngs is None else rngs[1:], jnp.arange(n))
-    x_BxLxD, new_layers = layers.scan(self.blocks, body, x_BxLxD, xs, remat, not self.cfg.scan_layers)
+    x_BxLxD, new_layers = layers.scan(self.blocks, body, x_BxLxD, xs, ctx, remat, not self.cfg.scan_layers)
     logits_BxLxV = self.ln_f(x_BxLxD) @ self.wte[...].astype(dtype).T
-    logits_BxLxV = sharding.constrain(logits_BxLxV, ("batch", "length", "vocab"))
+    logits_BxLxV = ctx.constrain(logits_BxLxV, ("batch", "length", "vocab"))
     new_cache = None if cache is None else cache._replace(layers=new_layers)
     return {"logits": logits_BxLxV.astype(jnp.float32), "cache": decoding.advance(new_cache, segments)}
 

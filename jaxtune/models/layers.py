@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import functools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
+from jaxtune import sharding
 from jaxtune.models import cpu_attention
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
@@ -31,6 +33,19 @@ REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What a model call hands each of its layers, explicitly (Model.apply builds it): the mesh and rules that
+  place its activations, and the dropout key of its LoRA adapters (training with model.lora.dropout only)."""
+  mesh: Mesh | None = None  # None: activations left where XLA puts them (a layer called on its own)
+  rules: sharding.Rules = sharding.RULES
+  adapter_rng: jax.Array | None = None  # inside a layer stack, the layer's own key (see `scan`)
+
+  def constrain(self, x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """`x` pinned to the sharding of its logical `axes` (the identity without a mesh)."""
+    return x if self.mesh is None else sharding.constrain(x, axes, self.mesh, self.rules)
+
+
 def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequence[str | None]) -> nnx.Param:
   """A float32 parameter whose `axes` metadata names each dimension logically (see sharding.py)."""
   assert len(shape) == len(axes), (shape, axes)
@@ -45,21 +60,20 @@ class Dense(nnx.Module):
     self.kernel = param(rngs, jax.nn.initializers.normal(std), (*in_shape, *out_shape), (*in_axes, *out_axes))
     self.bias = param(rngs, jax.nn.initializers.zeros, out_shape, out_axes) if use_bias else None
     self.n_in = len(in_shape)
-    # A LoRA adapter (jaxtune/lora.py attaches it): lora_a (*in, rank), lora_b (rank, *out).
+    # A LoRA adapter (models/lora.py attaches it): lora_a (*in, rank), lora_b (rank, *out).
     self.lora_a: nnx.Param | None = nnx.data(None)
     self.lora_b: nnx.Param | None = nnx.data(None)
     self.lora_scale, self.lora_dropout, self.lora_id = 0.0, 0.0, 0
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:
     y = contract(x, self.kernel[...].astype(x.dtype), self.n_in)
     y = y if self.bias is None else y + self.bias[...].astype(x.dtype)
-    return y if self.lora_a is None else y + self.adapter(x)
+    return y if self.lora_a is None else y + self.adapter(x, ctx)
 
-  def adapter(self, x: jax.Array) -> jax.Array:
+  def adapter(self, x: jax.Array, ctx: Context) -> jax.Array:
     """The adapter's term: (alpha / rank) * dropout(x) A B, as PEFT's LoRA layers compute it."""
-    rng = current_adapter_rng()
-    if rng is not None and self.lora_dropout > 0:
-      x = dropout(x, self.lora_dropout, jax.random.fold_in(rng, self.lora_id))
+    if ctx.adapter_rng is not None and self.lora_dropout > 0:
+      x = dropout(x, self.lora_dropout, jax.random.fold_in(ctx.adapter_rng, self.lora_id))
     h = jnp.tensordot(x, self.lora_a[...].astype(x.dtype), axes=self.n_in)  # ... x rank
     return jnp.tensordot(h, self.lora_b[...].astype(x.dtype), axes=1) * jnp.asarray(self.lora_scale, x.dtype)
 
@@ -99,24 +113,7 @@ def _contract_bwd(n_in: int, residuals: tuple[jax.Array, jax.Array], dy: jax.Arr
 _contract.defvjp(_contract_fwd, _contract_bwd)
 
 
-_ADAPTER_RNG: list[jax.Array] = []  # the dropout key of LoRA adapters while a model is traced in training
-
-
-@contextlib.contextmanager
-def adapter_rng(rng: jax.Array | None) -> Iterator[None]:
-  """Within this block, adapters with lora dropout draw masks from `rng` (None: no adapter dropout)."""
-  _ADAPTER_RNG.append(rng)
-  try:
-    yield
-  finally:
-    _ADAPTER_RNG.pop()
-
-
-def current_adapter_rng() -> jax.Array | None:
-  return _ADAPTER_RNG[-1] if _ADAPTER_RNG else None
-
-
-def dense_many(denses: Sequence[Dense], x: jax.Array) -> list[jax.Array]:
+def dense_many(denses: Sequence[Dense], x: jax.Array, ctx: Context) -> list[jax.Array]:
   """[d(x) for d in denses] as one matmul against their kernels stacked on a new axis (equal shapes).
 
   One larger matmul keeps the cores busier than several small ones (BERT's query, key and value;
@@ -129,7 +126,7 @@ def dense_many(denses: Sequence[Dense], x: jax.Array) -> list[jax.Array]:
     y = y + jnp.stack([d.bias[...] for d in denses]).astype(x.dtype)
   at = x.ndim - first.n_in
   ys = [y[(slice(None),) * at + (i,)] for i in range(len(denses))]
-  return [y if d.lora_a is None else y + d.adapter(x) for d, y in zip(denses, ys)]
+  return [y if d.lora_a is None else y + d.adapter(x, ctx) for d, y in zip(denses, ys)]
 
 
 class LayerNorm(nnx.Module):
@@ -271,9 +268,11 @@ def stack(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx
   return layers
 
 
-def scan(layers: nnx.Module, body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]], carry: Any, xs: Any,
-         remat: str = "none", unroll: bool = False) -> tuple[Any, Any]:
-  """Runs body(layer_i, carry, xs[i]) -> (carry, ys[i]) over a `stack`: one lax.scan, or N unrolled calls.
+def scan(layers: nnx.Module, body: Callable[[nnx.Module, Any, Any, Context], tuple[Any, Any]], carry: Any, xs: Any,
+         ctx: Context, remat: str = "none", unroll: bool = False) -> tuple[Any, Any]:
+  """Runs body(layer_i, carry, xs[i], ctx_i) -> (carry, ys[i]) over a `stack`: one lax.scan, or N unrolled calls.
+
+  ctx_i is `ctx` with layer i's own adapter dropout key (split from ctx's), so no two layers' adapters share masks.
 
   Scanned, the layer is traced once whatever the depth, so compile time does not grow with it.
   Unrolled (model.scan_layers: false), each layer is its own code: XLA then keeps no stacked
@@ -285,12 +284,11 @@ def scan(layers: nnx.Module, body: Callable[[nnx.Module, Any, Any], tuple[Any, A
   """
   graphdef, state = nnx.split(layers)
   n = jax.tree.leaves(nnx.to_pure_dict(state))[0].shape[0]
-  adapter_rngs = None if current_adapter_rng() is None else jax.random.split(current_adapter_rng(), n)
+  adapter_rngs = None if ctx.adapter_rng is None else jax.random.split(ctx.adapter_rng, n)
 
   def step(carry: Any, inputs: Any) -> tuple[Any, Any]:
     layer_state, x, rng = inputs
-    with adapter_rng(rng):  # each layer's adapters drop with their own key
-      return body(nnx.merge(graphdef, layer_state), carry, x)
+    return body(nnx.merge(graphdef, layer_state), carry, x, dataclasses.replace(ctx, adapter_rng=rng))
 
   if remat != "none":  # a scan body cannot be merged with its recomputation, so it needs no prevent_cse
     step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtune import sharding
 from jaxtune.errors import UserError
 from jaxtune.models import decoding, layers
 
@@ -117,17 +116,17 @@ class Attention(nnx.Module):
     self.dropout_rate = cfg.attention_dropout
 
   def __call__(self, x_BxLxD: jax.Array, inv_freq: jax.Array, segments: decoding.Segments,
-               cache: decoding.LayerCache | None,
-               rng: jax.Array | None) -> tuple[jax.Array, decoding.LayerCache | None]:
-    q_BxLxHxK = sharding.constrain(apply_rope(self.q(x_BxLxD), segments.q_positions, inv_freq),
-                                   ("batch", "length", "heads", "head_dim"))
+               cache: decoding.LayerCache | None, rng: jax.Array | None,
+               ctx: layers.Context) -> tuple[jax.Array, decoding.LayerCache | None]:
+    q_BxLxHxK = ctx.constrain(apply_rope(self.q(x_BxLxD, ctx), segments.q_positions, inv_freq),
+                              ("batch", "length", "heads", "head_dim"))
     kv_axes = ("batch", "length", "kv_heads", "head_dim")
-    k_BxLxGxK, v_BxLxGxK = layers.dense_many((self.k, self.v), x_BxLxD)
-    k_BxLxGxK = sharding.constrain(apply_rope(k_BxLxGxK, segments.q_positions, inv_freq), kv_axes)
-    v_BxLxGxK = sharding.constrain(v_BxLxGxK, kv_axes)
+    k_BxLxGxK, v_BxLxGxK = layers.dense_many((self.k, self.v), x_BxLxD, ctx)
+    k_BxLxGxK = ctx.constrain(apply_rope(k_BxLxGxK, segments.q_positions, inv_freq), kv_axes)
+    v_BxLxGxK = ctx.constrain(v_BxLxGxK, kv_axes)
     k_BxSxGxK, v_BxSxGxK, kv, cache = decoding.extend(cache, k_BxLxGxK, v_BxLxGxK, segments)
-    ctx_BxLxHxK = decoding.attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, segments, kv, self.dropout_rate, rng)
-    return self.o(ctx_BxLxHxK), cache
+    attn_BxLxHxK = decoding.attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, segments, kv, self.dropout_rate, rng)
+    return self.o(attn_BxLxHxK, ctx), cache
 
 
 class MLP(nnx.Module):
@@ -140,10 +139,10 @@ class MLP(nnx.Module):
     self.down = layers.Dense((f,), (d,), ("mlp",), ("embed",), rngs=rngs, use_bias=cfg.mlp_bias)
     self.act = layers.ACTIVATIONS[cfg.hidden_act]
 
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-    gate_BxLxF, up_BxLxF = layers.dense_many((self.gate, self.up), x_BxLxD)
-    h_BxLxF = sharding.constrain(self.act(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
-    return self.down(h_BxLxF)
+  def __call__(self, x_BxLxD: jax.Array, ctx: layers.Context) -> jax.Array:
+    gate_BxLxF, up_BxLxF = layers.dense_many((self.gate, self.up), x_BxLxD, ctx)
+    h_BxLxF = ctx.constrain(self.act(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
+    return self.down(h_BxLxF, ctx)
 
 
 class Block(nnx.Module):
@@ -155,10 +154,10 @@ class Block(nnx.Module):
     self.mlp_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x_BxLxD, inv_freq, segments, cache, rng):
-    h_BxLxD, cache = self.attn(self.attn_norm(x_BxLxD), inv_freq, segments, cache, rng)
+  def __call__(self, x_BxLxD, inv_freq, segments, cache, rng, ctx):
+    h_BxLxD, cache = self.attn(self.attn_norm(x_BxLxD), inv_freq, segments, cache, rng, ctx)
     x_BxLxD = x_BxLxD + h_BxLxD
-    return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD)), cache
+    return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD), ctx), cache
 
 
 class LlamaLM(nnx.Module):
@@ -174,11 +173,12 @@ class LlamaLM(nnx.Module):
       self.lm_head = layers.Dense((cfg.hidden_size,), (cfg.vocab_size,), ("embed",), ("vocab",), rngs=rngs,
                                   use_bias=False)
 
-  def init_cache(self, batch: int, slots: int, dtype: jnp.dtype) -> decoding.Cache:
+  def init_cache(self, batch: int, slots: int, dtype: jnp.dtype, *, ctx: layers.Context) -> decoding.Cache:
+    del ctx  # allocates only
     c = self.cfg
     return decoding.init_cache(batch, slots, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, dtype)
 
-  def __call__(self, batch: dict[str, jax.Array], *, dtype: jnp.dtype = jnp.float32,
+  def __call__(self, batch: dict[str, jax.Array], *, ctx: layers.Context, dtype: jnp.dtype = jnp.float32,
                dropout_rng: jax.Array | None = None, cache: decoding.Cache | None = None,
                remat: str = "none") -> dict[str, Any]:
     """`logits` (B x L x V, float32) and the updated `cache` (None when called without one)."""
@@ -186,21 +186,22 @@ class LlamaLM(nnx.Module):
     inv_freq = rope_frequencies(self.cfg)
     x_BxLxD = layers.lookup(self.embed[...], batch["input_ids"], self.cfg.pad_token_id).astype(dtype)
 
-    def body(block: Block, x_BxLxD: jax.Array, xs: tuple[decoding.LayerCache | None, jax.Array | None]):
+    def body(block: Block, x_BxLxD: jax.Array, xs: tuple[decoding.LayerCache | None, jax.Array | None],
+             ctx: layers.Context):
       layer_cache, rng = xs
-      return block(sharding.constrain(x_BxLxD, ("batch", "length", "embed")), inv_freq, segments, layer_cache, rng)
+      return block(ctx.constrain(x_BxLxD, ("batch", "length", "embed")), inv_freq, segments, layer_cache, rng, ctx)
 
     dropout = dropout_rng is not None and self.cfg.attention_dropout > 0
     rngs = jax.random.split(dropout_rng, self.cfg.num_hidden_layers) if dropout else None  # one a layer
     xs = (None if cache is None else cache.layers, rngs)
-    x_BxLxD, new_layers = layers.scan(self.layers, body, x_BxLxD, xs, remat, not self.cfg.scan_layers)
+    x_BxLxD, new_layers = layers.scan(self.layers, body, x_BxLxD, xs, ctx, remat, not self.cfg.scan_layers)
     x_BxLxD = self.norm(x_BxLxD)
     if self.cfg.tie_word_embeddings:
       logits_BxLxV = x_BxLxD @ self.embed[...].astype(dtype).T
     else:
-      logits_BxLxV = self.lm_head(x_BxLxD)
+      logits_BxLxV = self.lm_head(x_BxLxD, ctx)
     new_cache = None if cache is None else decoding.Cache(new_layers, cache.segment_ids, cache.positions, cache.length)
-    logits_BxLxV = sharding.constrain(logits_BxLxV, ("batch", "length", "vocab"))
+    logits_BxLxV = ctx.constrain(logits_BxLxV, ("batch", "length", "vocab"))
     return {"logits": logits_BxLxV.astype(jnp.float32), "cache": decoding.advance(new_cache, segments)}
 
 

@@ -8,7 +8,7 @@ training starts from the pretrained function. In a layer stack both carry the le
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -72,11 +72,6 @@ def frozen(paths: Iterable[str], cfg: ModelConfig) -> frozenset[str]:
                     "params or set model.lora.targets.")
   return out
 
-
-def split(params: Mapping[str, Any], frozen_paths: frozenset[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-  """(trainable, frozen) halves of a flat param dict."""
-  return ({p: v for p, v in params.items() if p not in frozen_paths},
-          {p: v for p, v in params.items() if p in frozen_paths})
 
 
 def _path(path: tuple[Any, ...]) -> str:

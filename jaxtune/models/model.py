@@ -8,6 +8,7 @@ it declares; `init_params` creates fresh params directly on their devices; `Mode
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from typing import Any
 
 import jax
@@ -18,29 +19,41 @@ from jaxtune import params as params_lib
 from jaxtune import sharding
 from jaxtune.config import LoraConfig, ModelConfig
 from jaxtune.models import FAMILIES, layers, lora
+from jaxtune.params import Params
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed by identity: jit takes it as a static argument
 class Model:
   family: str  # key of FAMILIES (the HF model_type)
   cfg: Any  # the family's frozen config
   hf_config: dict[str, Any]  # the checkpoint's config.json (or the GGUF-derived one), for export
-  graphdef: nnx.GraphDef  # module structure; merge with params to call it
-  abstract: dict[str, jax.ShapeDtypeStruct]  # flat param path -> shape/dtype
-  axes: dict[str, tuple[str | None, ...]]  # flat param path -> logical name of each dim
-  shardings: dict[str, Any]  # pure-dict tree of NamedShardings, same structure as params
+  graphdef: nnx.GraphDef  # module structure; merged with params by `apply`
+  abstract: Params  # param tree of ShapeDtypeStructs
+  axes: dict[str, tuple[str | None, ...]]  # flat param path -> logical name of each dim (reports and tests)
+  shardings: Params  # param tree of NamedShardings
   rules: sharding.Rules  # logical -> mesh axes, for params (above) and activations (in apply)
   lora: LoraConfig = LoraConfig()  # adapters attached to the module (model.lora)
   frozen: frozenset[str] = frozenset()  # param paths that do not train (model.freeze, and the base under LoRA)
 
-  def module(self, params: dict[str, Any]) -> nnx.Module:
-    return nnx.merge(self.graphdef, params)
+  def split(self, tree: Params) -> tuple[Params, Params]:
+    """(the params that train, the frozen ones) of a param tree (or of `abstract` / `shardings`)."""
+    return params_lib.partition(tree, self.frozen)
 
-  def apply(self, params: dict[str, Any], batch: dict[str, jax.Array], **kwargs: Any) -> dict[str, jax.Array]:
-    """The module's outputs, its activations constrained to the rules' shardings while traced."""
+  def module(self, params: Params, *more: Params) -> nnx.Module:
+    """The module holding `params` (and, given disjoint trees, all of them)."""
+    return nnx.merge(self.graphdef, params, *more)
+
+  def apply(self, params: Params, *args: Any, frozen: Params | None = None, method: str = "__call__",
+            **kwargs: Any) -> Any:
+    """The module's `method` (its forward pass, or encode / init_cache / decode_step for generation) on `args`.
+
+    Every call gets the same explicit layers.Context: activations constrained to the rules' shardings on the
+    mesh, and LoRA dropout drawn from kwargs["dropout_rng"] in training. `frozen`: the params that do not
+    train, when `params` holds only the trainable ones (the train step)."""
     adapter_rng = kwargs.get("dropout_rng") if self.lora.dropout > 0 else None
-    with sharding.activation_rules(self.mesh, self.rules), layers.adapter_rng(adapter_rng):
-      return self.module(params)(batch, **kwargs)
+    ctx = layers.Context(self.mesh, self.rules, adapter_rng)
+    module = self.module(params, *([frozen] if frozen else []))
+    return getattr(module, method)(*args, ctx=ctx, **kwargs)
 
   @property
   def mesh(self) -> Mesh:
@@ -64,20 +77,20 @@ def describe(family: str, cfg: Any, mesh: Mesh, seed: int = 0, hf_config: dict[s
   abstract_module = nnx.eval_shape(lambda: _construct(family, cfg, lora_cfg, seed))
   graphdef, state = nnx.split(abstract_module)
   variables = params_lib.flat_variables(state)
-  abstract = {p: v.get_value() for p, v in variables.items()}
   axes = {p: tuple(v.get_metadata()["axes"]) for p, v in variables.items()}
-  frozen = lora.frozen(abstract, model_cfg) if model_cfg is not None else frozenset()
+  frozen = lora.frozen(variables, model_cfg) if model_cfg is not None else frozenset()
+  abstract = params_lib.unflatten({p: v.get_value() for p, v in variables.items()})
   return Model(family, cfg, hf_config or {}, graphdef, abstract, axes, sharding.param_shardings(state, mesh, rules),
                rules, lora_cfg, frozen)
 
 
-def init_params(model: Model, seed: int, only: set[str] | None = None) -> dict[str, jax.Array]:
-  """Randomly initialised params (flat), each created on its devices; `only` limits which."""
-  flat_shardings = params_lib.flatten(model.shardings)
-  keep = set(flat_shardings) if only is None else only
+def init_params(model: Model, seed: int, only: Collection[str] | None = None) -> Params:
+  """Randomly initialised params, each created on its devices; `only` (param paths) limits which."""
+  keep = set(model.axes) if only is None else set(only)
+  _, shardings = params_lib.partition(model.shardings, keep)
 
-  def init() -> dict[str, jax.Array]:  # XLA drops the initialisers of params not returned
+  def init() -> Params:  # XLA drops the initialisers of params not returned
     state = nnx.state(_construct(model.family, model.cfg, model.lora, seed))
-    return {p: v.get_value() for p, v in params_lib.flat_variables(state).items() if p in keep}
+    return params_lib.unflatten({p: v.get_value() for p, v in params_lib.flat_variables(state).items() if p in keep})
 
-  return jax.jit(init, out_shardings={p: flat_shardings[p] for p in keep})()
+  return jax.jit(init, out_shardings=shardings)()

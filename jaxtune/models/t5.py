@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtune import sharding
 from jaxtune.errors import UserError
 from jaxtune.models import encdec, layers
 
@@ -78,32 +77,6 @@ class T5Config:
     return "gelu_new" if act == "gelu" else act  # HF maps T5's gelu to the tanh approximation
 
 
-class Attention(nnx.Module):
-  def __init__(self, cfg: T5Config, rngs: nnx.Rngs):
-    d, h, k = cfg.d_model, cfg.num_heads, cfg.d_kv
-    dense = lambda i, o, ia, oa: layers.Dense(i, o, ia, oa, rngs=rngs, use_bias=False)
-    self.q = dense((d,), (h, k), ("embed",), ("heads", "head_dim"))
-    self.k = dense((d,), (h, k), ("embed",), ("heads", "head_dim"))
-    self.v = dense((d,), (h, k), ("embed",), ("heads", "head_dim"))
-    self.o = dense((h, k), (d,), ("heads", "head_dim"), ("embed",))
-    self.rate = cfg.dropout_rate
-
-  def kv(self, x_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Keys and values (each B x S x H x K) of the tokens attended to."""
-    heads = ("batch", "length", "heads", "head_dim")
-    return tuple(sharding.constrain(y, heads) for y in layers.dense_many((self.k, self.v), x_BxSxD))
-
-  def __call__(self, x_BxTxD: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, bias: jax.Array,
-               rng: jax.Array | None) -> jax.Array:
-    """Attention of x over keys and values (`kv` of x itself for self-attention); `bias` (B or 1 x H or 1 x T x S)
-    holds the relative positions and the masks."""
-    q = sharding.constrain(self.q(x_BxTxD), ("batch", "length", "heads", "head_dim"))
-    k, v = k_BxSxHxK.astype(q.dtype), v_BxSxHxK.astype(q.dtype)
-    scores = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32) + bias  # no 1/sqrt(K): folded into T5's init
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return self.o(layers.dropout_matmul("bhts,bshk->bthk", probs, v, self.rate, rng))
-
-
 class MLP(nnx.Module):
   def __init__(self, cfg: T5Config, rngs: nnx.Rngs):
     d, f = cfg.d_model, cfg.d_ff
@@ -116,56 +89,58 @@ class MLP(nnx.Module):
     self.wo = dense((f,), (d,), ("mlp",), ("embed",))
     self.act, self.gated, self.rate = layers.ACTIVATIONS[cfg.act], cfg.gated, cfg.dropout_rate
 
-  def __call__(self, x_BxTxD: jax.Array, rng: jax.Array | None) -> jax.Array:
+  def __call__(self, x_BxTxD: jax.Array, rng: jax.Array | None, ctx: layers.Context) -> jax.Array:
     if self.gated:
-      gate, up = layers.dense_many((self.wi_0, self.wi_1), x_BxTxD)
+      gate, up = layers.dense_many((self.wi_0, self.wi_1), x_BxTxD, ctx)
       h = self.act(gate) * up
     else:
-      h = self.act(self.wi(x_BxTxD))
-    h = sharding.constrain(h, ("batch", "length", "mlp"))
-    return self.wo(layers.dropout(h, self.rate, rng))
+      h = self.act(self.wi(x_BxTxD, ctx))
+    h = ctx.constrain(h, ("batch", "length", "mlp"))
+    return self.wo(layers.dropout(h, self.rate, rng), ctx)
+
+
+def attention(cfg: T5Config, rngs: nnx.Rngs) -> encdec.Attention:
+  """T5's attention: no biases, and no 1/sqrt(K) on the logits (folded into T5's init)."""
+  return encdec.Attention(cfg.d_model, cfg.num_heads, cfg.d_kv, use_bias=False, scale=None, rate=cfg.dropout_rate,
+                          rngs=rngs)
 
 
 class EncoderLayer(nnx.Module):
   def __init__(self, cfg: T5Config, rngs: nnx.Rngs):
     self.attn_norm = layers.RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, rngs=rngs)
-    self.attn = Attention(cfg, rngs)
+    self.attn = attention(cfg, rngs)
     self.mlp_norm = layers.RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, rngs=rngs)
     self.mlp = MLP(cfg, rngs)
     self.rate = cfg.dropout_rate
 
-  def __call__(self, x, bias, rng):
+  def __call__(self, x, bias, rng, ctx):
     r_probs, r_attn, r_act, r_mlp = layers.split_rng(rng, 4)
     h = self.attn_norm(x)
-    x = x + layers.dropout(self.attn(h, *self.attn.kv(h), bias, r_probs), self.rate, r_attn)
-    return x + layers.dropout(self.mlp(self.mlp_norm(x), r_act), self.rate, r_mlp)
+    x = x + layers.dropout(self.attn(h, *self.attn.kv(h, ctx), bias, r_probs, ctx), self.rate, r_attn)
+    return x + layers.dropout(self.mlp(self.mlp_norm(x), r_act, ctx), self.rate, r_mlp)
 
 
 class DecoderLayer(nnx.Module):
   def __init__(self, cfg: T5Config, rngs: nnx.Rngs):
     self.self_norm = layers.RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, rngs=rngs)
-    self.self_attn = Attention(cfg, rngs)
+    self.self_attn = attention(cfg, rngs)
     self.cross_norm = layers.RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, rngs=rngs)
-    self.cross_attn = Attention(cfg, rngs)
+    self.cross_attn = attention(cfg, rngs)
     self.mlp_norm = layers.RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, rngs=rngs)
     self.mlp = MLP(cfg, rngs)
     self.rate = cfg.dropout_rate
 
-  def __call__(self, x, memory, self_bias, cross_bias, rng, cache: encdec.LayerCache | None = None,
+  def __call__(self, x, memory, self_bias, cross_bias, rng, ctx, cache: encdec.LayerCache | None = None,
                start: jax.Array | None = None):
     """The layer's output; with a `cache`, the new tokens' keys/values are written at `start` and the
     cross-attention reads the cached ones: returns (output, updated cache)."""
     r = layers.split_rng(rng, 6)
-    h = self.self_norm(x)
-    k, v = self.self_attn.kv(h)
-    if cache is not None:
-      cache = encdec.write(cache, k, v, start)
-      k, v = cache.self_k, cache.self_v
-    x = x + layers.dropout(self.self_attn(h, k, v, self_bias, r[0]), self.rate, r[1])
-    cross_kv = self.cross_attn.kv(memory) if cache is None else (cache.cross_k, cache.cross_v)
-    x = x + layers.dropout(self.cross_attn(self.cross_norm(x), *cross_kv, cross_bias, r[2]), self.rate, r[3])
-    x = x + layers.dropout(self.mlp(self.mlp_norm(x), r[4]), self.rate, r[5])
-    return x if cache is None else (x, cache)
+    h, new_cache = encdec.self_attention(self.self_attn, self.self_norm(x), self_bias, r[0], ctx, cache, start)
+    x = x + layers.dropout(h, self.rate, r[1])
+    h = encdec.cross_attention(self.cross_attn, self.cross_norm(x), memory, cross_bias, r[2], ctx, cache)
+    x = x + layers.dropout(h, self.rate, r[3])
+    x = x + layers.dropout(self.mlp(self.mlp_norm(x), r[4], ctx), self.rate, r[5])
+    return x if cache is None else (x, new_cache)
 
 
 def relative_buckets(relative_TxS: jax.Array, bidirectional: bool, num_buckets: int, max_distance: int) -> jax.Array:
@@ -204,7 +179,7 @@ class Stack(nnx.Module):
                                    self.max_distance)
     return jnp.transpose(self.position_bias[...][buckets_TxS], (2, 0, 1))[None]
 
-  def __call__(self, x, mask_BxT, memory, memory_mask_BxS, rng, remat):
+  def __call__(self, x, mask_BxT, memory, memory_mask_BxS, rng, remat, ctx):
     rngs = None if rng is None else jax.random.split(rng, self.num_layers + 2)
     x = layers.dropout(x, self.rate, None if rngs is None else rngs[0])
     t = x.shape[1]
@@ -216,18 +191,18 @@ class Stack(nnx.Module):
       cross_bias = layers.attention_bias(memory_mask_BxS, jnp.float32)
 
     x = encdec.run_stack(self.layers, x, memory if self.decoder else None, self_bias, cross_bias,
-                         None if rngs is None else rngs[1:-1], remat, self.scan_layers)
+                         None if rngs is None else rngs[1:-1], remat, self.scan_layers, ctx)
     return layers.dropout(self.final_norm(x), self.rate, None if rngs is None else rngs[-1])
 
-  def cross_kv(self, memory_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return encdec.cross_kv(self.layers, memory_BxSxD, self.scan_layers)
+  def cross_kv(self, memory_BxSxD: jax.Array, ctx: layers.Context) -> tuple[jax.Array, jax.Array]:
+    return encdec.cross_kv(self.layers, memory_BxSxD, self.scan_layers, ctx)
 
-  def step(self, x_BxLxD: jax.Array, cache: encdec.Cache) -> tuple[jax.Array, encdec.Cache]:
+  def step(self, x_BxLxD: jax.Array, cache: encdec.Cache, ctx: layers.Context) -> tuple[jax.Array, encdec.Cache]:
     """The decoder on L new tokens at positions cache.length.., reading and extending the cache."""
     q_positions = cache.length + jnp.arange(x_BxLxD.shape[1])
     k_positions = jnp.arange(cache.layers.self_k.shape[2])
     self_bias = self.bias(q_positions, k_positions) + encdec.causal_bias(q_positions, k_positions)
-    x, cache = encdec.step_stack(self.layers, x_BxLxD, self_bias, cache, self.scan_layers)
+    x, cache = encdec.step_stack(self.layers, x_BxLxD, self_bias, cache, self.scan_layers, ctx)
     return self.final_norm(x), cache
 
 
@@ -242,42 +217,44 @@ class T5(nnx.Module):
     self.lm_head = (nnx.data(None) if cfg.tie_word_embeddings else
                     layers.Dense((cfg.d_model,), (cfg.vocab_size,), ("embed",), ("vocab",), rngs=rngs, use_bias=False))
 
-  def encode(self, batch, dtype, rng=None, remat="none"):
+  def encode(self, batch, dtype, *, ctx, rng=None, remat="none"):
+    """The encoder output (B x S x D) of the source (input_ids, attention_mask)."""
     x = layers.lookup(self.shared[...], batch["input_ids"]).astype(dtype)
-    return self.encoder(x, batch["attention_mask"], None, None, rng, remat)
+    return self.encoder(x, batch["attention_mask"], None, None, rng, remat, ctx)
 
-  def decode(self, batch, memory, dtype, rng=None, remat="none"):
+  def decode(self, batch, memory, dtype, ctx, rng=None, remat="none"):
     ids = batch.get("decoder_input_ids")
     if ids is None:  # teacher forcing on the labels
       ids = layers.shift_right(batch["labels"], self.cfg.decoder_start_token_id)
     y = layers.lookup(self.shared[...], ids).astype(dtype)
     mask = batch.get("decoder_attention_mask", jnp.ones_like(ids))
-    return self.head(self.decoder(y, mask, memory, batch["attention_mask"], rng, remat))
+    return self.head(self.decoder(y, mask, memory, batch["attention_mask"], rng, remat, ctx), ctx)
 
-  def head(self, y_BxTxD: jax.Array) -> jax.Array:
+  def head(self, y_BxTxD: jax.Array, ctx: layers.Context) -> jax.Array:
     if self.cfg.scale:
       y_BxTxD = y_BxTxD * self.cfg.d_model ** -0.5
     if self.lm_head is None:
       return jnp.einsum("btd,vd->btv", y_BxTxD, self.shared[...].astype(y_BxTxD.dtype))
-    return self.lm_head(y_BxTxD)
+    return self.lm_head(y_BxTxD, ctx)
 
-  def init_cache(self, memory_BxSxD: jax.Array, memory_mask_BxS: jax.Array, slots: int,
-                 dtype: jnp.dtype) -> encdec.Cache:
+  def init_cache(self, memory_BxSxD: jax.Array, memory_mask_BxS: jax.Array, slots: int, dtype: jnp.dtype, *,
+                 ctx: layers.Context) -> encdec.Cache:
     """A decoding cache of `slots` target positions over this encoder output."""
-    return encdec.new_cache(self.decoder.cross_kv(memory_BxSxD), memory_mask_BxS, slots, dtype)
+    return encdec.new_cache(self.decoder.cross_kv(memory_BxSxD, ctx), memory_mask_BxS, slots, dtype)
 
-  def decode_step(self, ids_BxL: jax.Array, cache: encdec.Cache, dtype: jnp.dtype) -> tuple[jax.Array, encdec.Cache]:
+  def decode_step(self, ids_BxL: jax.Array, cache: encdec.Cache, dtype: jnp.dtype, *,
+                  ctx: layers.Context) -> tuple[jax.Array, encdec.Cache]:
     """(float32 logits B x L x V of the next tokens, the extended cache) for L new decoder tokens."""
-    y, cache = self.decoder.step(layers.lookup(self.shared[...], ids_BxL).astype(dtype), cache)
-    return self.head(y).astype(jnp.float32), cache
+    y, cache = self.decoder.step(layers.lookup(self.shared[...], ids_BxL).astype(dtype), cache, ctx)
+    return self.head(y, ctx).astype(jnp.float32), cache
 
-  def __call__(self, batch: dict[str, jax.Array], *, dtype: jnp.dtype = jnp.float32,
+  def __call__(self, batch: dict[str, jax.Array], *, ctx: layers.Context, dtype: jnp.dtype = jnp.float32,
                dropout_rng: jax.Array | None = None, remat: str = "none") -> dict[str, jax.Array]:
     """`logits` (B x T x V, float32) of each target position given the source (input_ids, attention_mask) and
     the target so far (decoder_input_ids, or the labels shifted right); `hidden`: the encoder output (B x S x D)."""
     r_enc, r_dec = layers.split_rng(dropout_rng, 2)
-    memory = self.encode(batch, dtype, r_enc, remat)
-    return {"logits": self.decode(batch, memory, dtype, r_dec, remat).astype(jnp.float32), "hidden": memory}
+    memory = self.encode(batch, dtype, ctx=ctx, rng=r_enc, remat=remat)
+    return {"logits": self.decode(batch, memory, dtype, ctx, r_dec, remat).astype(jnp.float32), "hidden": memory}
 
 
 def hf_param_map(cfg: T5Config) -> dict[str, tuple[str, str]]:

@@ -21,11 +21,8 @@ TASKS: dict[str, Task] = {"classification": Classification(), "question_answerin
 
 def checkpoint_config(cfg: Config) -> CheckpointConfig:
   """cfg.checkpoint with the task's best metric (and its direction) where the config leaves them unset."""
-  task = TASKS[cfg.task]
   ckpt = cfg.checkpoint
-  metric = task.best_metric if ckpt.best_metric is None else ckpt.best_metric
-  mode = ckpt.best_mode or (task.best_mode if metric == task.best_metric else "min" if metric in MINIMISED else "max")
-  return dataclasses.replace(ckpt, best_metric=metric, best_mode=mode)
-
-
-MINIMISED = ("loss", "perplexity")  # metrics where lower is better, for a best_metric given without best_mode
+  if ckpt.best_metric is not None:
+    return ckpt
+  metric, mode = TASKS[cfg.task].best(cfg)
+  return dataclasses.replace(ckpt, best_metric=metric, best_mode=ckpt.best_mode or mode)

@@ -15,6 +15,8 @@ import numpy as np
 
 from jaxtune.config import Config
 from jaxtune.errors import UserError
+from jaxtune.models.model import Model
+from jaxtune.params import Params
 
 Batch = dict[str, np.ndarray]  # one collated batch, B rows first in every array
 
@@ -24,8 +26,11 @@ class Task(Protocol):
   trains, and the validation metric that picks the best checkpoint when the config names none."""
   name: str  # the config's `task`
   head: str  # the model head it trains (weights/pretrained.from_config)
-  best_metric: str  # default checkpoint.best_metric
-  best_mode: Literal["max", "min"]  # whether a larger best_metric is better
+
+  def best(self, cfg: Config) -> tuple[str, Literal["max", "min"]]:
+    """The validation metric that picks the best checkpoint when checkpoint.best_metric is unset, and whether
+    larger is better."""
+    ...
 
   def load(self, cfg: Config, tokenizer: Any, names: Sequence[str], labels: Sequence[Any] | None = None,
            extra: dict[str, str] | None = None, limit: int | None = None) -> tuple[list[Any] | None, dict[str, Any]]:
@@ -51,6 +56,12 @@ class Task(Protocol):
   def predictions(self, out: dict[str, np.ndarray], data: Any, cfg: Config) -> Any:
     """What evaluate.py writes beside the metrics (QA: example id -> answer text); None for most tasks."""
     return None
+
+  def generate(self, model: Model, params: Params, data: Any, cfg: Config,
+               tokenizer: Any) -> tuple[dict[str, Any], Any]:
+    """(metrics, predictions) of the model's generations on `data`, where the task scores generated text
+    (seq2seq with generate.predict_with_generate: BLEU and ROUGE); ({}, None) where it does not."""
+    return {}, None
 
   def stream(self, cfg: Config, tokenizer: Any) -> Any:
     """The train split read lazily (data.streaming), for the tasks that support it."""

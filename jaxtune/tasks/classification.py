@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,9 @@ from jaxtune.tasks.base import Batch, Task
 class Classification(Task):
   """Text (pair) -> label: cross-entropy on the [CLS] head; accuracy and macro F1."""
   name = head = "classification"
-  best_metric, best_mode = "accuracy", "max"
+
+  def best(self, cfg: Config) -> tuple[str, Literal["max", "min"]]:
+    return "accuracy", "max"
 
   def load(self, cfg: Config, tokenizer: Any, names: Sequence[str], labels: Sequence[Any] | None = None,
            extra: dict[str, str] | None = None, limit: int | None = None

@@ -4,7 +4,7 @@ classification (a tag per word)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,9 @@ from jaxtune.tasks.base import Batch, Task
 class QuestionAnswering(Task):
   """Extractive QA (SQuAD form): start / end logits over each question + context window; SQuAD EM and F1."""
   name = head = "question_answering"
-  best_metric, best_mode = "f1", "max"
+
+  def best(self, cfg: Config) -> tuple[str, Literal["max", "min"]]:
+    return "f1", "max"
 
   def load(self, cfg: Config, tokenizer: Any, names: Sequence[str], labels: Sequence[Any] | None = None,
            extra: dict[str, str] | None = None, limit: int | None = None) -> tuple[None, dict[str, qa.Features]]:
@@ -76,7 +78,9 @@ class QuestionAnswering(Task):
 class TokenClassification(Task):
   """Word tags (NER, POS) on each word's first sub-token; seqeval entity precision / recall / F1, token accuracy."""
   name = head = "token_classification"
-  best_metric, best_mode = "f1", "max"
+
+  def best(self, cfg: Config) -> tuple[str, Literal["max", "min"]]:
+    return "f1", "max"
 
   def load(self, cfg: Config, tokenizer: Any, names: Sequence[str], labels: Sequence[Any] | None = None,
            extra: dict[str, str] | None = None, limit: int | None = None

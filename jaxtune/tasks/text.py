@@ -7,16 +7,22 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import datasets
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from jaxtune.config import Config
 from jaxtune.data import lm, seq2seq, sources, splits, stream
 from jaxtune.errors import UserError
+from jaxtune.generation import search
+from jaxtune.generation import seq2seq as seq2seq_generation
+from jaxtune.models.model import Model
+from jaxtune.params import Params
+from jaxtune.tasks import metrics
 from jaxtune.tasks.base import Batch, Task
 
 
@@ -44,8 +50,10 @@ class TokenLoss:
 class CausalLM(TokenLoss, Task):
   """Next-token prediction on text, prompt/response or chat rows; loss and perplexity per target token."""
   name = head = "causal_lm"
-  best_metric, best_mode = "loss", "min"
   TARGETS, MASK = "targets", "loss_mask"
+
+  def best(self, cfg: Config) -> tuple[str, Literal["max", "min"]]:
+    return "loss", "min"
 
   def load(self, cfg: Config, tokenizer: Any, names: Sequence[str], labels: Sequence[Any] | None = None,
            extra: dict[str, str] | None = None, limit: int | None = None) -> tuple[None, dict[str, lm.LMExamples]]:
@@ -87,8 +95,11 @@ class CausalLM(TokenLoss, Task):
 class Seq2Seq(TokenLoss, Task):
   """Source text -> target text with an encoder-decoder: teacher-forced loss per target token, perplexity."""
   name = head = "seq2seq"
-  best_metric, best_mode = "loss", "min"
   TARGETS, MASK = "labels", "label_mask"
+
+  def best(self, cfg: Config) -> tuple[str, Literal["max", "min"]]:
+    """BLEU of the generated targets (generate.predict_with_generate), else the loss."""
+    return ("bleu", "max") if cfg.generate.predict_with_generate else ("loss", "min")
 
   def load(self, cfg: Config, tokenizer: Any, names: Sequence[str], labels: Sequence[Any] | None = None,
            extra: dict[str, str] | None = None, limit: int | None = None) -> tuple[None, dict[str, seq2seq.Pairs]]:
@@ -111,6 +122,25 @@ class Seq2Seq(TokenLoss, Task):
     return seq2seq.collate(data, rows, batch_size, cfg.data.length_buckets, cfg.data.max_len,
                            cfg.data.max_target_len, part)
 
+  def generate(self, model: Model, params: Params, data: seq2seq.Pairs, cfg: Config,
+               tokenizer: Any) -> tuple[dict[str, Any], list[dict[str, str]] | None]:
+    """With generate.predict_with_generate: (BLEU, ROUGE-1/2/L and the mean generated length; source / reference
+    / prediction rows) of generating a target for every source, eval_batch_size sources at a time."""
+    if not cfg.generate.predict_with_generate:
+      return {}, None
+    rules = seq2seq_generation.rules_for(model, cfg.model)
+    s = search.Search.from_config(cfg.generate)
+    dtype = jnp.dtype(cfg.model.compute_dtype)
+    outputs = []
+    for i in range(0, len(data), cfg.train.eval_batch_size):
+      chunk = data.input_ids[i:i + cfg.train.eval_batch_size]
+      outputs += seq2seq_generation.generate(model, params, chunk, rules, s, jax.random.key(cfg.train.seed + i), dtype)
+    texts = [tokenizer.decode(out, skip_special_tokens=True).strip() for out in outputs]
+    scores = {"bleu": metrics.bleu(texts, data.references), **metrics.rouge(texts, data.references),
+              "generated_length": sum(len(out) for out in outputs) / max(len(outputs), 1)}
+    rows = [{"source": src, "reference": ref, "prediction": text}
+            for src, ref, text in zip(data.sources, data.references, texts, strict=True)]
+    return scores, rows
 
 
 PROMPT = "prompt"  # the column prompts are read from once `with_prompts` has run

@@ -96,7 +96,6 @@ def _jax_side(spec: Spec, compiler_options: dict[str, Any] | None = None) -> tup
   import jax
   import jax.numpy as jnp
 
-  from jaxtune import params as params_lib
   from jaxtune import sharding
   from jaxtune.config import MeshConfig, ModelConfig, OptimConfig
   from jaxtune.models.model import init_params
@@ -111,7 +110,7 @@ def _jax_side(spec: Spec, compiler_options: dict[str, Any] | None = None) -> tup
   opt = OptimConfig(lr=1e-4, schedule="constant")
   tx = optim.make(opt, 1000)
   shardings = steps.state_shardings(model, tx)
-  state = steps.init_state(params_lib.unflatten(init_params(model, spec.seed)), tx, spec.seed, shardings)
+  state = steps.init_state(model, init_params(model, spec.seed), tx, spec.seed, shardings)
   batch_sharding = sharding.batch_sharding(mesh)
   step = steps.make_train_step(model, TASKS[spec.task], tx, optim.schedule(opt, 1000), jnp.dtype(spec.dtype),
                                shardings, batch_sharding, remat=spec.remat)

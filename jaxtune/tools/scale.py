@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune import params as params_lib
 from jaxtune import sharding
 from jaxtune.config import MeshConfig, OptimConfig
 from jaxtune.models.llama import LlamaConfig
@@ -32,7 +31,7 @@ def _setup(hidden: int, layers: int, mesh: jax.sharding.Mesh, **step_kwargs: Any
   opt = OptimConfig(lr=1e-4, schedule="constant")
   tx = optim.make(opt, 100)
   shardings = steps.state_shardings(model, tx)
-  state = steps.init_state(params_lib.unflatten(init_params(model, 0)), tx, 0, shardings)
+  state = steps.init_state(model, init_params(model, 0), tx, 0, shardings)
   step = steps.make_train_step(model, TASKS["causal_lm"], tx, optim.schedule(opt, 100), jnp.float32, shardings,
                                sharding.batch_sharding(mesh), **step_kwargs)
   return state, step

@@ -31,7 +31,7 @@ class Checkpoints:
     keep = [policies.LatestN(cfg.keep_last)]
     if cfg.best_metric:
       keep.append(policies.BestN(get_metric_fn=lambda m: m[cfg.best_metric], n=1,
-                                 reverse=cfg.best_mode == "min", keep_checkpoints_without_metrics=False))
+                                 reverse=cfg.best_direction == "min", keep_checkpoints_without_metrics=False))
     # A write killed midway leaves only a temp dir (Orbax renames a step dir into place once complete),
     # which a writable manager deletes on opening and a read-only one never lists.
     options = ocp.CheckpointManagerOptions(preservation_policy=policies.AnyPreservationPolicy(keep),
@@ -68,7 +68,7 @@ class Checkpoints:
       scored = [(s, m[self.cfg.best_metric]) for s, m in scored if m and self.cfg.best_metric in m]
       if not scored:
         raise UserError(f"no checkpoint in {self.dir} has an eval {self.cfg.best_metric!r}; use --step latest.")
-      pick = max if self.cfg.best_mode == "max" else min
+      pick = max if self.cfg.best_direction == "max" else min
       return pick(scored, key=lambda sm: sm[1])[0]
     if not which.isdigit() or int(which) not in steps:
       raise UserError(f"--step {which!r} is not best, latest or a saved step ({steps}).")

@@ -23,7 +23,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxtune import errors
+from jaxtune import params as params_lib
 from jaxtune.config import Config
+from jaxtune.params import Params
 from jaxtune.train import perf, rundir, runlog, setup, steps, summary
 
 
@@ -142,12 +144,11 @@ def loop(run: setup.Run, clock: perf.RunClock | None = None, stop: StopRequests 
           pending = None
       if evaluate_now:
         with clock.phase("eval"):
-          last_eval = steps.evaluate(run.eval_step, state.params, run.splits["validation"], cfg, run.batch_sharding,
-                               run.task, run.labels)
+          last_eval = validate(run, params_lib.merge(state.params, state.frozen))
         log.eval(step, "validation", last_eval)
       if save_now:
         with clock.phase("checkpoint"):
-          run.ckpts.save(step, steps.trainable(state.params, run.model.frozen), state.opt_state,
+          run.ckpts.save(step, state.params, state.opt_state,
                          {"step": state.step, "rng": state.rng},
                          {**run.meta, "data_position": run.feed.position(step)},
                          last_eval if evaluate_now else None)
@@ -164,6 +165,14 @@ def loop(run: setup.Run, clock: perf.RunClock | None = None, stop: StopRequests 
     run.ckpts.wait()
     raise errors.Stopped(f"stopped at step {step}; resume with --resume", errors.EXIT_PREEMPTED)
   return state, last_eval, tuple(work)
+
+
+def validate(run: setup.Run, params: Params) -> dict[str, Any]:
+  """The validation split's metrics: from the eval step's outputs, and from generations where the task scores them
+  (seq2seq's BLEU and ROUGE)."""
+  data = run.splits["validation"]
+  metrics = steps.evaluate(run.eval_step, params, data, run.cfg, run.batch_sharding, run.task, run.labels)
+  return {**metrics, **run.task.generate(run.model, params, data, run.cfg, run.tokenizer)[0]}
 
 
 def _read_step(log: runlog.RunLog, run: setup.Run, watch: _Watch, step: int, step_metrics: dict[str, jax.Array],

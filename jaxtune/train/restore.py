@@ -6,6 +6,7 @@ again from the checkpoint the run started from, which the saved config names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from jaxtune.config import CheckpointConfig, Config, ModelConfig
 from jaxtune.errors import UserError
 from jaxtune.models import FAMILIES
 from jaxtune.models.model import Model, describe
+from jaxtune.params import Params
 from jaxtune.train import steps
 from jaxtune.train.checkpoints import Checkpoints
 from jaxtune.weights import pretrained
@@ -43,8 +45,7 @@ def restore_step(run_dir: Path, step: str,
     family = FAMILIES[meta["family"]]
     model = models[id(meta)] = describe(meta["family"], family.config(**meta["model"]), mesh,
                                         hf_config=meta.get("hf_config"), model_cfg=model_config(meta))
-    return {"params": steps.trainable(sharding.placed(params_lib.unflatten(model.abstract), model.shardings),
-                                      model.frozen)}
+    return {"params": sharding.placed(model.split(model.abstract)[0], model.split(model.shardings)[0])}
 
   if step == "latest":  # the newest checkpoint that reads back; damaged newer ones are named and skipped
     step_num, meta, got = ckpts.restore_latest(targets)
@@ -57,8 +58,7 @@ def restore_step(run_dir: Path, step: str,
   if model.frozen:  # checkpoints hold the trainable params; the frozen ones are the base model's
     model_cfg = model_config(meta)
     _, reader = pretrained.open_checkpoint(model_cfg)
-    base = pretrained.load_params(model, model_cfg, reader, 0, model.frozen)
-    params = params_lib.unflatten({**params_lib.flatten(params), **base})
+    params = params_lib.merge(params, pretrained.load_params(model, model_cfg, reader, 0, model.frozen))
   return meta, model, params, step_num
 
 
@@ -82,14 +82,13 @@ def restore(run_dir: Path, step: str, mesh: jax.sharding.Mesh) -> tuple[Config, 
   return cfg, model, params, meta["labels"], step_num
 
 
-def resume_state(ckpts: Checkpoints, target: steps.TrainState, frozen: frozenset[str],
-             load_frozen: Any) -> tuple[steps.TrainState, dict[str, Any]]:
+def resume_state(ckpts: Checkpoints, target: steps.TrainState,
+                 load_frozen: Callable[[], Params]) -> tuple[steps.TrainState, dict[str, Any]]:
   """(state, meta) of the newest readable checkpoint, read into `target`'s shardings; unreadable ones set aside.
 
-  Checkpoints hold the trainable params only; `load_frozen()` gives the rest (flat), from the base model.
+  Checkpoints hold the trainable params only; `load_frozen()` gives the rest, from the base model.
   """
-  items = {"params": steps.trainable(target.params, frozen), "opt_state": target.opt_state,
-           "train": {"step": target.step, "rng": target.rng}}
+  items = {"params": target.params, "opt_state": target.opt_state, "train": {"step": target.step, "rng": target.rng}}
   _, meta, got = ckpts.restore_latest(lambda meta: items, set_aside=True)
-  every = params_lib.unflatten({**params_lib.flatten(got["params"]), **(load_frozen() if frozen else {})})
-  return steps.TrainState(got["train"]["step"], every, got["opt_state"], got["train"]["rng"]), meta
+  frozen = load_frozen() if target.frozen else {}
+  return steps.TrainState(got["train"]["step"], got["params"], frozen, got["opt_state"], got["train"]["rng"]), meta

@@ -23,7 +23,7 @@ from jaxtune.data import feed
 from jaxtune.errors import UserError
 from jaxtune.models import FAMILIES
 from jaxtune.models.model import Model
-from jaxtune.tasks import TASKS
+from jaxtune.tasks import TASKS, Task
 from jaxtune.train import optim, perf, restore, rundir, steps
 from jaxtune.train.checkpoints import Checkpoints
 from jaxtune.weights import pretrained
@@ -48,7 +48,8 @@ class Run:
   ckpts: Checkpoints
   lock: rundir.RunLock  # held from `prepare` until `fit` returns
   model: Model
-  task: Any  # one of tasks.TASKS
+  tokenizer: Any  # decodes generations (seq2seq validation)
+  task: Task
   labels: list[Any] | None  # class names (classification only)
   splits: dict[str, Any]  # name -> encoded rows (no "train" when it is streamed)
   feed: Any  # feed.SplitFeed or feed.StreamFeed: the train batches of each step
@@ -119,21 +120,21 @@ def _build(cfg: Config, run_dir: Path, resume: bool, mesh: jax.sharding.Mesh, ru
   if resume:  # straight into the saved state: of the pretrained weights only frozen params are read
     ckpts = Checkpoints(run_dir, tasks.checkpoint_config(cfg))
     state, saved_meta = restore.resume_state(
-        ckpts, steps.abstract_state(model, tx, shardings), model.frozen,
+        ckpts, steps.abstract_state(model, tx, shardings),
         lambda: pretrained.load_params(model, cfg.model, reader, cfg.train.seed, model.frozen))
     rundir.check_resumable(saved_meta, int(state.step), train_feed, total)
     rundir.write_config(cfg, run_dir)  # the allowed changes (mesh, eval cadence, --extend) are now the run's
   else:
     params = pretrained.load_params(model, cfg.model, reader, cfg.train.seed)
-    state = steps.init_state(params, tx, cfg.train.seed, shardings, model.frozen)
+    state = steps.init_state(model, params, tx, cfg.train.seed, shardings)
     ckpts = rundir.start_run(cfg, run_dir, tokenizer, lock, created)  # the first write, once everything checked out
   batch_sharding = sharding.batch_sharding(mesh, rules)
   dtype = jnp.dtype(cfg.model.compute_dtype)
   schedule = optim.schedule(cfg.optim, total)
   train_step = steps.make_train_step(model, task, tx, schedule, dtype, shardings, batch_sharding, cfg.train.grad_accum,
                                      cfg.model.remat, cfg.train.nonfinite == "skip")
-  return Run(cfg, run_dir, ckpts, lock, model, task, labels, splits, train_feed, total, state, train_step,
-             steps.make_eval_step(model, task, dtype, shardings.params, batch_sharding), batch_sharding, meta)
+  return Run(cfg, run_dir, ckpts, lock, model, tokenizer, task, labels, splits, train_feed, total, state, train_step,
+             steps.make_eval_step(model, task, dtype, batch_sharding), batch_sharding, meta)
 
 
 def check_fits_model(cfg: Config, model: Model, splits: dict[str, Any]) -> None:

@@ -12,75 +12,69 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
 
-from jaxtune import params as params_lib
 from jaxtune import sharding
 from jaxtune.config import Config
 from jaxtune.data import batching
-from jaxtune.models import lora
 from jaxtune.models.model import Model
+from jaxtune.params import Params
+from jaxtune.tasks import Task
 
 
 class TrainState(NamedTuple):
   step: jax.Array  # int32 scalar: optimiser updates done
-  params: Any  # pure-dict tree, float32
-  opt_state: Any
+  params: Params  # the params that train, float32
+  frozen: Params  # the params that do not (model.freeze, the base under LoRA): no gradient, no optimiser state
+  opt_state: Any  # AdamW's moments, shaped like `params`
   rng: jax.Array  # uint32[2] base key; step keys are fold_in(rng, step) so resume replays them
 
 
-def loss_fn(model: Model, task: Any, params: Any, batch: dict[str, jax.Array], dtype: jnp.dtype,
+def loss_fn(model: Model, task: Task, params: Params, batch: dict[str, jax.Array], dtype: jnp.dtype,
             rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """(float32 loss summed over the batch's targets / their true count, logits)."""
+  """(float32 loss summed over the batch's targets / their true count, logits) of a whole param tree."""
   logits = model.apply(params, batch, dtype=dtype, dropout_rng=rng)["logits"]
   total, count = task.loss_terms(logits, batch)
   return total / jnp.maximum(count, 1.0), logits
 
 
-def trainable(params: Any, frozen: frozenset[str]) -> Any:
-  """The params that train (a nested tree like `params`): all but the `frozen` paths (model.freeze, LoRA)."""
-  return params_lib.unflatten(lora.split(params_lib.flatten(params), frozen)[0])
-
-
 def state_shardings(model: Model, tx: optax.GradientTransformation) -> TrainState:
-  """Where each leaf of the train state lives: params per the rules, moments like their param.
-
-  Frozen params (model.frozen) have no optimiser state."""
+  """Where each leaf of the train state lives: params per the rules, moments like their param."""
   replicated = sharding.replicated(model.mesh)
-  abstract_opt = jax.eval_shape(tx.init, trainable(params_lib.unflatten(model.abstract), model.frozen))
-  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, trainable(model.shardings, model.frozen),
-                              transform_non_params=lambda _: replicated)
-  return TrainState(replicated, model.shardings, opt, replicated)
+  params, frozen = model.split(model.shardings)
+  abstract_opt = jax.eval_shape(tx.init, model.split(model.abstract)[0])
+  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params, transform_non_params=lambda _: replicated)
+  return TrainState(replicated, params, frozen, opt, replicated)
 
 
-def initial_state(params: Any, tx: optax.GradientTransformation, seed: int,
-                  frozen: frozenset[str] = frozenset()) -> TrainState:
-  """Step 0 of training from `params`: fresh optimiser state for the trainable ones, the base dropout key."""
-  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(trainable(params, frozen)),
-                    jax.random.key_data(jax.random.key(seed)))
+def initial_state(params: Params, frozen: Params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  """Step 0 of training: fresh optimiser state for the trainable `params`, the base dropout key."""
+  return TrainState(jnp.zeros((), jnp.int32), params, frozen, tx.init(params), jax.random.key_data(jax.random.key(seed)))
 
 
 def abstract_state(model: Model, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
   """The train state's shapes, dtypes and shardings, allocating nothing (a restore target)."""
-  state = jax.eval_shape(lambda p: initial_state(p, tx, 0, model.frozen), params_lib.unflatten(model.abstract))
+  state = jax.eval_shape(lambda p, f: initial_state(p, f, tx, 0), *model.split(model.abstract))
   return sharding.placed(state, shardings)
 
 
-def init_state(params: Any, tx: optax.GradientTransformation, seed: int, shardings: TrainState,
-               frozen: frozenset[str] = frozenset()) -> TrainState:
-  """`initial_state` around `params` (donated), its optimiser state created directly in its shardings."""
-  return jax.jit(lambda p: initial_state(p, tx, seed, frozen), out_shardings=shardings, donate_argnums=0)(params)
+def init_state(model: Model, params: Params, tx: optax.GradientTransformation, seed: int,
+               shardings: TrainState) -> TrainState:
+  """`initial_state` around a whole param tree (donated), its optimiser state created directly in its shardings."""
+  return jax.jit(lambda p, f: initial_state(p, f, tx, seed), out_shardings=shardings,
+                 donate_argnums=(0, 1))(*model.split(params))
 
 
 def param_counts(model: Model, state: TrainState) -> dict[str, int]:
   """Trainable and total param counts, and the optimiser state's bytes (frozen params have none)."""
-  total = sum(math.prod(a.shape) for a in model.abstract.values())
-  train_count = sum(math.prod(a.shape) for p, a in model.abstract.items() if p not in model.frozen)
+  count = lambda tree: sum(math.prod(a.shape) for a in jax.tree.leaves(tree))
   opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.opt_state))
-  return {"trainable_params": train_count, "total_params": total, "optimizer_state_bytes": int(opt_bytes)}
+  return {"trainable_params": count(state.params), "total_params": count(model.abstract),
+          "optimizer_state_bytes": int(opt_bytes)}
 
 
-def make_train_step(model: Model, task: Any, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, dtype: jnp.dtype, shardings: TrainState, batch_sharding: Any,
+def make_train_step(model: Model, task: Task, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, dtype: jnp.dtype, shardings: TrainState, batch_sharding: NamedSharding,
                     grad_accum: int = 1, remat: str = "none", skip_nonfinite: bool = False):
   """(state, batch) -> (state, metrics): one AdamW update, jitted once per batch shape, state donated.
 
@@ -92,50 +86,46 @@ def make_train_step(model: Model, task: Any, tx: optax.GradientTransformation,
   AdamW moments in XLA:CPU's fused update, so it is only compiled in when asked for.
   """
 
-  def summed(params: Any, fixed: dict[str, jax.Array], batch: dict[str, jax.Array],
-             rng: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
+  def summed(params: Params, frozen: Params, batch: dict[str, jax.Array],
+             rng: jax.Array) -> tuple[jax.Array, jax.Array, Params]:
     """(loss summed over the batch's targets, their count, gradient of the sum w.r.t. the trainable params)."""
-    def total(p: Any) -> tuple[jax.Array, jax.Array]:
-      every = params_lib.unflatten({**params_lib.flatten(p), **fixed})
-      logits = model.apply(every, batch, dtype=dtype, dropout_rng=rng, remat=remat)["logits"]
+    def total(p: Params) -> tuple[jax.Array, jax.Array]:
+      logits = model.apply(p, batch, frozen=frozen, dtype=dtype, dropout_rng=rng, remat=remat)["logits"]
       return task.loss_terms(logits, batch)
 
     (loss_sum, count), grads = jax.value_and_grad(total, has_aux=True)(params)
     return loss_sum, count, grads
 
-  def accumulated(params: Any, fixed: dict[str, jax.Array], batch: dict[str, jax.Array],
-                  rng: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
+  def accumulated(params: Params, frozen: Params, batch: dict[str, jax.Array],
+                  rng: jax.Array) -> tuple[jax.Array, jax.Array, Params]:
     def body(acc: Any, xs: tuple[jax.Array, dict[str, jax.Array]]) -> tuple[Any, None]:
       i, micro = xs
-      return jax.tree.map(jnp.add, acc, summed(params, fixed, micro, jax.random.fold_in(rng, i))), None
+      return jax.tree.map(jnp.add, acc, summed(params, frozen, micro, jax.random.fold_in(rng, i))), None
 
-    zero_grads = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params),
-                                                  trainable(shardings.params, model.frozen))
+    zero_grads = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), shardings.params)
     zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zero_grads)
     return jax.lax.scan(body, zero, (jnp.arange(grad_accum), microbatches(batch, grad_accum, batch_sharding)))[0]
 
   def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
     rng = jax.random.fold_in(state.rng, state.step)
-    train_flat, fixed = lora.split(params_lib.flatten(state.params), model.frozen)
-    train_params = params_lib.unflatten(train_flat)
-    loss_sum, count, grads = (summed if grad_accum == 1 else accumulated)(train_params, fixed, batch, rng)
+    loss_sum, count, grads = (summed if grad_accum == 1 else accumulated)(state.params, state.frozen, batch, rng)
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, train_params)
-    params = params_lib.unflatten({**params_lib.flatten(optax.apply_updates(train_params, updates)), **fixed})
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
     loss, grad_norm = loss_sum / count, optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if skip_nonfinite:  # params and moments stay as they were; the batch still counts as consumed
       params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
                                        (state.params, state.opt_state))
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite}
-    return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+    return TrainState(state.step + 1, params, state.frozen, opt_state, state.rng), metrics
 
   return jax.jit(step, in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, sharding.replicated(batch_sharding.mesh)), donate_argnums=0)
 
 
-def microbatches(batch: dict[str, jax.Array], k: int, batch_sharding: Any) -> dict[str, jax.Array]:
+def microbatches(batch: dict[str, jax.Array], k: int, batch_sharding: NamedSharding) -> dict[str, jax.Array]:
   """K x B/K microbatches; microbatch i takes rows i, i+K, ... so each is spread over every batch shard."""
   def split(x: jax.Array) -> jax.Array:
     x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
@@ -145,25 +135,25 @@ def microbatches(batch: dict[str, jax.Array], k: int, batch_sharding: Any) -> di
   return jax.tree.map(split, batch)
 
 
-def make_eval_step(model: Model, task: Any, dtype: jnp.dtype, params_shardings: Any, batch_sharding: Any):
+def make_eval_step(model: Model, task: Task, dtype: jnp.dtype, batch_sharding: NamedSharding):
   """(params, batch) -> the task's per-row outputs, replicated so every process can score them."""
 
-  def step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  def step(params: Params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     _, logits = loss_fn(model, task, params, batch, dtype, None)
     return task.eval_outputs(logits, batch)
 
-  return jax.jit(step, in_shardings=(params_shardings, batch_sharding),
+  return jax.jit(step, in_shardings=(model.shardings, batch_sharding),
                  out_shardings=sharding.replicated(batch_sharding.mesh))
 
 
-def device_batch(task: Any, data: Any, rows: np.ndarray, batch_size: int, cfg: Config,
-                 batch_sharding: Any) -> dict[str, jax.Array]:
+def device_batch(task: Task, data: Any, rows: np.ndarray, batch_size: int, cfg: Config,
+                 batch_sharding: NamedSharding) -> dict[str, jax.Array]:
   """The global batch of `rows`, sharded; this process builds and transfers only its own rows."""
   part = batching.local_rows(batch_sharding, batch_size)
   return batching.to_device(task.collate(data, rows, batch_size, cfg, part), batch_sharding)
 
 
-def evaluate(eval_step, params: Any, data: Any, cfg: Config, batch_sharding: Any, task: Any,
+def evaluate(eval_step, params: Any, data: Any, cfg: Config, batch_sharding: NamedSharding, task: Task,
              labels: Any, outputs: dict[str, np.ndarray] | None = None) -> dict[str, float]:
   """The task's metrics over every row of `data` (a short last batch is padded, then dropped).
 

@@ -61,6 +61,6 @@ def build(cfg: Config, run_dir: Path, report: dict[str, Any], sizes: dict[str, i
       "mesh": mesh, **sizes,
       "lora": {"targets": list(cfg.model.lora.targets), "rank": cfg.model.lora.rank} if cfg.model.lora.on else None,
       "timing": report,
-      "best_eval": best_eval(evals, best.best_metric, best.best_mode),
+      "best_eval": best_eval(evals, best.best_metric, best.best_direction),
       "last_eval": evals[-1] if evals else None,
   }

@@ -19,6 +19,7 @@ from jaxtune.config import ModelConfig
 from jaxtune.errors import UserError
 from jaxtune.models import FAMILIES, ModelFamily, lora
 from jaxtune.models.model import Model, describe, init_params
+from jaxtune.params import Params
 from jaxtune.weights import gguf, hf
 
 
@@ -82,23 +83,24 @@ def from_config(hf_config: dict[str, Any], model_cfg: ModelConfig, num_labels: i
 
 
 def load_params(model: Model, model_cfg: ModelConfig, reader: Any, seed: int,
-                only: frozenset[str] | None = None) -> dict[str, Any]:
+                only: frozenset[str] | None = None) -> Params:
   """Params read from `reader` (see `open_checkpoint`) straight into their shardings; new_params and LoRA
-  adapters initialised. With `only`, just those params (flat), all read from the checkpoint."""
+  adapters initialised. With `only` (param paths), just those params, all read from the checkpoint."""
   family = FAMILIES[model.family]
+  # HF keys name params by flat path: the import works on flat trees and hands back a nested one.
   loaded = hf.load_params(
-      model.abstract, params_lib.flatten(model.shardings), family.param_map(model.cfg),
+      params_lib.flatten(model.abstract), params_lib.flatten(model.shardings), family.param_map(model.cfg),
       reader, new_params=() if only is not None else (*model_cfg.new_params, lora.ADAPTER),
       unused_keys=model_cfg.unused_keys, buffer_keys=family.ignored_keys(model.cfg), base_prefix=family.base_prefix,
       only=only)
   if only is not None:
-    return loaded
-  fresh = init_params(model, seed, only=set(model.abstract) - set(loaded))
-  return params_lib.unflatten({**loaded, **fresh})
+    return params_lib.unflatten(loaded)
+  fresh = init_params(model, seed, only=set(model.axes) - set(loaded))
+  return params_lib.merge(params_lib.unflatten(loaded), fresh)
 
 
 def from_pretrained(model_cfg: ModelConfig, num_labels: int, mesh: Mesh, seed: int, head: str | None = None,
-                    rules: sharding.Rules = sharding.RULES) -> tuple[Model, dict]:
+                    rules: sharding.Rules = sharding.RULES) -> tuple[Model, Params]:
   """(model, params): params from the checkpoint, new ones (model.new_params) initialised."""
   hf_config, reader = open_checkpoint(model_cfg)  # opened once: parsing a GGUF file takes seconds
   model = from_config(hf_config, model_cfg, num_labels, mesh, seed, head, rules)
