@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxtune import config, sharding
+from jaxtune import config, sharding, tasks
 from jaxtune.errors import UserError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -104,7 +104,7 @@ def test_online_qa_and_ner_configs_hold_their_recipes():
   conll = config.load(configs / "conll2003_roberta_base.yaml")
   assert (conll.task, conll.model.path, conll.data.tags_column) == ("token_classification", "roberta-base",
                                                                     "ner_tags")
-  assert conll.data.train.startswith("hub:") and conll.checkpoint.best_metric == "f1"
+  assert conll.data.train.startswith("hub:") and tasks.checkpoint_config(conll).best_metric == "f1"  # the task's
 
 
 def test_online_seq2seq_configs_parse_with_their_recipes():
@@ -136,8 +136,6 @@ def test_online_seq2seq_configs_parse_with_their_recipes():
     ("classification", ["checkpoint.best_metric="], ("", "max")),  # "" keeps no best checkpoint
 ])
 def test_the_best_checkpoint_metric_defaults_to_the_tasks(tmp_path, task, overrides, want):
-  from jaxtune import tasks
-
   path = tmp_path / "c.yaml"
   path.write_text(f"task: {task}\nmodel: {{path: m}}\ndata: {{train: t.csv, max_len: 256}}\n")
   cfg = config.load(path, overrides)

@@ -11,15 +11,17 @@ import torch
 import transformers
 from conftest import records, run_script, seq2seq_config
 
-from jaxtune import config
+from jaxtune import config, tasks
 from jaxtune.tasks import TASKS, metrics
+from jaxtune.train.checkpoints import Checkpoints
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_t5_dir, reviews):
   tmp = tmp_path_factory.mktemp("seq2seq")
   cfg = seq2seq_config(tmp / "c.yaml", tiny_t5_dir, reviews, optim={"lr": 3e-3, "warmup_steps": 4},
-                       train={"batch_size": 16, "max_steps": 30, "eval_every": 15, "log_every": 5})
+                       train={"batch_size": 16, "max_steps": 30, "eval_every": 15, "log_every": 5},
+                       checkpoint={"best_metric": None, "best_mode": None})  # the task's: BLEU
   result = run_script("finetune.py", "--config", cfg, "--run-dir", tmp / "run")
   assert result.returncode == 0, result.stderr[-3000:]
   return tmp / "run"
@@ -40,6 +42,11 @@ def evaluated(run):
 def test_fine_tuning_improves_loss_and_generations(run, evaluated):
   steps = [r for r in records(run) if r.get("split") == "validation"]
   assert [r["step"] for r in steps] == [15, 30]
+  # BLEU picks the best checkpoint, so validation generated and scored the targets; --step best is its best step.
+  bleu = {r["step"]: r["bleu"] for r in steps}
+  assert all({"bleu", "rouge1", "generated_length"} <= set(r) for r in steps)
+  ckpts = Checkpoints(run, tasks.checkpoint_config(config.load(run / "config.yaml")), read_only=True)
+  assert ckpts.cfg.best_metric == "bleu" and bleu[ckpts.resolve("best")] == max(bleu.values())
   (base, base_rows), (trained, rows) = evaluated["base"], evaluated["30"]
   assert trained["loss"] < base["loss"] - 2.0  # ln(30522) = 10.3 at random; two words to learn
   assert trained["rouge1"] > base["rouge1"] + 0.3, (base, trained)  # the words are generated, not just scored

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import datasets
@@ -140,28 +140,38 @@ def encode_messages(messages: Sequence[dict[str, Any]], tokenizer: Any, max_len:
   return np.asarray(tokens, np.int32)[:max_len], mask[:max_len]
 
 
-def pack(docs: Sequence[np.ndarray], seq_len: int, target_masks: Sequence[np.ndarray] | None = None) -> LMExamples:
-  """Concatenates documents into rows of exactly seq_len tokens, padding only the last row.
+class Packer:
+  """Fills rows of exactly seq_len tokens with documents in order, each row a list of segments.
 
   A document that crosses the end of a row continues as a new segment (positions from 0) at the start
-  of the next; the token at the row end has no target there. target_masks default to all ones.
+  of the next; the token at the row end has no target there. `pack` and the streamed train split
+  (stream.py) both pack through it, so a stream's rows are the rows `pack` makes of the same documents.
   """
+
+  def __init__(self, seq_len: int):
+    self.seq_len = seq_len
+    self.row: list[Example] = []  # the row being filled
+    self.room = seq_len
+
+  def add(self, tokens: np.ndarray, mask: np.ndarray, start: int = 0) -> Iterator[tuple[list[Example], int]]:
+    """Puts tokens[start:] in; yields (a full row, how many of `tokens` are used by then) as each row fills."""
+    while start < len(tokens):
+      take = min(self.room, len(tokens) - start)
+      self.row.append((tokens[start:start + take], mask[start:start + take]))
+      start, self.room = start + take, self.room - take
+      if self.room == 0:
+        yield self.row, start
+        self.row, self.room = [], self.seq_len
+
+
+def pack(docs: Sequence[np.ndarray], seq_len: int, target_masks: Sequence[np.ndarray] | None = None) -> LMExamples:
+  """Concatenates documents into rows of exactly seq_len tokens (see Packer), padding only the last row.
+
+  target_masks default to all ones."""
   masks = target_masks if target_masks is not None else [np.ones(len(d), np.float32) for d in docs]
-  rows: list[list[Example]] = []
-  row: list[Example] = []
-  room = seq_len
-  for doc, mask in zip(docs, masks, strict=True):
-    start = 0
-    while start < len(doc):
-      take = min(room, len(doc) - start)
-      row.append((doc[start:start + take], mask[start:start + take]))
-      start, room = start + take, room - take
-      if room == 0:
-        rows.append(row)
-        row, room = [], seq_len
-  if row:
-    rows.append(row)
-  return _assemble(rows, seq_len)
+  packer = Packer(seq_len)
+  rows = [row for doc, mask in zip(docs, masks, strict=True) for row, _ in packer.add(doc, mask)]
+  return _assemble(rows + ([packer.row] if packer.row else []), seq_len)
 
 
 def pad_rows(examples: Sequence[Example], seq_len: int) -> LMExamples:

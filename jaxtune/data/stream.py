@@ -46,26 +46,17 @@ class LMStream:
   def batches(self, position: Position | None = None) -> Iterator[tuple[lm.LMExamples, Position]]:
     """(batch, the position just after it), endlessly, from `position` (the stream's start if None)."""
     rows: list[list[lm.Example]] = []
-    row: list[lm.Example] = []
-    room = self.seq_len
+    packer = lm.Packer(self.seq_len)
     for where, tokens, mask in self._examples(position or START):
-      start = where["offset"]
-      if not self.pack:  # one example per row, cut at seq_len; it is used up at once
-        rows.append([(tokens[:self.seq_len], mask[:self.seq_len])])
-        start = len(tokens)
-      while start < len(tokens) and self.pack:
-        take = min(room, len(tokens) - start)
-        row.append((tokens[start:start + take], mask[start:start + take]))
-        start, room = start + take, room - take
-        if room == 0:
-          rows.append(row)
-          row, room = [], self.seq_len
-          if len(rows) == self.batch_size:
-            yield lm._assemble(rows, self.seq_len), {**where, "offset": start}
-            rows = []
-      if len(rows) == self.batch_size:
-        yield lm._assemble(rows, self.seq_len), {**where, "offset": start}
-        rows = []
+      if self.pack:
+        filled = packer.add(tokens, mask, where["offset"])
+      else:  # one example per row, cut at seq_len; it is used up at once
+        filled = iter([([(tokens[:self.seq_len], mask[:self.seq_len])], len(tokens))])
+      for row, used in filled:
+        rows.append(row)
+        if len(rows) == self.batch_size:
+          yield lm._assemble(rows, self.seq_len), {**where, "offset": used}
+          rows = []
 
   def _examples(self, position: Position) -> Iterator[tuple[Position, np.ndarray, np.ndarray]]:
     """(position of the example with its offset, tokens, target mask) from `position` on, epoch after epoch."""

@@ -28,7 +28,7 @@ from jaxtune.data import batching, lm, splits
 from jaxtune.errors import UserError
 from jaxtune.models import FAMILIES
 from jaxtune.models.model import Model
-from jaxtune.tasks import TASKS, metrics, text
+from jaxtune.tasks import TASKS, Task, metrics, text
 from jaxtune.train.setup import total_steps
 from jaxtune.weights import export, hf, pretrained
 
@@ -124,7 +124,7 @@ def train_step(module: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, 
   return {"loss": total / count, "grad_norm": norm, "lr": float(lr)}
 
 
-def microbatches(task: Any, data: Any, rows: np.ndarray, k: int, cfg: Config) -> list[dict[str, np.ndarray]]:
+def microbatches(task: Task, data: Any, rows: np.ndarray, k: int, cfg: Config) -> list[dict[str, np.ndarray]]:
   """K consecutive slices of a batch's rows, each padded on its own, as HF's dataloader would give them."""
   size = len(rows) // k
   return [task.collate(data, rows[i * size:(i + 1) * size], size, cfg) for i in range(k)]

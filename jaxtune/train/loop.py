@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxtune import errors
+from jaxtune import errors, tasks
 from jaxtune import params as params_lib
 from jaxtune.config import Config
 from jaxtune.params import Params
@@ -168,11 +168,14 @@ def loop(run: setup.Run, clock: perf.RunClock | None = None, stop: StopRequests 
 
 
 def validate(run: setup.Run, params: Params) -> dict[str, Any]:
-  """The validation split's metrics: from the eval step's outputs, and from generations where the task scores them
-  (seq2seq's BLEU and ROUGE)."""
+  """The validation split's metrics from the eval step's outputs, and, when the best checkpoint is picked by a
+  metric of generated text (seq2seq's default, BLEU), from the model's generations too."""
   data = run.splits["validation"]
   metrics = steps.evaluate(run.eval_step, params, data, run.cfg, run.batch_sharding, run.task, run.labels)
-  return {**metrics, **run.task.generate(run.model, params, data, run.cfg, run.tokenizer)[0]}
+  best = tasks.checkpoint_config(run.cfg).best_metric
+  if best and best not in metrics:  # generating costs far more than scoring: only when it decides something
+    metrics.update(run.task.generate(run.model, params, data, run.cfg, run.tokenizer)[0])
+  return metrics
 
 
 def _read_step(log: runlog.RunLog, run: setup.Run, watch: _Watch, step: int, step_metrics: dict[str, jax.Array],
