@@ -56,7 +56,7 @@ def _generate(model: Model, params: Params, batch: dict[str, jax.Array], eos: tu
 
 
 def generate(model: Model, params: Params, prompts: Sequence[np.ndarray], eos_ids: Sequence[int],
-             s: search.Search = search.Search(), rng: jax.Array | None = None,
+             s: search.Search = search.GREEDY, rng: jax.Array | None = None,
              dtype: Any = jnp.float32) -> list[np.ndarray]:
   """New tokens for each prompt, cut after the first EOS (which is kept)."""
   if s.num_beams > 1:

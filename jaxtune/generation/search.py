@@ -40,6 +40,9 @@ class Search:
     return cls(g.max_new_tokens, g.temperature, g.top_p, g.num_beams, g.length_penalty, g.early_stopping)
 
 
+GREEDY = Search()  # 32 new tokens, argmax
+
+
 def unchanged(scores_BxV: jax.Array, i: jax.Array) -> jax.Array:
   """The `process` of a model without forced or banned tokens."""
   del i

@@ -108,7 +108,7 @@ def right_pad(sources: Sequence[np.ndarray], pad_id: int) -> dict[str, np.ndarra
 
 
 def generate(model: Model, params: Params, sources: Sequence[np.ndarray], rules: Rules,
-             s: search.Search = search.Search(), rng: jax.Array | None = None,
+             s: search.Search = search.GREEDY, rng: jax.Array | None = None,
              dtype: Any = jnp.float32) -> list[np.ndarray]:
   """The generated target tokens of each source (without the decoder start token, up to and with EOS)."""
   if s.num_beams > 1 and s.temperature > 0:

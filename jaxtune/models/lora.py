@@ -73,7 +73,6 @@ def frozen(paths: Iterable[str], cfg: ModelConfig) -> frozenset[str]:
   return out
 
 
-
 def _path(path: tuple[Any, ...]) -> str:
   return ".".join(str(k) for k in path)
 
