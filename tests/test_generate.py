@@ -83,3 +83,14 @@ def test_top_p_only_draws_from_the_nucleus():
   s = search.Search(temperature=1.0, top_p=0.7)
   draws = {int(search.sample(logits, jax.random.key(i), s)[0]) for i in range(200)}
   assert draws == {0, 1}
+
+
+def test_generation_places_activations_as_training_does(tiny):
+  """Generation calls the model through Model.apply, as training does, so the rules' activation sharding
+  constraints are in its program: once for the prompt's forward pass and once in the loop's step."""
+  model, params = tiny
+  batch = {k: jnp.asarray(v) for k, v in generate.left_pad([np.arange(1, 6)]).items()}
+  forward = str(jax.make_jaxpr(lambda p, b: model.apply(p, b))(params, batch)).count("sharding_constraint")
+  traced = generate._generate.trace(model, params, batch, (0,), jax.random.key(0), search.Search(4),
+                                    jnp.dtype(jnp.float32))
+  assert forward > 0 and str(traced.jaxpr).count("sharding_constraint") == 2 * forward

@@ -1,1 +1,1 @@
-"""Data: where rows come from (sources), how they become token arrays (tasks), how they batch."""
+"""Data: where rows come from (sources, splits), how each task encodes them into token arrays, how they batch and feed."""
