@@ -217,3 +217,5 @@ def test_checkpoints_keep_the_last_k_and_the_best(tmp_path):
   reopened = Checkpoints(tmp_path, CheckpointConfig(keep_last=2, best_metric="accuracy"), read_only=True)
   assert reopened.steps() == [2, 4, 5]
   assert reopened.resolve("best") == 2 and reopened.resolve("latest") == 5
+  with pytest.raises(UserError, match="--step best needs a best metric"):  # no metric named: no best step to find
+    Checkpoints(tmp_path, CheckpointConfig(keep_last=2), read_only=True).resolve("best")

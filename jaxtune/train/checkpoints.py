@@ -64,6 +64,9 @@ class Checkpoints:
     if which == "latest":
       return steps[-1]
     if which == "best":
+      if not self.cfg.best_metric:
+        raise UserError(f"--step best needs a best metric (checkpoint.best_metric, read from the run's config.yaml), "
+                        f"and {self.dir} has none; use --step latest or a step number ({steps}).")
       scored = [(s, self.meta(s)["metrics"]) for s in steps]
       scored = [(s, m[self.cfg.best_metric]) for s, m in scored if m and self.cfg.best_metric in m]
       if not scored:

@@ -35,7 +35,7 @@ def load_run_config(run_dir: Path) -> Config:
 def restore_step(run_dir: Path, step: str,
                  mesh: jax.sharding.Mesh) -> tuple[dict[str, Any], Model, Any, int]:
   """(meta, model, params, step number) of a saved step, params only, placed in their shardings."""
-  # config.yaml only says which metric 'best' means; a checkpoints/ dir copied alone uses the defaults.
+  # config.yaml only says which metric 'best' means; a checkpoints/ dir copied alone has no best step.
   has_config = (run_dir / "config.yaml").is_file()
   ckpt_cfg = tasks.checkpoint_config(load_run_config(run_dir)) if has_config else CheckpointConfig()
   ckpts = Checkpoints(run_dir, ckpt_cfg, read_only=True)
