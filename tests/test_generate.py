@@ -11,8 +11,7 @@ import transformers
 
 from jaxtune import sharding
 from jaxtune.config import MeshConfig, ModelConfig
-from jaxtune.generation import decoder as generate
-from jaxtune.generation import search
+from jaxtune.generation import decoder, search
 from jaxtune.weights import pretrained
 
 CASES = {
@@ -57,12 +56,12 @@ def test_cached_generation_equals_uncached_argmax(tiny):
   model, params = tiny
   rng = np.random.default_rng(0)
   prompts = [rng.integers(1, 99, n) for n in (5, 11, 2)]
-  free = generate.generate(model, params, prompts, eos_ids=[-1], s=search.Search(max_new_tokens=12))
+  free = decoder.generate(model, params, prompts, eos_ids=[-1], s=search.Search(max_new_tokens=12))
   assert all(len(g) == 12 for g in free)
   for prompt, got in zip(prompts, free):
     assert got.tolist() == uncached_greedy(model, params, prompt, 12, [-1])
   eos = int(free[0][4])  # a token the first row emits: generation must stop right after it
-  stopped = generate.generate(model, params, prompts, eos_ids=[eos], s=search.Search(max_new_tokens=12))
+  stopped = decoder.generate(model, params, prompts, eos_ids=[eos], s=search.Search(max_new_tokens=12))
   for prompt, got in zip(prompts, stopped):
     assert got.tolist() == uncached_greedy(model, params, prompt, 12, [eos])
   assert len(stopped[0]) <= 5 and stopped[0][-1] == eos
@@ -72,7 +71,7 @@ def test_sampling_is_seeded_and_top_p_narrows_to_argmax(tiny):
   model, params = tiny
   prompts = [np.array([3, 4, 5]), np.array([7])]
   hot = search.Search(max_new_tokens=8, temperature=1.5)
-  draw = lambda s, seed: [g.tolist() for g in generate.generate(model, params, prompts, [-1], s, jax.random.key(seed))]
+  draw = lambda s, seed: [g.tolist() for g in decoder.generate(model, params, prompts, [-1], s, jax.random.key(seed))]
   assert draw(hot, 1) == draw(hot, 1) and draw(hot, 1) != draw(hot, 2)
   greedy = draw(search.Search(max_new_tokens=8), 0)
   assert draw(search.Search(max_new_tokens=8, temperature=1.5, top_p=1e-6), 5) == greedy
@@ -89,8 +88,8 @@ def test_generation_places_activations_as_training_does(tiny):
   """Generation calls the model through Model.apply, as training does, so the rules' activation sharding
   constraints are in its program: once for the prompt's forward pass and once in the loop's step."""
   model, params = tiny
-  batch = {k: jnp.asarray(v) for k, v in generate.left_pad([np.arange(1, 6)]).items()}
+  batch = {k: jnp.asarray(v) for k, v in decoder.left_pad([np.arange(1, 6)]).items()}
   forward = str(jax.make_jaxpr(lambda p, b: model.apply(p, b))(params, batch)).count("sharding_constraint")
-  traced = generate._generate.trace(model, params, batch, (0,), jax.random.key(0), search.Search(4),
+  traced = decoder._generate.trace(model, params, batch, (0,), jax.random.key(0), search.Search(4),
                                     jnp.dtype(jnp.float32))
   assert forward > 0 and str(traced.jaxpr).count("sharding_constraint") == 2 * forward

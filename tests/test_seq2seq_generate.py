@@ -21,7 +21,7 @@ from test_seq2seq_parity import CASES, MESH, batch
 
 from jaxtune.config import ModelConfig
 from jaxtune.generation import search
-from jaxtune.generation import seq2seq as generate_encdec
+from jaxtune.generation import seq2seq as seq2seq_generation
 from jaxtune.weights import pretrained
 
 N = 12  # max new tokens
@@ -45,7 +45,7 @@ def tiny(request, tmp_path_factory):
   hf = json.loads((path / "config.json").read_text())
   generation = path / "generation_config.json"
   hf.update(json.loads(generation.read_text()) if generation.exists() else {})
-  rules = generate_encdec.Rules.from_hf(hf)
+  rules = seq2seq_generation.Rules.from_hf(hf)
   rng = np.random.default_rng(1)
   special = {rules.pad_id, *rules.eos_ids, rules.decoder_start}
   ok = [t for t in range(hf_config.vocab_size) if t not in special]
@@ -66,13 +66,13 @@ def _logits(model, params, batch):
 def uncached_greedy(model, params, sources, rules):
   """Argmax of the full decoder over everything generated so far, step by step: no cache. The decoder input is
   padded to N + 1 positions (causal attention: what follows a position does not change its logits)."""
-  batch = {k: jnp.asarray(v) for k, v in generate_encdec.right_pad(sources, rules.pad_id).items()}
+  batch = {k: jnp.asarray(v) for k, v in seq2seq_generation.right_pad(sources, rules.pad_id).items()}
   decoded = np.full((len(sources), N + 1), rules.pad_id, np.int32)
   decoded[:, 0] = rules.decoder_start
   done = np.zeros(len(sources), bool)
   for step in range(N):
     logits = _logits(model, params, {**batch, "decoder_input_ids": jnp.asarray(decoded)})[:, step]
-    token = np.asarray(jnp.argmax(generate_encdec._process(logits, jnp.int32(step), rules, search.Search(N)),
+    token = np.asarray(jnp.argmax(seq2seq_generation._process(logits, jnp.int32(step), rules, search.Search(N)),
                                   -1))
     decoded[:, step + 1] = np.where(done, rules.pad_id, token)
     done |= np.isin(token, rules.eos_ids)
@@ -88,7 +88,7 @@ def _length(row, eos_ids):
 
 def hf_generate(source, sources, rules, **kwargs):
   """transformers' generate on the same right-padded batch: the new tokens of each row, padding dropped."""
-  batch = generate_encdec.right_pad(sources, rules.pad_id)
+  batch = seq2seq_generation.right_pad(sources, rules.pad_id)
   with torch.no_grad():
     out = source.generate(torch.from_numpy(batch["input_ids"]).long(),
                           attention_mask=torch.from_numpy(batch["attention_mask"]).long(), max_new_tokens=N,
@@ -101,7 +101,7 @@ def hf_generate(source, sources, rules, **kwargs):
 def test_cached_greedy_equals_uncached_decoding_and_transformers(tiny):
   name, source, model, params, rules, sources = tiny
   s = search.Search(N)
-  ours = generate_encdec.generate(model, params, sources, rules, s)
+  ours = seq2seq_generation.generate(model, params, sources, rules, s)
   if name == "t5_v1.1":  # its random weights say more than one token: EOS stops rows at different steps
     assert any(len(o) < N for o in ours) and any(len(o) != len(ours[0]) for o in ours), ours
   uncached = uncached_greedy(model, params, sources, rules)
@@ -117,7 +117,7 @@ def test_beam_search_equals_transformers(tiny, early_stopping):
   if name != "t5_v1.1":
     pytest.skip("beam search is family-agnostic: one family checks it")
   s = search.Search(N, num_beams=3, length_penalty=0.6, early_stopping=early_stopping)
-  ours = generate_encdec.generate(model, params, sources, rules, s)
+  ours = seq2seq_generation.generate(model, params, sources, rules, s)
   theirs = hf_generate(source, sources, rules, do_sample=False, num_beams=3, length_penalty=0.6,
                        early_stopping=early_stopping)
   assert any(o[-1] in rules.eos_ids for o in ours)  # some hypothesis finished with EOS
@@ -130,11 +130,11 @@ def test_sampling_draws_differ_by_key_and_a_tiny_nucleus_is_greedy(tiny):
   if name != "t5_v1.0":
     pytest.skip("sampling is family-agnostic: one family checks it")
   hot = search.Search(N, temperature=2.0)
-  draws = {tuple(np.concatenate(generate_encdec.generate(model, params, sources, rules, hot, jax.random.key(i))))
+  draws = {tuple(np.concatenate(seq2seq_generation.generate(model, params, sources, rules, hot, jax.random.key(i))))
            for i in range(4)}
   assert len(draws) > 1
-  greedy = generate_encdec.generate(model, params, sources, rules, search.Search(N))
-  narrow = generate_encdec.generate(model, params, sources, rules, search.Search(N, 2.0, 1e-6),
+  greedy = seq2seq_generation.generate(model, params, sources, rules, search.Search(N))
+  narrow = seq2seq_generation.generate(model, params, sources, rules, search.Search(N, 2.0, 1e-6),
                                     jax.random.key(7))
   for g, n in zip(greedy, narrow, strict=True):
     np.testing.assert_array_equal(g, n)
