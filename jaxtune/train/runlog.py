@@ -12,7 +12,6 @@ import jax
 from tqdm import tqdm
 
 from jaxtune.errors import UserError
-from jaxtune.train import rundir
 
 
 def json_safe(value: Any) -> Any:
@@ -36,6 +35,8 @@ class RunLog:
 
   def __init__(self, run_dir: Path, total_steps: int, start_step: int, tensorboard: bool = False,
                wandb: Any = None, quiet: bool = False):
+    from jaxtune.train import rundir  # here: reading a log back (compare.py) needs no Orbax, tasks or models
+
     self.active = jax.process_index() == 0
     self.path = run_dir / "metrics.jsonl"
     if self.active and self.path.exists():
