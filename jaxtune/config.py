@@ -56,6 +56,10 @@ class ModelConfig:
   # true: the layers run as one lax.scan (compile time flat in depth); false: unrolled, each layer its own
   # code (no stacked activation buffers: a faster CPU step, a slower compile).
   scan_layers: bool = False
+  # Attention kernel (models/attention.py): auto picks from the platform of the mesh's devices (TPU: Pallas
+  # splash attention; GPU: cuDNN's fused attention; CPU: jaxtune's C++ kernel on one device, else xla);
+  # xla: XLA ops; reference: the plain softmax(q k^T) v every kernel is tested against.
+  attention: Literal["auto", "xla", "cudnn", "splash", "cpu", "reference"] = "auto"
   lora: LoraConfig = LoraConfig()
   freeze: tuple[str, ...] = ()  # regexes over our param paths: no gradient, no optimiser state, not checkpointed
 

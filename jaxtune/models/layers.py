@@ -40,6 +40,7 @@ class Context:
   mesh: Mesh | None = None  # None: activations left where XLA puts them (a layer called on its own)
   rules: sharding.Rules = sharding.RULES
   adapter_rng: jax.Array | None = None  # inside a layer stack, the layer's own key (see `scan`)
+  attention: str = "auto"  # model.attention: which kernel attention.attend runs (chosen for the mesh's devices)
 
   def constrain(self, x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """`x` pinned to the sharding of its logical `axes` (the identity without a mesh)."""

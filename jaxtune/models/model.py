@@ -34,6 +34,7 @@ class Model:
   rules: sharding.Rules  # logical -> mesh axes, for params (above) and activations (in apply)
   lora: LoraConfig = LoraConfig()  # adapters attached to the module (model.lora)
   frozen: frozenset[str] = frozenset()  # param paths that do not train (model.freeze, and the base under LoRA)
+  attention: str = "auto"  # model.attention: the attention kernel (models/attention.py chooses for the mesh)
 
   def split(self, tree: Params) -> tuple[Params, Params]:
     """(the params that train, the frozen ones) of a param tree (or of `abstract` / `shardings`)."""
@@ -51,7 +52,7 @@ class Model:
     mesh, and LoRA dropout drawn from kwargs["dropout_rng"] in training. `frozen`: the params that do not
     train, when `params` holds only the trainable ones (the train step)."""
     adapter_rng = kwargs.get("dropout_rng") if self.lora.dropout > 0 else None
-    ctx = layers.Context(self.mesh, self.rules, adapter_rng)
+    ctx = layers.Context(self.mesh, self.rules, adapter_rng, self.attention)
     module = self.module(params, *([frozen] if frozen else []))
     return getattr(module, method)(*args, ctx=ctx, **kwargs)
 
@@ -81,7 +82,7 @@ def describe(family: str, cfg: Any, mesh: Mesh, seed: int = 0, hf_config: dict[s
   frozen = lora.frozen(variables, model_cfg) if model_cfg is not None else frozenset()
   abstract = params_lib.unflatten({p: v.get_value() for p, v in variables.items()})
   return Model(family, cfg, hf_config or {}, graphdef, abstract, axes, sharding.param_shardings(state, mesh, rules),
-               rules, lora_cfg, frozen)
+               rules, lora_cfg, frozen, model_cfg.attention if model_cfg is not None else "auto")
 
 
 def init_params(model: Model, seed: int, only: Collection[str] | None = None) -> Params:
