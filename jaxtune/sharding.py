@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -53,18 +54,48 @@ def rules_with(overrides: Mapping[str, Sequence[str] | None]) -> Rules:
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over all devices; one axis may be -1 to take the rest."""
+  """A (data, fsdp, tensor) mesh over all devices (or `devices`); one axis may be -1 to take the rest.
+
+  On TPUs the devices are laid out along the physical torus (`_device_grid`), so the innermost mesh axes
+  (tensor, then fsdp), whose collectives are the most frequent, run between neighbouring chips."""
   devices = list(devices if devices is not None else jax.devices())
+  return Mesh(_device_grid(mesh_sizes(cfg, len(devices)), devices), MESH_AXES)
+
+
+def mesh_sizes(cfg: MeshConfig, count: int) -> list[int]:
+  """[data, fsdp, tensor] of the mesh over `count` devices, -1 resolved (also for devices that are only planned)."""
   sizes = [cfg.data, cfg.fsdp, cfg.tensor]
   fixed = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
-    if len(devices) % fixed:
-      raise UserError(f"mesh sizes {sizes} do not divide the {len(devices)} devices; change mesh.*.")
-    sizes[sizes.index(-1)] = len(devices) // fixed
-  if math.prod(sizes) != len(devices):
-    raise UserError(f"mesh data x fsdp x tensor = {math.prod(sizes)} but there are {len(devices)} devices; "
+    if count % fixed:
+      raise UserError(f"mesh sizes {sizes} do not divide the {count} devices; change mesh.*.")
+    sizes[sizes.index(-1)] = count // fixed
+  if math.prod(sizes) != count:
+    raise UserError(f"mesh data x fsdp x tensor = {math.prod(sizes)} but there are {count} devices; "
                     "set the mesh sizes so that their product equals the device count (or use -1).")
-  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+  return sizes
+
+
+def _device_grid(sizes: Sequence[int], devices: Sequence[jax.Device]) -> np.ndarray:
+  """`devices` as an array of `sizes`: mesh_utils' topology-aware layout on TPUs (real chips or the compile-only
+  devices of a topology description), else, or where no layout maps `sizes` onto the torus, in the given order."""
+  flat = np.asarray(devices).reshape(sizes)
+  if devices[0].platform != "tpu" or len(devices) == 1:
+    return flat
+  for split in (False, True):  # split=True: one mesh axis may take part of a physical axis (e.g. 2 of a 4-ring)
+    try:
+      return mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=split)
+    except (NotImplementedError, ValueError, AssertionError):  # what it raises for a shape it cannot map
+      continue
+  return flat
+
+
+def device_facts(mesh: Mesh) -> dict[str, Any]:
+  """What a run's devices are: the mesh's, not the host's first device (a compile-only TPU mesh planned on a CPU
+  host, or a mesh over part of the devices, reports its own kind and count)."""
+  devices = mesh.devices.flat
+  return {"platform": devices[0].platform, "kind": devices[0].device_kind, "count": int(mesh.devices.size),
+          "processes": len({d.process_index for d in mesh.devices.flat})}
 
 
 def spec_for(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh, rules: Rules = RULES) -> P:

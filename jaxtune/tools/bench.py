@@ -117,8 +117,8 @@ def _jax_side(spec: Spec, compiler_options: dict[str, Any] | None = None) -> tup
   batch = jax.device_put(batch_arrays(spec), batch_sharding)
   tick = time.perf_counter()
   compiled = step.lower(state, batch).compile(compiler_options=compiler_options or None)
-  facts = {"compile_s": time.perf_counter() - tick, "threads": os.cpu_count(), "devices": jax.device_count(),
-           "device_kind": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform}
+  facts = {"compile_s": time.perf_counter() - tick, "threads": os.cpu_count(), "devices": mesh.devices.size,
+           "device_kind": mesh.devices.flat[0].device_kind, "platform": mesh.devices.flat[0].platform}
   analysis = compiled.memory_analysis()  # XLA's buffer plan: the step's temporaries, beside params and batch
   facts["xla_temp_bytes"] = getattr(analysis, "temp_size_in_bytes", None)
   holder = [state]

@@ -70,8 +70,9 @@ def measure_all(hidden: int, layers: int, batch_size: int, length: int) -> dict[
       "remat": {policy: run(layers, remat=policy) for policy in REMAT},
       "grad_accum": {f"{k} x {batch_size // k} rows": run(layers, grad_accum=k) for k in (1, 4)},
   }
-  return {"title": f"random Llama, hidden {hidden}, batch {batch_size} x {length} tokens, {jax.device_count()} "
-                   f"{jax.devices()[0].platform} device(s)", "tables": tables}
+  devices = sharding.device_facts(mesh)
+  return {"title": f"random Llama, hidden {hidden}, batch {batch_size} x {length} tokens, {devices['count']} "
+                   f"{devices['kind']} ({devices['platform']}) device(s)", "tables": tables}
 
 
 def table(result: dict[str, Any]) -> str:

@@ -48,10 +48,10 @@ def fit(cfg: Config, run_dir: Path, resume: bool = False, clock: perf.RunClock |
       with clock.phase("checkpoint"):
         run.ckpts.wait()
         run.ckpts.close()
-    report = clock.report(*work)
+    report = clock.report(*work, mesh=run.model.mesh)
     if jax.process_index() == 0:
       print(perf.write_report(report, run_dir / "timing.json"), flush=True)
-      record = summary.build(cfg, run_dir, report, steps.param_counts(run.model, state), run.meta["mesh"],
+      record = summary.build(cfg, run_dir, report, steps.param_counts(run.model, state), run.model.mesh,
                              int(state.step), run.steps, "finished")
       rundir.write_text(run_dir / "summary.json", json.dumps(runlog.json_safe(record), indent=2) + "\n")
   finally:

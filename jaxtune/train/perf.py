@@ -22,15 +22,19 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from jax.sharding import Mesh
+
+from jaxtune import sharding
 
 # Dense bf16 peaks from vendor datasheets (FLOP/s per chip), matched against jax's device_kind.
 VENDOR_BF16_PEAKS = {
     "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
     "TPU v6 lite": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v4": 275e12,
+    "TPU v5": 459e12,  # a v5p reports its kind as "TPU v5"; after the v5 lite entries, which match first
 }
 
 
-def _dims(hf: dict[str, Any]) -> tuple[int, int, int, int, int, int]:
+def dims(hf: dict[str, Any]) -> tuple[int, int, int, int, int, int]:
   """(D, F, layers, heads, head dim, kv heads) of an HF config dict (GPT-2 spells them n_embd, n_inner, ...,
   DistilBERT dim, hidden_dim, ...)."""
   if hf["model_type"] in ("t5", "mt5"):  # encoder and decoder layers counted alike (cross-attention left out)
@@ -48,7 +52,7 @@ def _dims(hf: dict[str, Any]) -> tuple[int, int, int, int, int, int]:
 
 def matmul_params_per_token(hf: dict[str, Any], task: str) -> int:
   """N of the formula above, from an HF config dict."""
-  d, f, layers, heads, head_dim, kv = _dims(hf)
+  d, f, layers, heads, head_dim, kv = dims(hf)
   attention = 2 * d * heads * head_dim + 2 * d * kv * head_dim
   mlp = (3 if hf["model_type"] in ("llama", "mistral", "qwen2") else 2) * d * f
   head = d * hf["vocab_size"] if task in ("causal_lm", "seq2seq") else 0
@@ -57,7 +61,7 @@ def matmul_params_per_token(hf: dict[str, Any], task: str) -> int:
 
 def train_flops_per_token(hf: dict[str, Any], length: int, task: str) -> float:
   """Training FLOPs per token at sequence length `length` (see the module docstring)."""
-  _, _, layers, heads, head_dim, _ = _dims(hf)
+  _, _, layers, heads, head_dim, _ = dims(hf)
   return 6.0 * matmul_params_per_token(hf, task) + 12.0 * layers * length * heads * head_dim
 
 
@@ -150,16 +154,20 @@ class RunClock:
     finally:
       self.seconds[name] += time.perf_counter() - tick - (compile_seconds() - compiled)
 
-  def report(self, train_tokens: int, train_flops: float) -> dict[str, Any]:
-    """The breakdown, throughput, MFU and peak memory, as a JSON-ready dict."""
-    device = jax.local_devices()[0]
+  def report(self, train_tokens: int, train_flops: float, mesh: Mesh | None = None) -> dict[str, Any]:
+    """The breakdown, throughput, MFU and peak memory, as a JSON-ready dict.
+
+    The peak FLOP/s and device memory are those of the run's `mesh` (its first device on this host): the host's
+    first device may be of another kind than the mesh's (default: all devices)."""
+    mesh = mesh or Mesh(jax.devices(), ("devices",))
+    device = mesh.local_devices[0]
     peak = vendor_peak_flops(device.device_kind) if device.platform != "cpu" else matmul_peak("jax", "float32")
     train_s = self.seconds["train"]
     stats = device.memory_stats() or {}
     return {"wall_s": time.perf_counter() - self.started, **{f"{k}_s": v for k, v in self.seconds.items()},
             "compile_s": compile_seconds() - self.compile_at_start, **self.first_step, "train_tokens": train_tokens,
             "tokens_per_s": train_tokens / train_s if train_s else None, "train_flops": train_flops,
-            "peak_flops": peak, "peak_source": "measured matmul" if device.platform == "cpu" else "vendor table",
+            "devices": sharding.device_facts(mesh), "peak_flops": peak, "peak_source": "measured matmul" if device.platform == "cpu" else "vendor table",
             "mfu": train_flops / train_s / peak if train_s and peak else None,
             "peak_host_bytes": peak_rss_bytes(), "peak_device_bytes": stats.get("peak_bytes_in_use")}
 

@@ -7,9 +7,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import jax
+from jax.sharding import Mesh
 
-from jaxtune import tasks
+from jaxtune import sharding, tasks
 from jaxtune.config import Config
 from jaxtune.train import runlog
 
@@ -46,19 +46,16 @@ def best_eval(records: list[dict[str, Any]], metric: str | None, mode: str) -> d
   return (max if mode == "max" else min)(scored, key=lambda r: r[metric])
 
 
-def build(cfg: Config, run_dir: Path, report: dict[str, Any], sizes: dict[str, int], mesh: dict[str, int],
+def build(cfg: Config, run_dir: Path, report: dict[str, Any], sizes: dict[str, int], mesh: Mesh,
           final_step: int, total_steps: int, status: str) -> dict[str, Any]:
   """The summary of a run: versions, devices, mesh, commit, seed, time by phase, throughput, MFU, memory,
   param counts and the best and last validation metrics."""
   evals = [r for r in runlog.read_records(run_dir) if r.get("split") == "validation"]
   best = tasks.checkpoint_config(cfg)
-  device = jax.devices()[0]
   return {
       "status": status, "step": final_step, "total_steps": total_steps, "task": cfg.task, "model": cfg.model.path,
       "seed": cfg.train.seed, "versions": versions(), "git_commit": git_commit(Path(__file__).parent),
-      "devices": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count(),
-                  "processes": jax.process_count()},
-      "mesh": mesh, **sizes,
+      "devices": sharding.device_facts(mesh), "mesh": dict(mesh.shape), **sizes,
       "lora": {"targets": list(cfg.model.lora.targets), "rank": cfg.model.lora.rank} if cfg.model.lora.on else None,
       "timing": report,
       "best_eval": best_eval(evals, best.best_metric, best.best_direction),
