@@ -15,10 +15,10 @@ from jaxtune.weights import pretrained
 TEXTS = ["The coffee was stale and bitter.", "Great!", "My dog loves these treats, I order them every month."]
 
 
-def compare(model_dir) -> tuple[float, float]:
+def compare(model_dir, attention: str = "auto") -> tuple[float, float]:
   """(max |hidden diff| over real tokens, max |logit diff|) between ours and HF's classifier."""
   mesh = sharding.make_mesh(MeshConfig())
-  model, params = pretrained.from_pretrained(ModelConfig(path=str(model_dir)), 3, mesh, seed=0)
+  model, params = pretrained.from_pretrained(ModelConfig(path=str(model_dir), attention=attention), 3, mesh, seed=0)
   tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
   enc = tokenizer(TEXTS, padding=True, return_tensors="np")
   assert (enc["attention_mask"] == 0).any(), "the batch must contain padding"
@@ -34,8 +34,9 @@ def compare(model_dir) -> tuple[float, float]:
       np.abs(np.asarray(got["logits"]) - want.logits.numpy()).max())
 
 
-def test_real_minilm_matches_transformers(minilm_dir):
-  hidden, logits = compare(minilm_dir)
+@pytest.mark.parametrize("attention", ["auto", "reference", "splash"])  # splash: TPU's kernel, interpreted
+def test_real_minilm_matches_transformers(minilm_dir, attention):
+  hidden, logits = compare(minilm_dir, attention)
   assert hidden <= 1e-4 and logits <= 1e-4, (hidden, logits)
 
 

@@ -1,13 +1,12 @@
-"""jaxtune's CPU attention kernel (models/cpu_attention.cc) against the XLA ops it replaces, and its fallback."""
-
-import contextlib
+"""jaxtune's CPU attention kernel (models/cpu_attention.cc) against the XLA ops it replaces, its fallback, and when
+it is built."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtune.models import cpu_attention, decoding, layers
+from jaxtune.models import attention, cpu_attention, decoding, layers
 
 # Only a machine without a compiler skips these; where one exists, a kernel that fails to build fails them.
 pytestmark = pytest.mark.skipif(cpu_attention.find_compiler() is None, reason="no C++ compiler to build the kernel")
@@ -25,24 +24,27 @@ def _inputs(b, length, h, g, k, seed=0):
   return q, kk, v, jnp.asarray(seg), jnp.asarray(pos)
 
 
-@contextlib.contextmanager
-def _xla_ops():
-  """Within this block attention is traced as XLA's ops, the path the kernel replaces."""
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(cpu_attention, "takes", lambda *_: False)
-    yield
+XLA, KERNEL = layers.Context(attention="xla"), layers.Context(attention="cpu")
 
 
-def _xla(q, k, v, seg, pos):
-  """decoding.attend's XLA path: the query-block softmax attention of the decoders."""
-  with _xla_ops():
-    return decoding.attend(q, k, v, decoding.Segments(seg, pos, seg, pos, None), (seg, pos))
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+  assert cpu_attention.load()
 
 
-def _xla_bidirectional(q, k, v, mask, rate, rng):
-  """layers.dot_product_attention's XLA path (an encoder's attention)."""
-  with _xla_ops():
-    return layers.dot_product_attention(q, k, v, mask, rate, rng)
+def _decoder(ctx):
+  """decoding.attend under `ctx`: the decoders' segment-causal attention."""
+  return lambda q, k, v, seg, pos: decoding.attend(q, k, v, decoding.Segments(seg, pos, seg, pos, None), (seg, pos),
+                                                     ctx)
+
+
+def _encoder(ctx):
+  """attention.attend over unpadded keys under `ctx`: an encoder's attention."""
+  return lambda q, k, v, mask, rate, rng: attention.attend(q, k, v, ctx, attention.Mask(kv_segments=mask), None,
+                                                             rate, rng)
+
+
+_xla, _xla_bidirectional = _decoder(XLA), _encoder(XLA)
 
 
 @pytest.mark.parametrize("shape", [(2, 150, 4, 2, 16), (3, 67, 6, 3, 12), (1, 5, 2, 1, 3), (2, 256, 9, 3, 64)],
@@ -55,10 +57,10 @@ def test_matches_xla_forward_and_gradients(shape):
   def loss(f):
     return lambda q, k, v: jnp.sum(f(q, k, v, seg, pos) * w)
 
-  ours, ref = jax.jit(cpu_attention.attention)(q, k, v, seg, pos), jax.jit(_xla)(q, k, v, seg, pos)
+  ours, ref = jax.jit(_decoder(KERNEL))(q, k, v, seg, pos), jax.jit(_xla)(q, k, v, seg, pos)
   np.testing.assert_allclose(ours * valid, ref * valid, atol=2e-6, rtol=1e-5)
   assert not jnp.any((ours != 0) & ~valid)
-  grads = jax.jit(jax.grad(loss(cpu_attention.attention), argnums=(0, 1, 2)))(q, k, v)
+  grads = jax.jit(jax.grad(loss(_decoder(KERNEL)), argnums=(0, 1, 2)))(q, k, v)
   ref_grads = jax.jit(jax.grad(loss(_xla), argnums=(0, 1, 2)))(q, k, v)
   for name, g, r in zip("qkv", grads, ref_grads):
     np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
@@ -75,10 +77,10 @@ def test_bidirectional_matches_xla_with_the_same_dropout_masks(rate):
   def loss(f):
     return lambda q, k, v: jnp.sum(f(q, k, v, mask, rate, rng) * w)
 
-  ours = jax.jit(cpu_attention.bidirectional_attention, static_argnums=4)(q, k, v, mask, rate, rng)
+  ours = jax.jit(_encoder(KERNEL), static_argnums=4)(q, k, v, mask, rate, rng)
   ref = jax.jit(_xla_bidirectional, static_argnums=4)(q, k, v, mask, rate, rng)
   np.testing.assert_allclose(ours, ref, atol=2e-6, rtol=1e-5)
-  grads = jax.jit(jax.grad(loss(cpu_attention.bidirectional_attention), argnums=(0, 1, 2)))(q, k, v)
+  grads = jax.jit(jax.grad(loss(_encoder(KERNEL)), argnums=(0, 1, 2)))(q, k, v)
   ref_grads = jax.jit(jax.grad(loss(_xla_bidirectional), argnums=(0, 1, 2)))(q, k, v)
   for name, g, r in zip("qkv", grads, ref_grads):
     np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
@@ -89,14 +91,15 @@ def test_bidirectional_matches_xla_with_the_same_dropout_masks(rate):
 
 def test_attend_routes_training_attention_to_the_kernel():
   q, k, v, seg, pos = _inputs(2, 32, 4, 2, 8)
+  auto = _decoder(layers.Context())
+  assert cpu_attention._FORWARD in jax.jit(auto).lower(q, k, v, seg, pos).as_text()
   segments = decoding.Segments(seg, pos, seg, pos, None)
-  hlo = jax.jit(lambda q, k, v: decoding.attend(q, k, v, segments, (seg, pos))).lower(q, k, v).as_text()
-  assert cpu_attention._FORWARD in hlo
-  dropped = jax.jit(lambda q, k, v: decoding.attend(q, k, v, segments, (seg, pos), 0.1, jax.random.key(0)))
+  dropped = jax.jit(lambda q, k, v: decoding.attend(q, k, v, segments, (seg, pos), layers.Context(), 0.1,
+                                                    jax.random.key(0)))
   assert cpu_attention._FORWARD not in dropped.lower(q, k, v).as_text()  # dropout: XLA's ops
-  hlo16 = jax.jit(lambda *x: decoding.attend(*x, segments, (seg, pos))).lower(
-      *(x.astype(jnp.bfloat16) for x in (q, k, v))).as_text()
+  hlo16 = jax.jit(auto).lower(*(x.astype(jnp.bfloat16) for x in (q, k, v)), seg, pos).as_text()
   assert cpu_attention._FORWARD not in hlo16  # float32 only
+  assert cpu_attention._FORWARD not in jax.jit(_xla).lower(q, k, v, seg, pos).as_text()  # model.attention: xla
 
 
 def test_without_a_compiler_attention_falls_back_to_xla(monkeypatch, tmp_path, caplog):
@@ -104,13 +107,26 @@ def test_without_a_compiler_attention_falls_back_to_xla(monkeypatch, tmp_path, c
   monkeypatch.setenv("JAXTUNE_KERNEL_DIR", str(tmp_path / "kernels"))
   cpu_attention._library.cache_clear()
   try:
-    assert not cpu_attention.enabled()
+    assert not cpu_attention.load() and not cpu_attention.loaded()
     assert "CPU attention kernel unavailable" in caplog.text
     q, k, v, seg, pos = _inputs(2, 20, 4, 2, 8)
-    segments = decoding.Segments(seg, pos, seg, pos, None)
-    out = jax.jit(lambda q, k, v: decoding.attend(q, k, v, segments, (seg, pos)))(q, k, v)
-    np.testing.assert_allclose(out, _xla(q, k, v, seg, pos), atol=1e-6)
+    auto = jax.jit(_decoder(layers.Context()))
+    assert cpu_attention._FORWARD not in auto.lower(q, k, v, seg, pos).as_text()
+    np.testing.assert_allclose(auto(q, k, v, seg, pos), _xla(q, k, v, seg, pos), atol=1e-6)
   finally:
+    monkeypatch.undo()
     cpu_attention._library.cache_clear()
+    assert cpu_attention.load()
   monkeypatch.setenv("JAXTUNE_CPU_ATTENTION", "0")
-  assert not cpu_attention.enabled()
+  assert not cpu_attention.loaded()
+
+
+def test_the_kernel_is_built_before_tracing_not_during_it(monkeypatch):
+  """Tracing only asks whether `load` made the kernel available: an unbuilt kernel means XLA's ops, no build."""
+  cpu_attention._library.cache_clear()
+  try:
+    q, k, v, seg, pos = _inputs(2, 20, 4, 2, 8)
+    hlo = jax.jit(_decoder(layers.Context())).lower(q, k, v, seg, pos).as_text()
+    assert cpu_attention._library.cache_info().currsize == 0 and cpu_attention._FORWARD not in hlo
+  finally:
+    assert cpu_attention.load()

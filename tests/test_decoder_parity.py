@@ -46,11 +46,13 @@ def batch_for(ids, mask):
   return {"input_ids": jnp.asarray(ids), "segment_ids": jnp.asarray(mask), "positions": jnp.asarray(pos)}
 
 
+@pytest.mark.parametrize("attention", ["auto", "reference", "splash"])  # splash: TPU's kernel, interpreted
 @pytest.mark.parametrize("case", CASES)
-def test_logits_match_transformers(tmp_path, case):
+def test_logits_match_transformers(tmp_path, case, attention):
   hf_config, cls = CASES[case]
   ref = save(tmp_path, hf_config, cls)
-  model, params = pretrained.from_pretrained(ModelConfig(path=str(tmp_path), new_params=()), 0, MESH, 0)
+  model, params = pretrained.from_pretrained(ModelConfig(path=str(tmp_path), new_params=(), attention=attention), 0,
+                                             MESH, 0)
   ids = np.random.default_rng(0).integers(0, 99, (3, 24))
   mask = np.ones_like(ids)
   mask[1, 15:] = 0  # right padding in the batch

@@ -77,6 +77,21 @@ def real_rows(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
   return logits if logits.ndim == 2 else logits[mask.astype(bool)]
 
 
+@pytest.mark.parametrize("family", CONFIGS)
+@pytest.mark.parametrize("attention", ["reference", "splash"])  # splash: TPU's kernel, interpreted on this CPU
+def test_every_family_matches_transformers_under_each_attention_kernel(family, attention, tmp_path):
+  torch.manual_seed(0)
+  config = CONFIGS[family].__class__.from_dict({**CONFIGS[family].to_dict(), "num_labels": NUM_LABELS})
+  source = hf_class(family, "token_classification")(config).eval()
+  source.save_pretrained(tmp_path)
+  model, params = pretrained.from_pretrained(ModelConfig(path=str(tmp_path), new_params=(), attention=attention),
+                                             NUM_LABELS, MESH, 0, head="token_classification")
+  inputs = batch(family)
+  ours = np.asarray(model.apply(params, {k: jnp.asarray(v) for k, v in inputs.items()})["logits"])
+  mask = inputs["attention_mask"]
+  assert np.abs(real_rows(ours, mask) - real_rows(torch_logits(source, inputs), mask)).max() <= 1e-4
+
+
 def test_logits_match_transformers_and_the_export_round_trips(case, tmp_path):
   family, head, path, source = case
   model, params = pretrained.from_pretrained(ModelConfig(path=str(path), new_params=()), NUM_LABELS, MESH, 0,

@@ -79,8 +79,8 @@ def source_model(case: str, path) -> torch.nn.Module:
   return source
 
 
-def load(path):
-  return pretrained.from_pretrained(ModelConfig(path=str(path), new_params=()), 0, MESH, 0)
+def load(path, attention="auto"):
+  return pretrained.from_pretrained(ModelConfig(path=str(path), new_params=(), attention=attention), 0, MESH, 0)
 
 
 def batch(cfg, pad: int):
@@ -95,10 +95,11 @@ def batch(cfg, pad: int):
   return {"input_ids": src, "attention_mask": src_mask, "decoder_input_ids": tgt, "decoder_attention_mask": tgt_mask}
 
 
+@pytest.mark.parametrize("attention", ["auto", "reference", "splash"])  # T5's position bias: XLA's ops under splash
 @pytest.mark.parametrize("case", [*CASES, "t5_v1.1_shipped"])
-def test_encoder_outputs_and_decoder_logits_match_transformers(case, tmp_path):
+def test_encoder_outputs_and_decoder_logits_match_transformers(case, tmp_path, attention):
   source = source_model(case, tmp_path)
-  model, params = load(tmp_path)
+  model, params = load(tmp_path, attention)
   hf_config = source.config
   inputs = batch(hf_config, hf_config.pad_token_id)
   got = model.apply(params, {k: jnp.asarray(v) for k, v in inputs.items()})

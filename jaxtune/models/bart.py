@@ -41,6 +41,7 @@ from flax import nnx
 
 from jaxtune.errors import UserError
 from jaxtune.models import encdec, layers
+from jaxtune.models.attention import Mask
 
 FAMILIES = ("bart", "marian")
 POSITION_OFFSET = 2  # BartLearnedPositionalEmbedding's spare rows in front of position 0
@@ -172,9 +173,9 @@ class EncoderLayer(nnx.Module):
     self.mlp_norm = layers.LayerNorm(cfg.d_model, LN_EPS, rngs=rngs)
     self.rate = cfg.dropout
 
-  def __call__(self, x, bias, rng, ctx):
+  def __call__(self, x, mask, rng, ctx):
     r_probs, r_attn, r_act, r_mlp = layers.split_rng(rng, 4)
-    x = self.attn_norm(x + layers.dropout(self.attn(x, *self.attn.kv(x, ctx), bias, r_probs, ctx), self.rate, r_attn))
+    x = self.attn_norm(x + layers.dropout(self.attn(x, *self.attn.kv(x, ctx), mask, r_probs, ctx), self.rate, r_attn))
     return self.mlp_norm(x + layers.dropout(self.mlp(x, r_act, ctx), self.rate, r_mlp))
 
 
@@ -191,14 +192,14 @@ class DecoderLayer(nnx.Module):
     self.mlp_norm = layers.LayerNorm(cfg.d_model, LN_EPS, rngs=rngs)
     self.rate = cfg.dropout
 
-  def __call__(self, x, memory, self_bias, cross_bias, rng, ctx, cache: encdec.LayerCache | None = None,
+  def __call__(self, x, memory, self_mask, cross_mask, rng, ctx, cache: encdec.LayerCache | None = None,
                start: jax.Array | None = None):
     """The layer's output; with a `cache`, the new tokens' keys/values are written at `start` and the
     cross-attention reads the cached ones: returns (output, updated cache)."""
     r = layers.split_rng(rng, 6)
-    h, new_cache = encdec.self_attention(self.self_attn, x, self_bias, r[0], ctx, cache, start)
+    h, new_cache = encdec.self_attention(self.self_attn, x, self_mask, r[0], ctx, cache, start)
     x = self.self_norm(x + layers.dropout(h, self.rate, r[1]))
-    h = encdec.cross_attention(self.cross_attn, x, memory, cross_bias, r[2], ctx, cache)
+    h = encdec.cross_attention(self.cross_attn, x, memory, cross_mask, r[2], ctx, cache)
     x = self.cross_norm(x + layers.dropout(h, self.rate, r[3]))
     x = self.mlp_norm(x + layers.dropout(self.mlp(x, r[4], ctx), self.rate, r[5]))
     return x if cache is None else (x, new_cache)
@@ -242,11 +243,9 @@ class Stack(nnx.Module):
     rngs = None if rng is None else jax.random.split(rng, self.num_layers + 1)
     t = ids_BxT.shape[1]
     x = self.embed(ids_BxT, table_VxD, jnp.arange(t), dtype, None if rngs is None else rngs[0])
-    self_bias, cross_bias = layers.attention_bias(mask_BxT, jnp.float32), None  # B x 1 x 1 x T
-    if self.decoder:
-      self_bias = self_bias + encdec.causal_bias(jnp.arange(t), jnp.arange(t))
-      cross_bias = layers.attention_bias(memory_mask_BxS, jnp.float32)
-    return encdec.run_stack(self.layers, x, memory if self.decoder else None, self_bias, cross_bias,
+    self_mask = Mask(kv_segments=mask_BxT, causal=self.decoder)
+    cross_mask = Mask(kv_segments=memory_mask_BxS) if self.decoder else None
+    return encdec.run_stack(self.layers, x, memory if self.decoder else None, self_mask, cross_mask,
                             None if rngs is None else rngs[1:], remat, self.scan_layers, ctx)
 
   def cross_kv(self, memory_BxSxD: jax.Array, ctx: layers.Context) -> tuple[jax.Array, jax.Array]:
@@ -257,8 +256,8 @@ class Stack(nnx.Module):
     """The decoder on L new tokens at positions cache.length.., reading and extending the cache."""
     q_positions = cache.length + jnp.arange(ids_BxL.shape[1])
     x = self.embed(ids_BxL, table_VxD, q_positions, dtype, None)
-    self_bias = encdec.causal_bias(q_positions, jnp.arange(cache.layers.self_k.shape[2]))
-    return encdec.step_stack(self.layers, x, self_bias, cache, self.scan_layers, ctx)
+    self_mask = encdec.cache_mask(q_positions, jnp.arange(cache.layers.self_k.shape[2]))
+    return encdec.step_stack(self.layers, x, self_mask, cache, self.scan_layers, ctx)
 
 
 class LogitsBias(nnx.Module):

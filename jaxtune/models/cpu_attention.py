@@ -3,12 +3,13 @@
 XLA:CPU computes attention as separate ops: scores, mask, softmax, dropout and two products, each
 writing a B x H x L x L float32 tensor to memory and, in the backward pass, reading them back; the
 heads move in front of the length and back around them. The kernel takes the model's own layouts and
-keeps each block of scores in cache: the decoders' segment-causal GQA attention (`attention`, from
-decoding.attend) and the encoders' attention over unpadded keys with dropout (`bidirectional_attention`,
-from layers.dot_product_attention). It is compiled from source with the machine's C++ compiler on first
-use (cached in ~/.cache/jaxtune/kernels or $JAXTUNE_KERNEL_DIR, keyed by source, compiler flags, jaxlib
-and CPU). Callers fall back to XLA's ops when `takes` says no: no compiler or a failed build (logged
-once), not float32, more than one device (a custom call is not partitioned), or JAXTUNE_CPU_ATTENTION=0.
+keeps each block of scores in cache: the decoders' segment-causal GQA attention (`attention`) and the
+encoders' attention over unpadded keys with dropout (`bidirectional_attention`). attention.choose picks it
+only for a one-device CPU mesh (a custom call is not partitioned, and a CPU kernel must never reach an
+accelerator's program), in float32. It is compiled from source with the machine's C++ compiler by `load`,
+when a model is described for such a mesh, never while tracing (cached in ~/.cache/jaxtune/kernels or
+$JAXTUNE_KERNEL_DIR, keyed by source, compiler and its version, flags, jaxlib and CPU features). Without a
+compiler, after a failed build (logged once) or with JAXTUNE_CPU_ATTENTION=0 attention runs as XLA ops.
 """
 from __future__ import annotations
 
@@ -34,16 +35,19 @@ _COMPILE = ["-w", "-O3", "-march=native", "-ffast-math", "-std=c++17", "-fPIC"]
 _FORWARD, _BACKWARD = "jaxtune_cpu_attention_fwd", "jaxtune_cpu_attention_bwd"
 
 
-def enabled() -> bool:
-  """Whether `attention` can run here: a CPU backend, switched on, and the kernel built and registered."""
-  if os.environ.get("JAXTUNE_CPU_ATTENTION", "1") == "0" or jax.default_backend() != "cpu":
-    return False
-  return _library() is not None
+def load() -> bool:
+  """Builds (once per machine, into the cache) and registers the kernel; whether it is available. Called when a
+  model is described for a one-device CPU mesh (attention.prepare), never while a step is traced."""
+  return _switched_on() and _library() is not None
 
 
-def takes(*qkv: jax.Array) -> bool:
-  """Whether the kernel runs for these q, k, v: float32, one device (a custom call is not partitioned), built."""
-  return all(x.dtype == jnp.float32 for x in qkv) and jax.device_count() == 1 and enabled()
+def loaded() -> bool:
+  """Whether `load` has made the kernel available in this process (attention.choose asks while tracing)."""
+  return _switched_on() and _library.cache_info().currsize > 0 and _library() is not None
+
+
+def _switched_on() -> bool:
+  return os.environ.get("JAXTUNE_CPU_ATTENTION", "1") != "0"
 
 
 def _cpu_id() -> str:
@@ -72,7 +76,8 @@ def _library() -> ctypes.CDLL | None:
   if compiler is None:
     log.info("no C++ compiler found: CPU attention runs as XLA ops")
     return None
-  key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *_COMPILE, jaxlib.__version__, _cpu_id()]).encode())
+  key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, _version(compiler), *_COMPILE, jaxlib.__version__,
+                                  _cpu_id()]).encode())
   target = _build_dir() / f"cpu_attention_{key.hexdigest()[:16]}.so"
   try:
     if not target.exists():
@@ -84,6 +89,14 @@ def _library() -> ctypes.CDLL | None:
     log.warning("CPU attention kernel unavailable (%s): attention runs as XLA ops", e)
     return None
   return lib
+
+
+def _version(compiler: str) -> str:
+  """The compiler's own version line: a new compiler at the same path builds anew."""
+  try:
+    return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+  except (OSError, subprocess.SubprocessError):
+    return ""
 
 
 def _compile(compiler: str, target: Path) -> None:
@@ -141,7 +154,7 @@ def _attrs(causal: bool, threshold: int, keep: float) -> dict:
 
 def _forward(q, k, v, seg, pos, key, causal, threshold, keep):
   if _library() is None:
-    raise RuntimeError("the CPU attention kernel is not available here; check cpu_attention.enabled() first")
+    raise RuntimeError("the CPU attention kernel is not available here; check cpu_attention.load() first")
   b, length, h, _ = q.shape
   out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, length), jnp.float32))
   return jax.ffi.ffi_call(_FORWARD, out, vmap_method="sequential")(

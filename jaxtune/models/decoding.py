@@ -8,13 +8,12 @@ slots, N layers, H query heads, G kv heads, K head dim.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxtune.models import cpu_attention, layers
+from jaxtune.models import attention, layers
 
 
 class LayerCache(NamedTuple):
@@ -66,62 +65,17 @@ def extend(cache: LayerCache | None, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
 
 
 def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, segments: Segments,
-           kv: tuple[jax.Array, jax.Array], dropout_rate: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
-  """Grouped-query attention under the segment-causal mask; K/V heads are shared, never repeated.
+           kv: tuple[jax.Array, jax.Array], ctx: layers.Context, dropout_rate: float = 0.0,
+           rng: jax.Array | None = None) -> jax.Array:
+  """Grouped-query attention under the segment-causal mask (attention.attend picks the kernel).
 
-  With `rng` and a non-zero rate the attention probabilities are dropped out (as HF does in training),
-  which needs them spelled out, as does a CPU, where XLA's dot_product_attention lays the products out
-  transposed; otherwise XLA's fused dot_product_attention runs, or on one CPU device without a cache
-  jaxtune's own kernel (cpu_attention.py).
+  Without a cache, keys are the queries' own tokens in order and positions restart at 0 in each segment,
+  so causal by position is causal by index: the fused kernels' causal mask plus segment ids.
   """
   kv_seg_BxS, kv_pos_BxS = kv
-  dropout = rng is not None and dropout_rate > 0.0
-  if not dropout and segments.start is None and cpu_attention.takes(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK):
-    return cpu_attention.attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, kv_seg_BxS, kv_pos_BxS)
-  same_doc = segments.q_segments[:, :, None] == kv_seg_BxS[:, None, :]
-  causal = kv_pos_BxS[:, None, :] <= segments.q_positions[:, :, None]
-  mask_BxLxS = same_doc & causal & (kv_seg_BxS[:, None, :] > 0)
-  k_BxSxGxK, v_BxSxGxK = k_BxSxGxK.astype(q_BxLxHxK.dtype), v_BxSxGxK.astype(q_BxLxHxK.dtype)
-  if not dropout and jax.default_backend() != "cpu":
-    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask_BxLxS[:, None])
-  b, length, h, k = q_BxLxHxK.shape
-  g = k_BxSxGxK.shape[2]
-  # Heads in front of the length, so both products are batched matmuls over each operand's minor dim;
-  # R = H / G query heads share each kv head.
-  q_BxGxRxLxK = q_BxLxHxK.reshape(b, length, g, h // g, k).transpose(0, 2, 3, 1, 4)
-  k_BxGxSxK, v_BxGxSxK = k_BxSxGxK.transpose(0, 2, 1, 3), v_BxSxGxK.transpose(0, 2, 1, 3)
-  blocks = _query_blocks(length) if segments.start is None else [(0, length, k_BxSxGxK.shape[1])]
-  rngs = [rng] if len(blocks) == 1 else layers.split_rng(rng if dropout else None, len(blocks))
-  ctx = []
-  for (q0, q1, s1), r in zip(blocks, rngs):  # without a cache, query i never sees a key beyond i
-    ctx.append(_attend_block(q_BxGxRxLxK[:, :, :, q0:q1], k_BxGxSxK[:, :, :s1], v_BxGxSxK[:, :, :s1],
-                             mask_BxLxS[:, q0:q1, :s1], dropout_rate, r))
-  ctx_BxGxRxLxK = ctx[0] if len(ctx) == 1 else jnp.concatenate(ctx, axis=3)
-  return ctx_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(b, length, h, k)
-
-
-QUERY_BLOCK = 128  # queries per block of causal attention without a cache
-
-
-def _query_blocks(length: int) -> list[tuple[int, int, int]]:
-  """(first query, end query, end key) per block of queries; each block's keys end where its queries do.
-
-  Without a cache, keys and queries are the same tokens in the same order, and a key after query i is
-  either later in i's document (causal) or in another document: masked either way. Block j of n
-  attends to the first j + 1 blocks of keys, so the scores, softmax and both products skip the masked
-  upper right of the L x L square: 3/4 of the work for two blocks.
-  """
-  return [(q0, min(q0 + QUERY_BLOCK, length), min(q0 + QUERY_BLOCK, length)) for q0 in range(0, length, QUERY_BLOCK)]
-
-
-def _attend_block(q_BxGxRxLxK: jax.Array, k_BxGxSxK: jax.Array, v_BxGxSxK: jax.Array, mask_BxLxS: jax.Array,
-                  dropout_rate: float, rng: jax.Array | None) -> jax.Array:
-  """Softmax attention of one block of queries (float32 scores) over its keys: B x G x R x L x K."""
-  k = q_BxGxRxLxK.shape[-1]
-  scores_BxGxRxLxS = jnp.einsum("bgrlk,bgsk->bgrls", q_BxGxRxLxK, k_BxGxSxK).astype(jnp.float32) / math.sqrt(k)
-  scores_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None], scores_BxGxRxLxS, jnp.finfo(jnp.float32).min)
-  probs_BxGxRxLxS = jax.nn.softmax(scores_BxGxRxLxS, -1).astype(q_BxGxRxLxK.dtype)
-  return layers.dropout_matmul("bgrls,bgsk->bgrlk", probs_BxGxRxLxS, v_BxGxSxK, dropout_rate, rng)
+  mask = attention.Mask(q_segments=segments.q_segments, kv_segments=kv_seg_BxS, causal=True,
+                        q_positions=segments.q_positions, kv_positions=kv_pos_BxS, in_order=segments.start is None)
+  return attention.attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, ctx, mask, None, dropout_rate, rng)
 
 
 def advance(cache: Cache | None, segments: Segments) -> Cache | None:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtune.models import layers
+from jaxtune.models import attention, layers
 
 HEADS = ("batch", "length", "heads", "head_dim")
 
@@ -41,16 +41,13 @@ class Attention(nnx.Module):
     """Keys and values (each B x S x H x K) of the tokens attended to."""
     return tuple(ctx.constrain(y, HEADS) for y in layers.dense_many((self.k, self.v), x_BxSxD, ctx))
 
-  def __call__(self, x_BxTxD: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, bias: jax.Array,
+  def __call__(self, x_BxTxD: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, mask: attention.Mask,
                rng: jax.Array | None, ctx: layers.Context) -> jax.Array:
-    """Attention of x over keys and values (`kv` of x itself for self-attention); `bias` (B or 1 x H or 1 x T x S)
-    holds the masks (and T5's relative positions)."""
+    """Attention of x over keys and values (`kv` of x itself for self-attention) under `mask` (padding, causal,
+    and T5's relative positions as its bias)."""
     q = ctx.constrain(self.q(x_BxTxD, ctx), HEADS)
-    k, v = k_BxSxHxK.astype(q.dtype), v_BxSxHxK.astype(q.dtype)
-    scores = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32)
-    scores = (scores if self.scale is None else scores * self.scale) + bias
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return self.o(layers.dropout_matmul("bhts,bshk->bthk", probs, v, self.rate, rng), ctx)
+    scale = 1.0 if self.scale is None else self.scale
+    return self.o(attention.attend(q, k_BxSxHxK, v_BxSxHxK, ctx, mask, scale, self.rate, rng), ctx)
 
 
 class LayerCache(NamedTuple):
@@ -83,10 +80,11 @@ def write(layer: LayerCache, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, start: 
                         self_v=jax.lax.dynamic_update_slice(layer.self_v, v_BxLxHxK.astype(layer.self_v.dtype), at))
 
 
-def causal_bias(q_positions_L: jax.Array, k_positions_T: jax.Array) -> jax.Array:
-  """1 x 1 x L x T additive mask: a query sees the keys at its own position and before."""
+def cache_mask(q_positions_L: jax.Array, k_positions_T: jax.Array, bias: jax.Array | None = None) -> attention.Mask:
+  """A decoding step's self-attention: a query sees the cache slots at its own position and before."""
   seen = k_positions_T[None, :] <= q_positions_L[:, None]
-  return jnp.where(seen, 0.0, jnp.finfo(jnp.float32).min)[None, None]
+  causal = jnp.where(seen, 0.0, jnp.finfo(jnp.float32).min)[None, None]
+  return attention.Mask(bias=causal if bias is None else bias + causal)
 
 
 def reorder(cache: Cache, rows_B: jax.Array) -> Cache:
@@ -95,35 +93,36 @@ def reorder(cache: Cache, rows_B: jax.Array) -> Cache:
   return Cache(layers, cache.memory_mask[rows_B], cache.length)
 
 
-def self_attention(attn: Attention, x_BxTxD: jax.Array, bias: jax.Array, rng: jax.Array | None, ctx: layers.Context,
-                   cache: LayerCache | None, start: jax.Array | None) -> tuple[jax.Array, LayerCache | None]:
+def self_attention(attn: Attention, x_BxTxD: jax.Array, mask: attention.Mask, rng: jax.Array | None,
+                   ctx: layers.Context, cache: LayerCache | None,
+                   start: jax.Array | None) -> tuple[jax.Array, LayerCache | None]:
   """A decoder's self-attention over x; with a layer `cache`, x's keys and values are written at `start` and
-  the attention reads every cached slot (the mask in `bias` hides the empty ones)."""
+  the attention reads every cached slot (`mask` hides the empty ones)."""
   k, v = attn.kv(x_BxTxD, ctx)
   if cache is not None:
     cache = write(cache, k, v, start)
     k, v = cache.self_k, cache.self_v
-  return attn(x_BxTxD, k, v, bias, rng, ctx), cache
+  return attn(x_BxTxD, k, v, mask, rng, ctx), cache
 
 
-def cross_attention(attn: Attention, x_BxTxD: jax.Array, memory_BxSxD: jax.Array | None, bias: jax.Array,
+def cross_attention(attn: Attention, x_BxTxD: jax.Array, memory_BxSxD: jax.Array | None, mask: attention.Mask,
                     rng: jax.Array | None, ctx: layers.Context, cache: LayerCache | None) -> jax.Array:
   """A decoder's attention over the encoder output, whose keys and values a `cache` already holds."""
   k, v = attn.kv(memory_BxSxD, ctx) if cache is None else (cache.cross_k, cache.cross_v)
-  return attn(x_BxTxD, k, v, bias, rng, ctx)
+  return attn(x_BxTxD, k, v, mask, rng, ctx)
 
 
-def run_stack(stack: nnx.Module, x_BxTxD: jax.Array, memory_BxSxD: jax.Array | None, self_bias: jax.Array,
-              cross_bias: jax.Array | None, rngs: jax.Array | None, remat: str, scan_layers: bool,
+def run_stack(stack: nnx.Module, x_BxTxD: jax.Array, memory_BxSxD: jax.Array | None, self_mask: attention.Mask,
+              cross_mask: attention.Mask | None, rngs: jax.Array | None, remat: str, scan_layers: bool,
               ctx: layers.Context) -> jax.Array:
-  """Every layer of an encoder stack (memory None: layer(x, self_bias, rng, ctx)) or a decoder stack (layer(x,
-  memory, self_bias, cross_bias, rng, ctx)), each with its own dropout key of `rngs` (N keys, or None)."""
+  """Every layer of an encoder stack (memory None: layer(x, self_mask, rng, ctx)) or a decoder stack (layer(x,
+  memory, self_mask, cross_mask, rng, ctx)), each with its own dropout key of `rngs` (N keys, or None)."""
 
   def body(layer: nnx.Module, x: jax.Array, rng: jax.Array | None, ctx: layers.Context) -> tuple[jax.Array, None]:
     x = ctx.constrain(x, ("batch", "length", "embed"))
     if memory_BxSxD is None:
-      return layer(x, self_bias, rng, ctx), None
-    return layer(x, memory_BxSxD, self_bias, cross_bias, rng, ctx), None
+      return layer(x, self_mask, rng, ctx), None
+    return layer(x, memory_BxSxD, self_mask, cross_mask, rng, ctx), None
 
   return layers.scan(stack, body, x_BxTxD, rngs, ctx, remat, unroll=not scan_layers)[0]
 
@@ -136,13 +135,13 @@ def cross_kv(stack: nnx.Module, memory_BxSxD: jax.Array, scan_layers: bool,
   return kv
 
 
-def step_stack(stack: nnx.Module, x_BxLxD: jax.Array, self_bias: jax.Array, cache: Cache, scan_layers: bool,
+def step_stack(stack: nnx.Module, x_BxLxD: jax.Array, self_mask: attention.Mask, cache: Cache, scan_layers: bool,
                ctx: layers.Context) -> tuple[jax.Array, Cache]:
   """The decoder layers on L new tokens: each reads and extends its cache from slot cache.length."""
-  cross_bias = layers.attention_bias(cache.memory_mask, jnp.float32)
+  cross_mask = attention.Mask(kv_segments=cache.memory_mask)
 
   def body(layer: nnx.Module, x: jax.Array, layer_cache: LayerCache, ctx: layers.Context) -> tuple[jax.Array, Any]:
-    return layer(x, None, self_bias, cross_bias, None, ctx, layer_cache, cache.length)
+    return layer(x, None, self_mask, cross_mask, None, ctx, layer_cache, cache.length)
 
   x, layer_caches = layers.scan(stack, body, x_BxLxD, cache.layers, ctx, unroll=not scan_layers)
   return x, cache._replace(layers=layer_caches, length=cache.length + x_BxLxD.shape[1])

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.errors import UserError
-from jaxtune.models import layers
+from jaxtune.models import attention, layers
 
 Head = Literal["classification", "question_answering", "token_classification"]
 # HF model_type -> the attribute (and HF key prefix) of the base model in its task classes
@@ -154,7 +154,7 @@ class Layer(nnx.Module):
     r_attn, r_out, r_mlp = layers.split_rng(rng, 3)
     heads = ("batch", "length", "heads", "head_dim")
     q, k, v = (ctx.constrain(y, heads) for y in layers.dense_many((self.query, self.key, self.value), x_BxLxD, ctx))
-    attn_BxLxHxK = layers.dot_product_attention(q, k, v, mask_BxL, self.attn_rate, r_attn)
+    attn_BxLxHxK = attention.attend(q, k, v, ctx, attention.Mask(kv_segments=mask_BxL), None, self.attn_rate, r_attn)
     x_BxLxD = self.attn_norm(x_BxLxD + layers.dropout(self.attn_out(attn_BxLxHxK, ctx), self.attn_out_rate, r_out))
     h_BxLxF = ctx.constrain(self.act(self.mlp_in(x_BxLxD, ctx)), ("batch", "length", "mlp"))
     return self.mlp_norm(x_BxLxD + layers.dropout(self.mlp_out(h_BxLxF, ctx), self.rate, r_mlp))

@@ -67,7 +67,7 @@ class Block(nnx.Module):
     if self.scale_by_layer:  # HF's optional extra 1/(layer+1) on the attention logits, folded into the query
       q_BxLxHxK = q_BxLxHxK / (index + 1).astype(q_BxLxHxK.dtype)
     k_all, v_all, kv, cache = decoding.extend(cache, k_BxLxHxK, v_BxLxHxK, segments)
-    attn_BxLxHxK = decoding.attend(q_BxLxHxK, k_all, v_all, segments, kv, self.attn_rate, r_probs)
+    attn_BxLxHxK = decoding.attend(q_BxLxHxK, k_all, v_all, segments, kv, ctx, self.attn_rate, r_probs)
     x_BxLxD = x_BxLxD + layers.dropout(self.attn_out(attn_BxLxHxK, ctx), self.rate, r_attn)
     h_BxLxF = ctx.constrain(self.act(self.mlp_in(self.ln_2(x_BxLxD), ctx)), ("batch", "length", "mlp"))
     return x_BxLxD + layers.dropout(self.mlp_out(h_BxLxF, ctx), self.rate, r_mlp), cache

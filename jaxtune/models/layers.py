@@ -14,7 +14,6 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxtune import sharding
-from jaxtune.models import cpu_attention
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -214,28 +213,6 @@ def split_rng(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
 def attention_bias(mask_BxL: jax.Array, dtype: jnp.dtype) -> jax.Array:
   """Additive key mask, B x 1 x 1 x L: 0 where attended, the dtype's minimum where padded."""
   return jnp.where(mask_BxL[:, None, None, :].astype(bool), 0.0, jnp.finfo(dtype).min).astype(dtype)
-
-
-def dot_product_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, mask_BxL: jax.Array,
-                          rate: float, rng: jax.Array | None) -> jax.Array:
-  """Softmax(q k^T / sqrt(K)) v over the keys where mask_BxL is set, softmax in float32; returns B x L x H x K.
-
-  On one CPU device, in float32, it is jaxtune's kernel (cpu_attention.py), dropout included (the
-  same masks). Otherwise the heads move in front of the length first, so both products are plain
-  batched matmuls that contract each operand's minor dimension: on a CPU, XLA otherwise lays them out
-  transposed and, in evaluation, fuses the whole attention into one library call that allocates every
-  L x L tensor anew.
-  """
-  dropout = rng is not None and rate > 0.0
-  if cpu_attention.takes(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK) and (
-      not dropout or cpu_attention.dropout_supported(q_BxLxHxK.shape)):
-    return cpu_attention.bidirectional_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_BxL, rate, rng)
-  scale = 1.0 / math.sqrt(q_BxLxHxK.shape[-1])
-  q_BxHxLxK, k_BxHxLxK, v_BxHxLxK = (x.transpose(0, 2, 1, 3) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
-  scores_BxHxLxL = jnp.einsum("bhqk,bhtk->bhqt", q_BxHxLxK, k_BxHxLxK).astype(jnp.float32) * scale
-  probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL + attention_bias(mask_BxL, jnp.float32), axis=-1)
-  ctx_BxHxLxK = dropout_matmul("bhqt,bhtk->bhqk", probs_BxHxLxL.astype(q_BxLxHxK.dtype), v_BxHxLxK, rate, rng)
-  return ctx_BxHxLxK.transpose(0, 2, 1, 3)
 
 
 def dropout_matmul(subscripts: str, probs: jax.Array, v: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:

@@ -125,7 +125,7 @@ class Attention(nnx.Module):
     k_BxLxGxK = ctx.constrain(apply_rope(k_BxLxGxK, segments.q_positions, inv_freq), kv_axes)
     v_BxLxGxK = ctx.constrain(v_BxLxGxK, kv_axes)
     k_BxSxGxK, v_BxSxGxK, kv, cache = decoding.extend(cache, k_BxLxGxK, v_BxLxGxK, segments)
-    attn_BxLxHxK = decoding.attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, segments, kv, self.dropout_rate, rng)
+    attn_BxLxHxK = decoding.attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, segments, kv, ctx, self.dropout_rate, rng)
     return self.o(attn_BxLxHxK, ctx), cache
 
 

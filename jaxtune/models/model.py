@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from jaxtune import params as params_lib
 from jaxtune import sharding
 from jaxtune.config import LoraConfig, ModelConfig
-from jaxtune.models import FAMILIES, layers, lora
+from jaxtune.models import FAMILIES, attention, layers, lora
 from jaxtune.params import Params
 
 
@@ -75,6 +75,7 @@ def describe(family: str, cfg: Any, mesh: Mesh, seed: int = 0, hf_config: dict[s
 
   `model_cfg` brings LoRA adapters (model.lora) and frozen params (model.freeze); None: neither."""
   lora_cfg = model_cfg.lora if model_cfg is not None else LoraConfig()
+  attention.prepare(model_cfg.attention if model_cfg is not None else "auto", mesh)
   abstract_module = nnx.eval_shape(lambda: _construct(family, cfg, lora_cfg, seed))
   graphdef, state = nnx.split(abstract_module)
   variables = params_lib.flat_variables(state)

@@ -22,6 +22,7 @@ from flax import nnx
 
 from jaxtune.errors import UserError
 from jaxtune.models import encdec, layers
+from jaxtune.models.attention import Mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +114,10 @@ class EncoderLayer(nnx.Module):
     self.mlp = MLP(cfg, rngs)
     self.rate = cfg.dropout_rate
 
-  def __call__(self, x, bias, rng, ctx):
+  def __call__(self, x, mask, rng, ctx):
     r_probs, r_attn, r_act, r_mlp = layers.split_rng(rng, 4)
     h = self.attn_norm(x)
-    x = x + layers.dropout(self.attn(h, *self.attn.kv(h, ctx), bias, r_probs, ctx), self.rate, r_attn)
+    x = x + layers.dropout(self.attn(h, *self.attn.kv(h, ctx), mask, r_probs, ctx), self.rate, r_attn)
     return x + layers.dropout(self.mlp(self.mlp_norm(x), r_act, ctx), self.rate, r_mlp)
 
 
@@ -130,14 +131,14 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(cfg, rngs)
     self.rate = cfg.dropout_rate
 
-  def __call__(self, x, memory, self_bias, cross_bias, rng, ctx, cache: encdec.LayerCache | None = None,
+  def __call__(self, x, memory, self_mask, cross_mask, rng, ctx, cache: encdec.LayerCache | None = None,
                start: jax.Array | None = None):
     """The layer's output; with a `cache`, the new tokens' keys/values are written at `start` and the
     cross-attention reads the cached ones: returns (output, updated cache)."""
     r = layers.split_rng(rng, 6)
-    h, new_cache = encdec.self_attention(self.self_attn, self.self_norm(x), self_bias, r[0], ctx, cache, start)
+    h, new_cache = encdec.self_attention(self.self_attn, self.self_norm(x), self_mask, r[0], ctx, cache, start)
     x = x + layers.dropout(h, self.rate, r[1])
-    h = encdec.cross_attention(self.cross_attn, self.cross_norm(x), memory, cross_bias, r[2], ctx, cache)
+    h = encdec.cross_attention(self.cross_attn, self.cross_norm(x), memory, cross_mask, r[2], ctx, cache)
     x = x + layers.dropout(h, self.rate, r[3])
     x = x + layers.dropout(self.mlp(self.mlp_norm(x), r[4], ctx), self.rate, r[5])
     return x if cache is None else (x, new_cache)
@@ -183,14 +184,9 @@ class Stack(nnx.Module):
     rngs = None if rng is None else jax.random.split(rng, self.num_layers + 2)
     x = layers.dropout(x, self.rate, None if rngs is None else rngs[0])
     t = x.shape[1]
-    pad = layers.attention_bias(mask_BxT, jnp.float32)  # B x 1 x 1 x T
-    self_bias = self.bias(jnp.arange(t), jnp.arange(t)) + pad
-    cross_bias = None
-    if self.decoder:
-      self_bias = self_bias + encdec.causal_bias(jnp.arange(t), jnp.arange(t))
-      cross_bias = layers.attention_bias(memory_mask_BxS, jnp.float32)
-
-    x = encdec.run_stack(self.layers, x, memory if self.decoder else None, self_bias, cross_bias,
+    self_mask = Mask(kv_segments=mask_BxT, causal=self.decoder, bias=self.bias(jnp.arange(t), jnp.arange(t)))
+    cross_mask = Mask(kv_segments=memory_mask_BxS) if self.decoder else None
+    x = encdec.run_stack(self.layers, x, memory if self.decoder else None, self_mask, cross_mask,
                          None if rngs is None else rngs[1:-1], remat, self.scan_layers, ctx)
     return layers.dropout(self.final_norm(x), self.rate, None if rngs is None else rngs[-1])
 
@@ -201,8 +197,8 @@ class Stack(nnx.Module):
     """The decoder on L new tokens at positions cache.length.., reading and extending the cache."""
     q_positions = cache.length + jnp.arange(x_BxLxD.shape[1])
     k_positions = jnp.arange(cache.layers.self_k.shape[2])
-    self_bias = self.bias(q_positions, k_positions) + encdec.causal_bias(q_positions, k_positions)
-    x, cache = encdec.step_stack(self.layers, x_BxLxD, self_bias, cache, self.scan_layers, ctx)
+    self_mask = encdec.cache_mask(q_positions, k_positions, self.bias(q_positions, k_positions))
+    x, cache = encdec.step_stack(self.layers, x_BxLxD, self_mask, cache, self.scan_layers, ctx)
     return self.final_norm(x), cache
 
 

@@ -1,0 +1,172 @@
+"""attention.attend: every implementation against the reference, and which one `auto` picks for which devices.
+
+Splash attention runs in Pallas interpret mode here (the devices are CPUs): the kernel's own block loop,
+masks and segment handling, values and gradients, in float32 and bfloat16.
+"""
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtune.models import attention, cpu_attention, layers
+
+
+def _inputs(b, length, h, g, k, keys=None, seed=0):
+  rng = np.random.default_rng(seed)
+  keys = keys or length
+  q = rng.normal(size=(b, length, h, k))
+  kk, v = (rng.normal(size=(b, keys, g, k)) for _ in range(2))
+  return tuple(jnp.asarray(x, jnp.float32) for x in (q, kk, v))
+
+
+def _packed(b, length):
+  """Row 0 one document; row 1 two documents then padding; further rows three documents."""
+  seg = np.ones((b, length), np.int32)
+  for row in range(1, b):
+    cuts = [length // 3, length - 7] if row == 1 else [length // 4, length // 2]
+    seg[row, cuts[0]:] = 2
+    seg[row, cuts[1]:] = 0 if row == 1 else 3
+  pos = np.zeros_like(seg)
+  for row in range(b):
+    start = 0
+    for i in range(1, length + 1):
+      if i == length or seg[row, i] != seg[row, i - 1]:
+        pos[row, start:i] = np.arange(i - start)
+        start = i
+  return jnp.asarray(seg), jnp.asarray(pos)
+
+
+def _padding(b, keys):
+  mask = np.ones((b, keys), np.int32)
+  mask[1 % b, keys // 2:] = 0
+  mask[-1, 3:] = 0 if b > 2 else 1
+  return jnp.asarray(mask)
+
+
+# name -> (batch, length, heads, kv heads, head dim, keys, how the mask is built)
+CASES = {
+    "causal-packed-gqa-128": (2, 128, 4, 2, 64, None, "packed"),
+    "causal-packed-gqa-2048": (1, 2048, 2, 1, 64, None, "packed"),
+    "causal-window-512": (2, 512, 2, 2, 32, None, "window"),
+    "bidirectional-padding-384": (3, 384, 3, 3, 64, None, "padding"),
+    "cross-attention-200x130": (2, 200, 2, 2, 16, 130, "padding"),
+    "bidirectional-window-256": (2, 256, 2, 1, 32, None, "bidirectional-window"),
+}
+
+
+def _mask(kind, b, length, keys):
+  if kind == "packed":
+    seg, pos = _packed(b, length)
+    return attention.Mask(q_segments=seg, kv_segments=seg, causal=True, q_positions=pos, kv_positions=pos)
+  if kind == "window":
+    return attention.Mask(kv_segments=_padding(b, keys), causal=True, window=100)
+  if kind == "bidirectional-window":
+    return attention.Mask(window=64)
+  return attention.Mask(kv_segments=_padding(b, keys))
+
+
+def _real_queries(mask, b, length):
+  """Queries whose output is defined the same way by every kernel (not padding of a packed row)."""
+  real = np.ones((b, length), bool) if mask.q_segments is None else np.asarray(mask.q_segments) > 0
+  return jnp.asarray(real)[:, :, None, None]
+
+
+def _run(how, q, k, v, mask, dtype):
+  ctx = layers.Context(attention=how)
+  return attention.attend(q.astype(dtype), k.astype(dtype), v.astype(dtype), ctx, mask).astype(jnp.float32)
+
+
+def _value_and_grads(how, q, k, v, mask, dtype, w):
+  def loss(q, k, v):
+    return jnp.sum(_run(how, q, k, v, mask, dtype) * w)
+  out = jax.jit(lambda q, k, v: _run(how, q, k, v, mask, dtype))(q, k, v)
+  return out, jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("how", ["splash", "xla"])
+def test_kernels_match_the_reference_values_and_gradients(how, case, dtype):
+  b, length, h, g, kd, keys, kind = CASES[case]
+  if how == "xla" and dtype == jnp.bfloat16:
+    pytest.skip("XLA's ops and the reference round alike in bfloat16: the float32 case proves the path")
+  q, k, v = _inputs(b, length, h, g, kd, keys)
+  mask = _mask(kind, b, length, keys or length)
+  real = _real_queries(mask, b, length)
+  w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32) * real
+  want, want_grads = _value_and_grads("reference", q, k, v, mask, jnp.float32, w)
+  assert attention.choose(layers.Context(attention=how), q.astype(dtype), k, mask, 0.0) == how
+  got, got_grads = _value_and_grads(how, q, k, v, mask, dtype, w)
+  if dtype == jnp.float32:
+    tol = dict(atol=2e-5, rtol=2e-5)
+  else:  # bfloat16 inputs: no worse than the reference itself computed in bfloat16, plus rounding slack
+    ref16, ref16_grads = _value_and_grads("reference", q, k, v, mask, dtype, w)
+    budget = float(jnp.max(jnp.abs((ref16 - want) * real)))
+    tol = dict(atol=3 * budget + 1e-2, rtol=0)
+  np.testing.assert_allclose(got * real, want * real, **tol)
+  for name, got_g, want_g in zip("qkv", got_grads, want_grads):
+    scale = float(jnp.max(jnp.abs(want_g)))
+    if dtype == jnp.float32:
+      np.testing.assert_allclose(got_g, want_g, atol=2e-5 * max(scale, 1), rtol=2e-5, err_msg=f"d{name}")
+    else:
+      ref_err = float(jnp.max(jnp.abs(ref16_grads["qkv".index(name)] - want_g)))
+      assert float(jnp.max(jnp.abs(got_g - want_g))) <= 3 * ref_err + 2e-2 * scale, f"d{name}"
+
+
+def test_splash_sees_no_key_of_another_document_and_no_padding():
+  """Changing a key of document 1 or a padding key leaves every other document's outputs bit for bit."""
+  q, k, v = _inputs(2, 128, 2, 1, 32)
+  seg, pos = _packed(2, 128)
+  mask = attention.Mask(q_segments=seg, kv_segments=seg, causal=True, q_positions=pos, kv_positions=pos)
+  run = jax.jit(lambda k: _run("splash", q, k, v, mask, jnp.float32))
+  before, after = run(k), run(k.at[1, 10].add(5.0).at[1, 127].add(5.0))  # row 1: doc 1 and padding
+  other_docs = np.asarray(seg[1] == 2)
+  np.testing.assert_array_equal(np.asarray(before[1])[other_docs], np.asarray(after[1])[other_docs])
+  np.testing.assert_array_equal(before[0], after[0])
+
+
+@dataclasses.dataclass
+class _Devices:  # what attention.platform reads of a mesh: its devices' platform
+  platform: str
+
+  @property
+  def devices(self):
+    return np.array([type("Device", (), {"platform": self.platform})()])
+
+
+def _choose(platform, dtype=jnp.bfloat16, requested="auto", dropout=0.0, mask=None):
+  q = jnp.zeros((2, 256, 4, 64), dtype)
+  mask = mask or attention.Mask(kv_segments=jnp.ones((2, 256), jnp.int32))
+  return attention.choose(layers.Context(mesh=_Devices(platform), attention=requested), q, q, mask, dropout)
+
+
+def test_auto_follows_the_platform_of_the_mesh_not_the_host(caplog):
+  assert jax.default_backend() == "cpu"
+  assert _choose("tpu") == "splash" and _choose("tpu", jnp.float32) == "splash"
+  assert _choose("gpu") == "cudnn"
+  caplog.set_level(logging.INFO, logger="jaxtune.models.attention")
+  assert _choose("gpu", jnp.float32) == "xla" and "cuDNN's fused attention takes bfloat16" in caplog.text
+  t5_like = attention.Mask(bias=jnp.zeros((1, 4, 256, 256)))
+  assert _choose("tpu", mask=t5_like) == "xla" and _choose("gpu", mask=t5_like) == "xla"
+  cached = attention.Mask(kv_segments=jnp.ones((2, 256)), causal=True, in_order=False)
+  assert _choose("tpu", mask=cached) == "xla"
+
+
+def test_a_cpu_kernel_never_reaches_an_accelerator_program():
+  cpu_attention.load()
+  for requested in ("auto", "cpu"):
+    for platform in ("tpu", "gpu"):
+      assert _choose(platform, jnp.float32, requested) != "cpu"
+
+
+def test_attention_dropout_is_an_explicit_logged_choice_on_accelerators(caplog):
+  caplog.set_level(logging.INFO, logger="jaxtune.models.attention")
+  assert _choose("tpu", dropout=0.1) == "xla"  # auto keeps the recipe
+  assert "attention dropout 0.1 kept" in caplog.text
+  assert _choose("tpu", requested="splash", dropout=0.1) == "splash"  # naming the kernel drops it, loudly
+  assert any(r.levelno == logging.WARNING and "draws no dropout" in r.message for r in caplog.records)
+  assert _choose("tpu", requested="xla") == "xla" and _choose("tpu", requested="reference") == "reference"
