@@ -17,6 +17,19 @@ HUGE_PAGES = "glibc.malloc.hugetlb=1"
 # from XLA_FLAGS, not per compile, and only before its backend starts.
 MEMORY_FIRST_SCHEDULE = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 NO_TUNING = "JAXTUNE_NO_HOST_TUNING"  # set to 1 to run with the environment exactly as given
+# libtpu, loaded on a host without TPUs to compile for a topology description (scripts/plan.py, the TPU compile
+# tests), asks the cloud metadata server what it runs on and logs errors when nobody answers; naming a slice
+# here answers it. ALLOW_MULTIPLE_LIBTPU_LOAD lets two processes (pytest-xdist workers) load libtpu at once,
+# which it otherwise refuses with a lock file. These apply before jax is imported; values already set are kept.
+COMPILE_ONLY_TPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-4",
+                        "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+
+
+def compile_only_tpu(host_cpu: bool = True) -> None:
+  """Sets COMPILE_ONLY_TPU_ENV (and, with `host_cpu`, JAX_PLATFORMS=cpu: the host runs nothing on its own
+  accelerators) where not already set. Call before the first `import jax`."""
+  for key, value in {**COMPILE_ONLY_TPU_ENV, **({"JAX_PLATFORMS": "cpu"} if host_cpu else {})}.items():
+    os.environ.setdefault(key, value)
 
 
 def tune_host() -> None:

@@ -9,14 +9,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import orbax.checkpoint as ocp
-import pytest
-import yaml
+from jaxtune import cli
 
-from jaxtune import params as params_lib
-from jaxtune import sharding
-from jaxtune.train.checkpoints import Checkpoints
+cli.compile_only_tpu(host_cpu=False)  # before jax: quiet libtpu, two xdist workers compiling for TPU slices at once
+
+import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from jaxtune import params as params_lib  # noqa: E402
+from jaxtune import sharding  # noqa: E402
+from jaxtune.train.checkpoints import Checkpoints  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
