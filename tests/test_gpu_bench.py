@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # A case of every section and kind: full fine-tune, LoRA (with remat), both attention kernels on both models. The
-# other remat policies are the same code with another model.remat; all 12 tiny cases took 283 s here under load
-# (each case compiles its step, about 10 s of CPU on this machine), these 6 (2 of them cuDNN, not run) about half.
+# other remat policies are the same code with another model.remat. All 12 tiny cases took 207 s on this 2-core machine
+# under load (each compiles its own step); these 6 (2 of them cuDNN, recorded unavailable) took 58 s.
 SUBSET = "full-ft remat=none,attention=,lora remat=full"
 # XLA:CPU without LLVM's optimisations: a third less compile time, and speed is not what the tiny run checks.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
