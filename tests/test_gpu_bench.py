@@ -77,3 +77,18 @@ def test_a_budget_too_small_skips_with_a_reason(tmp_path):
   assert {c["status"] for c in report["cases"]} == {"skipped"}
   assert all("time budget" in c["reason"] for c in report["cases"])
 
+
+
+def test_worker_records_an_oom_and_an_error(monkeypatch, capsys):
+  """A case that runs out of device memory is a result ("oom"), as is any other failure ("error"), never a crash."""
+  case = json.dumps(dataclasses.asdict(gpu_bench.plan("tiny")[0]))
+  for message, status in (("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.50GiB", "oom"),
+                          ("Bias must have same seq length as QKV", "error")):
+    def fail(_case, message=message):
+      raise RuntimeError(message)
+
+    monkeypatch.setattr(gpu_bench, "measure", fail)
+    gpu_bench.worker(case)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(line.removeprefix(gpu_bench.MARK))
+    assert result["status"] == status and message in result["reason"]
