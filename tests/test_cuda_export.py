@@ -76,18 +76,10 @@ def test_plain_cudnn_attention_lowers_forward_and_backward(cudnn_version):
   assert cudnn_calls(cuda_module(grad, q, kv, kv)) == {"__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"}
 
 
-# models/fused.cudnn hands jax a B x 1 x 1 x S padding mask; jax's cuDNN path turns a mask into a bias that must be
-# B x 1 x L x S and raises (at trace time, on a GPU too): every encoder step with model.attention cudnn, or auto on a
-# GPU. Broadcasting the mask to B x 1 x L x S, or key_value_seq_lengths for right padding, lowers (checked by hand).
-FUSED_PADDING_MASK = pytest.mark.xfail(raises=ValueError, strict=True,
-                                       reason="fused.cudnn: padding mask B x 1 x 1 x S, jax wants B x 1 x L x S")
-
-
-@pytest.mark.parametrize("kind", ["decoder", pytest.param("encoder", marks=FUSED_PADDING_MASK)])
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
 def test_train_step_lowers_cudnn_attention(kind, cudnn_version, request):
   """The whole train step (bf16 compute, AdamW, donated state, shardings on a one-device mesh) with
   model.attention: cudnn: every layer's attention is the fused kernel, forward and backward."""
-  pytest.importorskip("jaxtune.models.attention", reason="model.attention's kernels (models/attention.py) not here yet")
   path, task = (request.getfixturevalue("tiny_llama_dir"), "causal_lm") if kind == "decoder" else (
       request.getfixturevalue("tiny_bert_dir"), "classification")
   mesh = sharding.make_mesh(MeshConfig(), jax.devices()[:1])

@@ -25,6 +25,7 @@ CASES = {
                                                     mlp_bias=True, rope_theta=500000.0), transformers.LlamaForCausalLM),
     "qwen2_qkv_bias": (transformers.Qwen2Config(**BASE), transformers.Qwen2ForCausalLM),
     "mistral": (transformers.MistralConfig(**BASE), transformers.MistralForCausalLM),
+    "mistral_sliding_window": (transformers.MistralConfig(**BASE, sliding_window=7), transformers.MistralForCausalLM),
     "gpt2": (transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64),
              transformers.GPT2LMHeadModel),
     # the 1/(layer+1) attention scale is the one per-layer difference inside the scanned stack

@@ -275,7 +275,7 @@ def test_comparator_rejects_wrong_dropout(setups: Callable[[str], Setup], monkey
     monkeypatch.setattr(layers, "dropout", unscaled_dropout)
     # attention dropout in XLA's ops, which call layers.dropout; the CPU kernel draws the same masks
     # (test_cpu_attention.py) and is what test_dropout_statistics_match_torch_train_mode measured
-    monkeypatch.setattr(cpu_attention, "takes", lambda *_: False)
+    monkeypatch.setattr(cpu_attention, "loaded", lambda: False)
   else:
     cfg = dataclasses.replace(model.cfg, **{site.key: 2 * RATE})
     model = model_lib.describe(model.family, cfg, MESH)

@@ -66,15 +66,17 @@ def extend(cache: LayerCache | None, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
 
 def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, segments: Segments,
            kv: tuple[jax.Array, jax.Array], ctx: layers.Context, dropout_rate: float = 0.0,
-           rng: jax.Array | None = None) -> jax.Array:
+           rng: jax.Array | None = None, window: int | None = None) -> jax.Array:
   """Grouped-query attention under the segment-causal mask (attention.attend picks the kernel).
 
   Without a cache, keys are the queries' own tokens in order and positions restart at 0 in each segment,
-  so causal by position is causal by index: the fused kernels' causal mask plus segment ids.
+  so causal by position is causal by index: the fused kernels' causal mask plus segment ids. `window`: sliding-window
+  attention (Mistral), a query sees its own position and the window - 1 before it.
   """
   kv_seg_BxS, kv_pos_BxS = kv
   mask = attention.Mask(q_segments=segments.q_segments, kv_segments=kv_seg_BxS, causal=True,
-                        q_positions=segments.q_positions, kv_positions=kv_pos_BxS, in_order=segments.start is None)
+                        q_positions=segments.q_positions, kv_positions=kv_pos_BxS, window=window,
+                        in_order=segments.start is None)
   return attention.attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, ctx, mask, None, dropout_rate, rng)
 
 

@@ -46,6 +46,7 @@ def cudnn(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, mask
   if mask.kv_segments is not None:
     kv = mask.kv_segments[:, None, None, :]
     seen = kv > 0 if mask.q_segments is None else (kv > 0) & (mask.q_segments[:, None, :, None] == kv)
+    seen = jnp.broadcast_to(seen, (seen.shape[0], 1, q_BxLxHxK.shape[1], seen.shape[3]))  # the B x 1 x L x S bias
   window = None if mask.window is None else (mask.window - 1, 0)
   return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxGxK.astype(q_BxLxHxK.dtype), v_BxSxGxK.astype(q_BxLxHxK.dtype),
                                       mask=seen, scale=scale, is_causal=mask.causal, local_window_size=window,

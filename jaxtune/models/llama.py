@@ -39,6 +39,7 @@ class LlamaConfig:
   mlp_bias: bool = False
   hidden_act: str = "silu"
   attention_dropout: float = 0.0  # dropout on the attention probabilities in training (HF's; usually 0)
+  sliding_window: int | None = None  # Mistral: a query sees itself and the sliding_window - 1 tokens before it
   pad_token_id: int | None = None  # its input embedding gets no gradient from the inputs (HF's padding_idx)
   scan_layers: bool = False  # model.scan_layers: one lax.scan over the layers instead of unrolled code
 
@@ -75,7 +76,8 @@ class LlamaConfig:
         qkv_bias=is_qwen or hf.get("attention_bias", False), o_bias=hf.get("attention_bias", False) and not is_qwen,
         mlp_bias=hf.get("mlp_bias", False), hidden_act=hf.get("hidden_act", "silu"),
         attention_dropout=float(hf.get("attention_dropout", 0.0) if dropout is None else dropout),
-        pad_token_id=hf.get("pad_token_id"))
+        pad_token_id=hf.get("pad_token_id"),
+        sliding_window=hf.get("sliding_window") if hf.get("model_type") == "mistral" else None)
 
 
 def rope_frequencies(cfg: LlamaConfig) -> jax.Array:
@@ -113,7 +115,7 @@ class Attention(nnx.Module):
     self.k = layers.Dense((d,), (g, k), ("embed",), ("kv_heads", "head_dim"), rngs=rngs, use_bias=cfg.qkv_bias)
     self.v = layers.Dense((d,), (g, k), ("embed",), ("kv_heads", "head_dim"), rngs=rngs, use_bias=cfg.qkv_bias)
     self.o = layers.Dense((h, k), (d,), ("heads", "head_dim"), ("embed",), rngs=rngs, use_bias=cfg.o_bias)
-    self.dropout_rate = cfg.attention_dropout
+    self.dropout_rate, self.window = cfg.attention_dropout, cfg.sliding_window
 
   def __call__(self, x_BxLxD: jax.Array, inv_freq: jax.Array, segments: decoding.Segments,
                cache: decoding.LayerCache | None, rng: jax.Array | None,
@@ -125,7 +127,8 @@ class Attention(nnx.Module):
     k_BxLxGxK = ctx.constrain(apply_rope(k_BxLxGxK, segments.q_positions, inv_freq), kv_axes)
     v_BxLxGxK = ctx.constrain(v_BxLxGxK, kv_axes)
     k_BxSxGxK, v_BxSxGxK, kv, cache = decoding.extend(cache, k_BxLxGxK, v_BxLxGxK, segments)
-    attn_BxLxHxK = decoding.attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, segments, kv, ctx, self.dropout_rate, rng)
+    attn_BxLxHxK = decoding.attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, segments, kv, ctx, self.dropout_rate, rng,
+                                    self.window)
     return self.o(attn_BxLxHxK, ctx), cache
 
 
