@@ -148,6 +148,9 @@ def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, ctx
   if how == "splash":
     return fused.splash(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask, scale, ctx)
   if how == "cudnn":
+    if mask.kv_segments is not None:
+      say_once("cuDNN attention: padding and packed documents go as a dense B x 1 x L x S mask (cuDNN reads it as a "
+               "bias): jax.nn.dot_product_attention takes no segment ids in this jax")
     return fused.cudnn(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask, scale)
   if how == "cpu":
     return _cpu(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask, scale, dropout_rate, rng)
