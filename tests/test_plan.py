@@ -58,6 +58,7 @@ def test_tpu_plan_memory_adds_up_and_fits(tiny_tpu_plan):
   assert result["fits"] and result["suggestion"] is None and result["verdict"].startswith("fits")
   assert "XLA buffer assignment" in result["memory_source"] and result["compile_s"] > 0
   assert "verdict: fits" in text and "memory per device" in text and "tokens/s" in text
+  assert result["splash_kernel_calls"] > 0  # model.attention auto: splash on the slice's TPUs
 
 
 def test_tpu_plan_compiled_params_match_their_shardings(tiny_tpu_plan, tiny_plan_config):

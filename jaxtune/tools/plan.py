@@ -190,8 +190,11 @@ def plan(cfg: Config, hf_config: dict[str, Any], target: Target, mfu: float = 0.
     model, state, lowered = lower_train_step(cfg, hf_config, mesh, num_labels)
     tick = time.perf_counter()
     try:
-      memory = compiled_memory(state, lowered.compile())
+      compiled = lowered.compile()
+      memory = compiled_memory(state, compiled)
       out["memory_source"] = "XLA buffer assignment of the compiled train step (memory_analysis), per device"
+      out["splash_kernel_calls"] = sum("tpu_custom_call" in line and "splash" in line.lower()
+                                       for line in compiled.as_text().splitlines())
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program that cannot fit
       memory = out_of_memory(state, str(e))
       if memory is None:
@@ -276,6 +279,9 @@ def table(out: dict[str, Any]) -> str:
                f"({100 * out['hbm_share']:.1f}%)")
   if "analytic_total_bytes" in out:
     lines.append(f"  {'(the analytic estimate of the total)':<40}{num(out['analytic_total_bytes'])}")
+  if "splash_kernel_calls" in out:
+    lines.append(f"attention: {out['splash_kernel_calls']} splash attention kernel calls in the compiled step"
+                 + ("" if out["splash_kernel_calls"] else " (attention runs as XLA ops)"))
   lines.append(f"compute: {compute['flops_per_step']:.4g} FLOPs per step; {compute['counted_as']}")
   if compute["step_s"]:
     lines.append(f"roofline at {100 * compute['mfu']:.0f}% MFU of {out['devices']} x "
