@@ -170,3 +170,16 @@ def test_attention_dropout_is_an_explicit_logged_choice_on_accelerators(caplog):
   assert _choose("tpu", requested="splash", dropout=0.1) == "splash"  # naming the kernel drops it, loudly
   assert any(r.levelno == logging.WARNING and "draws no dropout" in r.message for r in caplog.records)
   assert _choose("tpu", requested="xla") == "xla" and _choose("tpu", requested="reference") == "reference"
+
+
+def test_a_splash_kernel_made_under_shard_map_serves_later_traces():
+  """The kernel is cached per shape: one first built for an eager call on a mesh (inside no jit, around shard_map)
+  must hold no value of that call's trace when a later jitted call without a mesh reuses it."""
+  from jaxtune import sharding
+  from jaxtune.config import MeshConfig
+
+  q, k, v = _inputs(2, 256, 3, 3, 16, seed=5)
+  mask = attention.Mask(kv_segments=_padding(2, 256))
+  eager = attention.attend(q, k, v, layers.Context(mesh=sharding.make_mesh(MeshConfig()), attention="splash"), mask)
+  jitted = jax.jit(lambda q, k, v: attention.attend(q, k, v, layers.Context(attention="splash"), mask))(q, k, v)
+  np.testing.assert_array_equal(eager, jitted)

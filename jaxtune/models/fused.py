@@ -73,10 +73,10 @@ def splash(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, mas
     if head_spec != kv_head_spec:  # each device must hold whole groups of query heads with their key/value head
       head_spec = None
   heads_here = h // _size(ctx, head_spec)
-  kernel_args = (heads_here, length + pad_q, keys + pad_kv, mask.causal, mask.window, interpret)
+  # Built here, outside shard_map: its block tables are constants of no trace, so the cached kernel serves the next.
+  kernel = _kernel(heads_here, length + pad_q, keys + pad_kv, mask.causal, mask.window, interpret)
 
   def run(q, k, v, qs, ks):
-    kernel = _kernel(*kernel_args)
     if qs is None:
       return jax.vmap(kernel)(q, k, v)
     return jax.vmap(lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=_segments_type()(qs, ks)))(q, k, v, qs, ks)
