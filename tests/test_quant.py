@@ -1,0 +1,144 @@
+"""Quantised frozen bases (models/quant.py): NF4 and int8 against bitsandbytes' reference, and QLoRA training on them.
+
+The reference is bitsandbytes 0.50's pure-PyTorch CPU path (bitsandbytes/backends/default/ops.py: quantize_4bit,
+quantize_blockwise, their dequantisations; functional.py: create_normal_map, create_dynamic_map and the double
+quantisation in quantize_4bit), restated here in torch because bitsandbytes is not a dependency.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jaxtune.models import quant
+
+# bitsandbytes/backends/utils.py _NF4_QUANT_TABLE, as published (and the QLoRA paper's appendix E).
+BNB_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+           -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+           0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
+
+
+def bnb_normal_map(offset: float = 0.9677083) -> torch.Tensor:
+  """bitsandbytes.functional.create_normal_map(offset, use_extra_value=True): its first 16 levels."""
+  from scipy.stats import norm
+  v1 = norm.ppf(torch.linspace(offset, 0.5, 9)[:-1]).tolist()
+  v3 = (-norm.ppf(torch.linspace(offset, 0.5, 8)[:-1])).tolist()
+  values = torch.Tensor(v1 + [0] * (256 - 15) + v3).sort().values
+  values /= values.max()
+  nonzero = values[values != 0]
+  return torch.cat([nonzero[nonzero < 0], torch.zeros(1), nonzero[nonzero > 0]])
+
+
+def bnb_dynamic_map() -> torch.Tensor:
+  """bitsandbytes.functional.create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8)."""
+  data = []
+  for i in range(7):
+    boundaries = torch.linspace(0.1, 1, int(2 ** i + 1), dtype=torch.float32)
+    means = (boundaries[:-1] + boundaries[1:]) / 2.0
+    data += ((10 ** (-6 + i)) * means).tolist()
+    data += (-(10 ** (-6 + i)) * means).tolist()
+  data += [0, 1.0]
+  data.sort()
+  return torch.tensor(data, dtype=torch.float32)
+
+
+def bnb_blockwise(a: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+  """backends/default/ops.py quantize_blockwise (and quantize_4bit's indices before packing)."""
+  flat = a.reshape(-1).float()
+  n = flat.numel()
+  rem = n % blocksize
+  full = n - rem
+  com = flat[:full].reshape(full // blocksize, blocksize)
+  absmax = com.abs().max(dim=-1)[0]
+  scaled = torch.clamp(com * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+  if rem:
+    am = flat[full:].abs().max().clamp(min=1e-38)
+    absmax = torch.cat([absmax, am.unsqueeze(0)])
+    scaled = torch.cat([scaled, torch.clamp(flat[full:] / am, -1, 1)])
+  bounds = (code[:-1] + code[1:]) / 2
+  return torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8), absmax
+
+
+def bnb_nf4(a: torch.Tensor, offset: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+  """quantize_4bit(a, blocksize=64, compress_statistics=True, quant_type='nf4'): packed codes and nested state;
+  `offset` replaces the absmaxes' float32 mean (whose rounding depends on the summation order)."""
+  q, absmax = bnb_blockwise(a, torch.tensor(BNB_NF4), 64)
+  if q.numel() % 2:
+    q = torch.nn.functional.pad(q, (0, 1))
+  packed = (q[::2] << 4) | q[1::2]
+  offset = absmax.mean() if offset is None else offset
+  qabsmax, absmax2 = bnb_blockwise(absmax - offset, bnb_dynamic_map(), 256)
+  return {"codes": packed, "absmax": qabsmax, "absmax_scale": absmax2, "offset": offset}
+
+
+def bnb_dequant_nf4(state: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+  """dequantize_4bit with its nested absmax: dequantize_blockwise(absmax) + offset, then the 4-bit codes."""
+  def unblock(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    rem = values.numel() % blocksize
+    full = values.numel() - rem
+    out = (values[:full].view(-1, blocksize) * absmax[:full // blocksize].view(-1, 1)).reshape(full)
+    return torch.cat([out, values[full:] * absmax[-1]]) if rem else out
+
+  absmax = unblock(bnb_dynamic_map()[state["absmax"].long()], state["absmax_scale"], 256) + state["offset"]
+  idx = torch.empty(state["codes"].numel() * 2, dtype=torch.long)
+  idx[1::2] = (state["codes"] & 0xF).long()
+  idx[::2] = (state["codes"] >> 4).long()
+  return unblock(torch.tensor(BNB_NF4)[idx][:n], absmax, 64)
+
+
+def bits(a) -> np.ndarray:
+  a = np.asarray(a)
+  return a.view({1: np.uint8, 4: np.uint32}[a.dtype.itemsize])
+
+
+def test_code_books_are_bitsandbytes():
+  assert bits(quant.NF4_CODE).tolist() == bits(np.array(BNB_NF4, np.float32)).tolist()
+  assert bits(quant.NF4_CODE).tolist() == bits(bnb_normal_map().numpy()).tolist()  # and as bitsandbytes derives it
+  assert bits(quant.DYNAMIC_CODE).tolist() == bits(bnb_dynamic_map().numpy()).tolist()
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (48, 1000), (7, 13)])  # whole blocks; > 256 blocks; short last blocks
+def test_nf4_matches_bitsandbytes_bit_for_bit(shape):
+  rng = np.random.default_rng(0)
+  w = (rng.standard_normal(shape) * 0.02).astype(np.float32)
+  w[0, :5] = 0  # a zero, and (for the small shape) nearly a zero block
+  q = quant.quantise(jnp.asarray(w), "nf4", 0, 1)
+  # The one float that is not bitsandbytes' bit for bit: the absmaxes' mean, which ours rounds correctly (float64
+  # sum) and torch's float32 sum rounds its own way. Within an ulp of torch's; from it, everything is bit for bit.
+  absmax = bnb_blockwise(torch.from_numpy(w), torch.tensor(BNB_NF4), 64)[1]
+  assert abs(int(bits(q.offset)) - int(bits(absmax.mean().numpy()))) <= 1
+  assert float(q.offset) == np.float32(absmax.numpy().astype(np.float64).mean())
+  ref = bnb_nf4(torch.from_numpy(w), torch.tensor(np.asarray(q.offset)))
+  for name in ("codes", "absmax", "absmax_scale", "offset"):
+    assert bits(getattr(q, name)).tolist() == bits(ref[name].numpy()).tolist(), name
+  ours = np.asarray(quant.dequantise(q)).reshape(-1)
+  assert bits(ours).tolist() == bits(bnb_dequant_nf4(ref, w.size).numpy()).tolist()
+
+
+def test_nf4_and_int8_per_layer_and_matmul_gradient():
+  """A stacked kernel quantises layer by layer; matmul's input gradient is the dequantised kernel's."""
+  w = jax.random.normal(jax.random.key(0), (2, 40, 3, 8)) * 0.02
+  x = jax.random.normal(jax.random.key(1), (5, 40))
+  for kind in ("nf4", "int8"):
+    q = quant.quantise(w, kind, 1, 1)
+    layer = jax.tree.map(lambda a: a[1], q)
+    assert bits(quant.dequantise(layer)).tolist() == bits(quant.dequantise(quant.quantise(w[1], kind, 0, 1))).tolist()
+    kernel = quant.dequantise(layer)
+    assert float(jnp.abs(kernel - w[1]).max()) < (0.02 if kind == "nf4" else 0.001)
+    np.testing.assert_array_equal(quant.matmul(x, layer, 1), jnp.tensordot(x, kernel, 1))
+    g = jax.grad(lambda x: jnp.sum(jnp.sin(quant.matmul(x, layer, 1))))(x)
+    np.testing.assert_allclose(g, jax.grad(lambda x: jnp.sum(jnp.sin(jnp.tensordot(x, kernel, 1))))(x), rtol=1e-6)
+
+
+def test_int8_is_bitsandbytes_vectorwise():
+  """int8: round(w * 127 / absmax) per output channel, as bitsandbytes' int8_vectorwise_quant per row of W^T."""
+  w = np.random.default_rng(1).standard_normal((24, 10)).astype(np.float32)
+  q = quant.quantise(jnp.asarray(w), "int8", 0, 1)
+  wt = torch.from_numpy(w.T.copy())  # torch's (out, in) layout: a row per output channel
+  stats = torch.max(wt.abs(), dim=1).values.float()
+  ref = torch.round(wt * (127.0 / stats.unsqueeze(-1))).to(torch.int8)
+  np.testing.assert_array_equal(np.asarray(q.codes).T, ref.numpy())
+  np.testing.assert_array_equal(np.asarray(q.absmax), stats.numpy())
