@@ -13,7 +13,8 @@ import yaml
 
 from conftest import REPO, run_script
 from jaxtune import config
-from jaxtune.tools import plan, plan_estimate
+from jaxtune.tools import plan
+from jaxtune.train import estimate as plan_estimate
 
 TOPOLOGY = "v5e:2x2"
 

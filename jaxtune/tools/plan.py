@@ -4,7 +4,7 @@ could run there, found before any accelerator is rented.
 On a TPU topology the real train step (steps.make_train_step, wired as train/setup.py wires a run) is compiled for
 compile-only devices of a topology description, which libtpu provides on any host: the model is described
 abstractly, state and batch are ShapeDtypeStructs in their shardings, no weight is read. XLA's buffer assignment
-then says what one device holds. GPUs have no deviceless compile, so there memory is plan_estimate's analytic model.
+then says what one device holds. GPUs have no deviceless compile, so there memory is train/estimate.py's analytic model.
 FLOPs always come from the model's shape: XLA's cost analysis counts a scanned layer's body once.
 """
 
@@ -26,9 +26,9 @@ from jaxtune.config import Config, MeshConfig
 from jaxtune.errors import UserError
 from jaxtune.models.model import Model
 from jaxtune.tasks import TASKS
-from jaxtune.tools import plan_estimate as estimate_lib
-from jaxtune.tools.plan_estimate import GiB
-from jaxtune.train import optim, perf, setup, steps
+from jaxtune.train import estimate as estimate_lib
+from jaxtune.train import fit, optim, perf, setup, steps
+from jaxtune.train.estimate import GiB
 from jaxtune.weights import pretrained
 
 
@@ -82,24 +82,6 @@ def gpu_target(gpu: str, count: int, hbm_gib: float | None = None) -> Target:
                 perf.vendor_peak_flops(chip.kind) or 0.0)
 
 
-def batch_structs(cfg: Config, batch_sharding: jax.sharding.NamedSharding) -> dict[str, jax.ShapeDtypeStruct]:
-  """A full train batch of train.batch_size x data.max_len as the task's collate lays it out (keys, dtypes)."""
-  b, length = cfg.train.batch_size, cfg.data.max_len
-  i32, f32 = jnp.int32, jnp.float32
-  encoder = {"input_ids": ((b, length), i32), "attention_mask": ((b, length), i32),
-             "token_type_ids": ((b, length), i32), "weights": ((b,), f32)}
-  shapes = {
-      "causal_lm": {**{k: ((b, length), i32) for k in ("input_ids", "targets", "segment_ids", "positions")},
-                    "loss_mask": ((b, length), f32)},
-      "seq2seq": {"input_ids": ((b, length), i32), "attention_mask": ((b, length), i32),
-                  "labels": ((b, cfg.data.max_target_len), i32), "label_mask": ((b, cfg.data.max_target_len), f32)},
-      "classification": {**encoder, "labels": ((b,), i32)},
-      "question_answering": {**encoder, "start_positions": ((b,), i32), "end_positions": ((b,), i32)},
-      "token_classification": {**encoder, "labels": ((b, length), i32)},
-  }[cfg.task]
-  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, (shape, dtype) in shapes.items()}
-
-
 def describe_model(cfg: Config, hf_config: dict[str, Any], mesh: jax.sharding.Mesh, num_labels: int = 2) -> Model:
   """The model of `cfg` on `mesh`, abstract (as setup.prepare builds it, without reading a weight)."""
   labels = num_labels if cfg.task in ("classification", "token_classification") else 0
@@ -123,50 +105,11 @@ def lower_train_step(cfg: Config, hf_config: dict[str, Any], mesh: jax.sharding.
   step = steps.make_train_step(model, TASKS[cfg.task], tx, optim.schedule(cfg.optim, total),
                                jnp.dtype(cfg.model.compute_dtype), shardings, batch_sharding, cfg.train.grad_accum,
                                cfg.model.remat, cfg.train.nonfinite == "skip")
-  return model, state, step.lower(state, batch_structs(cfg, batch_sharding))
-
-
-def per_device(tree: Any) -> float:
-  """Bytes one device holds of a tree of placed ShapeDtypeStructs (its largest shard: shards are even here)."""
-  return float(sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
-
-
-def compiled_memory(state: steps.TrainState, compiled: Any) -> dict[str, float]:
-  """Per-device memory of a compiled step: the state's parts from their shardings, the rest from XLA's buffer
-  assignment (memory_analysis: arguments, outputs, aliases and temporaries of one device's program)."""
-  m = compiled.memory_analysis()
-  parts = {"params": per_device(state.params), "frozen_params": per_device(state.frozen),
-           "optimizer": per_device(state.opt_state)}
-  parts["other_arguments"] = m.argument_size_in_bytes - sum(parts.values())
-  parts["temporaries"] = float(m.temp_size_in_bytes)
-  parts["unaliased_outputs"] = float(m.output_size_in_bytes - m.alias_size_in_bytes)
-  return {**parts, "total": sum(parts.values())}
-
-
-UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}  # XLA's HumanReadableNumBytes: binary units
-
-
-def out_of_memory(state: steps.TrainState, error: str) -> dict[str, float] | None:
-  """Per-device memory as the TPU compiler's RESOURCE_EXHAUSTED error states it: either the temporaries alone
-  ("the total memory required for HLO temporaries (36.12G) exceeds available HBM") or everything ("Used 20.5G of
-  15.75G hbm"); the state's parts come from their shardings. None for another error."""
-  size = r"([\d.]+)([KMGT]?)(?:i?B)?"
-  temps = re.search(rf"HLO temporaries \({size}\)", error)
-  used = re.search(rf"Used {size} of {size} hbm", error)
-  if "RESOURCE_EXHAUSTED" not in error or not (temps or used):
-    return None
-  parts = {"params": per_device(state.params), "frozen_params": per_device(state.frozen),
-           "optimizer": per_device(state.opt_state), "other_arguments": 0.0}
-  if temps:
-    parts["temporaries"] = float(temps.group(1)) * UNITS[temps.group(2)]
-  else:
-    parts["temporaries"] = max(float(used.group(1)) * UNITS[used.group(2)] - sum(parts.values()), 0.0)
-  parts["unaliased_outputs"] = 0.0
-  return {**parts, "total": sum(parts.values())}
+  return model, state, step.lower(state, fit.batch_structs(cfg, batch_sharding))
 
 
 def analytic_build(hf_config: dict[str, Any], count: int, num_labels: int):
-  """cfg -> (model described on one host device, mesh shape over `count` devices): what plan_estimate needs."""
+  """cfg -> (model described on one host device, mesh shape over `count` devices): what train/estimate.py needs."""
   host = sharding.make_mesh(MeshConfig(data=1), jax.devices("cpu")[:1])
 
   def build(cfg: Config) -> tuple[Model, dict[str, int]]:
@@ -191,12 +134,12 @@ def plan(cfg: Config, hf_config: dict[str, Any], target: Target, mfu: float = 0.
     tick = time.perf_counter()
     try:
       compiled = lowered.compile()
-      memory = compiled_memory(state, compiled)
+      memory = fit.compiled_memory(state, compiled)
       out["memory_source"] = "XLA buffer assignment of the compiled train step (memory_analysis), per device"
       out["splash_kernel_calls"] = sum("tpu_custom_call" in line and "splash" in line.lower()
                                        for line in compiled.as_text().splitlines())
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program that cannot fit
-      memory = out_of_memory(state, str(e))
+      memory = fit.out_of_memory(state, str(e))
       if memory is None:
         raise
       out["memory_source"] = "the TPU compiler's out-of-memory error (it does not finish a program that cannot fit)"

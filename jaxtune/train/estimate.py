@@ -1,5 +1,5 @@
-"""The analytic side of `jaxtune plan` (tools/plan.py): per-device memory from shapes alone, training FLOPs per step,
-and the config changes that would make a run fit.
+"""The analytic side of `jaxtune plan` (tools/plan.py) and of the fit check (train/fit.py): per-device memory from
+shapes alone, training FLOPs per step, and the config changes that would make a run fit.
 
 No compiler is involved, so these numbers are estimates: on GPUs (no deviceless GPU compile exists) they are the
 plan; on TPUs the plan reads XLA's own buffer assignment and uses these only to rank the changes it suggests.

@@ -18,13 +18,13 @@ import jax.numpy as jnp
 
 from jaxtune import config as config_lib
 from jaxtune import sharding, tasks
-from jaxtune.config import Config
+from jaxtune.config import Config, MeshConfig
 from jaxtune.data import feed
 from jaxtune.errors import UserError
 from jaxtune.models import FAMILIES
 from jaxtune.models.model import Model
 from jaxtune.tasks import TASKS, Task
-from jaxtune.train import optim, perf, restore, rundir, steps
+from jaxtune.train import fit, optim, perf, restore, rundir, steps
 from jaxtune.train.checkpoints import Checkpoints
 from jaxtune.weights import pretrained
 
@@ -114,6 +114,14 @@ def _build(cfg: Config, run_dir: Path, resume: bool, mesh: jax.sharding.Mesh, ru
   check_fits_model(cfg, model, {**splits, "train": train_feed} if cfg.data.streaming else splits)
   tx = optim.make(cfg.optim, total)
   shardings = steps.state_shardings(model, tx)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  dtype = jnp.dtype(cfg.model.compute_dtype)
+  train_step = steps.make_train_step(model, task, tx, optim.schedule(cfg.optim, total), dtype, shardings,
+                                     batch_sharding, cfg.train.grad_accum, cfg.model.remat,
+                                     cfg.train.nonfinite == "skip")
+  # Before any weight is read: the step compiled for these devices must fit them (the first step reuses it).
+  fit.check(cfg, steps.abstract_state(model, tx, shardings), train_step, batch_sharding,
+            lambda c: _described(c, hf_config, len(labels or ()), mesh, rules))
   meta = {"family": model.family, "model": dataclasses.asdict(model.cfg), "hf_config": model.hf_config,
           "labels": labels, "config": config_lib.to_dict(cfg), "steps_per_epoch": train_feed.per_epoch,
           "mesh": dict(mesh.shape)}
@@ -128,13 +136,17 @@ def _build(cfg: Config, run_dir: Path, resume: bool, mesh: jax.sharding.Mesh, ru
     params = pretrained.load_params(model, cfg.model, reader, cfg.train.seed)
     state = steps.init_state(model, params, tx, cfg.train.seed, shardings)
     ckpts = rundir.start_run(cfg, run_dir, tokenizer, lock, created)  # the first write, once everything checked out
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  dtype = jnp.dtype(cfg.model.compute_dtype)
-  schedule = optim.schedule(cfg.optim, total)
-  train_step = steps.make_train_step(model, task, tx, schedule, dtype, shardings, batch_sharding, cfg.train.grad_accum,
-                                     cfg.model.remat, cfg.train.nonfinite == "skip")
   return Run(cfg, run_dir, ckpts, lock, model, tokenizer, task, labels, splits, train_feed, total, state, train_step,
              steps.make_eval_step(model, task, dtype, batch_sharding), batch_sharding, meta)
+
+
+def _described(cfg: Config, hf_config: dict[str, Any], num_labels: int, mesh: jax.sharding.Mesh,
+               rules: sharding.Rules) -> tuple[Model, dict[str, int]]:
+  """A changed config's model, described on one host device, and its mesh shape here: what the fit check's
+  suggestions are estimated from."""
+  host = sharding.make_mesh(MeshConfig(data=1), jax.devices("cpu")[:1])
+  model = pretrained.from_config(hf_config, cfg.model, num_labels, host, cfg.train.seed, cfg.task, rules)
+  return model, dict(zip(sharding.MESH_AXES, sharding.mesh_sizes(cfg.mesh, mesh.devices.size), strict=True))
 
 
 def check_fits_model(cfg: Config, model: Model, splits: dict[str, Any]) -> None:
