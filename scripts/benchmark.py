@@ -16,6 +16,12 @@ python scripts/benchmark.py options [--options JSON] [--env JSON] [--shape ...] 
 python scripts/benchmark.py scale [--hidden 256] [--layers 8] [--batch 8] [--length 256] [--output FILE]
   The scale-out options on a random Llama, its layers scanned: compile time and op count for 2/8/32 layers,
   XLA temp memory and step time per model.remat policy, and 1 vs 4 microbatches of the same global batch.
+
+python scripts/benchmark.py loadmem [--code DIR ...] [--rounds N] [--dir DIR] [--output FILE]
+  Host memory of loading a random 2 GB float32 Llama (3 safetensors files + index) onto 8 simulated devices with
+  mesh fsdp=8, each load in a fresh process: peak RSS minus the idle process, in bytes and per checkpoint byte.
+  --code: the checkout whose loader runs (repeat it to compare, e.g. an older one from git worktree add; default
+  this one), alternating over --rounds; --dir: where the temporary checkpoint goes (default the system's temp).
 """
 
 import argparse
@@ -67,6 +73,18 @@ def scale(args: argparse.Namespace) -> dict:
   return {"args": {k: v for k, v in vars(args).items() if k != "run"}, **result["tables"]}
 
 
+def loadmem(args: argparse.Namespace) -> dict:
+  from pathlib import Path
+
+  from jaxtune.tools import loadmem as loadmem_lib
+
+  here = Path(__file__).resolve().parent.parent
+  result = loadmem_lib.measure([Path(c).resolve() for c in args.code or [here]], args.rounds,
+                               Path(args.dir) if args.dir else None)
+  print(loadmem_lib.table(result))
+  return result
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="mode", required=True)
@@ -85,7 +103,12 @@ def main() -> int:
   s.add_argument("--batch", type=int, default=8)
   s.add_argument("--length", type=int, default=256)
   s.set_defaults(run=scale)
-  for sp in (p, o, s):
+  m = sub.add_parser("loadmem", help="host memory of loading a 2 GB safetensors checkpoint onto 8 devices")
+  m.add_argument("--code", action="append", help="checkout whose jaxtune loads it (repeatable; default this one)")
+  m.add_argument("--rounds", type=int, default=1, help="loads per checkout, alternating")
+  m.add_argument("--dir", help="where the temporary checkpoint is written")
+  m.set_defaults(run=loadmem)
+  for sp in (p, o, s, m):
     sp.add_argument("--output", help="also write the results as JSON here")
   args = parser.parse_args()
   result = args.run(args)

@@ -97,24 +97,42 @@ class GGUFReader:
   def keys(self) -> set[str]:
     return set(self._tensors)
 
+  def shape(self, key: str) -> tuple[int, ...]:
+    return tuple(reversed(self._tensors[key].shape.tolist()))  # GGUF lists dims fastest-first ([in, out])
+
   def get(self, key: str) -> np.ndarray:
-    tensor = self._tensors[key]
-    try:
-      array = gguf.dequantize(tensor.data, tensor.tensor_type)
-    except NotImplementedError:
-      raise UserError(f"{self.path}: tensor {tensor.name} has type {tensor.tensor_type.name}, which the gguf "
-                      "package cannot dequantise; use a file quantised as e.g. Q8_0, Q4_K or F16.") from None
-    # GGUF lists dims fastest-first ([in, out]); numpy/torch order is the reverse, (out, in).
-    array = np.asarray(array, np.float32).reshape(tuple(reversed(tensor.shape.tolist())))
+    return self.read(key, ())
+
+  def read(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+    """Tensor `key`[index] as float32 in HF's (out, in) layout, dequantising only the rows that `index` spans.
+
+    Quantisation blocks run along a row (the input dim), so rows dequantise on their own; a column slice still
+    dequantises whole rows. q/k rows are interleaved within each head, so those read whole heads."""
+    tensor, shape = self._tensors[key], self.shape(key)
+    index = (*index, *[slice(None)] * (len(shape) - len(index)))
+    first, stop, _ = index[0].indices(shape[0])
+    heads = None
     if ".q_proj." in key or ".k_proj." in key:
       heads = self._meta("{arch}.attention.head_count")
       if ".k_proj." in key:
         heads = self._meta("{arch}.attention.head_count_kv", heads)
-      if array.shape[0] % (2 * heads):
-        raise UserError(f"{self.path}: tensor {tensor.name} has {array.shape[0]} rows, not a multiple of 2 x "
+      if shape[0] % (2 * heads):
+        raise UserError(f"{self.path}: tensor {tensor.name} has {shape[0]} rows, not a multiple of 2 x "
                         f"{heads} heads; the file's head counts do not match its tensors, re-convert it.")
-      array = unpermute_qk(array, heads)
-    return array
+      rows = shape[0] // heads
+      first_head, stop_head = first // rows, -(-stop // rows)
+      lo, hi = first_head * rows, stop_head * rows
+    else:
+      lo, hi = first, stop
+    try:
+      array = gguf.dequantize(tensor.data[lo:hi], tensor.tensor_type)
+    except NotImplementedError:
+      raise UserError(f"{self.path}: tensor {tensor.name} has type {tensor.tensor_type.name}, which the gguf "
+                      "package cannot dequantise; use a file quantised as e.g. Q8_0, Q4_K or F16.") from None
+    array = np.array(array, np.float32).reshape(hi - lo, *shape[1:])  # a copy: never a view of the mapped file
+    if heads is not None:
+      array = unpermute_qk(array, stop_head - first_head)
+    return array[(slice(first - lo, stop - lo), *index[1:])]
 
   def hf_config(self) -> dict[str, Any]:
     """An HF LlamaConfig config.json dict built from the GGUF metadata and tensor list."""

@@ -6,14 +6,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import mmap
 import re
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
 from jaxtune.errors import UserError
 from jaxtune.params import matcher
@@ -66,29 +68,82 @@ def read_hf_config(model_dir: Path) -> dict[str, Any]:
   return json.loads((model_dir / "config.json").read_text())
 
 
+# safetensors dtype names -> numpy (bfloat16 and float8 from ml_dtypes, which jax brings).
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+          "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32,
+          "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
+          "BOOL": np.bool_}
+CHUNK_BYTES = 64 << 20  # mapped pages a read leaves resident before it drops them
+
+
 class SafetensorsReader:
-  """Lazy reader over model.safetensors or a sharded model.safetensors.index.json."""
+  """Memory-mapped reader over model.safetensors or a sharded model.safetensors.index.json that copies out
+  slices: `read(key, index)` touches only the rows of `index` (all of them for a column slice) and hands the
+  pages back to the page cache as it goes, so the process's RSS holds the slices read, never the file."""
 
   def __init__(self, model_dir: Path):
     if (model_dir / INDEX).is_file():
       weight_map = json.loads((model_dir / INDEX).read_text())["weight_map"]
-      self.files = {k: model_dir / f for k, f in weight_map.items()}
+      absent = sorted({f for f in weight_map.values() if not (model_dir / f).is_file()})
+      if absent:
+        raise UserError(f"{model_dir / INDEX} lists {len(absent)} file(s) that {model_dir} lacks, e.g. {absent[0]}; "
+                        "download every file its weight_map names (huggingface-cli download <repo> --include "
+                        "'*.safetensors') or re-save the checkpoint.")
+      names = set(weight_map.values())
     elif (model_dir / SAFETENSORS).is_file():
-      with safe_open(model_dir / SAFETENSORS, "np") as f:
-        self.files = {k: model_dir / SAFETENSORS for k in f.keys()}
+      names = {SAFETENSORS}
     else:
       raise UserError(f"{model_dir} has neither {SAFETENSORS} nor {INDEX}; convert the checkpoint to "
                       "safetensors (transformers: model.save_pretrained(dir)).")
-    self._open: dict[Path, Any] = {}
+    self.tensors: dict[str, tuple[mmap.mmap, np.dtype, tuple[int, ...], int]] = {}  # key -> map, dtype, shape, offset
+    for name in sorted(names):
+      self._open(model_dir / name)
+    self.bytes_read = 0  # bytes copied out by `read`, for tests and benchmarks
+
+  def _open(self, path: Path) -> None:
+    with open(path, "rb") as f:
+      try:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        size = struct.unpack("<Q", mapped[:8])[0]
+        header = json.loads(mapped[8:8 + size])
+        for key, info in header.items():
+          if key != "__metadata__":
+            begin, end = info["data_offsets"]
+            dtype, shape = np.dtype(DTYPES[info["dtype"]]), tuple(info["shape"])
+            if end - begin != dtype.itemsize * math.prod(shape) or 8 + size + end > len(mapped):
+              raise ValueError(f"tensor {key} does not fit its data offsets")
+            self.tensors[key] = (mapped, dtype, shape, 8 + size + begin)
+      except (ValueError, KeyError, TypeError, struct.error) as e:  # truncated, bad JSON, unknown dtype
+        raise UserError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); re-download "
+                        "or re-save the checkpoint.") from None
 
   def keys(self) -> set[str]:
-    return set(self.files)
+    return set(self.tensors)
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return self.tensors[key][2]
 
   def get(self, key: str) -> np.ndarray:
-    path = self.files[key]
-    if path not in self._open:
-      self._open[path] = safe_open(path, "np")
-    return self._open[path].get_tensor(key)
+    return self.read(key, ())
+
+  def read(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+    """A copy of tensor `key`[index] (unit-step slices, missing ones whole), read in row chunks."""
+    mapped, dtype, shape, offset = self.tensors[key]
+    index = (*index, *[slice(None)] * (len(shape) - len(index)))
+    if not shape or 0 in shape:
+      return np.ndarray(shape, dtype, mapped, offset)[index].copy()
+    view = np.ndarray(shape, dtype, mapped, offset)
+    row = dtype.itemsize * math.prod(shape[1:])
+    first, stop, _ = index[0].indices(shape[0])
+    out = np.empty(view[(slice(first, stop), *index[1:])].shape, dtype)
+    step = max(1, CHUNK_BYTES // row)
+    for a in range(first, stop, step):
+      b = min(a + step, stop)
+      out[a - first:b - first] = view[(slice(a, b), *index[1:])]
+      begin = (offset + a * row) // mmap.PAGESIZE * mmap.PAGESIZE  # drop the pages just read from this RSS
+      mapped.madvise(mmap.MADV_DONTNEED, begin, offset + b * row - begin)
+    self.bytes_read += out.nbytes
+    return out
 
 
 # Layout kinds: how a torch tensor maps to our param of shape S.
@@ -164,22 +219,67 @@ def load_params(abstract: Mapping[str, jax.ShapeDtypeStruct], shardings: Mapping
   if unexpected:
     raise UserError(f"checkpoint has {len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}; add a "
                     "regex for them to model.unused_keys if they are meant to be dropped.")
-  out = {}
-  for path in wanted:
-    kind, target = param_map[path][1], abstract[path]
-    stacked = is_stacked(param_map[path][0])
-    shape = target.shape[1:] if stacked else target.shape
-    layers = [_read(reader, key, kind, shape, path) for key in expanded[path]]
-    array = (np.stack(layers) if stacked else layers[0]).astype(target.dtype)
-    # Each device receives only its shard; the full array exists on the host alone.
-    out[path] = jax.make_array_from_callback(array.shape, shardings[path], lambda idx, a=array: a[idx])
-  return out
+  for path in wanted:  # every shape checked before the first byte is read
+    shape = abstract[path].shape[1:] if is_stacked(param_map[path][0]) else abstract[path].shape
+    for key in expanded[path]:
+      if reader.shape(key) != hf_shape(param_map[path][1], shape):
+        raise UserError(f"checkpoint key {key} has shape {reader.shape(key)}, but {path} needs {tuple(shape)} "
+                        f"(per layer when stacked); the checkpoint does not match its config.json.")
+  return {path: _load(reader, expanded[path], param_map[path][1], abstract[path], is_stacked(param_map[path][0]),
+                      shardings[path]) for path in wanted}
 
 
-def _read(reader: SafetensorsReader, key: str, kind: str, shape: Sequence[int], path: str) -> np.ndarray:
-  """Checkpoint tensor `key` in our layout for param `path` (one layer of it when stacked)."""
-  array = reader.get(key)
-  if array.shape != hf_shape(kind, shape):
-    raise UserError(f"checkpoint key {key} has shape {array.shape}, but {path} needs {tuple(shape)} "
-                    f"(per layer when stacked); the checkpoint does not match its config.json.")
-  return to_ours(array, kind, shape)
+def _load(reader: Any, keys: Sequence[str], kind: str, target: jax.ShapeDtypeStruct, stacked: bool,
+          sharding: Any) -> jax.Array:
+  """One param as a sharded array whose every shard is read from its own slice of the checkpoint.
+
+  jax asks only for the shards of this process's devices, so a host reads its slices and no more; shards
+  that several devices share (replicated axes) are read once."""
+  shape = target.shape[1:] if stacked else target.shape
+  blocks: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
+
+  def shard(index: tuple[slice, ...]) -> np.ndarray:
+    index = (*index, *[slice(None)] * (len(target.shape) - len(index)))
+    bounds = tuple(s.indices(n)[:2] for s, n in zip(index, target.shape))
+    if bounds not in blocks:
+      if stacked:  # the layer axis picks checkpoint keys; the rest slices each one
+        (first, stop), rest = bounds[0], bounds[1:]
+        block = np.empty((stop - first, *[b - a for a, b in rest]), target.dtype)
+        for i, key in enumerate(keys[first:stop]):
+          block[i] = _read(reader, key, kind, shape, rest)
+      else:
+        block = _read(reader, keys[0], kind, shape, bounds).astype(target.dtype, copy=False)
+      blocks[bounds] = block
+    return blocks[bounds]
+
+  return jax.make_array_from_callback(target.shape, sharding, shard)
+
+
+def _read(reader: Any, key: str, kind: str, shape: Sequence[int], bounds: Sequence[tuple[int, int]]) -> np.ndarray:
+  """ours[bounds] of checkpoint tensor `key` (one layer when stacked), reading only the HF slice behind it.
+
+  Our dims fall into groups that each flatten onto one HF axis (see the layout kinds). A group reads the
+  contiguous run of its HF axis that spans its first dim's range, then slices its other dims after the reshape:
+  exact whenever only a group's first dim is split, as the sharding rules do (embed, heads, mlp, vocab)."""
+  if kind == "copy":
+    return reader.read(key, tuple(slice(a, b) for a, b in bounds))
+  if kind == "flat":  # one group of every dim
+    hf_slice, local, left = _group(shape, bounds)
+    return reader.read(key, (hf_slice,)).reshape(local)[left]
+  n_in = N_IN.get(kind) or CONV_N_IN[kind]
+  (in_slice, in_shape, in_left), (out_slice, out_shape, out_left) = (_group(shape[:n_in], bounds[:n_in]),
+                                                                     _group(shape[n_in:], bounds[n_in:]))
+  if kind in N_IN:  # torch (out, in)
+    block = reader.read(key, (out_slice, in_slice)).T
+  else:  # Conv1D (in, out)
+    block = reader.read(key, (in_slice, out_slice))
+  return block.reshape(*in_shape, *out_shape)[(*in_left, *out_left)]
+
+
+def _group(dims: Sequence[int], bounds: Sequence[tuple[int, int]]) -> tuple[slice, tuple[int, ...], tuple[slice, ...]]:
+  """(HF slice, its shape once reshaped to our dims, the slices left to take) of dims flattened onto one HF axis."""
+  if not dims:
+    return slice(0, 1), (), ()
+  inner, (first, stop) = math.prod(dims[1:]), bounds[0]
+  rest = tuple(slice(a, b) for a, b in bounds[1:])
+  return slice(first * inner, stop * inner), (stop - first, *dims[1:]), (slice(None), *rest)
