@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtune.errors import UserError
-from jaxtune.models import encdec, layers
+from jaxtune.models import encdec, layers, vocab
 from jaxtune.models.attention import Mask
 
 FAMILIES = ("bart", "marian")
@@ -292,16 +292,22 @@ class Bart(nnx.Module):
     return self.encoder(batch["input_ids"], self._shared(), batch["attention_mask"], None, None, dtype, rng, remat,
                         ctx)
 
-  def decode(self, batch, memory, dtype, ctx, rng=None, remat="none"):
+  def decode(self, batch, memory, dtype, ctx, rng=None, remat="none", vocab_block=0):
     ids = batch.get("decoder_input_ids")
     if ids is None:  # teacher forcing on the labels
       ids = layers.shift_right(batch["labels"], self.cfg.decoder_start_token_id)
     mask = batch.get("decoder_attention_mask", jnp.ones_like(ids))
     y = self.decoder(ids, self._shared(), mask, memory, batch["attention_mask"], dtype, rng, remat, ctx)
-    return self.head(y, ctx)
+    return self.head(y, ctx, vocab_block)
 
-  def head(self, y_BxTxD: jax.Array, ctx: layers.Context) -> jax.Array:
-    """float32 logits (B x T x V): the decoder's token table (or lm_head) plus final_logits_bias."""
+  def head(self, y_BxTxD: jax.Array, ctx: layers.Context, vocab_block: int = 0) -> jax.Array | vocab.TiledHead:
+    """float32 logits (B x T x V): the decoder's token table (or lm_head) plus final_logits_bias; with
+    `vocab_block` > 0 the vocab.TiledHead a loss reads block by block."""
+    if vocab_block > 0:
+      table, axis = ((vocab.dense_table(self.lm_head, ctx), 1) if self.lm_head is not None else
+                     (self.shared[...] if self.shared is not None else self.decoder.embed_tokens[...], 0))
+      if table is not None:
+        return vocab.head(y_BxTxD, table, axis, vocab_block, self.final_logits.bias[...][0])
     if self.lm_head is not None:
       return self.final_logits(self.lm_head(y_BxTxD, ctx))
     table_VxD = self.shared[...] if self.shared is not None else self.decoder.embed_tokens[...]
@@ -319,12 +325,13 @@ class Bart(nnx.Module):
     return self.head(y, ctx), cache
 
   def __call__(self, batch: dict[str, jax.Array], *, ctx: layers.Context, dtype: jnp.dtype = jnp.float32,
-               dropout_rng: jax.Array | None = None, remat: str = "none") -> dict[str, jax.Array]:
+               dropout_rng: jax.Array | None = None, remat: str = "none", vocab_block: int = 0) -> dict[str, Any]:
     """`logits` (B x T x V, float32) of each target position given the source (input_ids, attention_mask) and
-    the target so far (decoder_input_ids, or the labels shifted right); `hidden`: the encoder output (B x S x D)."""
+    the target so far (decoder_input_ids, or the labels shifted right); `hidden`: the encoder output (B x S x D).
+    With `vocab_block` > 0 (a loss) `logits` is a vocab.TiledHead the cross-entropy reads block by block."""
     r_enc, r_dec = layers.split_rng(dropout_rng, 2)
     memory = self.encode(batch, dtype, ctx=ctx, rng=r_enc, remat=remat)
-    return {"logits": self.decode(batch, memory, dtype, ctx, r_dec, remat), "hidden": memory}
+    return {"logits": self.decode(batch, memory, dtype, ctx, r_dec, remat, vocab_block), "hidden": memory}
 
 
 def hf_param_map(cfg: BartConfig) -> dict[str, tuple[str, str]]:

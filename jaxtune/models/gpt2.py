@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtune.models import decoding, layers
+from jaxtune.models import decoding, layers, vocab
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +91,9 @@ class GPT2LM(nnx.Module):
 
   def __call__(self, batch: dict[str, jax.Array], *, ctx: layers.Context, dtype: jnp.dtype = jnp.float32,
                dropout_rng: jax.Array | None = None, cache: decoding.Cache | None = None,
-               remat: str = "none") -> dict[str, Any]:
-    """`logits` (B x L x V, float32) and the updated `cache` (None when called without one)."""
+               remat: str = "none", vocab_block: int = 0) -> dict[str, Any]:
+    """`logits` (B x L x V, float32) and the updated `cache` (None when called without one). With `vocab_block`
+    > 0 (a loss; no cache) `logits` is a vocab.TiledHead the cross-entropy reads that many rows at a time."""
     n = self.cfg.n_layer
     segments = decoding.Segments.of(batch, cache)
     rngs = None if dropout_rng is None else jax.random.split(dropout_rng, n + 1)  # [0] embeddings, [1:] layers
@@ -105,6 +106,8 @@ class GPT2LM(nnx.Module):
 
     xs = (None if cache is None else cache.layers, None if rngs is None else rngs[1:], jnp.arange(n))
     x_BxLxD, new_layers = layers.scan(self.blocks, body, x_BxLxD, xs, ctx, remat, not self.cfg.scan_layers)
+    if vocab_block > 0 and cache is None:
+      return {"logits": vocab.head(self.ln_f(x_BxLxD), self.wte[...], 0, vocab_block), "cache": None}
     logits_BxLxV = self.ln_f(x_BxLxD) @ self.wte[...].astype(dtype).T
     logits_BxLxV = ctx.constrain(logits_BxLxV, ("batch", "length", "vocab"))
     new_cache = None if cache is None else cache._replace(layers=new_layers)

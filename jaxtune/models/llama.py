@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.errors import UserError
-from jaxtune.models import decoding, layers
+from jaxtune.models import decoding, layers, vocab
 
 SUPPORTED_ROPE = ("default", "linear", "llama3")
 
@@ -183,8 +183,9 @@ class LlamaLM(nnx.Module):
 
   def __call__(self, batch: dict[str, jax.Array], *, ctx: layers.Context, dtype: jnp.dtype = jnp.float32,
                dropout_rng: jax.Array | None = None, cache: decoding.Cache | None = None,
-               remat: str = "none") -> dict[str, Any]:
-    """`logits` (B x L x V, float32) and the updated `cache` (None when called without one)."""
+               remat: str = "none", vocab_block: int = 0) -> dict[str, Any]:
+    """`logits` (B x L x V, float32) and the updated `cache` (None when called without one). With `vocab_block`
+    > 0 (a loss; no cache) `logits` is a vocab.TiledHead the cross-entropy reads that many rows at a time."""
     segments = decoding.Segments.of(batch, cache)
     inv_freq = rope_frequencies(self.cfg)
     x_BxLxD = layers.lookup(self.embed[...], batch["input_ids"], self.cfg.pad_token_id).astype(dtype)
@@ -199,6 +200,11 @@ class LlamaLM(nnx.Module):
     xs = (None if cache is None else cache.layers, rngs)
     x_BxLxD, new_layers = layers.scan(self.layers, body, x_BxLxD, xs, ctx, remat, not self.cfg.scan_layers)
     x_BxLxD = self.norm(x_BxLxD)
+    if vocab_block > 0 and cache is None:
+      tied = self.cfg.tie_word_embeddings
+      table = self.embed[...] if tied else vocab.dense_table(self.lm_head, ctx)
+      if table is not None:  # None: an lm_head adapter drawing dropout, computed the plain way below
+        return {"logits": vocab.head(x_BxLxD, table, 0 if tied else 1, vocab_block), "cache": None}
     if self.cfg.tie_word_embeddings:
       logits_BxLxV = x_BxLxD @ self.embed[...].astype(dtype).T
     else:

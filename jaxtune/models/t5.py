@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.errors import UserError
-from jaxtune.models import encdec, layers
+from jaxtune.models import encdec, layers, vocab
 from jaxtune.models.attention import Mask
 
 
@@ -218,17 +218,22 @@ class T5(nnx.Module):
     x = layers.lookup(self.shared[...], batch["input_ids"]).astype(dtype)
     return self.encoder(x, batch["attention_mask"], None, None, rng, remat, ctx)
 
-  def decode(self, batch, memory, dtype, ctx, rng=None, remat="none"):
+  def decode(self, batch, memory, dtype, ctx, rng=None, remat="none", vocab_block=0):
     ids = batch.get("decoder_input_ids")
     if ids is None:  # teacher forcing on the labels
       ids = layers.shift_right(batch["labels"], self.cfg.decoder_start_token_id)
     y = layers.lookup(self.shared[...], ids).astype(dtype)
     mask = batch.get("decoder_attention_mask", jnp.ones_like(ids))
-    return self.head(self.decoder(y, mask, memory, batch["attention_mask"], rng, remat, ctx), ctx)
+    return self.head(self.decoder(y, mask, memory, batch["attention_mask"], rng, remat, ctx), ctx, vocab_block)
 
-  def head(self, y_BxTxD: jax.Array, ctx: layers.Context) -> jax.Array:
+  def head(self, y_BxTxD: jax.Array, ctx: layers.Context, vocab_block: int = 0) -> jax.Array | vocab.TiledHead:
+    """Logits (B x T x V), or with `vocab_block` > 0 the vocab.TiledHead a loss reads block by block."""
     if self.cfg.scale:
       y_BxTxD = y_BxTxD * self.cfg.d_model ** -0.5
+    if vocab_block > 0:
+      table = self.shared[...] if self.lm_head is None else vocab.dense_table(self.lm_head, ctx)
+      if table is not None:  # None: an lm_head adapter drawing dropout, computed the plain way below
+        return vocab.head(y_BxTxD, table, 0 if self.lm_head is None else 1, vocab_block)
     if self.lm_head is None:
       return jnp.einsum("btd,vd->btv", y_BxTxD, self.shared[...].astype(y_BxTxD.dtype))
     return self.lm_head(y_BxTxD, ctx)
@@ -245,12 +250,14 @@ class T5(nnx.Module):
     return self.head(y, ctx).astype(jnp.float32), cache
 
   def __call__(self, batch: dict[str, jax.Array], *, ctx: layers.Context, dtype: jnp.dtype = jnp.float32,
-               dropout_rng: jax.Array | None = None, remat: str = "none") -> dict[str, jax.Array]:
+               dropout_rng: jax.Array | None = None, remat: str = "none", vocab_block: int = 0) -> dict[str, Any]:
     """`logits` (B x T x V, float32) of each target position given the source (input_ids, attention_mask) and
-    the target so far (decoder_input_ids, or the labels shifted right); `hidden`: the encoder output (B x S x D)."""
+    the target so far (decoder_input_ids, or the labels shifted right); `hidden`: the encoder output (B x S x D).
+    With `vocab_block` > 0 (a loss) `logits` is a vocab.TiledHead the cross-entropy reads block by block."""
     r_enc, r_dec = layers.split_rng(dropout_rng, 2)
     memory = self.encode(batch, dtype, ctx=ctx, rng=r_enc, remat=remat)
-    return {"logits": self.decode(batch, memory, dtype, ctx, r_dec, remat).astype(jnp.float32), "hidden": memory}
+    logits = self.decode(batch, memory, dtype, ctx, r_dec, remat, vocab_block)
+    return {"logits": logits if isinstance(logits, vocab.TiledHead) else logits.astype(jnp.float32), "hidden": memory}
 
 
 def hf_param_map(cfg: T5Config) -> dict[str, tuple[str, str]]:

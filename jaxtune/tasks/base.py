@@ -26,6 +26,9 @@ class Task(Protocol):
   trains, and the validation metric that picks the best checkpoint when the config names none."""
   name: str  # the config's `task`
   head: str  # the model head it trains (weights/pretrained.from_config)
+  # Whether loss_terms and eval_outputs also take a models.vocab.TiledHead for the logits (the language-model
+  # tasks), so the steps may ask the model for one instead of B x L x V logits (train.steps.loss_vocab_block).
+  tiles_vocab: bool = False
 
   def best(self, cfg: Config) -> tuple[str, Literal["max", "min"]]:
     """The validation metric that picks the best checkpoint when checkpoint.best_metric is unset, and whether

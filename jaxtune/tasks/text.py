@@ -20,6 +20,7 @@ from jaxtune.data import lm, seq2seq, sources, splits, stream
 from jaxtune.errors import UserError
 from jaxtune.generation import search
 from jaxtune.generation import seq2seq as seq2seq_generation
+from jaxtune.models import vocab
 from jaxtune.models.model import Model
 from jaxtune.params import Params
 from jaxtune.tasks import metrics
@@ -28,16 +29,26 @@ from jaxtune.tasks.base import Batch, Task
 
 class TokenLoss:
   """Cross-entropy per target token (`TARGETS`, weighted by `MASK`), normalised by the true token count; eval
-  metrics loss and perplexity. Shared by the causal LM and seq2seq tasks, which name the two batch fields."""
+  metrics loss and perplexity. Shared by the causal LM and seq2seq tasks, which name the two batch fields.
+
+  The logits may come as a vocab.TiledHead (large vocabularies, see train.steps.loss_vocab_block): the
+  cross-entropy is then computed a vocabulary block at a time, equal to the plain one; nothing here needs
+  the logits themselves (no argmax), so evaluation takes the same path."""
   TARGETS: str
   MASK: str
+  tiles_vocab = True
 
-  def loss_terms(self, logits_BxLxV: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    loss_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch[self.TARGETS])
-    return (loss_BxL * batch[self.MASK]).sum(), batch[self.MASK].sum()
+  def token_losses(self, logits: jax.Array | vocab.TiledHead, batch: dict[str, jax.Array]) -> jax.Array:
+    """float32 B x L cross-entropy of every target token (masked ones included)."""
+    if isinstance(logits, vocab.TiledHead):
+      return logits.token_losses(batch[self.TARGETS])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[self.TARGETS])
 
-  def eval_outputs(self, logits_BxLxV: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    loss_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch[self.TARGETS])
+  def loss_terms(self, logits: jax.Array | vocab.TiledHead, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    return (self.token_losses(logits, batch) * batch[self.MASK]).sum(), batch[self.MASK].sum()
+
+  def eval_outputs(self, logits: jax.Array | vocab.TiledHead, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    loss_BxL = self.token_losses(logits, batch)
     return {"loss_sum": (loss_BxL * batch[self.MASK]).sum(-1), "tokens": batch[self.MASK].sum(-1)}
 
   def metrics(self, out: dict[str, np.ndarray], data: Any, labels: Any, cfg: Config) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding
 from jaxtune import sharding
 from jaxtune.config import Config
 from jaxtune.data import batching
+from jaxtune.models import vocab
 from jaxtune.models.model import Model
 from jaxtune.params import Params
 from jaxtune.tasks import Task
@@ -31,11 +32,24 @@ class TrainState(NamedTuple):
 
 
 def loss_fn(model: Model, task: Task, params: Params, batch: dict[str, jax.Array], dtype: jnp.dtype,
-            rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """(float32 loss summed over the batch's targets / their true count, logits) of a whole param tree."""
-  logits = model.apply(params, batch, dtype=dtype, dropout_rng=rng)["logits"]
+            rng: jax.Array | None, vocab_block: int = 0) -> tuple[jax.Array, Any]:
+  """(float32 loss summed over the batch's targets / their true count, logits) of a whole param tree; with
+  `vocab_block` > 0 (language-model tasks) the logits are a models.vocab.TiledHead, never materialised."""
+  logits = model.apply(params, batch, dtype=dtype, dropout_rng=rng, **head_kwargs(task, vocab_block))["logits"]
   total, count = task.loss_terms(logits, batch)
   return total / jnp.maximum(count, 1.0), logits
+
+
+def loss_vocab_block(model: Model, task: Task, setting: int | None = None) -> int:
+  """How many vocabulary rows at a time the task's cross-entropy reads the LM head (0: plain logits):
+  `setting` (0 off, n > 0 that block), or by default on for vocabularies of 32k tokens and more (models/vocab.py)."""
+  if not task.tiles_vocab:
+    return 0
+  return vocab.block_for(getattr(model.cfg, "target_vocab", None) or model.cfg.vocab_size, setting)
+
+
+def head_kwargs(task: Task, vocab_block: int) -> dict[str, int]:
+  return {"vocab_block": vocab_block} if vocab_block > 0 and task.tiles_vocab else {}
 
 
 def state_shardings(model: Model, tx: optax.GradientTransformation) -> TrainState:
@@ -75,7 +89,8 @@ def param_counts(model: Model, state: TrainState) -> dict[str, int]:
 
 def make_train_step(model: Model, task: Task, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, dtype: jnp.dtype, shardings: TrainState, batch_sharding: NamedSharding,
-                    grad_accum: int = 1, remat: str = "none", skip_nonfinite: bool = False):
+                    grad_accum: int = 1, remat: str = "none", skip_nonfinite: bool = False,
+                    vocab_block: int | None = None):
   """(state, batch) -> (state, metrics): one AdamW update, jitted once per batch shape, state donated.
 
   With grad_accum = K the batch runs as K microbatches in a scan; the summed loss and gradients
@@ -83,14 +98,16 @@ def make_train_step(model: Model, task: Task, tx: optax.GradientTransformation,
   metrics["finite"] is False for a non-finite loss or gradient norm. With skip_nonfinite such a step
   leaves params and optimiser state unchanged (train.nonfinite: skip). Without it (stop) the loop
   ends the run on reading that flag, before any later checkpoint; the select costs copies of the
-  AdamW moments in XLA:CPU's fused update, so it is only compiled in when asked for.
+  AdamW moments in XLA:CPU's fused update, so it is only compiled in when asked for. vocab_block: see
+  loss_vocab_block (None: its default).
   """
+  head = head_kwargs(task, loss_vocab_block(model, task, vocab_block))
 
   def summed(params: Params, frozen: Params, batch: dict[str, jax.Array],
              rng: jax.Array) -> tuple[jax.Array, jax.Array, Params]:
     """(loss summed over the batch's targets, their count, gradient of the sum w.r.t. the trainable params)."""
     def total(p: Params) -> tuple[jax.Array, jax.Array]:
-      logits = model.apply(p, batch, frozen=frozen, dtype=dtype, dropout_rng=rng, remat=remat)["logits"]
+      logits = model.apply(p, batch, frozen=frozen, dtype=dtype, dropout_rng=rng, remat=remat, **head)["logits"]
       return task.loss_terms(logits, batch)
 
     (loss_sum, count), grads = jax.value_and_grad(total, has_aux=True)(params)
@@ -135,11 +152,13 @@ def microbatches(batch: dict[str, jax.Array], k: int, batch_sharding: NamedShard
   return jax.tree.map(split, batch)
 
 
-def make_eval_step(model: Model, task: Task, dtype: jnp.dtype, batch_sharding: NamedSharding):
+def make_eval_step(model: Model, task: Task, dtype: jnp.dtype, batch_sharding: NamedSharding,
+                   vocab_block: int | None = None):
   """(params, batch) -> the task's per-row outputs, replicated so every process can score them."""
+  block = loss_vocab_block(model, task, vocab_block)
 
   def step(params: Params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    _, logits = loss_fn(model, task, params, batch, dtype, None)
+    _, logits = loss_fn(model, task, params, batch, dtype, None, block)
     return task.eval_outputs(logits, batch)
 
   return jax.jit(step, in_shardings=(model.shardings, batch_sharding),
