@@ -233,26 +233,30 @@ def _load(reader: Any, keys: Sequence[str], kind: str, target: jax.ShapeDtypeStr
           sharding: Any) -> jax.Array:
   """One param as a sharded array whose every shard is read from its own slice of the checkpoint.
 
-  jax asks only for the shards of this process's devices, so a host reads its slices and no more; shards
-  that several devices share (replicated axes) are read once."""
+  Only this process's devices get shards, so a host reads its slices and no more; a shard that several devices
+  share (replicated axes) is read once. Each shard goes to its device as soon as it is read (rather than all of
+  them first, as make_array_from_callback does), so the host holds one shard of the param at a time."""
   shape = target.shape[1:] if stacked else target.shape
-  blocks: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
 
-  def shard(index: tuple[slice, ...]) -> np.ndarray:
+  def shard(bounds: tuple[tuple[int, int], ...]) -> np.ndarray:
+    if not stacked:
+      return _read(reader, keys[0], kind, shape, bounds).astype(target.dtype, copy=False)
+    (first, stop), rest = bounds[0], bounds[1:]  # the layer axis picks checkpoint keys; the rest slices each one
+    block = np.empty((stop - first, *[b - a for a, b in rest]), target.dtype)
+    for i, key in enumerate(keys[first:stop]):
+      block[i] = _read(reader, key, kind, shape, rest)
+    return block
+
+  devices: dict[tuple[tuple[int, int], ...], list[Any]] = {}  # shard bounds -> the devices that hold that shard
+  for device, index in sharding.addressable_devices_indices_map(target.shape).items():
     index = (*index, *[slice(None)] * (len(target.shape) - len(index)))
-    bounds = tuple(s.indices(n)[:2] for s, n in zip(index, target.shape))
-    if bounds not in blocks:
-      if stacked:  # the layer axis picks checkpoint keys; the rest slices each one
-        (first, stop), rest = bounds[0], bounds[1:]
-        block = np.empty((stop - first, *[b - a for a, b in rest]), target.dtype)
-        for i, key in enumerate(keys[first:stop]):
-          block[i] = _read(reader, key, kind, shape, rest)
-      else:
-        block = _read(reader, keys[0], kind, shape, bounds).astype(target.dtype, copy=False)
-      blocks[bounds] = block
-    return blocks[bounds]
-
-  return jax.make_array_from_callback(target.shape, sharding, shard)
+    devices.setdefault(tuple(s.indices(n)[:2] for s, n in zip(index, target.shape)), []).append(device)
+  arrays = []
+  for bounds, group in devices.items():
+    block = shard(bounds)
+    arrays += [jax.device_put(block, device) for device in group]
+    del block
+  return jax.make_array_from_single_device_arrays(target.shape, sharding, arrays)
 
 
 def _read(reader: Any, key: str, kind: str, shape: Sequence[int], bounds: Sequence[tuple[int, int]]) -> np.ndarray:
