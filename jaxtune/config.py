@@ -62,6 +62,21 @@ class ModelConfig:
   attention: Literal["auto", "xla", "cudnn", "splash", "cpu", "reference"] = "auto"
   lora: LoraConfig = LoraConfig()
   freeze: tuple[str, ...] = ()  # regexes over our param paths: no gradient, no optimiser state, not checkpointed
+  # Precision policy: trained params (and AdamW's moments) are float32, the master weights; compute_dtype is the
+  # matmuls'; frozen_dtype is how the params that do not train are held. bfloat16: every frozen param; int8 /
+  # nf4 (QLoRA): the frozen Dense kernels of the layer stacks, quantised at load and dequantised layer by layer
+  # inside the step (models/quant.py); the other frozen params stay float32. int8 and nf4 need model.lora.targets.
+  frozen_dtype: Literal["float32", "bfloat16", "int8", "nf4"] = "float32"
+
+  def __post_init__(self) -> None:
+    if self.frozen_dtype in ("int8", "nf4"):
+      _check(bool(self.lora.targets or self.freeze), "model.frozen_dtype",
+             f"is {self.frozen_dtype}, which quantises the frozen base, but nothing is frozen (full fine-tuning "
+             "trains every param in float32); set model.lora.targets to train adapters on a quantised base, or "
+             "set model.frozen_dtype: float32")
+      _check(self.lora.on, "model.frozen_dtype",
+             f"is {self.frozen_dtype} with model.freeze but no LoRA: quantised weights are trained around only "
+             "through adapters; set model.lora.targets, or use model.frozen_dtype: bfloat16 for frozen params alone")
 
 
 @dataclasses.dataclass(frozen=True)

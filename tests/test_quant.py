@@ -13,7 +13,18 @@ import numpy as np
 import pytest
 import torch
 
+from jaxtune import config as config_lib
+from jaxtune import params as params_lib
+from jaxtune import sharding
+from jaxtune.config import LoraConfig, MeshConfig, ModelConfig, OptimConfig
+from jaxtune.data import batching
+from jaxtune.errors import UserError
 from jaxtune.models import quant
+from jaxtune.tasks import TASKS
+from jaxtune.train import optim, steps
+from jaxtune.weights import pretrained
+
+LM = TASKS["causal_lm"]
 
 # bitsandbytes/backends/utils.py _NF4_QUANT_TABLE, as published (and the QLoRA paper's appendix E).
 BNB_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -142,3 +153,80 @@ def test_int8_is_bitsandbytes_vectorwise():
   ref = torch.round(wt * (127.0 / stats.unsqueeze(-1))).to(torch.int8)
   np.testing.assert_array_equal(np.asarray(q.codes).T, ref.numpy())
   np.testing.assert_array_equal(np.asarray(q.absmax), stats.numpy())
+
+
+LLAMA_LORA = LoraConfig(targets=(r"layers\.attn\.(q|k|v|o)\.kernel", r"layers\.mlp\.(gate|up|down)\.kernel"), rank=4,
+                        alpha=8)
+OPT = OptimConfig(lr=1e-2, schedule="constant")
+
+
+def lora_run(model_dir, frozen_dtype: str, remat: str = "none"):
+  """(model, train step, initial state) of the tiny Llama with LoRA on every layer kernel, base as `frozen_dtype`."""
+  mesh = sharding.make_mesh(MeshConfig())
+  model_cfg = ModelConfig(path=str(model_dir), new_params=(), lora=LLAMA_LORA, frozen_dtype=frozen_dtype,
+                          remat=remat)
+  hf_config, reader = pretrained.open_checkpoint(model_cfg)
+  model = pretrained.from_config(hf_config, model_cfg, 0, mesh, head="causal_lm")
+  tx = optim.make(OPT, 10)
+  shardings = steps.state_shardings(model, tx)
+  state = steps.init_state(model, pretrained.load_params(model, model_cfg, reader, 0), tx, 0, shardings)
+  step = steps.make_train_step(model, LM, tx, optim.schedule(OPT, 10), jnp.float32, shardings,
+                               sharding.batch_sharding(mesh), remat=remat)
+  return model, step, state
+
+
+def lm_batch(model):
+  rng = np.random.default_rng(0)
+  segment_ids = (np.arange(16) < rng.integers(4, 17, 4)[:, None]).astype(np.int32)
+  tokens = rng.integers(0, 49152, (4, 16)).astype(np.int32) * segment_ids
+  batch = {"input_ids": tokens, "targets": np.concatenate([tokens[:, 1:], np.zeros((4, 1), np.int32)], 1),
+           "segment_ids": segment_ids, "positions": (np.arange(16) * segment_ids).astype(np.int32),
+           "loss_mask": np.concatenate([segment_ids[:, 1:], np.zeros((4, 1), np.int32)], 1).astype(np.float32)}
+  return batching.to_device(batch, sharding.batch_sharding(model.mesh))
+
+
+@pytest.mark.parametrize("kind,remat", [("nf4", "none"), ("int8", "full")])
+def test_lora_on_a_quantised_base_is_lora_on_its_dequantised_base(tiny_llama_dir, kind, remat):
+  """Three steps on an NF4 / int8 base equal three on the float32 weights it dequantises to (loss, adapters), and
+  leave the quantised arrays bit for bit as they were."""
+  model, step, state = lora_run(tiny_llama_dir, kind, remat)
+  assert set(model.quantised) == {p for p in model.frozen if p.startswith("layers.") and p.endswith(".kernel")}
+  assert len(model.quantised) == 7
+  frozen_before = jax.tree.map(np.asarray, state.frozen)
+  ref_model, ref_step, ref_state = lora_run(tiny_llama_dir, "float32", remat)
+  ref_state = ref_state._replace(params=jax.tree.map(jnp.copy, state.params), frozen=quant.dequantised(state.frozen))
+  batch = lm_batch(model)
+
+  def grads(model, state):
+    def loss(p):
+      total, count = LM.loss_terms(model.apply(p, batch, frozen=state.frozen, dtype=jnp.float32)["logits"], batch)
+      return total / count
+    return params_lib.flatten(jax.grad(loss)(state.params))
+
+  want = grads(ref_model, ref_state)
+  for path, g in grads(model, state).items():  # the step's gradient, each adapter's within 1e-5 of its norm
+    assert float(jnp.linalg.norm(g - want[path])) <= 1e-5 * float(jnp.linalg.norm(want[path])), path
+  for _ in range(3):
+    state, metrics = step(state, batch)
+    ref_state, ref_metrics = ref_step(ref_state, batch)
+    for key in ("loss", "grad_norm"):
+      assert float(metrics[key]) == pytest.approx(float(ref_metrics[key]), rel=1e-5)
+  # Adam divides by sqrt(v), so an element whose gradient is ~0 moves by its float noise times lr: after three
+  # steps the adapters agree to 1e-4 norm-wise (the loss, gradient and gradient norm above, to 1e-5).
+  for path, want in params_lib.flatten(ref_state.params).items():
+    got = params_lib.flatten(state.params)[path]
+    assert float(jnp.linalg.norm(got - want)) <= 1e-4 * float(jnp.linalg.norm(want)), path
+  after = jax.tree.map(np.asarray, state.frozen)
+  assert jax.tree.structure(after) == jax.tree.structure(frozen_before)
+  for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(frozen_before), strict=True):
+    assert a.dtype == b.dtype and bits(a).tobytes() == bits(b).tobytes()
+  assert any(isinstance(v, (quant.NF4, quant.Int8)) for v in jax.tree.leaves(state.frozen, is_leaf=quant.is_quantised))
+
+
+@pytest.mark.parametrize("model,problem", [
+    ({"frozen_dtype": "nf4"}, "nothing is frozen"),
+    ({"frozen_dtype": "int8", "freeze": [r"layers\..*"]}, "no LoRA"),
+])
+def test_unsupported_precision_is_one_clear_error(tiny_llama_dir, model, problem):
+  with pytest.raises(UserError, match=f"config key model.frozen_dtype .*{problem}.*model.lora.targets"):
+    config_lib.from_dict(ModelConfig, {"path": str(tiny_llama_dir), **model}, "model.")

@@ -14,6 +14,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxtune import sharding
+from jaxtune.models import quant
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -66,7 +67,11 @@ class Dense(nnx.Module):
     self.lora_scale, self.lora_dropout, self.lora_id = 0.0, 0.0, 0
 
   def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:
-    y = contract(x, self.kernel[...].astype(x.dtype), self.n_in)
+    kernel = self.kernel.get_value()
+    if quant.is_quantised(kernel):  # a frozen int8 / NF4 kernel (model.frozen_dtype), dequantised here, per layer
+      y = quant.matmul(x, kernel, self.n_in)
+    else:
+      y = contract(x, kernel.astype(x.dtype), self.n_in)
     y = y if self.bias is None else y + self.bias[...].astype(x.dtype)
     return y if self.lora_a is None else y + self.adapter(x, ctx)
 
@@ -119,6 +124,8 @@ def dense_many(denses: Sequence[Dense], x: jax.Array, ctx: Context) -> list[jax.
   One larger matmul keeps the cores busier than several small ones (BERT's query, key and value;
   Llama's key and value, and gate and up). The new axis is not sharded, so each kernel keeps its own sharding.
   """
+  if any(quant.is_quantised(d.kernel.get_value()) for d in denses):
+    return [d(x, ctx) for d in denses]
   first = denses[0]
   kernel = jnp.stack([d.kernel[...] for d in denses], axis=first.n_in).astype(x.dtype)
   y = contract(x, kernel, first.n_in)  # ... x len(denses) x out

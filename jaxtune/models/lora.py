@@ -73,6 +73,19 @@ def frozen(paths: Iterable[str], cfg: ModelConfig) -> frozenset[str]:
   return out
 
 
+def quantised(module: nnx.Module, frozen: frozenset[str], frozen_dtype: str) -> dict[str, int]:
+  """The kernels model.frozen_dtype int8 / nf4 quantises, the frozen Dense kernels of the layer stacks (path ->
+  the Dense's number of input dims).
+
+  As QLoRA, the embeddings, norms, biases and heads (an LM head, a classifier) stay in float: they are a small
+  share of a deep model's weights, and the logits are the most sensitive to rounding."""
+  if frozen_dtype not in ("int8", "nf4"):
+    return {}
+  return {_path(path) + ".kernel": node.n_in for path, node in nnx.iter_graph(module)
+          if isinstance(node, layers.Dense) and _path(path) + ".kernel" in frozen
+          and node.kernel.get_metadata()["axes"][0] == "layers"}
+
+
 def _path(path: tuple[Any, ...]) -> str:
   return ".".join(str(k) for k in path)
 

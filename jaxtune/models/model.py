@@ -35,6 +35,9 @@ class Model:
   lora: LoraConfig = LoraConfig()  # adapters attached to the module (model.lora)
   frozen: frozenset[str] = frozenset()  # param paths that do not train (model.freeze, and the base under LoRA)
   attention: str = "auto"  # model.attention: the attention kernel (models/attention.py chooses for the mesh)
+  frozen_dtype: str = "float32"  # model.frozen_dtype: how `frozen` is held (weights/pretrained.py casts or quantises)
+  # frozen kernel path -> its Dense's input dims, for the kernels held as models/quant.py's int8 / NF4 (replicated)
+  quantised: dict[str, int] = dataclasses.field(default_factory=dict)
 
   def split(self, tree: Params) -> tuple[Params, Params]:
     """(the params that train, the frozen ones) of a param tree (or of `abstract` / `shardings`)."""
@@ -81,9 +84,15 @@ def describe(family: str, cfg: Any, mesh: Mesh, seed: int = 0, hf_config: dict[s
   variables = params_lib.flat_variables(state)
   axes = {p: tuple(v.get_metadata()["axes"]) for p, v in variables.items()}
   frozen = lora.frozen(variables, model_cfg) if model_cfg is not None else frozenset()
+  frozen_dtype = model_cfg.frozen_dtype if model_cfg is not None else "float32"
+  quantised = lora.quantised(abstract_module, frozen, frozen_dtype)
   abstract = params_lib.unflatten({p: v.get_value() for p, v in variables.items()})
-  return Model(family, cfg, hf_config or {}, graphdef, abstract, axes, sharding.param_shardings(state, mesh, rules),
-               rules, lora_cfg, frozen, model_cfg.attention if model_cfg is not None else "auto")
+  shardings = sharding.param_shardings(state, mesh, rules)
+  if quantised:  # a quantised kernel's arrays are replicated: its one sharding is a prefix of their tree
+    flat = params_lib.flatten(shardings)
+    shardings = params_lib.unflatten({p: sharding.replicated(mesh) if p in quantised else s for p, s in flat.items()})
+  return Model(family, cfg, hf_config or {}, graphdef, abstract, axes, shardings, rules, lora_cfg, frozen,
+               model_cfg.attention if model_cfg is not None else "auto", frozen_dtype, quantised)
 
 
 def init_params(model: Model, seed: int, only: Collection[str] | None = None) -> Params:

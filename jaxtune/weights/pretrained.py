@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import transformers
 from jax.sharding import Mesh
 
@@ -17,7 +19,7 @@ from jaxtune import params as params_lib
 from jaxtune import sharding
 from jaxtune.config import ModelConfig
 from jaxtune.errors import UserError
-from jaxtune.models import FAMILIES, ModelFamily, lora
+from jaxtune.models import FAMILIES, ModelFamily, lora, quant
 from jaxtune.models.model import Model, describe, init_params
 from jaxtune.params import Params
 from jaxtune.weights import gguf, hf
@@ -94,9 +96,29 @@ def load_params(model: Model, model_cfg: ModelConfig, reader: Any, seed: int,
       unused_keys=model_cfg.unused_keys, buffer_keys=family.ignored_keys(model.cfg), base_prefix=family.base_prefix,
       only=only)
   if only is not None:
-    return params_lib.unflatten(loaded)
+    return params_lib.unflatten(frozen_precision(model, loaded))
   fresh = init_params(model, seed, only=set(model.axes) - set(loaded))
-  return params_lib.merge(params_lib.unflatten(loaded), fresh)
+  return params_lib.merge(params_lib.unflatten(frozen_precision(model, loaded)), fresh)
+
+
+def frozen_precision(model: Model, loaded: dict[str, Any]) -> dict[str, Any]:
+  """Loaded params (flat path -> array) with the frozen ones as model.frozen_dtype holds them: cast to bfloat16,
+  or (model.quantised kernels) quantised to int8 / NF4, one param at a time so that only one float copy of a
+  kernel is alive beside the quantised ones. Trained params stay float32 (the master weights)."""
+  if model.frozen_dtype == "float32":
+    return loaded
+  out = {}
+  for path in list(loaded):
+    array = loaded.pop(path)
+    if path in model.quantised:
+      q = quant.quantise(array, model.frozen_dtype, 1, model.quantised[path])
+      out[path] = jax.device_put(q, sharding.replicated(model.mesh))
+    elif path in model.frozen and model.frozen_dtype == "bfloat16":
+      out[path] = array.astype(jnp.bfloat16)
+    else:
+      out[path] = array
+    del array
+  return out
 
 
 def from_pretrained(model_cfg: ModelConfig, num_labels: int, mesh: Mesh, seed: int, head: str | None = None,
