@@ -7,11 +7,16 @@ quantisation in quantize_4bit), restated here in torch because bitsandbytes is n
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
 import torch
+import transformers
+from test_export import decoder_batch, load_exported
 
 from jaxtune import config as config_lib
 from jaxtune import params as params_lib
@@ -22,7 +27,7 @@ from jaxtune.errors import UserError
 from jaxtune.models import quant
 from jaxtune.tasks import TASKS
 from jaxtune.train import optim, steps
-from jaxtune.weights import pretrained
+from jaxtune.weights import export, pretrained
 
 LM = TASKS["causal_lm"]
 
@@ -230,3 +235,32 @@ def test_lora_on_a_quantised_base_is_lora_on_its_dequantised_base(tiny_llama_dir
 def test_unsupported_precision_is_one_clear_error(tiny_llama_dir, model, problem):
   with pytest.raises(UserError, match=f"config key model.frozen_dtype .*{problem}.*model.lora.targets"):
     config_lib.from_dict(ModelConfig, {"path": str(tiny_llama_dir), **model}, "model.")
+
+
+def test_export_merges_into_bfloat16_and_peft_adapters_name_the_original_base(tiny_llama_dir, tmp_path):
+  model, _, state = lora_run(tiny_llama_dir, "nf4")
+  rng = np.random.default_rng(0)  # adapters as training leaves them: B no longer zero
+  params = jax.tree.map(lambda a: a + jnp.asarray(rng.normal(0, 0.05, a.shape), a.dtype), state.params)
+  model_cfg = ModelConfig(path=str(tiny_llama_dir), new_params=(), lora=LLAMA_LORA, frozen_dtype="nf4")
+  ids, mask, batch = decoder_batch(49152)
+  ours = np.asarray(model.apply(params, batch, frozen=state.frozen, dtype=jnp.float32)["logits"])
+
+  merged = export.export(model, params_lib.merge(params, state.frozen), None, model_cfg, tiny_llama_dir,
+                         tmp_path / "merged")
+  hf_model = load_exported(merged, transformers.LlamaForCausalLM)
+  assert {p.dtype for p in hf_model.parameters()} == {torch.bfloat16}
+  with torch.no_grad():
+    theirs = hf_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.float().numpy()
+  np.testing.assert_allclose(theirs[mask == 1], ours[mask == 1], atol=0.05)  # bfloat16 weights
+
+  adapter = export.export(model, params_lib.merge(params, state.frozen), None, model_cfg, tiny_llama_dir,
+                          tmp_path / "peft", peft_adapter=True)
+  base = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_dir)  # the float32 checkpoint the run loaded
+  with torch.no_grad():
+    theirs = peft.PeftModel.from_pretrained(base, adapter).eval()(
+        input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  float_model = dataclasses.replace(model, frozen_dtype="float32", quantised={})
+  float_base = pretrained.load_params(float_model, model_cfg, pretrained.open_checkpoint(model_cfg)[1], 0,
+                                      model.frozen)
+  ours_on_base = np.asarray(model.apply(params, batch, frozen=float_base, dtype=jnp.float32)["logits"])
+  np.testing.assert_allclose(theirs[mask == 1], ours_on_base[mask == 1], atol=1e-4)

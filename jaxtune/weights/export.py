@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
@@ -18,7 +19,7 @@ from jaxtune import params as params_lib
 from jaxtune.config import ModelConfig
 from jaxtune.errors import UserError
 from jaxtune.models import FAMILIES as MODEL_FAMILIES
-from jaxtune.models import encoder
+from jaxtune.models import encoder, quant
 from jaxtune.models.model import Model
 from jaxtune.weights import hf, peft
 
@@ -42,7 +43,8 @@ def host_params(model: Model, params: Any) -> dict[str, np.ndarray]:
                     "to transformers; re-run the fine-tuning with this jaxtune to export it.")
   if model.family not in FAMILIES:
     raise UserError(f"family {model.family!r} has no HF export; jaxtune exports {sorted(FAMILIES)}.")
-  return {p: np.asarray(a) for p, a in params_lib.flatten(jax.device_get(params)).items()}
+  # A quantised base (model.frozen_dtype int8 / nf4) is exported as the float32 weights it stands for.
+  return {p: np.asarray(a) for p, a in params_lib.flatten(jax.device_get(quant.dequantised(params))).items()}
 
 
 def hf_tensors(model: Model, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -109,7 +111,9 @@ def export(model: Model, params: Any, labels: list[Any] | None, model_cfg: Model
                                                 fan_in_fan_out=model.family == "gpt2")
     return _write(out_dir, tokenizer_dir, lambda tmp: peft.write_peft(tmp, adapter_config, tensors))
   tensors = hf_tensors(model, peft.merged(flat, model.lora))
-  (dtype,) = {t.dtype for t in tensors.values()}  # params are kept in one dtype (float32)
+  if model.frozen_dtype != "float32":  # a bfloat16 or quantised base: the merged model in bfloat16, as QLoRA's
+    tensors = {k: t.astype(jnp.bfloat16) for k, t in tensors.items()}
+  (dtype,) = {t.dtype for t in tensors.values()}  # one dtype: float32, or bfloat16 for a low-precision base
   config = hf_config(model, labels, dtype)
   generation = _generation_config(model_cfg)
 
