@@ -129,14 +129,16 @@ LONG_LLAMA = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 64, "i
               "max_position_embeddings": 4096, "tie_word_embeddings": False}
 
 
-def compiled_temp_bytes(vocab_block: int, hf_config=LONG_LLAMA, length: int = 4096) -> int:
-  """XLA's temporary bytes of the causal-LM train step (batch 1 x `length`, float32) compiled for this host."""
-  mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+def compiled_temp_bytes(vocab_block: int, hf_config=LONG_LLAMA, length: int = 4096, devices=None,
+                        dtype=jnp.float32) -> int:
+  """XLA's temporary bytes of the causal-LM train step (batch 1 x `length`) compiled for one device: this host's,
+  or the first of `devices` (compile-only TPU devices from tools/plan.tpu_target)."""
+  mesh = sharding.make_mesh(MeshConfig(data=1), (devices or jax.devices())[:1])
   model = pretrained.from_config(hf_config, ModelConfig(path="unused", new_params=()), 0, mesh, 0, "causal_lm")
   tx = optim.make(OptimConfig(), 10)
   shardings = steps.state_shardings(model, tx)
   batch_sharding = sharding.batch_sharding(mesh, sharding.RULES)
-  step = steps.make_train_step(model, TASKS["causal_lm"], tx, optax.constant_schedule(1e-4), jnp.float32, shardings,
+  step = steps.make_train_step(model, TASKS["causal_lm"], tx, optax.constant_schedule(1e-4), dtype, shardings,
                                batch_sharding, vocab_block=vocab_block)
   i32 = jax.ShapeDtypeStruct((1, length), jnp.int32, sharding=batch_sharding)
   batch = {"input_ids": i32, "targets": i32, "segment_ids": i32, "positions": i32,
@@ -153,3 +155,16 @@ def test_tiled_step_holds_no_vocabulary_sized_logits():
   print(f"temp bytes: plain {plain:,}, tiled {tiled:,}")
   assert plain >= logits, plain
   assert tiled < logits // 4, tiled
+
+
+if __name__ == "__main__":  # the table of docs/memory.md: python tests/test_vocab_tiles.py [v5e:2x2]
+  import sys
+
+  from jaxtune.tools import plan
+
+  where = sys.argv[1] if len(sys.argv) > 1 else None
+  devices = plan.tpu_target(where).devices if where else None
+  for dtype in (jnp.float32, jnp.bfloat16):
+    for block in (0, vocab.AUTO_BLOCK, 2048):
+      temp = compiled_temp_bytes(block, devices=devices, dtype=dtype)
+      print(f"{where or 'cpu'} {jnp.dtype(dtype).name} vocab_block={block}: temp {temp:,} bytes", flush=True)
