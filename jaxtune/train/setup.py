@@ -118,7 +118,7 @@ def _build(cfg: Config, run_dir: Path, resume: bool, mesh: jax.sharding.Mesh, ru
   dtype = jnp.dtype(cfg.model.compute_dtype)
   train_step = steps.make_train_step(model, task, tx, optim.schedule(cfg.optim, total), dtype, shardings,
                                      batch_sharding, cfg.train.grad_accum, cfg.model.remat,
-                                     cfg.train.nonfinite == "skip")
+                                     cfg.train.nonfinite == "skip", cfg.train.loss_vocab_block)
   # Before any weight is read: the step compiled for these devices must fit them (the first step reuses it).
   fit.check(cfg, steps.abstract_state(model, tx, shardings), train_step, batch_sharding,
             lambda c: _described(c, hf_config, len(labels or ()), mesh, rules))
@@ -137,7 +137,7 @@ def _build(cfg: Config, run_dir: Path, resume: bool, mesh: jax.sharding.Mesh, ru
     state = steps.init_state(model, params, tx, cfg.train.seed, shardings)
     ckpts = rundir.start_run(cfg, run_dir, tokenizer, lock, created)  # the first write, once everything checked out
   return Run(cfg, run_dir, ckpts, lock, model, tokenizer, task, labels, splits, train_feed, total, state, train_step,
-             steps.make_eval_step(model, task, dtype, batch_sharding), batch_sharding, meta)
+             steps.make_eval_step(model, task, dtype, batch_sharding, cfg.train.loss_vocab_block), batch_sharding, meta)
 
 
 def _described(cfg: Config, hf_config: dict[str, Any], num_labels: int, mesh: jax.sharding.Mesh,
