@@ -104,7 +104,7 @@ def lower_train_step(cfg: Config, hf_config: dict[str, Any], mesh: jax.sharding.
   batch_sharding = sharding.batch_sharding(mesh, rules)
   step = steps.make_train_step(model, TASKS[cfg.task], tx, optim.schedule(cfg.optim, total),
                                jnp.dtype(cfg.model.compute_dtype), shardings, batch_sharding, cfg.train.grad_accum,
-                               cfg.model.remat, cfg.train.nonfinite == "skip")
+                               cfg.model.remat, cfg.train.nonfinite == "skip", cfg.train.loss_vocab_block)
   return model, state, step.lower(state, fit.batch_structs(cfg, batch_sharding))
 
 
