@@ -179,7 +179,8 @@ class TrainConfig:
   tensorboard: bool = True  # TensorBoard event files in the run dir (tensorboard --logdir RUN_DIR)
   wandb_project: str = ""  # a Weights & Biases project to log to as well ("" = off; needs `pip install wandb`)
   # The LM losses read the head this many vocabulary rows at a time, never forming B x L x V logits
-  # (models/vocab.py, docs/memory.md); 0 = plain logits; unset: 8192 for vocabularies of 32k tokens or more.
+  # (models/vocab.py, docs/memory.md); 0 = plain logits; unset: 8192 for vocabularies of 32k tokens or more, once
+  # one device's float32 logits would pass 1 GiB (train/steps.head_for; below that plain logits are faster).
   loss_vocab_block: int | None = None
 
   def __post_init__(self) -> None:

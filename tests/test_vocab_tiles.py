@@ -168,3 +168,17 @@ if __name__ == "__main__":  # the table of docs/memory.md: python tests/test_voc
     for block in (0, vocab.AUTO_BLOCK, 2048):
       temp = compiled_temp_bytes(block, devices=devices, dtype=dtype)
       print(f"{where or 'cpu'} {jnp.dtype(dtype).name} vocab_block={block}: temp {temp:,} bytes", flush=True)
+
+
+def test_unset_the_vocabulary_is_tiled_only_where_the_logits_would_be_large():
+  """train.loss_vocab_block unset: 128k vocabulary x 4096 tokens on one device (2.1 GB of float32 logits) tiles,
+  x 1024 tokens (0.5 GB) stays plain; a set block tiles whatever the size, 0 never does."""
+  mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+  model = pretrained.from_config(LONG_LLAMA, ModelConfig(path="unused", new_params=()), 0, mesh, 0, "causal_lm")
+  task = TASKS["causal_lm"]
+  rows = lambda n: {"input_ids": np.zeros((1, n), np.int32), "loss_mask": np.zeros((1, n), np.float32)}
+  assert steps.head_for(model, task, None, rows(4096), 1) == {"vocab_block": 8192}
+  assert steps.head_for(model, task, None, rows(1024), 1) == {}
+  assert steps.head_for(model, task, None, rows(4096), 4) == {}  # a quarter of the rows per device
+  assert steps.head_for(model, task, 512, rows(16), 1) == {"vocab_block": 512}
+  assert steps.head_for(model, task, 0, rows(4096), 1) == {}

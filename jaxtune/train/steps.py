@@ -52,6 +52,22 @@ def head_kwargs(task: Task, vocab_block: int) -> dict[str, int]:
   return {"vocab_block": vocab_block} if vocab_block > 0 and task.tiles_vocab else {}
 
 
+AUTO_TILE_BYTES = 2**30  # unset train.loss_vocab_block: tile once one device's float32 logits would pass this
+
+
+def head_for(model: Model, task: Task, setting: int | None, batch: dict[str, jax.Array], shards: int) -> dict[str, int]:
+  """head_kwargs for this (traced, so shape-static) batch. Unset, the vocabulary is tiled only where the plain
+  float32 logits of one device's rows would exceed AUTO_TILE_BYTES: below that they cost less memory than the
+  tiled backward pass's second head matmul costs time (SmolLM2's 16 x 192 rows: 0.6 GB, plain)."""
+  block = loss_vocab_block(model, task, setting)
+  if block and setting is None:
+    tokens = max(math.prod(x.shape) for x in batch.values() if x.ndim == 2)
+    vocab = getattr(model.cfg, "target_vocab", None) or model.cfg.vocab_size
+    if tokens * vocab * 4 / shards < AUTO_TILE_BYTES:
+      block = 0
+  return head_kwargs(task, block)
+
+
 def state_shardings(model: Model, tx: optax.GradientTransformation) -> TrainState:
   """Where each leaf of the train state lives: params per the rules, moments like their param."""
   replicated = sharding.replicated(model.mesh)
@@ -101,11 +117,13 @@ def make_train_step(model: Model, task: Task, tx: optax.GradientTransformation,
   AdamW moments in XLA:CPU's fused update, so it is only compiled in when asked for. vocab_block: see
   loss_vocab_block (None: its default).
   """
-  head = head_kwargs(task, loss_vocab_block(model, task, vocab_block))
+  shards = sharding.batch_shards(batch_sharding.mesh, model.rules)
 
   def summed(params: Params, frozen: Params, batch: dict[str, jax.Array],
              rng: jax.Array) -> tuple[jax.Array, jax.Array, Params]:
     """(loss summed over the batch's targets, their count, gradient of the sum w.r.t. the trainable params)."""
+    head = head_for(model, task, vocab_block, batch, shards)
+
     def total(p: Params) -> tuple[jax.Array, jax.Array]:
       logits = model.apply(p, batch, frozen=frozen, dtype=dtype, dropout_rng=rng, remat=remat, **head)["logits"]
       return task.loss_terms(logits, batch)
@@ -155,9 +173,10 @@ def microbatches(batch: dict[str, jax.Array], k: int, batch_sharding: NamedShard
 def make_eval_step(model: Model, task: Task, dtype: jnp.dtype, batch_sharding: NamedSharding,
                    vocab_block: int | None = None):
   """(params, batch) -> the task's per-row outputs, replicated so every process can score them."""
-  block = loss_vocab_block(model, task, vocab_block)
+  shards = sharding.batch_shards(batch_sharding.mesh, model.rules)
 
   def step(params: Params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    block = head_for(model, task, vocab_block, batch, shards).get("vocab_block", 0)
     _, logits = loss_fn(model, task, params, batch, dtype, None, block)
     return task.eval_outputs(logits, batch)
 
