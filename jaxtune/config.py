@@ -48,24 +48,21 @@ class ModelConfig:
   unused_keys: tuple[str, ...] = ()  # regexes over checkpoint keys deliberately left unloaded (e.g. cls\..*)
   compute_dtype: Literal["float32", "bfloat16"] = "float32"  # activations/matmuls; params stay float32
   dropout: float | None = None  # when set, replaces every dropout rate of the checkpoint (the family's DROPOUT_KEYS)
-  # Per-layer rematerialisation in training: none keeps every activation for the backward pass;
-  # full saves only each layer's input and recomputes the rest; dots keeps matmul outputs;
-  # dots_no_batch keeps matmuls without a batch dim (i.e. with the weights). Any of them runs the layers
-  # as a scan, whatever scan_layers says (unrolled, XLA keeps the memory remat is meant to save).
+  # Per-layer rematerialisation in training: none keeps every activation; full saves only each layer's input;
+  # dots keeps matmul outputs; dots_no_batch those without a batch dim (with the weights). Any of them runs the
+  # layers as a scan, whatever scan_layers says (unrolled, XLA keeps the memory remat is meant to save).
   remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
   # true: the layers run as one lax.scan (compile time flat in depth); false: unrolled, each layer its own
   # code (no stacked activation buffers: a faster CPU step, a slower compile).
   scan_layers: bool = False
-  # Attention kernel (models/attention.py): auto picks from the platform of the mesh's devices (TPU: Pallas
-  # splash attention; GPU: cuDNN's fused attention; CPU: jaxtune's C++ kernel on one device, else xla);
-  # xla: XLA ops; reference: the plain softmax(q k^T) v every kernel is tested against.
+  # Attention kernel (models/attention.py, docs/attention.md): auto picks for the mesh's devices (TPU splash, GPU
+  # cuDNN, one CPU device jaxtune's C++ kernel, else xla); reference: the plain softmax(q k^T) v.
   attention: Literal["auto", "xla", "cudnn", "splash", "cpu", "reference"] = "auto"
   lora: LoraConfig = LoraConfig()
   freeze: tuple[str, ...] = ()  # regexes over our param paths: no gradient, no optimiser state, not checkpointed
-  # Precision policy: trained params (and AdamW's moments) are float32, the master weights; compute_dtype is the
-  # matmuls'; frozen_dtype is how the params that do not train are held. bfloat16: every frozen param; int8 /
-  # nf4 (QLoRA): the frozen Dense kernels of the layer stacks, quantised at load and dequantised layer by layer
-  # inside the step (models/quant.py); the other frozen params stay float32. int8 and nf4 need model.lora.targets.
+  # Precision: trained params and AdamW's moments are float32 (master weights); frozen_dtype holds the rest:
+  # bfloat16 every frozen param; int8 / nf4 (QLoRA, needs model.lora.targets) the layer stacks' frozen Dense
+  # kernels, quantised at load and dequantised layer by layer in the step (models/quant.py).
   frozen_dtype: Literal["float32", "bfloat16", "int8", "nf4"] = "float32"
 
   def __post_init__(self) -> None:
@@ -178,9 +175,8 @@ class TrainConfig:
   nonfinite_max_skips: int = 10
   tensorboard: bool = True  # TensorBoard event files in the run dir (tensorboard --logdir RUN_DIR)
   wandb_project: str = ""  # a Weights & Biases project to log to as well ("" = off; needs `pip install wandb`)
-  # The LM losses read the head this many vocabulary rows at a time, never forming B x L x V logits
-  # (models/vocab.py, docs/memory.md); 0 = plain logits; unset: 8192 for vocabularies of 32k tokens or more, once
-  # one device's float32 logits would pass 1 GiB (train/steps.head_for; below that plain logits are faster).
+  # LM losses read the head this many vocabulary rows at a time, never forming B x L x V logits (docs/memory.md);
+  # 0 = plain; unset: 8192 from 32k-token vocabularies once a device's float32 logits would pass 1 GiB.
   loss_vocab_block: int | None = None
 
   def __post_init__(self) -> None:
