@@ -43,9 +43,12 @@ def loss_fn(model: Model, task: Task, params: Params, batch: dict[str, jax.Array
 def loss_vocab_block(model: Model, task: Task, setting: int | None = None) -> int:
   """How many vocabulary rows at a time the task's cross-entropy reads the LM head (0: plain logits):
   `setting` (0 off, n > 0 that block), or by default on for vocabularies of 32k tokens and more (models/vocab.py)."""
-  if not task.tiles_vocab:
-    return 0
-  return vocab.block_for(getattr(model.cfg, "target_vocab", None) or model.cfg.vocab_size, setting)
+  return vocab.block_for(_vocab_size(model), setting) if task.tiles_vocab else 0
+
+
+def _vocab_size(model: Model) -> int:
+  """The LM head's rows: the target vocabulary where it has its own (Marian), else the model's."""
+  return getattr(model.cfg, "target_vocab", None) or model.cfg.vocab_size
 
 
 def head_kwargs(task: Task, vocab_block: int) -> dict[str, int]:
@@ -62,8 +65,7 @@ def head_for(model: Model, task: Task, setting: int | None, batch: dict[str, jax
   block = loss_vocab_block(model, task, setting)
   if block and setting is None:
     tokens = max(math.prod(x.shape) for x in batch.values() if x.ndim == 2)
-    vocab = getattr(model.cfg, "target_vocab", None) or model.cfg.vocab_size
-    if tokens * vocab * 4 / shards < AUTO_TILE_BYTES:
+    if tokens * _vocab_size(model) * 4 / shards < AUTO_TILE_BYTES:
       block = 0
   return head_kwargs(task, block)
 
