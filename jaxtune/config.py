@@ -62,7 +62,7 @@ class ModelConfig:
   freeze: tuple[str, ...] = ()  # regexes over our param paths: no gradient, no optimiser state, not checkpointed
   # Precision: trained params and AdamW's moments are float32 (master weights); frozen_dtype holds the rest:
   # bfloat16 every frozen param; int8 / nf4 (QLoRA, needs model.lora.targets) the layer stacks' frozen Dense
-  # kernels, quantised at load and dequantised layer by layer in the step (models/quant.py).
+  # kernels, quantised at load, dequantised layer by layer in the step (models/quant.py), the rest bfloat16.
   frozen_dtype: Literal["float32", "bfloat16", "int8", "nf4"] = "float32"
 
   def __post_init__(self) -> None:

@@ -25,9 +25,10 @@ def flat_variables(state: nnx.State) -> dict[str, nnx.Variable]:
   return {_path_str(p): v for p, v in leaves}
 
 
-def flatten(tree: Mapping[Any, Any]) -> dict[str, Any]:
-  """`a.b.c` path -> leaf of a nested tree (list indices become path components)."""
-  return {_path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def flatten(tree: Mapping[Any, Any], is_leaf: Callable[[Any], bool] | None = None) -> dict[str, Any]:
+  """`a.b.c` path -> leaf of a nested tree (list indices become path components; `is_leaf`: nodes kept whole,
+  e.g. quant.is_quantised for a quantised kernel's arrays)."""
+  return {_path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
 
 
 def unflatten(flat: Mapping[str, Any]) -> Params:

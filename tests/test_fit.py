@@ -31,8 +31,11 @@ def test_a_run_that_does_not_fit_is_refused_before_anything_is_written(tmp_path,
   assert not read and not (tmp_path / "run").exists()  # no weight read, no run dir
 
 
-def test_a_run_that_fits_compiles_its_train_step_once(tmp_path, tiny_bert_dir, reviews):
-  """The check's compile is the one the first step uses: one train-step compile in all (one batch shape here)."""
+@pytest.mark.parametrize("base", [[], ["model.lora.targets=['.*layers[.].*[.]kernel']", "model.frozen_dtype=nf4"]],
+                         ids=["float32", "qlora-nf4"])
+def test_a_run_that_fits_compiles_its_train_step_once(tmp_path, tiny_bert_dir, reviews, base):
+  """The check's compile is the one the first step uses: one train-step compile in all (one batch shape here),
+  also where the frozen base is held as NF4 (the check compiles for the quantised arrays the run then holds)."""
   compiles = []
 
   def on_event(event, duration, **kwargs):
@@ -41,7 +44,7 @@ def test_a_run_that_fits_compiles_its_train_step_once(tmp_path, tiny_bert_dir, r
 
   jax.monitoring.register_event_duration_secs_listener(on_event)
   try:
-    cfg = _cfg(tmp_path, tiny_bert_dir, reviews, "train.batch_size=8", "data.validation_holdout=0")  # no eval step
+    cfg = _cfg(tmp_path, tiny_bert_dir, reviews, "train.batch_size=8", "data.validation_holdout=0", *base)  # no eval
     run = setup.prepare(cfg, tmp_path / "run")
     before = len(compiles)
     loop.loop(run)

@@ -8,6 +8,10 @@ quantisation in quantize_4bit), restated here in torch because bitsandbytes is n
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +20,7 @@ import peft
 import pytest
 import torch
 import transformers
+from conftest import REPO
 from test_export import decoder_batch, load_exported
 
 from jaxtune import config as config_lib
@@ -26,7 +31,7 @@ from jaxtune.data import batching
 from jaxtune.errors import UserError
 from jaxtune.models import quant
 from jaxtune.tasks import TASKS
-from jaxtune.train import optim, steps
+from jaxtune.train import estimate, fit, optim, steps
 from jaxtune.weights import export, pretrained
 
 LM = TASKS["causal_lm"]
@@ -107,7 +112,7 @@ def bnb_dequant_nf4(state: dict[str, torch.Tensor], n: int) -> torch.Tensor:
 
 def bits(a) -> np.ndarray:
   a = np.asarray(a)
-  return a.view({1: np.uint8, 4: np.uint32}[a.dtype.itemsize])
+  return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
 
 
 def test_code_books_are_bitsandbytes():
@@ -165,9 +170,9 @@ LLAMA_LORA = LoraConfig(targets=(r"layers\.attn\.(q|k|v|o)\.kernel", r"layers\.m
 OPT = OptimConfig(lr=1e-2, schedule="constant")
 
 
-def lora_run(model_dir, frozen_dtype: str, remat: str = "none"):
+def lora_run(model_dir, frozen_dtype: str, remat: str = "none", mesh=None):
   """(model, train step, initial state) of the tiny Llama with LoRA on every layer kernel, base as `frozen_dtype`."""
-  mesh = sharding.make_mesh(MeshConfig())
+  mesh = mesh or sharding.make_mesh(MeshConfig())
   model_cfg = ModelConfig(path=str(model_dir), new_params=(), lora=LLAMA_LORA, frozen_dtype=frozen_dtype,
                           remat=remat)
   hf_config, reader = pretrained.open_checkpoint(model_cfg)
@@ -180,13 +185,14 @@ def lora_run(model_dir, frozen_dtype: str, remat: str = "none"):
   return model, step, state
 
 
-def lm_batch(model):
+def lm_batch(model, rows: int = 4):
   rng = np.random.default_rng(0)
-  segment_ids = (np.arange(16) < rng.integers(4, 17, 4)[:, None]).astype(np.int32)
-  tokens = rng.integers(0, 49152, (4, 16)).astype(np.int32) * segment_ids
-  batch = {"input_ids": tokens, "targets": np.concatenate([tokens[:, 1:], np.zeros((4, 1), np.int32)], 1),
+  segment_ids = (np.arange(16) < rng.integers(4, 17, rows)[:, None]).astype(np.int32)
+  tokens = rng.integers(0, 49152, (rows, 16)).astype(np.int32) * segment_ids
+  end = np.zeros((rows, 1), np.int32)
+  batch = {"input_ids": tokens, "targets": np.concatenate([tokens[:, 1:], end], 1),
            "segment_ids": segment_ids, "positions": (np.arange(16) * segment_ids).astype(np.int32),
-           "loss_mask": np.concatenate([segment_ids[:, 1:], np.zeros((4, 1), np.int32)], 1).astype(np.float32)}
+           "loss_mask": np.concatenate([segment_ids[:, 1:], end], 1).astype(np.float32)}
   return batching.to_device(batch, sharding.batch_sharding(model.mesh))
 
 
@@ -226,6 +232,79 @@ def test_lora_on_a_quantised_base_is_lora_on_its_dequantised_base(tiny_llama_dir
   for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(frozen_before), strict=True):
     assert a.dtype == b.dtype and bits(a).tobytes() == bits(b).tobytes()
   assert any(isinstance(v, (quant.NF4, quant.Int8)) for v in jax.tree.leaves(state.frozen, is_leaf=quant.is_quantised))
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8", "bfloat16"])
+def test_the_abstract_train_state_is_the_state_a_run_holds(tiny_llama_dir, kind):
+  """steps.abstract_state (what the fit check and `jaxtune plan` compile for, and checkpoints restore into) has
+  the quantised / bfloat16 frozen base's very shapes, dtypes and shardings, not the float32 checkpoint's."""
+  model, _, state = lora_run(tiny_llama_dir, kind)
+  abstract = steps.abstract_state(model, optim.make(OPT, 10), steps.state_shardings(model, optim.make(OPT, 10)))
+  assert jax.tree.structure(abstract) == jax.tree.structure(state)
+  for want, got in zip(jax.tree.leaves(abstract), jax.tree.leaves(state), strict=True):
+    assert (want.shape, want.dtype, want.sharding) == (got.shape, got.dtype, got.sharding)
+  frozen = jax.tree.leaves(abstract.frozen)
+  # The analytic plan (GPUs; the suggestions' ranking) counts the frozen base as held, too.
+  one_device = dict.fromkeys(sharding.MESH_AXES, 1)
+  assert estimate.state_bytes(model, one_device)["frozen_params"] == fit.per_device(abstract.frozen)
+  assert jnp.dtype({"nf4": jnp.uint8, "int8": jnp.int8, "bfloat16": jnp.bfloat16}[kind]) in {a.dtype for a in frozen}
+
+
+SHARDED = """
+import hashlib, json, sys
+sys.path.insert(0, "tests")
+import jax, numpy as np
+from test_quant import lm_batch, lora_run
+from jaxtune import sharding
+from jaxtune.config import MeshConfig
+from jaxtune.models import quant
+
+report = {}
+for name, mesh_cfg, devices in (("one", MeshConfig(), jax.devices()[:1]),
+                                ("fsdp8", MeshConfig(data=1, fsdp=8), jax.devices())):
+  model, step, state = lora_run(sys.argv[1], sys.argv[2], mesh=sharding.make_mesh(mesh_cfg, devices))
+  kernels = [q for q in jax.tree.leaves(state.frozen, is_leaf=quant.is_quantised) if quant.is_quantised(q)]
+  arrays = [a for q in kernels for a in jax.tree.leaves(q)]
+  digest = lambda arrays: hashlib.sha256(b"".join(np.asarray(a).tobytes() for a in arrays)).hexdigest()
+  q = state.frozen["layers"]["attn"]["q"]["kernel"]
+  report[name] = {
+      "kernels": len(kernels), "total": sum(a.nbytes for a in arrays), "digest": digest(arrays),
+      "on_first": sum(s.data.nbytes for a in arrays for s in a.addressable_shards if s.device == devices[0]),
+      "replicated": sum(a.nbytes for a in arrays if a.sharding.is_fully_replicated),
+      "q_specs": [str(a.sharding.spec) for a in jax.tree.leaves(q)]}
+  batch = lm_batch(model, rows=8)
+  losses = []
+  for _ in range(2):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  kernels = [q for q in jax.tree.leaves(state.frozen, is_leaf=quant.is_quantised) if quant.is_quantised(q)]
+  report[name].update(losses=losses, after=digest(a for q in kernels for a in jax.tree.leaves(q)))
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantised_base_is_split_over_fsdp_like_a_float_one(tiny_llama_dir, kind):
+  """With mesh fsdp=8 each device holds 1/8 of the quantised kernels' codes (quantised where their float shards
+  were loaded: the same bits as on one device), and LoRA steps on it give the one-device run's losses."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", SHARDED, str(tiny_llama_dir), kind], env=env, capture_output=True,
+                        text=True, cwd=REPO, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  one, split = (json.loads(proc.stdout.strip().splitlines()[-1])[k] for k in ("one", "fsdp8"))
+  assert one["kernels"] == split["kernels"] == 7 and one["total"] == split["total"]
+  assert one["digest"] == split["digest"] == one["after"] == split["after"]
+  assert one["on_first"] == one["total"]
+  # The codes are 1/8 per device. What stays whole is small: NF4's second-level scales and offsets (1/16384 of the
+  # weights: 7 x 2 x 8 bytes here); int8's per-output-channel absmaxes where the kernel's output dims are not split
+  # (q, k, v, gate, up: 160 channels per layer, 2 layers, 4 bytes).
+  whole = split["replicated"]
+  assert whole == {"nf4": 112, "int8": 1280}[kind]
+  assert split["on_first"] == whole + (one["total"] - whole) / 8, (split["on_first"], one["total"])
+  want = {"nf4": ["P(None, 'fsdp')", "P(None, 'fsdp')", "P(None, None)", "P(None,)"],
+          "int8": ["P(None, 'fsdp', None, None)", "P(None, None, None)"]}[kind]
+  assert split["q_specs"] == want
+  np.testing.assert_allclose(split["losses"], one["losses"], rtol=1e-5)
 
 
 @pytest.mark.parametrize("model,problem", [

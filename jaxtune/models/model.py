@@ -8,17 +8,19 @@ it declares; `init_params` creates fresh params directly on their devices; `Mode
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Collection
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
 from jaxtune import params as params_lib
 from jaxtune import sharding
 from jaxtune.config import LoraConfig, ModelConfig
-from jaxtune.models import FAMILIES, attention, layers, lora
+from jaxtune.models import FAMILIES, attention, layers, lora, quant
 from jaxtune.params import Params
 
 
@@ -36,8 +38,25 @@ class Model:
   frozen: frozenset[str] = frozenset()  # param paths that do not train (model.freeze, and the base under LoRA)
   attention: str = "auto"  # model.attention: the attention kernel (models/attention.py chooses for the mesh)
   frozen_dtype: str = "float32"  # model.frozen_dtype: how `frozen` is held (weights/pretrained.py casts or quantises)
-  # frozen kernel path -> its Dense's input dims, for the kernels held as models/quant.py's int8 / NF4 (replicated)
+  # frozen kernel path -> its Dense's input dims, for the kernels held as models/quant.py's int8 / NF4
   quantised: dict[str, int] = dataclasses.field(default_factory=dict)
+
+  @functools.cached_property
+  def held(self) -> tuple[Params, Params]:
+    """(abstract, shardings) of the params as a run holds them: `abstract` and `shardings` are the float32
+    checkpoint's (what the loader reads); here the frozen params are bfloat16 (model.frozen_dtype bfloat16, int8
+    or nf4), but for the int8 / NF4 kernels, which are their quantised arrays, placed by quant.placement. As
+    QLoRA (bitsandbytes with torch_dtype bfloat16) keeps embeddings, norms and heads. The train state's layout."""
+    if self.frozen_dtype == "float32":
+      return self.abstract, self.shardings
+    abstract, shardings = params_lib.flatten(self.abstract), params_lib.flatten(self.shardings)
+    for path in self.frozen:
+      if path in self.quantised:
+        abstract[path] = quant.abstract(abstract[path], self.frozen_dtype, 1, self.quantised[path])
+        shardings[path] = quant.placement(abstract[path], shardings[path])
+      else:
+        abstract[path] = jax.ShapeDtypeStruct(abstract[path].shape, jnp.bfloat16)
+    return params_lib.unflatten(abstract), params_lib.unflatten(shardings)
 
   def split(self, tree: Params) -> tuple[Params, Params]:
     """(the params that train, the frozen ones) of a param tree (or of `abstract` / `shardings`)."""
@@ -88,9 +107,6 @@ def describe(family: str, cfg: Any, mesh: Mesh, seed: int = 0, hf_config: dict[s
   quantised = lora.quantised(abstract_module, frozen, frozen_dtype)
   abstract = params_lib.unflatten({p: v.get_value() for p, v in variables.items()})
   shardings = sharding.param_shardings(state, mesh, rules)
-  if quantised:  # a quantised kernel's arrays are replicated: its one sharding is a prefix of their tree
-    flat = params_lib.flatten(shardings)
-    shardings = params_lib.unflatten({p: sharding.replicated(mesh) if p in quantised else s for p, s in flat.items()})
   return Model(family, cfg, hf_config or {}, graphdef, abstract, axes, shardings, rules, lora_cfg, frozen,
                model_cfg.attention if model_cfg is not None else "auto", frozen_dtype, quantised)
 

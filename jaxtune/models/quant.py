@@ -30,6 +30,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 NF4_BLOCK = 64  # weights per first-level absmax (QLoRA's and PEFT's default)
 ABSMAX_BLOCK = 256  # first-level absmaxes per second-level one (bitsandbytes' nested blocksize)
@@ -137,24 +139,76 @@ def _over_lead(fn: Any, n_lead: int) -> Any:
   return fn
 
 
-def quantise(w: jax.Array, kind: str, n_lead: int, n_in: int) -> Quantised:
-  """`w` (*lead, *in, *out) quantised per leading index (a stacked kernel: per layer), as `kind` (nf4 / int8).
+def _second_level(absmax: jax.Array, offset: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return _blockwise(absmax - offset, DYNAMIC_CODE, ABSMAX_BLOCK)
+
+
+def _int8(w: jax.Array, n_lead: int, n_in: int) -> Int8:
+  in_axes = tuple(range(n_lead, n_lead + n_in))
+  absmax = jnp.abs(w).max(axis=in_axes)
+  codes = jnp.round(w * (127.0 / jnp.expand_dims(absmax, in_axes))).astype(jnp.int8)
+  return Int8(codes, absmax, n_out=w.ndim - n_lead - n_in)
+
+
+def quantise(w: jax.Array, kind: str, n_lead: int, n_in: int, out: Quantised | None = None) -> Quantised:
+  """`w` (*lead, *in, *out) quantised per leading index (a stacked kernel: per layer), as `kind` (nf4 / int8);
+  `out`: where each array of the result goes (`placement`), each computed there from `w`'s own shards.
 
   Called at load time, outside jit (the NF4 offset is computed on the host)."""
   w = w.astype(jnp.float32)
+  put = (lambda *names: tuple(getattr(out, n) for n in names)) if out is not None else (lambda *names: None)
   if kind == "nf4":
-    codes, absmax = jax.jit(_over_lead(_nf4_codes, n_lead))(w)
+    codes, absmax = jax.jit(_over_lead(_nf4_codes, n_lead), out_shardings=put("codes", "absmax"))(w)
     # The mean is taken on the host in float64, so the offset is the correctly rounded mean on every platform;
     # bitsandbytes' is its backend's float32 sum (its CPU and CUDA kernels round differently), within an ulp of it.
-    offset = jnp.asarray(np.asarray(absmax, np.float64).mean(axis=-1).astype(np.float32))
-    second = jax.jit(_over_lead(lambda a, o: _blockwise(a - o, DYNAMIC_CODE, ABSMAX_BLOCK), n_lead))
+    offset = np.asarray(absmax, np.float64).mean(axis=-1).astype(np.float32)
+    offset = jax.device_put(offset, out.offset) if out is not None else jnp.asarray(offset)
+    second = jax.jit(_over_lead(_second_level, n_lead), out_shardings=put("absmax", "absmax_scale"))
     return NF4(codes, *second(absmax, offset), offset, shape=tuple(w.shape[n_lead:]))
   if kind == "int8":
-    in_axes = tuple(range(n_lead, n_lead + n_in))
-    absmax = jnp.abs(w).max(axis=in_axes)
-    codes = jnp.round(w * (127.0 / jnp.expand_dims(absmax, in_axes))).astype(jnp.int8)
-    return Int8(codes, absmax, n_out=w.ndim - n_lead - n_in)
+    return jax.jit(functools.partial(_int8, n_lead=n_lead, n_in=n_in), out_shardings=out)(w)
   raise ValueError(f"no quantisation {kind!r}")
+
+
+def abstract(w: jax.ShapeDtypeStruct, kind: str, n_lead: int, n_in: int) -> Quantised:
+  """The shapes and dtypes `quantise` gives a kernel shaped like `w`, computing nothing."""
+  if kind == "nf4":
+    codes, absmax = jax.eval_shape(_over_lead(_nf4_codes, n_lead), w)
+    offset = jax.ShapeDtypeStruct(w.shape[:n_lead], jnp.float32)
+    return NF4(codes, *jax.eval_shape(_over_lead(_second_level, n_lead), absmax, offset), offset,
+               shape=tuple(w.shape[n_lead:]))
+  return jax.eval_shape(functools.partial(_int8, n_lead=n_lead, n_in=n_in), w)
+
+
+def placement(q: Quantised, kernel: NamedSharding) -> Quantised:
+  """Where each array of a quantised kernel `q` (abstract) lives, given the float kernel's `kernel` sharding, so
+  that FSDP and tensor parallelism split a quantised base as they split a float one.
+
+  Every array keeps the kernel's leading (layer) axes. Int8 codes are the kernel's shape and take its spec; their
+  absmax takes the spec of the kernel's output dims. NF4's codes and first-level absmaxes are flat, in the
+  kernel's row-major order, so they are split in even contiguous runs over every mesh axis that splits the kernel
+  (where the runs hold whole blocks of 64; else they stay whole); the second-level scales and the offset, 1/16384
+  of the weights, are replicated. Inside the step a layer's dequantised kernel is then resharded as its float
+  kernel would be gathered (XLA chooses where)."""
+  mesh, spec = kernel.mesh, tuple(kernel.spec) + (None,) * (q.codes.ndim - len(kernel.spec))
+  if isinstance(q, Int8):
+    n_lead = q.absmax.ndim - q.n_out
+    return Int8(NamedSharding(mesh, P(*spec)), NamedSharding(mesh, P(*spec[:n_lead], *spec[q.codes.ndim - q.n_out:])),
+                n_out=q.n_out)
+  n_lead = q.offset.ndim
+  lead = spec[:n_lead]
+  axes = tuple(a for entry in spec[n_lead:] if entry for a in (entry if isinstance(entry, tuple) else (entry,)))
+  ways = math.prod(mesh.shape[a] for a in axes)
+  even = axes and q.absmax.shape[-1] % ways == 0 and q.codes.shape[-1] == q.absmax.shape[-1] * NF4_BLOCK // 2
+  flat = (axes if len(axes) > 1 else axes[0]) if even else None
+  whole = NamedSharding(mesh, P(*lead, None))
+  return NF4(NamedSharding(mesh, P(*lead, flat)), NamedSharding(mesh, P(*lead, flat)), whole,
+             NamedSharding(mesh, P(*lead)), shape=q.shape)
+
+
+def held_bytes(q: Quantised) -> int:
+  """Bytes of all the arrays of a quantised kernel (abstract or real)."""
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(q))
 
 
 def dequantise(q: Quantised) -> jax.Array:

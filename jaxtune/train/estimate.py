@@ -16,13 +16,16 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxtune import config as config_lib
+from jaxtune import params as params_lib
 from jaxtune import sharding
 from jaxtune.config import Config
 from jaxtune.errors import UserError
+from jaxtune.models import quant
 from jaxtune.models.lora import ADAPTER
 from jaxtune.models.model import Model
 from jaxtune.params import matcher
-from jaxtune.train import perf
+from jaxtune.tasks import TASKS
+from jaxtune.train import perf, steps
 
 GiB = 2**30
 FUSED_ATTENTION = ("auto", "splash", "cudnn", "cpu")  # kernels that never hold the B x H x L x L scores
@@ -30,22 +33,31 @@ ADAM_COPIES = 2  # AdamW's two moments, each shaped (and sharded) like its param
 LORA_TARGETS = (".*layers[.].*[.]kernel",)  # every Dense kernel of the transformer layers ([.]: no shell escapes)
 
 
+def ways(shape: tuple[int, ...], axes: tuple[str | None, ...], mesh_shape: dict[str, int],
+         rules: sharding.Rules) -> int:
+  """Into how many shards `rules` split an array on a mesh of `mesh_shape` (no devices needed: `spec_for` reads
+  only the mesh's axis sizes)."""
+  spec = sharding.spec_for(shape, axes, types.SimpleNamespace(shape=mesh_shape), rules)
+  return math.prod(mesh_shape[a] for entry in spec if entry for a in (entry if isinstance(entry, tuple) else (entry,)))
+
+
 def per_device_bytes(shape: tuple[int, ...], dtype: Any, axes: tuple[str | None, ...], mesh_shape: dict[str, int],
                      rules: sharding.Rules) -> float:
-  """Bytes one device holds of an array placed by `rules` on a mesh of `mesh_shape` (no devices needed:
-  `spec_for` reads only the mesh's axis sizes)."""
-  spec = sharding.spec_for(shape, axes, types.SimpleNamespace(shape=mesh_shape), rules)
-  split = math.prod(mesh_shape[a] for entry in spec if entry for a in (entry if isinstance(entry, tuple) else (entry,)))
-  return math.prod(shape) * jnp.dtype(dtype).itemsize / split
+  """Bytes one device holds of an array placed by `rules` on a mesh of `mesh_shape`."""
+  return math.prod(shape) * jnp.dtype(dtype).itemsize / ways(shape, axes, mesh_shape, rules)
 
 
 def state_bytes(model: Model, mesh_shape: dict[str, int]) -> dict[str, float]:
-  """Per-device bytes of the trainable params, the frozen ones and AdamW's moments (float32 like the params)."""
+  """Per-device bytes of the trainable params, the frozen ones as model.frozen_dtype holds them (bfloat16, or an
+  int8 / NF4 kernel's codes and scales, split like the float kernel: quant.placement) and AdamW's moments (float32
+  like the params)."""
   out = {"params": 0.0, "frozen_params": 0.0}
+  held = params_lib.flatten(model.held[0], is_leaf=quant.is_quantised)
   for path, axes in model.axes.items():
-    leaf = _leaf(model.abstract, path)
-    out["frozen_params" if path in model.frozen else "params"] += per_device_bytes(
-        leaf.shape, leaf.dtype, axes, mesh_shape, model.rules)
+    leaf, kept = _leaf(model.abstract, path), held[path]
+    size = quant.held_bytes(kept) if quant.is_quantised(kept) else math.prod(kept.shape) * kept.dtype.itemsize
+    out["frozen_params" if path in model.frozen else "params"] += size / ways(leaf.shape, axes, mesh_shape,
+                                                                               model.rules)
   out["optimizer"] = ADAM_COPIES * out["params"]
   return out
 
@@ -63,8 +75,8 @@ def activation_bytes(cfg: Config, model: Model, mesh_shape: dict[str, int]) -> d
   and the attention output ((2 H + 2 KV) K), and the MLP's inputs to its down projection and activation (4 F
   gated, 2 F plain); an attention kernel that is not fused adds the H x L scores and probabilities. remat full
   keeps only each layer's input (D) plus one layer recomputed; dots and dots_no_batch keep the matmul outputs.
-  Tensor parallelism splits heads and MLP; the batch splits over its shards. The logits (vocab wide, compute
-  dtype plus float32 log-softmax and gradient) and the float32 gradients of the trainable params come on top
+  Tensor parallelism splits heads and MLP; the batch splits over its shards. The logits (vocab wide, or one
+  block wide where the loss tiles the vocabulary; compute dtype plus float32 log-softmax and gradient) and the float32 gradients of the trainable params come on top
   (twice with grad_accum: the sum so far and one microbatch's), and under FSDP two layers' gathered float32
   weights (the one computing and the next, fetched meanwhile).
   """
@@ -85,6 +97,9 @@ def activation_bytes(cfg: Config, model: Model, mesh_shape: dict[str, int]) -> d
           "dots": layers * tokens * ((2 * heads + 2 * kv) * head_dim / tp + 2 * d + 3 * f / tp) * b + one_layer}
   kept["dots_no_batch"] = kept["dots"]
   vocab = model.hf_config.get("vocab_size", 0) if cfg.task in ("causal_lm", "seq2seq") else 0
+  block = steps.loss_vocab_block(model, TASKS[cfg.task], cfg.train.loss_vocab_block)
+  if block and (cfg.train.loss_vocab_block or tokens * vocab * 4 >= steps.AUTO_TILE_BYTES):  # as steps.head_for
+    vocab = min(block, vocab)  # vocabulary-tiled loss: one block's logits at a time (models/vocab.py)
   logits = tokens * vocab / tp * (b + 4 + 4)
   grads = state_bytes(model, mesh_shape)["params"] * (2 if cfg.train.grad_accum > 1 else 1)  # + the accumulator
   per_layer = sum(math.prod(_leaf(model.abstract, p).shape[1:]) for p, axes in model.axes.items()

@@ -73,7 +73,7 @@ def head_for(model: Model, task: Task, setting: int | None, batch: dict[str, jax
 def state_shardings(model: Model, tx: optax.GradientTransformation) -> TrainState:
   """Where each leaf of the train state lives: params per the rules, moments like their param."""
   replicated = sharding.replicated(model.mesh)
-  params, frozen = model.split(model.shardings)
+  params, frozen = model.split(model.held[1])
   abstract_opt = jax.eval_shape(tx.init, model.split(model.abstract)[0])
   opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params, transform_non_params=lambda _: replicated)
   return TrainState(replicated, params, frozen, opt, replicated)
@@ -86,7 +86,7 @@ def initial_state(params: Params, frozen: Params, tx: optax.GradientTransformati
 
 def abstract_state(model: Model, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
   """The train state's shapes, dtypes and shardings, allocating nothing (a restore target)."""
-  state = jax.eval_shape(lambda p, f: initial_state(p, f, tx, 0), *model.split(model.abstract))
+  state = jax.eval_shape(lambda p, f: initial_state(p, f, tx, 0), *model.split(model.held[0]))
   return sharding.placed(state, shardings)
 
 
@@ -182,7 +182,7 @@ def make_eval_step(model: Model, task: Task, dtype: jnp.dtype, batch_sharding: N
     _, logits = loss_fn(model, task, params, batch, dtype, None, block)
     return task.eval_outputs(logits, batch)
 
-  return jax.jit(step, in_shardings=(model.shardings, batch_sharding),
+  return jax.jit(step, in_shardings=(model.held[1], batch_sharding),
                  out_shardings=sharding.replicated(batch_sharding.mesh))
 
 

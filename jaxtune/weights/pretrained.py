@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import transformers
 from jax.sharding import Mesh
@@ -107,13 +106,13 @@ def frozen_precision(model: Model, loaded: dict[str, Any]) -> dict[str, Any]:
   kernel is alive beside the quantised ones. Trained params stay float32 (the master weights)."""
   if model.frozen_dtype == "float32":
     return loaded
+  held = params_lib.flatten(model.held[1], is_leaf=quant.is_quantised)
   out = {}
   for path in list(loaded):
     array = loaded.pop(path)
-    if path in model.quantised:
-      q = quant.quantise(array, model.frozen_dtype, 1, model.quantised[path])
-      out[path] = jax.device_put(q, sharding.replicated(model.mesh))
-    elif path in model.frozen and model.frozen_dtype == "bfloat16":
+    if path in model.quantised:  # quantised where its shards are (quant.placement): no device holds the whole kernel
+      out[path] = quant.quantise(array, model.frozen_dtype, 1, model.quantised[path], held[path])
+    elif path in model.frozen:
       out[path] = array.astype(jnp.bfloat16)
     else:
       out[path] = array
