@@ -76,9 +76,10 @@ def activation_bytes(cfg: Config, model: Model, mesh_shape: dict[str, int]) -> d
   gated, 2 F plain); an attention kernel that is not fused adds the H x L scores and probabilities. remat full
   keeps only each layer's input (D) plus one layer recomputed; dots and dots_no_batch keep the matmul outputs.
   Tensor parallelism splits heads and MLP; the batch splits over its shards. The logits (vocab wide, or one
-  block wide where the loss tiles the vocabulary; compute dtype plus float32 log-softmax and gradient) and the float32 gradients of the trainable params come on top
-  (twice with grad_accum: the sum so far and one microbatch's), and under FSDP two layers' gathered float32
-  weights (the one computing and the next, fetched meanwhile).
+  block wide where the loss tiles the vocabulary; compute dtype plus float32 log-softmax and gradient) and the
+  float32 gradients of the trainable params come on top (twice with grad_accum: the sum so far and one
+  microbatch's), and under FSDP two layers' gathered float32 weights (the one computing and the next, fetched
+  meanwhile).
   """
   d, f, layers, heads, head_dim, kv = perf.dims(model.hf_config)
   tp = mesh_shape.get("tensor", 1)
