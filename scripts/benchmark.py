@@ -17,9 +17,11 @@ python scripts/benchmark.py scale [--hidden 256] [--layers 8] [--batch 8] [--len
   The scale-out options on a random Llama, its layers scanned: compile time and op count for 2/8/32 layers,
   XLA temp memory and step time per model.remat policy, and 1 vs 4 microbatches of the same global batch.
 
-python scripts/benchmark.py loadmem [--code DIR ...] [--rounds N] [--dir DIR] [--output FILE]
-  Host memory of loading a random 2 GB float32 Llama (3 safetensors files + index) onto 8 simulated devices with
-  mesh fsdp=8, each load in a fresh process: peak RSS minus the idle process, in bytes and per checkpoint byte.
+python scripts/benchmark.py loadmem [--format safetensors|gguf] [--code DIR ...] [--rounds N] [--dir DIR]
+                                    [--output FILE]
+  Host memory of loading a random 2 GB float32 Llama (3 safetensors files + index, or with --format gguf one
+  float32 GGUF file) onto 8 simulated devices with mesh fsdp=8, each load in a fresh process: peak RSS minus the
+  idle process, in bytes and per checkpoint byte.
   --code: the checkout whose loader runs (repeat it to compare, e.g. an older one from git worktree add; default
   this one), alternating over --rounds; --dir: where the temporary checkpoint goes (default the system's temp).
 """
@@ -80,7 +82,7 @@ def loadmem(args: argparse.Namespace) -> dict:
 
   here = Path(__file__).resolve().parent.parent
   result = loadmem_lib.measure([Path(c).resolve() for c in args.code or [here]], args.rounds,
-                               Path(args.dir) if args.dir else None)
+                               Path(args.dir) if args.dir else None, args.format)
   print(loadmem_lib.table(result))
   return result
 
@@ -103,7 +105,9 @@ def main() -> int:
   s.add_argument("--batch", type=int, default=8)
   s.add_argument("--length", type=int, default=256)
   s.set_defaults(run=scale)
-  m = sub.add_parser("loadmem", help="host memory of loading a 2 GB safetensors checkpoint onto 8 devices")
+  m = sub.add_parser("loadmem", help="host memory of loading a 2 GB checkpoint onto 8 devices")
+  m.add_argument("--format", default="safetensors", choices=("safetensors", "gguf"),
+                 help="3 safetensors files + index (default) or one float32 GGUF file")
   m.add_argument("--code", action="append", help="checkout whose jaxtune loads it (repeatable; default this one)")
   m.add_argument("--rounds", type=int, default=1, help="loads per checkout, alternating")
   m.add_argument("--dir", help="where the temporary checkpoint is written")

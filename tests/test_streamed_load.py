@@ -1,6 +1,7 @@
 """Weights read shard by shard: on 8 simulated devices every param equals the eager HF -> ours conversion bit for
 bit, each device's shard is read from its own slice (no tensor read whole, every byte read once); a sharded
-index naming a missing file is one UserError; GGUF reads dequantise just the rows asked for."""
+index naming a missing file is one UserError; GGUF reads dequantise just the rows asked for, and the loadmem
+benchmark's GGUF file loads equal to its safetensors checkpoint."""
 
 from __future__ import annotations
 
@@ -116,3 +117,38 @@ def test_gguf_row_slices_equal_the_whole_dequantised_tensor(key):
   np.testing.assert_array_equal(reader.read(key, (rows,)), whole[rows])
   if whole.ndim == 2:
     np.testing.assert_array_equal(reader.read(key, (rows, slice(32, 96))), whole[rows, 32:96])
+
+
+# Loads the safetensors directory and the GGUF file of one seed under fsdp=8: every param bit for bit the same.
+GGUF_CHILD = r"""
+import json, sys
+import numpy as np
+from jaxtune import params as params_lib, sharding
+from jaxtune.config import MeshConfig, ModelConfig
+from jaxtune.weights import pretrained
+
+mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=8))
+loaded = []
+for path in sys.argv[1:]:
+  model_cfg = ModelConfig(path=path)
+  hf_config, reader = pretrained.open_checkpoint(model_cfg)
+  model = pretrained.from_config(hf_config, model_cfg, 2, mesh, head="causal_lm")
+  loaded.append((hf_config, params_lib.flatten(pretrained.load_params(model, model_cfg, reader, seed=0))))
+(st_cfg, st), (gg_cfg, gg) = loaded
+differ = [p for p in st if not np.array_equal(np.asarray(st[p]).view(np.uint32), np.asarray(gg[p]).view(np.uint32))
+          or st[p].sharding != gg[p].sharding]
+print(json.dumps({"params": len(st), "same_keys": sorted(st) == sorted(gg), "differ": differ,
+                  "config_differs": sorted(k for k in st_cfg if st_cfg[k] != gg_cfg.get(k))}))
+"""
+
+
+def test_benchmark_gguf_file_loads_equal_to_its_safetensors_checkpoint(tmp_path):
+  total = loadmem.write_checkpoint(tmp_path / "ckpt", TINY, files=2, seed=3)
+  assert loadmem.write_gguf(tmp_path / "model.gguf", TINY, seed=3) == total
+  assert jgguf.GGUFReader(tmp_path / "model.gguf").hf_config() == TINY
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", GGUF_CHILD, str(tmp_path / "ckpt"), str(tmp_path / "model.gguf")],
+                        env=env, capture_output=True, text=True, cwd=REPO, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert report["same_keys"] and report["params"] > 5 and report["differ"] == [] and report["config_differs"] == []

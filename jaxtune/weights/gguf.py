@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import math
+import mmap
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,6 +13,7 @@ import gguf
 import numpy as np
 
 from jaxtune.errors import UserError
+from jaxtune.weights.hf import CHUNK_BYTES
 
 if TYPE_CHECKING:
   import transformers
@@ -54,7 +57,11 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 class GGUFReader:
-  """Lazy reader of a llama GGUF file with SafetensorsReader's interface: HF keys, float32 (out, in) arrays."""
+  """Lazy reader of a llama GGUF file with SafetensorsReader's interface: HF keys, float32 (out, in) arrays.
+
+  The gguf package parses the metadata and tensor list; the tensors' bytes are read through a mapping of our own
+  whose pages `read` hands back to the page cache as it goes (as SafetensorsReader does), so the process's RSS
+  holds the slices read, never the file."""
 
   def __init__(self, path: Path):
     self.path = Path(path)
@@ -70,6 +77,8 @@ class GGUFReader:
       raise UserError(f"{self.path} holds a {arch!r} model, but only GGUF files with general.architecture "
                       "'llama' (Llama, Mistral, SmolLM) are supported; use the HF safetensors checkpoint instead.")
     self._tensors = {self._hf_name(t.name): t for t in self._reader.tensors}
+    with open(self.path, "rb") as f:
+      self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
   def _hf_name(self, name: str) -> str:
     if name == "rope_freqs.weight":  # Llama 3.1+ rope scaling, stored as factors rather than config values
@@ -107,7 +116,8 @@ class GGUFReader:
     """Tensor `key`[index] as float32 in HF's (out, in) layout, dequantising only the rows that `index` spans.
 
     Quantisation blocks run along a row (the input dim), so rows dequantise on their own; a column slice still
-    dequantises whole rows. q/k rows are interleaved within each head, so those read whole heads."""
+    dequantises whole rows, but in chunks of rows whose other columns are dropped at once. q/k rows are
+    interleaved within each head, so those read whole heads. The mapped pages read are handed back as it goes."""
     tensor, shape = self._tensors[key], self.shape(key)
     index = (*index, *[slice(None)] * (len(shape) - len(index)))
     first, stop, _ = index[0].indices(shape[0])
@@ -124,15 +134,24 @@ class GGUFReader:
       lo, hi = first_head * rows, stop_head * rows
     else:
       lo, hi = first, stop
-    try:
-      array = gguf.dequantize(tensor.data[lo:hi], tensor.tensor_type)
-    except NotImplementedError:
-      raise UserError(f"{self.path}: tensor {tensor.name} has type {tensor.tensor_type.name}, which the gguf "
-                      "package cannot dequantise; use a file quantised as e.g. Q8_0, Q4_K or F16.") from None
-    array = np.array(array, np.float32).reshape(hi - lo, *shape[1:])  # a copy: never a view of the mapped file
+    data = tensor.data  # a view of the gguf package's mapping: only its shape and dtype are used
+    mapped = np.ndarray(data.shape, data.dtype, self._map, tensor.data_offset)  # rows of (quantised) bytes
+    row_bytes = data.dtype.itemsize * math.prod(data.shape[1:])
+    step = max(1, CHUNK_BYTES // max(1, row_bytes, 4 * math.prod(shape[1:])))  # rows per chunk, either side
+    cols = (slice(None), *index[1:])
+    array = np.empty((hi - lo, *[len(range(*s.indices(n))) for s, n in zip(index[1:], shape[1:])]), np.float32)
+    for a in range(lo, hi, step):  # `array` is a copy: never a view of the mapped file
+      b = min(a + step, hi)
+      try:
+        array[a - lo:b - lo] = gguf.dequantize(mapped[a:b], tensor.tensor_type).reshape(b - a, *shape[1:])[cols]
+      except NotImplementedError:
+        raise UserError(f"{self.path}: tensor {tensor.name} has type {tensor.tensor_type.name}, which the gguf "
+                        "package cannot dequantise; use a file quantised as e.g. Q8_0, Q4_K or F16.") from None
+      begin = (tensor.data_offset + a * row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE  # drop the pages just read
+      self._map.madvise(mmap.MADV_DONTNEED, begin, tensor.data_offset + b * row_bytes - begin)
     if heads is not None:
       array = unpermute_qk(array, stop_head - first_head)
-    return array[(slice(first - lo, stop - lo), *index[1:])]
+    return array[first - lo:stop - lo]
 
   def hf_config(self) -> dict[str, Any]:
     """An HF LlamaConfig config.json dict built from the GGUF metadata and tensor list."""
