@@ -130,7 +130,16 @@ def _nf4_dequant_one(codes: jax.Array, absmax: jax.Array, absmax_scale: jax.Arra
                      n: int) -> jax.Array:
   absmax = _unblock(jnp.asarray(DYNAMIC_CODE)[absmax], absmax_scale, ABSMAX_BLOCK) + offset
   idx = jnp.stack([codes >> 4, codes & 15], axis=-1).reshape(-1)[:n]
-  return _unblock(jnp.asarray(NF4_CODE)[idx], absmax, NF4_BLOCK)
+  return _unblock(_nf4_levels(idx), absmax, NF4_BLOCK)
+
+
+def _nf4_levels(idx: jax.Array) -> jax.Array:
+  """NF4_CODE[idx] as 15 selects rather than a gather: elementwise, so XLA fuses the whole dequantisation (codes
+  to the kernel in the matmul's dtype) into one pass instead of writing float32 temporaries the kernel's size."""
+  out = jnp.full(idx.shape, NF4_CODE[0], jnp.float32)
+  for k in range(1, len(NF4_CODE)):
+    out = jnp.where(idx == k, NF4_CODE[k], out)
+  return out
 
 
 def _over_lead(fn: Any, n_lead: int) -> Any:

@@ -105,11 +105,16 @@ def loop(run: setup.Run, clock: perf.RunClock | None = None, stop: StopRequests 
   log = runlog.RunLog(run.dir, run.steps, step, cfg.train.tensorboard,  # on resume, drops later records
                            runlog.start_wandb(cfg.train.wandb_project, run.dir, run.meta["config"]), quiet)
   sizes = steps.param_counts(run.model, state)
+  memory = run.meta.get("step_memory") or {}  # the fit check's: XLA's buffer assignment, one device
   log.write({"step": step, "event": "resume" if step else "start", "total_steps": run.steps,
-             "mesh": run.meta["mesh"], "processes": jax.process_count(), **sizes})
+             "mesh": run.meta["mesh"], "processes": jax.process_count(), **sizes,
+             **({"step_memory_bytes": memory} if memory else {})})
   if jax.process_index() == 0:
     print(f"params: {sizes['trainable_params']:,} trainable of {sizes['total_params']:,}; optimiser state "
-          f"{sizes['optimizer_state_bytes'] / 2**20:.1f} MiB", flush=True)
+          f"{sizes['optimizer_state_bytes'] / 2**20:.1f} MiB" + (
+              f"; train step {memory['total'] / 2**20:,.1f} MiB per device (frozen params "
+              f"{memory['frozen_params'] / 2**20:,.1f}, temporaries {memory['temporaries'] / 2**20:,.1f})"
+              if memory else ""), flush=True)
   watch = _Watch(cfg, stop)
   last_eval: dict[str, Any] = {}
   flops_per_token = functools.cache(lambda length: perf.train_flops_per_token(run.model.hf_config, length, cfg.task))

@@ -120,11 +120,11 @@ def _build(cfg: Config, run_dir: Path, resume: bool, mesh: jax.sharding.Mesh, ru
                                      batch_sharding, cfg.train.grad_accum, cfg.model.remat,
                                      cfg.train.nonfinite == "skip", cfg.train.loss_vocab_block)
   # Before any weight is read: the step compiled for these devices must fit them (the first step reuses it).
-  fit.check(cfg, steps.abstract_state(model, tx, shardings), train_step, batch_sharding,
-            lambda c: _described(c, hf_config, len(labels or ()), mesh, rules))
+  memory = fit.check(cfg, steps.abstract_state(model, tx, shardings), train_step, batch_sharding,
+                     lambda c: _described(c, hf_config, len(labels or ()), mesh, rules))
   meta = {"family": model.family, "model": dataclasses.asdict(model.cfg), "hf_config": model.hf_config,
           "labels": labels, "config": config_lib.to_dict(cfg), "steps_per_epoch": train_feed.per_epoch,
-          "mesh": dict(mesh.shape)}
+          "mesh": dict(mesh.shape), "step_memory": memory}
   if resume:  # straight into the saved state: of the pretrained weights only frozen params are read
     ckpts = Checkpoints(run_dir, tasks.checkpoint_config(cfg))
     state, saved_meta = restore.resume_state(
