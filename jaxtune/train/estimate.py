@@ -74,7 +74,8 @@ def activation_bytes(cfg: Config, model: Model, mesh_shape: dict[str, int]) -> d
   Per token and layer, without remat, a transformer layer keeps its two norms' inputs and outputs (4 D), q, k, v
   and the attention output ((2 H + 2 KV) K), and the MLP's inputs to its down projection and activation (4 F
   gated, 2 F plain); an attention kernel that is not fused adds the H x L scores and probabilities. remat full
-  keeps only each layer's input (D) plus one layer recomputed; dots and dots_no_batch keep the matmul outputs.
+  keeps only each layer's input (D, in the compute dtype: the scan's carry) plus one layer recomputed; dots and
+  dots_no_batch keep the matmul outputs.
   Tensor parallelism splits heads and MLP; the batch splits over its shards. The logits (vocab wide, or one
   block wide where the loss tiles the vocabulary; compute dtype plus float32 log-softmax and gradient) and the
   float32 gradients of the trainable params come on top (twice with grad_accum: the sum so far and one
@@ -94,7 +95,7 @@ def activation_bytes(cfg: Config, model: Model, mesh_shape: dict[str, int]) -> d
   scores = 0 if cfg.model.attention in FUSED_ATTENTION else heads / tp * cfg.data.max_len * (b + 4)
   one_layer = tokens * ((attn + mlp) * b + scores)
   kept = {"none": layers * one_layer,
-          "full": layers * tokens * d * 4 + one_layer,
+          "full": layers * tokens * d * b + one_layer,
           "dots": layers * tokens * ((2 * heads + 2 * kv) * head_dim / tp + 2 * d + 3 * f / tp) * b + one_layer}
   kept["dots_no_batch"] = kept["dots"]
   vocab = model.hf_config.get("vocab_size", 0) if cfg.task in ("causal_lm", "seq2seq") else 0
