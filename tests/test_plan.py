@@ -135,3 +135,27 @@ def test_shipped_llama_shapes_plan_offline():
   model, _ = plan.analytic_build(hf, 16, 2)(cfg)
   params = sum(math.prod(x.shape) for x in jax.tree.leaves(model.abstract))
   assert 1.23e9 < params < 1.24e9  # Llama-3.2-1B: 1,235,814,400 params, embeddings tied
+
+
+def test_large_model_tables_rank_the_methods_as_their_bytes_say():
+  """plan_tables (docs/large_models.md) on the GPU cells, which need no compile: Llama-3.1-8B on one H200 holds
+  16 bytes per param fully fine-tuned, 2 per base param as LoRA on bfloat16 and ~0.53 as QLoRA on NF4 (plus the
+  bfloat16 embeddings and head); the 70B model's NF4 base fits one H200 where its bfloat16 base cannot."""
+  from jaxtune.tools import plan_tables
+
+  cells = {(c.model, c.method): c.result
+           for c in plan_tables.run(list(plan_tables.MODELS), list(plan_tables.METHODS), ["1 x H200"], log=lambda _: 0)}
+  memory = {k: r["memory_per_device_bytes"] for k, r in cells.items()}
+  full = memory["Llama-3.1-8B", "full"]
+  assert full["params"] + full["optimizer"] + full["gradients"] == pytest.approx(16 * 8.03e9, rel=0.01)
+  bf16, nf4 = memory["Llama-3.1-8B", "LoRA bf16"], memory["Llama-3.1-8B", "QLoRA NF4"]
+  assert bf16["frozen_params"] == pytest.approx(2 * 8.03e9, rel=0.01)
+  layers = 32 * (4096 * (4096 + 2 * 1024 + 4096) + 3 * 4096 * 14336)  # the quantised kernels
+  rest = 8.03e9 - layers  # embeddings, head, norms: bfloat16
+  want = layers * (0.5 + 1 / 64 + 4 / (64 * 256)) + 4 * 32 * 7 + 2 * rest  # + one float32 offset per kernel
+  assert nf4["frozen_params"] == pytest.approx(want, rel=1e-3)
+  assert not cells["Llama-3.1-70B", "LoRA bf16"]["fits"] and cells["Llama-3.1-70B", "QLoRA NF4"]["fits"]
+  assert "| Llama-3.1-70B | QLoRA NF4 | 1 x H200 |" in plan_tables.markdown(
+      [plan_tables.Cell(m, k, "1 x H200", r) for (m, k), r in cells.items()])
+  assert plan_tables.max_context("Llama-3.1-8B", "QLoRA NF4", 80) > plan_tables.max_context(
+      "Llama-3.1-8B", "QLoRA NF4", 48) > 0
