@@ -188,7 +188,8 @@ def verdict(out: dict[str, Any]) -> str:
   line = f"does not fit: {100 * share:.1f}% of HBM per device"
   s = out["suggestion"]
   if s is None:
-    return line + "; no change tried (fsdp over every device, remat full, microbatches, LoRA) fits: use more devices"
+    return line + ("; no change tried (fsdp over every device, remat full, microbatches, LoRA, a bfloat16 or NF4 "
+                   "base) fits: use more devices")
   changes = " ".join(map(_shell_word, s["overrides"]))
   return (line + f"; would fit with {changes} (estimated {s['estimated_total_bytes'] / GiB:.2f} GiB per device; "
           "plan again with these overrides to confirm)")
