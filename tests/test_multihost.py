@@ -1,4 +1,5 @@
-"""Two processes x 4 CPU devices (jax.distributed over 127.0.0.1) train exactly as one process with 8."""
+"""Two processes x 4 CPU devices (jax.distributed over 127.0.0.1) train exactly as one process with 8, each
+tokenising only the train rows its devices hold."""
 
 from __future__ import annotations
 
@@ -65,11 +66,16 @@ def test_two_processes_match_one_process_with_eight_devices(config_path, tmp_pat
   assert got[0]["processes"] == 2 and want[0]["processes"] == 1
   assert got[0]["mesh"] == want[0]["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
   assert len(got) == len(want)  # one writer: no record was logged twice
+  # Each process tokenised only the train rows its devices hold: half of each of the 4 batches of 16 rows (all
+  # in the first epoch of 80 rows), where the one process tokenised all 80.
+  rows = want[0]["train_rows_tokenized"]
+  assert rows == [80] and got[0]["train_rows_tokenized"] == [4 * 16 // 2] * 2
+  assert all(count <= 0.55 * rows[0] for count in got[0]["train_rows_tokenized"])
   # Losses, grad norms, lrs and validation metrics agree; gloo's all-reduce sums in another order
   # than XLA's in-process one, which moves the last bits.
   for w, g in zip(want, got, strict=True):
     assert g.keys() == w.keys()
-    for key in set(w) - {"processes", "examples_per_s", "tokens_per_s"}:
+    for key in set(w) - {"processes", "examples_per_s", "tokens_per_s", "train_rows_tokenized"}:
       assert g[key] == (pytest.approx(w[key], rel=1e-6, abs=1e-7) if isinstance(w[key], float) else w[key]), key
   # The checkpoint both processes wrote together holds the single-process params.
   single = params_lib.flatten(restore.restore_step(tmp_path / "one", "latest", sharding.make_mesh(MeshConfig()))[2])

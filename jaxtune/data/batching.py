@@ -54,10 +54,11 @@ def encoder_batch(data: Any, rows: np.ndarray, batch_size: int, buckets: Sequenc
                   part: slice = slice(None)) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """(padded input_ids, attention_mask, token_type_ids (B x L) and weights (B); the data rows in it) of a batch.
 
-  `data` has ragged input_ids and token_type_ids. L comes from every row of the global batch; only rows
-  `part` of it are built (a process's share); positions past the real rows are padding with weight 0.
+  `data` has ragged input_ids and token_type_ids. L comes from the lengths of every row of the global batch;
+  only rows `part` of it are built (a process's share, the only rows read); positions past the real rows are
+  padding with weight 0.
   """
-  length = pad_length(max(len(data.input_ids[r]) for r in rows), buckets, max_len)
+  length = pad_length(int(data.lengths[rows].max()), buckets, max_len)
   mine = np.arange(batch_size)[part]  # positions in the global batch; those >= len(rows) are padding
   real = rows[mine[mine < len(rows)]]
   batch = {k: np.zeros((len(mine), length), np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import datasets
 import numpy as np
 
 from jaxtune.config import DataConfig
-from jaxtune.data import splits
+from jaxtune.data import hostrows, splits
 from jaxtune.data.rows import TokenRows
 from jaxtune.errors import UserError
 
@@ -21,6 +21,7 @@ class Encoded(TokenRows):
   input_ids: list[np.ndarray]
   token_type_ids: list[np.ndarray]
   labels: np.ndarray  # int32 ids into the label list saved with the checkpoint
+  ROW_FIELDS: ClassVar[tuple[str, ...]] = ("input_ids", "token_type_ids", "labels")  # hostrows.Rows reads these
 
 
 def check_columns(ds: datasets.Dataset, cfg: DataConfig, name: str) -> None:
@@ -74,10 +75,19 @@ def _texts(ds: datasets.Dataset, column: str, name: str) -> list[str]:
 
 def load_splits(cfg: DataConfig, seed: int, tokenizer: Any, names: Sequence[str],
                 labels: Sequence[Any] | None = None, extra: dict[str, str] | None = None,
-                limit: int | None = None) -> tuple[list[Any], dict[str, Encoded]]:
-  """(labels, encoded splits) for `names`; labels come from the training split unless given."""
+                limit: int | None = None, per_host: bool = False) -> tuple[list[Any], dict[str, Encoded]]:
+  """(labels, encoded splits) for `names`; labels come from the training split unless given. With `per_host`
+  the train split is a hostrows.Rows, tokenised later only where a process asks."""
   raw = splits.load_raw(cfg, seed, names, extra, limit)
   if labels is None:  # from every training row, even when `limit` cut the splits being encoded
     train = raw["train"] if "train" in names and not limit else splits.load_raw(cfg, seed, ["train"])["train"]
     labels = label_list(train, cfg, f"train ({cfg.train})")
-  return list(labels), {n: encode(raw[n], cfg, tokenizer, labels, splits.describe(cfg, n, extra)) for n in names}
+
+  def encoded(n: str) -> Any:
+    name = splits.describe(cfg, n, extra)
+    if per_host and n == "train":
+      check_columns(raw[n], cfg, name)
+      return hostrows.Rows.of_dataset(raw[n], lambda ds: encode(ds, cfg, tokenizer, labels, name))
+    return encode(raw[n], cfg, tokenizer, labels, name)
+
+  return list(labels), {n: encoded(n) for n in names}

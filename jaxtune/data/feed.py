@@ -3,6 +3,7 @@
 Either feed yields (data, rows) per step, where `collate(data, rows, ...)` builds the batch, and gives
 the data position after a step: saved with each checkpoint, it is checked (split) or continued from
 (stream) on --resume, so a resumed run trains on exactly the batches it would have without a stop.
+A multi-process run's split (`HostFeed`) has the same order, each process tokenising only its rows.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import itertools
 from collections.abc import Iterator
 from typing import Any
 
+import jax
 import numpy as np
 
-from jaxtune.data import batching, stream
+from jaxtune.data import batching, hostrows, stream
 from jaxtune.errors import UserError
 
 
@@ -44,6 +46,11 @@ class SplitFeed:
   def epoch(self, step: int) -> float:
     return step / self.per_epoch
 
+  @property
+  def tokenized(self) -> list[int] | None:
+    """Train rows tokenised by each process (every process encodes the whole split)."""
+    return [len(self.data)] * jax.process_count()
+
   def resume(self, saved: dict[str, Any] | None, step: int) -> None:
     """The restored step's saved position must be where this data's order puts that step."""
     want = self.position(step)
@@ -53,9 +60,33 @@ class SplitFeed:
                       "new --run-dir.")
 
 
+class HostFeed(SplitFeed):
+  """A multi-process run's split (`hostrows.Rows`), in SplitFeed's order: this process tokenises only the rows
+  at positions `part` of the batches of steps 0 .. steps-1 (those its devices hold, `batching.local_rows`) and
+  learns the lengths of the others' rows by `Rows.exchange`. With group_by_length the order itself depends on
+  every row's length, so each process first tokenises an equal block of the split, and the lengths are
+  exchanged before the order is drawn (its own rows outside that block are tokenised after). On --resume it
+  still tokenises from step 0: the step restored is known only once the state is read, after the data."""
+
+  def __init__(self, data: hostrows.Rows, batch_size: int, seed: int, group_by_length: bool, part: slice,
+               steps: int):
+    super().__init__(data, batch_size, seed, group_by_length)
+    if group_by_length:
+      data.fetch(np.array_split(np.arange(len(data)), jax.process_count())[jax.process_index()])
+      data.exchange()
+    mine = [rows[part] for _, rows in self.batches(0, steps)]  # train batches are full: `part` is in range
+    data.fetch(np.concatenate(mine) if mine else np.zeros(0, np.int64))
+    data.exchange()
+
+  @property
+  def tokenized(self) -> list[int] | None:
+    return self.data.tokenized
+
+
 class StreamFeed:
   """A streamed split (`stream.LMStream`): one batch per step, continued from the saved position on resume."""
   per_epoch = None  # unknown: a stream's length is not read ahead
+  tokenized = None  # each process reads and encodes the whole stream
 
   def __init__(self, source: stream.LMStream):
     self.source = source

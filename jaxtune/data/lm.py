@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import datasets
 import jax.numpy as jnp
@@ -35,6 +35,7 @@ class LMExamples:
   loss_mask: np.ndarray  # float32 N x L, 1 where targets[:, t] is a trained token of tokens[:, t]'s segment
   truncated_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))  # cut at L
   no_loss_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))  # 0 targets left
+  ROW_FIELDS: ClassVar[tuple[str, ...]] = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 
   def __len__(self) -> int:
     return len(self.tokens)
@@ -272,14 +273,19 @@ def load_lm_split(ds: datasets.Dataset, tokenizer: Any, name: str, seq_len: int,
                   pack_text: bool = True) -> LMExamples:
   """LM rows from one of: a text column (packed, or one document per row), prompt + response, or messages."""
   form = Form(text_column, prompt_column, response_column, messages_column, use_chat_template, pack_text)
-  form.check(name)
-  if len(ds) == 0:
-    raise UserError(f"data split {name} has no rows; point it at a non-empty file.")
-  form.check_columns(ds.column_names, name)
+  check_split(ds, form, name)
   examples = form.encode({c: ds[c] for c in form.columns}, tokenizer, seq_len, name)
   if form.packs:
     return pack([tokens for tokens, _ in examples], seq_len)
   return _padded(examples, seq_len, name)
+
+
+def check_split(ds: datasets.Dataset, form: Form, name: str) -> None:
+  """The form names one kind of example, the split has rows and the form's columns."""
+  form.check(name)
+  if len(ds) == 0:
+    raise UserError(f"data split {name} has no rows; point it at a non-empty file.")
+  form.check_columns(ds.column_names, name)
 
 
 def _padded(examples: Sequence[Example], seq_len: int, name: str) -> LMExamples:

@@ -10,8 +10,9 @@ target token, the loss normalised by the true number of target tokens in the glo
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -27,6 +28,11 @@ class Pairs(TokenRows):
   labels: list[np.ndarray]
   sources: list[str]  # the texts, for generation
   references: list[str]  # the target texts, for BLEU / ROUGE
+  ROW_FIELDS: ClassVar[tuple[str, ...]] = ("input_ids", "labels", "sources", "references")
+
+  @functools.cached_property  # collate reads it for every batch
+  def target_lengths(self) -> np.ndarray:
+    return np.fromiter((len(x) for x in self.labels), np.int32, len(self.labels))
 
   @property
   def max_token_id(self) -> int:
@@ -51,11 +57,12 @@ def collate(data: Pairs, rows: np.ndarray, batch_size: int, buckets: Sequence[in
             max_target_len: int, part: slice = slice(None)) -> dict[str, np.ndarray]:
   """Padded batch: input_ids, attention_mask (B x S); labels, label_mask (B x T).
 
-  S and T come from every row of the global batch (each padded to its smallest bucket that fits); only
-  rows `part` are built. The model makes its decoder input from the labels (`layers.shift_right`).
+  S and T come from the lengths of every row of the global batch (each padded to its smallest bucket that
+  fits); only rows `part` are built (and read). The model makes its decoder input from the labels
+  (`layers.shift_right`).
   """
-  s = pad_length(max(len(data.input_ids[r]) for r in rows), buckets, max_len)
-  t = pad_length(max(len(data.labels[r]) for r in rows), buckets, max_target_len)
+  s = pad_length(int(data.lengths[rows].max()), buckets, max_len)
+  t = pad_length(int(data.target_lengths[rows].max()), buckets, max_target_len)
   mine = np.arange(batch_size)[part]
   real = rows[mine[mine < len(rows)]]
   batch = {k: np.zeros((len(mine), s), np.int32) for k in ("input_ids", "attention_mask")}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -26,6 +26,7 @@ class Tagged(TokenRows):
   token_type_ids: list[np.ndarray]
   labels: list[np.ndarray]  # int32 per token: a tag id on each word's first sub-token, IGNORE elsewhere
   num_words: np.ndarray  # int32 words per row before truncation
+  ROW_FIELDS: ClassVar[tuple[str, ...]] = ("input_ids", "token_type_ids", "labels", "num_words")
 
 
 def tag_names(values: Sequence[Any], feature: Any = None) -> list[list[str]]:

@@ -36,8 +36,13 @@ class Task(Protocol):
     ...
 
   def load(self, cfg: Config, tokenizer: Any, names: Sequence[str], labels: Sequence[Any] | None = None,
-           extra: dict[str, str] | None = None, limit: int | None = None) -> tuple[list[Any] | None, dict[str, Any]]:
-    """(labels, split name -> encoded rows); `labels` given keeps the training run's label list."""
+           extra: dict[str, str] | None = None, limit: int | None = None,
+           per_host: bool = False) -> tuple[list[Any] | None, dict[str, Any]]:
+    """(labels, split name -> encoded rows); `labels` given keeps the training run's label list.
+
+    With `per_host` (a multi-process run) the train split may come as a data.hostrows.Rows, read but not
+    tokenised, where each of its rows is one example; a task whose rows depend on the whole split (QA's
+    windows, packed text) encodes it whole as without."""
     ...
 
   def collate(self, data: Any, rows: np.ndarray, batch_size: int, cfg: Config, part: slice = slice(None)) -> Batch:

@@ -24,9 +24,9 @@ class Classification(Task):
     return "accuracy", "max"
 
   def load(self, cfg: Config, tokenizer: Any, names: Sequence[str], labels: Sequence[Any] | None = None,
-           extra: dict[str, str] | None = None, limit: int | None = None
+           extra: dict[str, str] | None = None, limit: int | None = None, per_host: bool = False
            ) -> tuple[list[Any], dict[str, classification.Encoded]]:
-    return classification.load_splits(cfg.data, cfg.train.seed, tokenizer, names, labels, extra, limit)
+    return classification.load_splits(cfg.data, cfg.train.seed, tokenizer, names, labels, extra, limit, per_host)
 
   def collate(self, data: classification.Encoded, rows: np.ndarray, batch_size: int, cfg: Config,
               part: slice = slice(None)) -> Batch:

@@ -13,7 +13,7 @@ import optax
 import transformers
 
 from jaxtune.config import Config
-from jaxtune.data import batching, qa, splits, tagging
+from jaxtune.data import batching, hostrows, qa, splits, tagging
 from jaxtune.errors import UserError
 from jaxtune.tasks import metrics
 from jaxtune.tasks.base import Batch, Task
@@ -27,8 +27,9 @@ class QuestionAnswering(Task):
     return "f1", "max"
 
   def load(self, cfg: Config, tokenizer: Any, names: Sequence[str], labels: Sequence[Any] | None = None,
-           extra: dict[str, str] | None = None, limit: int | None = None) -> tuple[None, dict[str, qa.Features]]:
-    del labels
+           extra: dict[str, str] | None = None, limit: int | None = None,
+           per_host: bool = False) -> tuple[None, dict[str, qa.Features]]:
+    del labels, per_host  # the number of windows (rows) is known only once every context is tokenised
     d = cfg.data
     out = {}
     for n, (name, ds) in splits.load_named(d, cfg.train.seed, names, extra, limit).items():
@@ -83,8 +84,8 @@ class TokenClassification(Task):
     return "f1", "max"
 
   def load(self, cfg: Config, tokenizer: Any, names: Sequence[str], labels: Sequence[Any] | None = None,
-           extra: dict[str, str] | None = None, limit: int | None = None
-           ) -> tuple[list[str], dict[str, tagging.Tagged]]:
+           extra: dict[str, str] | None = None, limit: int | None = None, per_host: bool = False
+           ) -> tuple[list[str], dict[str, tagging.Tagged | hostrows.Rows]]:
     d = cfg.data
     tokenizer = words_tokenizer(tokenizer)
     rows = {}
@@ -98,8 +99,15 @@ class TokenClassification(Task):
       rows[n] = words, tags
     if labels is None:
       labels = tagging.label_list(rows["train"][1], splits.describe(d, "train", extra))
-    return list(labels), {n: tagging.encode(w, t, tokenizer, labels, d.max_len, splits.describe(d, n, extra))
-                          for n, (w, t) in rows.items()}
+
+    def encoded(n: str, words: Sequence[Any], tags: Sequence[Sequence[str]]) -> Any:
+      encode = lambda w, t: tagging.encode(w, t, tokenizer, labels, d.max_len, splits.describe(d, n, extra))
+      if per_host and n == "train":
+        pick = lambda values, rows: [values[r] for r in rows]
+        return hostrows.Rows(len(words), lambda r: encode(pick(words, r), pick(tags, r)), lambda: encode(words, tags))
+      return encode(words, tags)
+
+    return list(labels), {n: encoded(n, w, t) for n, (w, t) in rows.items()}
 
   def collate(self, data: tagging.Tagged, rows: np.ndarray, batch_size: int, cfg: Config,
               part: slice = slice(None)) -> Batch:
@@ -123,7 +131,8 @@ class TokenClassification(Task):
     loss_BxL, valid_BxL = self._losses(logits_BxLxC, batch)
     return {"pred": jnp.argmax(logits_BxLxC, -1), "loss_sum": loss_BxL.sum(-1), "tokens": valid_BxL.sum(-1)}
 
-  def metrics(self, out: dict[str, np.ndarray], data: tagging.Tagged, labels: Sequence[str], cfg: Config) -> dict[str, Any]:
+  def metrics(self, out: dict[str, np.ndarray], data: tagging.Tagged, labels: Sequence[str],
+              cfg: Config) -> dict[str, Any]:
     loss = float(out["loss_sum"].sum()) / max(float(out["tokens"].sum()), 1.0)
     return {**metrics.entities(list(out["pred"]), data, labels), "loss": loss}
 

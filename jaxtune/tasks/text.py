@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from jaxtune.config import Config
-from jaxtune.data import lm, seq2seq, sources, splits, stream
+from jaxtune.data import hostrows, lm, seq2seq, sources, splits, stream
 from jaxtune.errors import UserError
 from jaxtune.generation import search
 from jaxtune.generation import seq2seq as seq2seq_generation
@@ -67,14 +67,25 @@ class CausalLM(TokenLoss, Task):
     return "loss", "min"
 
   def load(self, cfg: Config, tokenizer: Any, names: Sequence[str], labels: Sequence[Any] | None = None,
-           extra: dict[str, str] | None = None, limit: int | None = None) -> tuple[None, dict[str, lm.LMExamples]]:
+           extra: dict[str, str] | None = None, limit: int | None = None,
+           per_host: bool = False) -> tuple[None, dict[str, lm.LMExamples | hostrows.Rows]]:
     del labels
-    d = cfg.data
+    d, form = cfg.data, self.form(cfg)
     raw = splits.load_raw(d, cfg.train.seed, names, extra, limit)
     raw = {n: with_prompts(ds, cfg, splits.describe(d, n, extra)) for n, ds in raw.items()}
-    return None, {n: lm.load_lm_split(raw[n], tokenizer, splits.describe(d, n, extra), d.max_len,
-                                      **dataclasses.asdict(self.form(cfg)))
-                  for n in names}
+
+    def encoded(n: str) -> Any:
+      name = splits.describe(d, n, extra)
+      whole = functools.partial(lm.load_lm_split, tokenizer=tokenizer, name=name, seq_len=d.max_len,
+                                **dataclasses.asdict(form))
+      if per_host and n == "train" and not form.packs:  # packed rows depend on every earlier document's length
+        lm.check_split(raw[n], form, name)
+        encode = lambda ds: lm.pad_rows(form.encode({c: ds[c] for c in form.columns}, tokenizer, d.max_len, name),
+                                        d.max_len)
+        return hostrows.Rows(len(raw[n]), lambda rows: encode(raw[n].select(rows)), lambda: whole(raw[n]))
+      return whole(raw[n])
+
+    return None, {n: encoded(n) for n in names}
 
   def form(self, cfg: Config) -> lm.Form:
     d = cfg.data
@@ -113,7 +124,8 @@ class Seq2Seq(TokenLoss, Task):
     return ("bleu", "max") if cfg.generate.predict_with_generate else ("loss", "min")
 
   def load(self, cfg: Config, tokenizer: Any, names: Sequence[str], labels: Sequence[Any] | None = None,
-           extra: dict[str, str] | None = None, limit: int | None = None) -> tuple[None, dict[str, seq2seq.Pairs]]:
+           extra: dict[str, str] | None = None, limit: int | None = None,
+           per_host: bool = False) -> tuple[None, dict[str, seq2seq.Pairs | hostrows.Rows]]:
     del labels
     d = cfg.data
     out = {}
@@ -124,8 +136,9 @@ class Seq2Seq(TokenLoss, Task):
         if column not in ds.column_names:
           raise UserError(f"data split {name} has no column {column!r} (it has {ds.column_names}); set "
                           "data.source_column / data.target_column to existing columns.")
-      out[n] = seq2seq.encode(ds[d.source_column], ds[d.target_column], tokenizer, d.source_prefix, d.max_len,
-                              d.max_target_len, name)
+      out[n] = _pairs(ds[d.source_column], ds[d.target_column], functools.partial(
+          seq2seq.encode, tokenizer=tokenizer, prefix=d.source_prefix, max_len=d.max_len,
+          max_target_len=d.max_target_len, name=name), per_host and n == "train")
     return None, out
 
   def collate(self, data: seq2seq.Pairs, rows: np.ndarray, batch_size: int, cfg: Config,
@@ -152,6 +165,14 @@ class Seq2Seq(TokenLoss, Task):
     rows = [{"source": src, "reference": ref, "prediction": text}
             for src, ref, text in zip(data.sources, data.references, texts, strict=True)]
     return scores, rows
+
+
+def _pairs(src: Sequence[Any], tgt: Sequence[Any], encode: Any, per_host: bool) -> seq2seq.Pairs | hostrows.Rows:
+  """encode(src, tgt) now, or (per_host) as hostrows.Rows that encode the rows a process asks for."""
+  if not per_host:
+    return encode(src, tgt)
+  return hostrows.Rows(len(src), lambda rows: encode([src[r] for r in rows], [tgt[r] for r in rows]),
+                       lambda: encode(src, tgt), ("lengths", "target_lengths"))
 
 
 PROMPT = "prompt"  # the column prompts are read from once `with_prompts` has run

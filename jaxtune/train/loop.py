@@ -106,9 +106,11 @@ def loop(run: setup.Run, clock: perf.RunClock | None = None, stop: StopRequests 
                            runlog.start_wandb(cfg.train.wandb_project, run.dir, run.meta["config"]), quiet)
   sizes = steps.param_counts(run.model, state)
   memory = run.meta.get("step_memory") or {}  # the fit check's: XLA's buffer assignment, one device
+  tokenized = run.feed.tokenized  # train rows each process tokenised (None for a stream)
   log.write({"step": step, "event": "resume" if step else "start", "total_steps": run.steps,
              "mesh": run.meta["mesh"], "processes": jax.process_count(), **sizes,
-             **({"step_memory_bytes": memory} if memory else {})})
+             **({"step_memory_bytes": memory} if memory else {}),
+             **({"train_rows_tokenized": tokenized} if tokenized is not None else {})})
   if jax.process_index() == 0:
     print(f"params: {sizes['trainable_params']:,} trainable of {sizes['total_params']:,}; optimiser state "
           f"{sizes['optimizer_state_bytes'] / 2**20:.1f} MiB" + (

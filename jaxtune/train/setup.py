@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jaxtune import config as config_lib
 from jaxtune import sharding, tasks
 from jaxtune.config import Config, MeshConfig
-from jaxtune.data import feed
+from jaxtune.data import batching, feed, hostrows
 from jaxtune.errors import UserError
 from jaxtune.models import FAMILIES
 from jaxtune.models.model import Model
@@ -89,17 +89,27 @@ def prepare(cfg: Config, run_dir: Path, resume: bool = False, clock: perf.RunClo
       tokenizer = pretrained.load_tokenizer(cfg.model)
       names = ([] if cfg.data.streaming else ["train"]) + (
           ["validation"] if cfg.data.validation or cfg.data.validation_holdout else [])
-      labels, splits = TASKS[cfg.task].load(cfg, tokenizer, names)
-      if cfg.data.streaming:
-        train_feed = feed.StreamFeed(TASKS[cfg.task].stream(cfg, tokenizer))
-      else:
-        train_feed = feed.SplitFeed(splits["train"], cfg.train.batch_size, cfg.train.seed, cfg.data.group_by_length)
+      labels, splits = TASKS[cfg.task].load(cfg, tokenizer, names, per_host=jax.process_count() > 1)
+      train_feed = _feed(cfg, tokenizer, splits, sharding.batch_sharding(mesh, rules))
     with clock.phase("weights"):
       return _build(cfg, run_dir, resume, mesh, rules, (hf_config, reader), tokenizer, labels, splits, train_feed,
                     lock, created)
   except BaseException:
     lock.release()
     raise
+
+
+def _feed(cfg: Config, tokenizer: Any, splits: dict[str, Any], batch_sharding: jax.sharding.NamedSharding) -> Any:
+  """The train feed: a stream, a split every process encoded whole, or (several processes) one that each
+  process tokenises only where its devices hold the rows (feed.HostFeed)."""
+  t = cfg.train
+  if cfg.data.streaming:
+    return feed.StreamFeed(TASKS[cfg.task].stream(cfg, tokenizer))
+  if isinstance(splits["train"], hostrows.Rows):
+    part = batching.local_rows(batch_sharding, t.batch_size)
+    return feed.HostFeed(splits["train"], t.batch_size, t.seed, cfg.data.group_by_length, part,
+                         total_steps(cfg, len(splits["train"]))[1])
+  return feed.SplitFeed(splits["train"], t.batch_size, t.seed, cfg.data.group_by_length)
 
 
 def _build(cfg: Config, run_dir: Path, resume: bool, mesh: jax.sharding.Mesh, rules: sharding.Rules,
