@@ -252,9 +252,7 @@ def _matmul_fwd(x: jax.Array, q: Quantised, n_in: int) -> tuple[jax.Array, tuple
 
 def _matmul_bwd(n_in: int, residuals: tuple[Quantised, jax.Array], dy: jax.Array) -> tuple[jax.Array, Any]:
   q, like = residuals
-  # The barrier keeps XLA from merging this dequantisation with the forward pass's (common-subexpression
-  # elimination would otherwise keep every layer's float kernel alive from its forward use to its backward one).
-  kernel = dequantise(jax.lax.optimization_barrier(q)).astype(like.dtype)
+  kernel = dequantise(q).astype(like.dtype)
   n_tokens = dy.ndim - (kernel.ndim - n_in)
   dx = jax.lax.dot_general(dy, kernel, ((tuple(range(n_tokens, dy.ndim)), tuple(range(n_in, kernel.ndim))),
                                         ((), ())))
