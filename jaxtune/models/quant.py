@@ -170,13 +170,22 @@ def quantise(w: jax.Array, kind: str, n_lead: int, n_in: int, out: Quantised | N
     codes, absmax = jax.jit(_over_lead(_nf4_codes, n_lead), out_shardings=put("codes", "absmax"))(w)
     # The mean is taken on the host in float64, so the offset is the correctly rounded mean on every platform;
     # bitsandbytes' is its backend's float32 sum (its CPU and CUDA kernels round differently), within an ulp of it.
-    offset = np.asarray(absmax, np.float64).mean(axis=-1).astype(np.float32)
+    offset = _on_host(absmax).astype(np.float64).mean(axis=-1).astype(np.float32)
     offset = jax.device_put(offset, out.offset) if out is not None else jnp.asarray(offset)
     second = jax.jit(_over_lead(_second_level, n_lead), out_shardings=put("absmax", "absmax_scale"))
     return NF4(codes, *second(absmax, offset), offset, shape=tuple(w.shape[n_lead:]))
   if kind == "int8":
     return jax.jit(functools.partial(_int8, n_lead=n_lead, n_in=n_in), out_shardings=out)(w)
   raise ValueError(f"no quantisation {kind!r}")
+
+
+def _on_host(x: jax.Array) -> np.ndarray:
+  """The whole of `x` as numpy, also where its shards live on other processes (a multi-host FSDP mesh)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def abstract(w: jax.ShapeDtypeStruct, kind: str, n_lead: int, n_in: int) -> Quantised:
