@@ -113,6 +113,11 @@ def spec_for(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh, rules
   return P(*out)
 
 
+def spec_axes(spec: Sequence[str | tuple[str, ...] | None]) -> tuple[str, ...]:
+  """The mesh axes a PartitionSpec (or a slice of its entries) splits over, in order."""
+  return tuple(a for entry in spec if entry for a in (entry if isinstance(entry, tuple) else (entry,)))
+
+
 def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Rules = RULES) -> dict[str, Any]:
   """Pure-dict tree of NamedShardings for an (abstract) nnx param state, from each param's `axes`."""
   flat = {path: NamedSharding(mesh, spec_for(v.get_value().shape, v.get_metadata()["axes"], mesh, rules))

@@ -33,6 +33,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxtune import sharding
+
 NF4_BLOCK = 64  # weights per first-level absmax (QLoRA's and PEFT's default)
 ABSMAX_BLOCK = 256  # first-level absmaxes per second-level one (bitsandbytes' nested blocksize)
 # bitsandbytes' NF4 table (backends/utils.py _NF4_QUANT_TABLE; create_normal_map(0.9677083) rounded to float32).
@@ -215,7 +217,7 @@ def placement(q: Quantised, kernel: NamedSharding) -> Quantised:
                 n_out=q.n_out)
   n_lead = q.offset.ndim
   lead = spec[:n_lead]
-  axes = tuple(a for entry in spec[n_lead:] if entry for a in (entry if isinstance(entry, tuple) else (entry,)))
+  axes = sharding.spec_axes(spec[n_lead:])
   ways = math.prod(mesh.shape[a] for a in axes)
   even = axes and q.absmax.shape[-1] % ways == 0 and q.codes.shape[-1] == q.absmax.shape[-1] * NF4_BLOCK // 2
   flat = (axes if len(axes) > 1 else axes[0]) if even else None

@@ -38,7 +38,7 @@ def ways(shape: tuple[int, ...], axes: tuple[str | None, ...], mesh_shape: dict[
   """Into how many shards `rules` split an array on a mesh of `mesh_shape` (no devices needed: `spec_for` reads
   only the mesh's axis sizes)."""
   spec = sharding.spec_for(shape, axes, types.SimpleNamespace(shape=mesh_shape), rules)
-  return math.prod(mesh_shape[a] for entry in spec if entry for a in (entry if isinstance(entry, tuple) else (entry,)))
+  return math.prod(mesh_shape[a] for a in sharding.spec_axes(spec))
 
 
 def per_device_bytes(shape: tuple[int, ...], dtype: Any, axes: tuple[str | None, ...], mesh_shape: dict[str, int],
@@ -99,8 +99,8 @@ def activation_bytes(cfg: Config, model: Model, mesh_shape: dict[str, int]) -> d
           "dots": layers * tokens * ((2 * heads + 2 * kv) * head_dim / tp + 2 * d + 3 * f / tp) * b + one_layer}
   kept["dots_no_batch"] = kept["dots"]
   vocab = model.hf_config.get("vocab_size", 0) if cfg.task in ("causal_lm", "seq2seq") else 0
-  block = steps.loss_vocab_block(model, TASKS[cfg.task], cfg.train.loss_vocab_block)
-  if block and (cfg.train.loss_vocab_block or tokens * vocab * 4 >= steps.AUTO_TILE_BYTES):  # as steps.head_for
+  block = steps.tile_block(model, TASKS[cfg.task], cfg.train.loss_vocab_block, tokens)
+  if block:
     vocab = min(block, vocab)  # vocabulary-tiled loss: one block's logits at a time (models/vocab.py)
   logits = tokens * vocab / tp * (b + 4 + 4)
   grads = state_bytes(model, mesh_shape)["params"] * (2 if cfg.train.grad_accum > 1 else 1)  # + the accumulator

@@ -62,12 +62,17 @@ def head_for(model: Model, task: Task, setting: int | None, batch: dict[str, jax
   """head_kwargs for this (traced, so shape-static) batch. Unset, the vocabulary is tiled only where the plain
   float32 logits of one device's rows would exceed AUTO_TILE_BYTES: below that they cost less memory than the
   tiled backward pass's second head matmul costs time (SmolLM2's 16 x 192 rows: 0.6 GB, plain)."""
+  tokens = max(math.prod(x.shape) for x in batch.values() if x.ndim == 2)
+  return head_kwargs(task, tile_block(model, task, setting, tokens / shards))
+
+
+def tile_block(model: Model, task: Task, setting: int | None, device_tokens: float) -> int:
+  """The vocabulary block of a step whose devices each hold `device_tokens` rows x length (0: plain logits);
+  head_for's choice, also what train/estimate.py counts."""
   block = loss_vocab_block(model, task, setting)
-  if block and setting is None:
-    tokens = max(math.prod(x.shape) for x in batch.values() if x.ndim == 2)
-    if tokens * _vocab_size(model) * 4 / shards < AUTO_TILE_BYTES:
-      block = 0
-  return head_kwargs(task, block)
+  if block and setting is None and device_tokens * _vocab_size(model) * 4 < AUTO_TILE_BYTES:
+    return 0
+  return block
 
 
 def state_shardings(model: Model, tx: optax.GradientTransformation) -> TrainState:
