@@ -114,6 +114,10 @@ class DataConfig:
   max_len: int = 128  # tokens per example (classification) or per row (causal_lm) after truncation
   length_buckets: tuple[int, ...] = ()  # pad a batch to the smallest bucket >= its longest row
   group_by_length: bool = False  # batch rows of similar length together (fewer pad tokens)
+  # Tokenised splits are cached here as memory-mapped arrays (data/cache.py, docs/data_cache.md), keyed by the
+  # rows' content, the tokenizer and this section: a second run or evaluate.py reads them instead of
+  # tokenising. "" turns it off.
+  cache_dir: str = "~/.cache/jaxtune/data"
 
   def __post_init__(self) -> None:
     _check(self.max_len > 0, "data.max_len", "must be positive")

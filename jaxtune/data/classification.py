@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -10,7 +11,7 @@ import datasets
 import numpy as np
 
 from jaxtune.config import DataConfig
-from jaxtune.data import hostrows, splits
+from jaxtune.data import cache, hostrows, splits
 from jaxtune.data.rows import TokenRows
 from jaxtune.errors import UserError
 
@@ -36,7 +37,7 @@ def check_columns(ds: datasets.Dataset, cfg: DataConfig, name: str) -> None:
 def label_list(ds: datasets.Dataset, cfg: DataConfig, name: str) -> list[Any]:
   """The sorted distinct labels of the training split; their positions are the class ids."""
   check_columns(ds, cfg, name)
-  values = ds[cfg.label_column]
+  values = ds[cfg.label_column][:]  # a list: iterating datasets' lazy Column reads one row at a time
   missing = [i for i, v in enumerate(values) if v is None]
   if missing:
     raise UserError(f"data split {name} row {missing[0]} has no {cfg.label_column!r}; fill or drop it.")
@@ -54,7 +55,7 @@ def encode(ds: datasets.Dataset, cfg: DataConfig, tokenizer: Any, labels: Sequen
   pairs = _texts(ds, cfg.text_pair_column, name) if cfg.text_pair_column else None
   ids = {label: i for i, label in enumerate(labels)}
   label_ids = np.empty(len(ds), np.int32)
-  for row, value in enumerate(ds[cfg.label_column]):
+  for row, value in enumerate(ds[cfg.label_column][:]):
     if value not in ids:
       raise UserError(f"data split {name} row {row} has label {value!r}, which the training split does not "
                       f"have (labels: {list(labels)}); fix the row or the label column.")
@@ -65,7 +66,7 @@ def encode(ds: datasets.Dataset, cfg: DataConfig, tokenizer: Any, labels: Sequen
 
 
 def _texts(ds: datasets.Dataset, column: str, name: str) -> list[str]:
-  texts = ds[column]
+  texts = ds[column][:]
   for row, text in enumerate(texts):
     if not isinstance(text, str) or not text.strip():
       raise UserError(f"data split {name} row {row} has an empty or non-text {column!r} ({text!r}); "
@@ -77,17 +78,33 @@ def load_splits(cfg: DataConfig, seed: int, tokenizer: Any, names: Sequence[str]
                 labels: Sequence[Any] | None = None, extra: dict[str, str] | None = None,
                 limit: int | None = None, per_host: bool = False) -> tuple[list[Any], dict[str, Encoded]]:
   """(labels, encoded splits) for `names`; labels come from the training split unless given. With `per_host`
-  the train split is a hostrows.Rows, tokenised later only where a process asks."""
+  the train split is a hostrows.Rows, tokenised later only where a process asks. With data.cache_dir each split
+  is read from its cache entry (data/cache.py), built on a miss; a multi-process run reads its train rows from
+  an entry but never builds one (that would tokenise every row in one process)."""
   raw = splits.load_raw(cfg, seed, names, extra, limit)
   if labels is None:  # from every training row, even when `limit` cut the splits being encoded
     train = raw["train"] if "train" in names and not limit else splits.load_raw(cfg, seed, ["train"])["train"]
     labels = label_list(train, cfg, f"train ({cfg.train})")
 
+  store = cache.Store(cfg.cache_dir) if cfg.cache_dir else None
+  parts = {"task": "classification", "tokenizer": cache.tokenizer_digest(tokenizer), "data": cache.data_fields(cfg),
+           "labels": [repr(label) for label in labels],
+           "code": cache.code_digest(__name__, "jaxtune.data.rows")} if store else {}
+
   def encoded(n: str) -> Any:
     name = splits.describe(cfg, n, extra)
-    if per_host and n == "train":
-      check_columns(raw[n], cfg, name)
-      return hostrows.Rows.of_dataset(raw[n], lambda ds: encode(ds, cfg, tokenizer, labels, name))
-    return encode(raw[n], cfg, tokenizer, labels, name)
+    rows = lambda ds: encode(ds, cfg, tokenizer, labels, name)
+    check_columns(raw[n], cfg, name)
+    key = cache.key(rows=cache.rows_digest(raw[n]), **parts) if store else ""
+    entry = store.open(key) if store else None
+    if per_host and n == "train":  # each process reads (or, without an entry, tokenises) only its rows
+      if entry is None:
+        return hostrows.Rows.of_dataset(raw[n], rows)
+      return hostrows.Rows(len(entry), functools.partial(cache.take, entry), lambda: rows(raw[n]))
+    if entry is not None:
+      return entry
+    if store is None:
+      return rows(raw[n])
+    return store.build(key, cache.in_chunks(raw[n], rows, lambda: rows(raw[n])), {**parts, "split": name})
 
   return list(labels), {n: encoded(n) for n in names}

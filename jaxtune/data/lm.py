@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import datasets
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtune.data import cache
 from jaxtune.data.batching import pad_length
 from jaxtune.errors import UserError
 
@@ -44,7 +45,7 @@ class LMExamples:
   def seq_len(self) -> int:
     return self.tokens.shape[1]
 
-  @property
+  @functools.cached_property  # a cached split (data/cache.py) seeds it rather than reading every row
   def max_token_id(self) -> int:
     return int(self.tokens.max(initial=0))
 
@@ -270,14 +271,57 @@ class Form:
 def load_lm_split(ds: datasets.Dataset, tokenizer: Any, name: str, seq_len: int, *, text_column: str | None = None,
                   prompt_column: str | None = None, response_column: str | None = None,
                   messages_column: str | None = None, use_chat_template: bool = False,
-                  pack_text: bool = True) -> LMExamples:
-  """LM rows from one of: a text column (packed, or one document per row), prompt + response, or messages."""
+                  pack_text: bool = True, cache_dir: str = "") -> LMExamples:
+  """LM rows from one of: a text column (packed, or one document per row), prompt + response, or messages.
+
+  With `cache_dir` (data.cache_dir) the rows come from their cache entry (data/cache.py), built on a miss a chunk
+  of documents at a time (`encoded_chunks`): a corpus larger than memory is never held whole."""
   form = Form(text_column, prompt_column, response_column, messages_column, use_chat_template, pack_text)
   check_split(ds, form, name)
-  examples = form.encode({c: ds[c] for c in form.columns}, tokenizer, seq_len, name)
-  if form.packs:
-    return pack([tokens for tokens, _ in examples], seq_len)
-  return _padded(examples, seq_len, name)
+
+  def whole() -> LMExamples:
+    examples = form.encode({c: ds[c] for c in form.columns}, tokenizer, seq_len, name)
+    if form.packs:
+      return pack([tokens for tokens, _ in examples], seq_len)
+    return _padded(examples, seq_len, name)
+
+  if not cache_dir:
+    return whole()
+  parts = {"task": "causal_lm", "form": dataclasses.asdict(form), "seq_len": seq_len,
+           "tokenizer": cache.tokenizer_digest(tokenizer), "code": cache.code_digest(__name__)}
+  return cache.Store(cache_dir).get(cache.key(rows=cache.rows_digest(ds), **parts),
+                                    lambda: encoded_chunks(ds, form, tokenizer, seq_len, name, whole),
+                                    {**parts, "split": name})
+
+
+def encoded_chunks(ds: datasets.Dataset, form: Form, tokenizer: Any, seq_len: int, name: str,
+                   whole: Callable[[], LMExamples]) -> Iterator[LMExamples]:
+  """`load_lm_split`'s rows, cache.CHUNK_ROWS documents at a time: packed rows continue across chunks (one
+  Packer), the cut and lossless rows are numbered within the split. A bad row past the first chunk re-encodes the
+  split whole (`whole`) so that its error numbers the row as without the cache."""
+  packer, no_loss = Packer(seq_len), 0
+  for start in range(0, len(ds), cache.CHUNK_ROWS):
+    part = ds.select(range(start, min(start + cache.CHUNK_ROWS, len(ds))))
+    try:
+      examples = form.encode({c: part[c][:] for c in form.columns}, tokenizer, seq_len, name)
+    except UserError:
+      if start:
+        whole()
+      raise
+    if form.packs:  # as `pack`: every token of a document is trained on
+      rows = [row for tokens, _ in examples for row, _ in packer.add(tokens, np.ones(len(tokens), np.float32))]
+      if rows:
+        yield _assemble(rows, seq_len)
+      continue
+    data = pad_rows(examples, seq_len)
+    lossless = np.flatnonzero(data.loss_mask.sum(axis=1) == 0)
+    no_loss += len(lossless)
+    yield dataclasses.replace(data, truncated_rows=start + np.flatnonzero([len(t) > seq_len for t, _ in examples]),
+                              no_loss_rows=start + lossless)
+  if packer.row:
+    yield _assemble([packer.row], seq_len)
+  if not form.packs and no_loss == len(ds):
+    _no_targets(name, seq_len)
 
 
 def check_split(ds: datasets.Dataset, form: Form, name: str) -> None:
@@ -297,9 +341,13 @@ def _padded(examples: Sequence[Example], seq_len: int, name: str) -> LMExamples:
   truncated = np.flatnonzero([len(tokens) > seq_len for tokens, _ in examples])
   no_loss = np.flatnonzero(data.loss_mask.sum(axis=1) == 0)
   if len(no_loss) == len(data):
-    raise UserError(f"data split {name}: no row has a response/assistant token within the first {seq_len} tokens; "
-                    "raise the maximum length, shorten the prompts, or check the rows have assistant turns.")
+    _no_targets(name, seq_len)
   return dataclasses.replace(data, truncated_rows=truncated, no_loss_rows=no_loss)
+
+
+def _no_targets(name: str, seq_len: int) -> None:
+  raise UserError(f"data split {name}: no row has a response/assistant token within the first {seq_len} tokens; "
+                  "raise the maximum length, shorten the prompts, or check the rows have assistant turns.")
 
 
 def _check_strings(values: Sequence[Any], column: str, name: str) -> None:

@@ -18,6 +18,6 @@ class TokenRows:
   def lengths(self) -> np.ndarray:
     return np.fromiter((len(x) for x in self.input_ids), np.int32, len(self.input_ids))
 
-  @property
+  @functools.cached_property  # a cached split (data/cache.py) seeds it rather than reading every row
   def max_token_id(self) -> int:
     return max((int(x.max()) for x in self.input_ids if len(x)), default=0)

@@ -34,9 +34,9 @@ class Pairs(TokenRows):
   def target_lengths(self) -> np.ndarray:
     return np.fromiter((len(x) for x in self.labels), np.int32, len(self.labels))
 
-  @property
+  @functools.cached_property
   def max_token_id(self) -> int:
-    return max(super().max_token_id, max((int(x.max()) for x in self.labels if len(x)), default=0))
+    return max((int(x.max()) for rows in (self.input_ids, self.labels) for x in rows if len(x)), default=0)
 
 
 def encode(sources: Sequence[Any], targets: Sequence[Any], tokenizer: Any, prefix: str, max_len: int,
