@@ -24,6 +24,14 @@ python scripts/benchmark.py loadmem [--format safetensors|gguf] [--code DIR ...]
   idle process, in bytes and per checkpoint byte.
   --code: the checkout whose loader runs (repeat it to compare, e.g. an older one from git worktree add; default
   this one), alternating over --rounds; --dir: where the temporary checkpoint goes (default the system's temp).
+
+python scripts/benchmark.py datacache [--rounds N] [--corpus-rounds N] [--sizes MB,MB] [--off-max-mb MB] [--dir DIR]
+                                      [--only startup|corpus] [--output FILE]
+  The tokenised-data cache (data.cache_dir, docs/data_cache.md), each run a fresh process: the default job's data
+  phase and time to its first step with the cache cold and warm, alternating over --rounds; and a generated text
+  corpus of each size in --sizes (default 50,250,1000 MB) through the causal-LM data pipeline, cold, warm and (up to
+  --off-max-mb) without the cache, over --corpus-rounds: times, peak anonymous RSS and peak RSS. --dir keeps the
+  corpus and entries (default a new temporary directory, left for a rerun; it needs about 12 GB).
 """
 
 import argparse
@@ -87,6 +95,18 @@ def loadmem(args: argparse.Namespace) -> dict:
   return result
 
 
+def datacache(args: argparse.Namespace) -> dict:
+  from pathlib import Path
+
+  from jaxtune.tools import datacache as datacache_lib
+
+  parts = (args.only,) if args.only else ("startup", "corpus")
+  result = datacache_lib.measure(args.rounds, args.corpus_rounds, [int(s) for s in args.sizes.split(",")],
+                                 args.off_max_mb, Path(args.dir) if args.dir else None, parts)
+  print(datacache_lib.table(result))
+  return result
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="mode", required=True)
@@ -112,7 +132,15 @@ def main() -> int:
   m.add_argument("--rounds", type=int, default=1, help="loads per checkout, alternating")
   m.add_argument("--dir", help="where the temporary checkpoint is written")
   m.set_defaults(run=loadmem)
-  for sp in (p, o, s, m):
+  d = sub.add_parser("datacache", help="start-up time and data-pipeline memory with and without the data cache")
+  d.add_argument("--rounds", type=int, default=5, help="default-job runs per side, alternating")
+  d.add_argument("--corpus-rounds", type=int, default=2, help="corpus passes per size and side, alternating")
+  d.add_argument("--sizes", default="50,250,1000", help="corpus sizes in MB, comma-separated")
+  d.add_argument("--off-max-mb", type=int, default=50, help="largest corpus also run without the cache")
+  d.add_argument("--dir", help="work directory: corpus, HF datasets cache, entries (default a new temp dir)")
+  d.add_argument("--only", choices=("startup", "corpus"), help="run one of the two measurements")
+  d.set_defaults(run=datacache)
+  for sp in (p, o, s, m, d):
     sp.add_argument("--output", help="also write the results as JSON here")
   args = parser.parse_args()
   result = args.run(args)
