@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import yaml
 
+from jaxtune import storage
 from jaxtune.errors import UserError
 
 
@@ -294,7 +295,7 @@ class Config:
 
 def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
   """Reads a YAML config, applies dotted `key=value` overrides and type-checks every field."""
-  path = Path(path)
+  path = storage.path(path) if storage.is_remote(path) else Path(path)  # a run dir's config.yaml may be remote
   if not path.is_file():
     raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config.")
   try:

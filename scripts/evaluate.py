@@ -26,21 +26,22 @@ def main() -> int:
 
   from absl import logging
 
-  from jaxtune import distributed, errors
+  from jaxtune import distributed, errors, storage
   from jaxtune.eval import evaluate
 
   logging.set_verbosity(logging.ERROR)  # Orbax warns that a read-only checkpoint dir is read-only
 
   distributed.initialize()
-  run_dir = Path(args.checkpoint)
+  run_dir = storage.path(args.checkpoint)  # a local path, s3:// or gs:// URL
   split = args.split or (None if args.data else "test")
-  if args.output and not Path(args.output).parent.is_dir():  # found out before the evaluation, not after
-    raise errors.UserError(f"--output {args.output}: directory {Path(args.output).parent} does not exist; create it "
+  output = storage.path(args.output) if args.output else None
+  if output is not None and not storage.is_remote(output) and not output.parent.is_dir():  # found out before
+    raise errors.UserError(f"--output {args.output}: directory {output.parent} does not exist; create it "
                            "or choose another path.")
   result = evaluate.evaluate_checkpoint(run_dir, args.step, split, args.data, args.max_examples)
   predictions = result.pop("predictions", None)  # QA answers by example id, seq2seq generations
   print(json.dumps(result), flush=True)  # before writing: a failed write loses nothing
-  output = Path(args.output or run_dir / "eval" / f"{Path(str(result['split'])).stem}-{result['step']}.json")
+  output = output or run_dir / "eval" / f"{Path(str(result['split'])).stem}-{result['step']}.json"
   evaluate.write_json(result, output)
   print(f"wrote {output}")
   if predictions is not None:

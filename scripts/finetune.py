@@ -33,7 +33,7 @@ def main() -> int:
   with clock.phase("imports"):  # with jax.distributed's start-up on a cluster
     distributed.initialize()
   cfg = config.load(args.config, args.overrides)
-  run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
+  run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)  # a local path, s3:// or gs:// URL
   if args.extend and not args.resume:
     parser.error("--extend only applies with --resume")
   result = loop.fit(cfg, run_dir, resume=args.resume, clock=clock, extend=args.extend, quiet=args.quiet)

@@ -21,8 +21,8 @@ import yaml
 from conftest import REPO, save_tiny_bert, write_config
 from test_gguf import write_tiny_llama
 
-from jaxtune import config
-from jaxtune.train import loop, rundir
+from jaxtune import config, storage
+from jaxtune.train import loop
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def world(tmp_path_factory, tiny_bert_dir, minilm_dir, reviews):
 def full_disk(monkeypatch):
   def no_space(path, text):
     raise OSError(errno.ENOSPC, "No space left on device", str(path))
-  monkeypatch.setattr(rundir, "write_text", no_space)
+  monkeypatch.setattr(storage, "write_text", no_space)
 
 
 # name -> (script, args with {d} for the world dir and {new} for a fresh run dir, message, set-up or None)

@@ -9,9 +9,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import transformers
+from etils import epath
 
 from jaxtune import config as config_lib
-from jaxtune import sharding
+from jaxtune import sharding, storage
 from jaxtune.config import Config
 from jaxtune.data import lm, splits
 from jaxtune.errors import UserError
@@ -19,10 +20,10 @@ from jaxtune.generation import decoder as decoder_generation
 from jaxtune.generation import search
 from jaxtune.models.model import Model
 from jaxtune.tasks import TASKS, metrics, text
-from jaxtune.train import perf, restore, rundir, runlog, steps
+from jaxtune.train import perf, restore, runlog, steps
 
 
-def evaluate_checkpoint(run_dir: Path, step: str = "latest", split: str | None = None,
+def evaluate_checkpoint(run_dir: str | Path | epath.Path, step: str = "latest", split: str | None = None,
                         data_file: str | None = None, limit: int | None = None) -> dict[str, Any]:
   """Restores the params (only) of one step and scores a split of the run's data or a file.
 
@@ -31,11 +32,13 @@ def evaluate_checkpoint(run_dir: Path, step: str = "latest", split: str | None =
   if (split is None) == (data_file is None):
     raise UserError("give exactly one of --split NAME or --data FILE.")
   mesh = sharding.make_mesh(config_lib.MeshConfig())  # evaluation runs on whatever devices are here
+  run_dir = storage.path(run_dir)
   cfg, model, params, labels, step_num = restore.restore(run_dir, step, mesh)
   perf.use_compile_cache(cfg.train.compile_cache)  # the run's eval programs, compiled once
   sharding.check_batch_sizes(cfg.train, mesh, keys=("eval_batch_size",))
   task = TASKS[cfg.task]
-  tokenizer = transformers.AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+  with storage.local_dir(run_dir / "tokenizer") as local:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(local)
   name, extra = split or "file", {"file": data_file} if data_file else None
   _, data = task.load(cfg, tokenizer, [name], labels=labels, extra=extra, limit=limit)
   batch_sharding = sharding.batch_sharding(mesh)
@@ -67,7 +70,8 @@ def exact_match(model: Model, params: Any, cfg: Config, tokenizer: Any, rows: An
   return metrics.exact_match(outputs, eos, tokenizer, rows[cfg.data.response_column])
 
 
-def write_json(result: dict[str, Any], path: Path) -> None:
+def write_json(result: dict[str, Any], path: epath.Path) -> None:
   """Writes `result` to `path` atomically (NaN as null), creating only the run's own eval/ directory."""
-  path.parent.mkdir(exist_ok=True)
-  rundir.write_text(path, json.dumps(runlog.json_safe(result), indent=2, allow_nan=False) + "\n")
+  if not storage.is_remote(path):
+    path.parent.mkdir(exist_ok=True)
+  storage.write_text(path, json.dumps(runlog.json_safe(result), indent=2, allow_nan=False) + "\n")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,9 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxtune import params as params_lib
+from jaxtune import storage
 from jaxtune.config import CheckpointConfig
-from jaxtune.errors import UserError
+from jaxtune.errors import EXIT_PREEMPTED, Stopped, UserError
 
 ITEMS = ("params", "opt_state", "train", "meta")
 
@@ -23,7 +25,7 @@ class Checkpoints:
   """The checkpoints/ directory of a run: keeps the last K steps plus the best by a metric."""
 
   def __init__(self, run_dir: str | Path, cfg: CheckpointConfig = CheckpointConfig(), read_only: bool = False):
-    self.dir = Path(run_dir).absolute() / "checkpoints"
+    self.dir = storage.path(run_dir) / "checkpoints"
     self.cfg = cfg
     if read_only and not self.dir.is_dir():
       raise UserError(f"{run_dir} has no checkpoints/ directory; give the run directory (--run-dir) of a "
@@ -36,8 +38,10 @@ class Checkpoints:
     # which a writable manager deletes on opening and a read-only one never lists.
     options = ocp.CheckpointManagerOptions(preservation_policy=policies.AnyPreservationPolicy(keep),
                                            read_only=read_only, create=not read_only,
-                                           cleanup_tmp_directories=not read_only)
-    self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=ITEMS)
+                                           cleanup_tmp_directories=not read_only,
+                                           **storage.checkpoint_options(self.dir))
+    with storage.reaching(self.dir, "checkpoints"):
+      self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=ITEMS)
 
   def save(self, step: int, params: Any, opt_state: Any, train: Any, meta: dict[str, Any],
            metrics: dict[str, float] | None) -> None:
@@ -45,10 +49,29 @@ class Checkpoints:
     args = ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
                               train=ocp.args.StandardSave(train), meta=ocp.args.JsonSave({**meta, "metrics": metrics}))
     usable = {k: v for k, v in (metrics or {}).items() if k == self.cfg.best_metric}
-    self.manager.save(step, args=args, metrics=usable or None, force=True)
+    with self._writing():
+      self.manager.save(step, args=args, metrics=usable or None, force=True)
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._writing():
+      self.manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _writing(self) -> Iterator[None]:
+    """On object storage a failed write (the network, the store) stops the run with exit 75: the checkpoints
+    committed before it are whole, and --resume continues from the newest once the store is back."""
+    if not storage.is_remote(self.dir):
+      yield
+      return
+    try:
+      yield
+    except Exception as e:  # Orbax re-raises its write thread's TensorStore / fsspec / botocore error here
+      committed = None
+      with contextlib.suppress(Exception):
+        committed = self.steps()
+      raise Stopped(f"error: writing a checkpoint to {self.dir} failed ({storage.describe(e)}); the committed "
+                    f"checkpoints ({committed or 'none'}) are kept: rerun with --resume once the store is reachable.",
+                    EXIT_PREEMPTED) from None
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())

@@ -20,16 +20,17 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
-from jaxtune import errors, tasks
+from jaxtune import errors, storage, tasks
 from jaxtune import params as params_lib
 from jaxtune.config import Config
 from jaxtune.params import Params
-from jaxtune.train import perf, rundir, runlog, setup, steps, summary
+from jaxtune.train import perf, runlog, setup, steps, summary
 
 
-def fit(cfg: Config, run_dir: Path, resume: bool = False, clock: perf.RunClock | None = None,
+def fit(cfg: Config, run_dir: str | Path | epath.Path, resume: bool = False, clock: perf.RunClock | None = None,
         extend: bool = False, quiet: bool = False) -> dict[str, Any]:
   """Fine-tunes per `cfg`, writing logs, checkpoints, timing.json and summary.json into run_dir; returns the last
   eval metrics.
@@ -38,6 +39,7 @@ def fit(cfg: Config, run_dir: Path, resume: bool = False, clock: perf.RunClock |
   errors.Stopped (exit code 75); a non-finite step under train.nonfinite raises it with code 3.
   """
   clock = clock or perf.RunClock()
+  run_dir = storage.path(run_dir)
   run = setup.prepare(cfg, run_dir, resume, clock, extend)
   stop = StopRequests()
   try:
@@ -53,7 +55,7 @@ def fit(cfg: Config, run_dir: Path, resume: bool = False, clock: perf.RunClock |
       print(perf.write_report(report, run_dir / "timing.json"), flush=True)
       record = summary.build(cfg, run_dir, report, steps.param_counts(run.model, state), run.model.mesh,
                              int(state.step), run.steps, "finished")
-      rundir.write_text(run_dir / "summary.json", json.dumps(runlog.json_safe(record), indent=2) + "\n")
+      storage.write_text(run_dir / "summary.json", json.dumps(runlog.json_safe(record), indent=2) + "\n")
   finally:
     run.lock.release()
   return last_eval
@@ -155,6 +157,7 @@ def loop(run: setup.Run, clock: perf.RunClock | None = None, stop: StopRequests 
         log.eval(step, "validation", last_eval)
       if save_now:
         with clock.phase("checkpoint"):
+          log.flush()  # object storage: the log holds every record up to a step before its checkpoint can commit
           run.ckpts.save(step, state.params, state.opt_state,
                          {"step": state.step, "rng": state.rng},
                          {**run.meta, "data_position": run.feed.position(step)},

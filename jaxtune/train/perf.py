@@ -176,9 +176,9 @@ def write_report(report: dict[str, Any], path: Path) -> str:
   """Writes `report` as JSON to `path` (atomically); returns it as a few lines of text."""
   import json
 
-  from jaxtune.train import rundir
+  from jaxtune import storage
 
-  rundir.write_text(path, json.dumps(report, indent=2) + "\n")
+  storage.write_text(path, json.dumps(report, indent=2) + "\n")
   phases = ("imports", "data", "weights", "setup", "compile", "train", "eval", "checkpoint")
   lines = ["where the time went: " + ", ".join(f"{k} {report[k + '_s']:.1f} s" for k in phases
                                                if report.get(k + "_s") is not None)

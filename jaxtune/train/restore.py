@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 
 from jaxtune import config as config_lib
 from jaxtune import params as params_lib
-from jaxtune import sharding, tasks
+from jaxtune import sharding, storage, tasks
 from jaxtune.config import CheckpointConfig, Config, ModelConfig
 from jaxtune.errors import UserError
 from jaxtune.models import FAMILIES
@@ -25,16 +26,18 @@ from jaxtune.train.checkpoints import Checkpoints
 from jaxtune.weights import pretrained
 
 
-def load_run_config(run_dir: Path) -> Config:
-  path = run_dir / "config.yaml"
+def load_run_config(run_dir: str | Path | epath.Path) -> Config:
+  path = storage.path(run_dir) / "config.yaml"
   if not path.is_file():
     raise UserError(f"{run_dir} has no config.yaml; pass the --run-dir of a finetune.py run to --checkpoint.")
   return config_lib.load(path)
 
 
-def restore_step(run_dir: Path, step: str,
+def restore_step(run_dir: str | Path | epath.Path, step: str,
                  mesh: jax.sharding.Mesh) -> tuple[dict[str, Any], Model, Any, int]:
   """(meta, model, params, step number) of a saved step, params only, placed in their shardings."""
+  run_dir = storage.path(run_dir)
+  storage.check(run_dir)
   # config.yaml only says which metric 'best' means; a checkpoints/ dir copied alone has no best step.
   has_config = (run_dir / "config.yaml").is_file()
   ckpt_cfg = tasks.checkpoint_config(load_run_config(run_dir)) if has_config else CheckpointConfig()
@@ -68,8 +71,11 @@ def model_config(meta: dict[str, Any]) -> ModelConfig | None:
   return config_lib.from_dict(ModelConfig, raw, "model.") if raw else None
 
 
-def restore(run_dir: Path, step: str, mesh: jax.sharding.Mesh) -> tuple[Config, Model, Any, Any, Any]:
+def restore(run_dir: str | Path | epath.Path, step: str,
+            mesh: jax.sharding.Mesh) -> tuple[Config, Model, Any, Any, Any]:
   """(config, model, params, labels, step number) of a saved step; step 'base' = the pretrained weights."""
+  run_dir = storage.path(run_dir)
+  storage.check(run_dir)
   if step == "base":  # what fine-tuning started from: the new params (a head) are freshly initialised
     run_cfg = load_run_config(run_dir)
     ckpts = Checkpoints(run_dir, read_only=True)

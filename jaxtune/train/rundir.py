@@ -1,8 +1,9 @@
-"""A run directory: its single-writer lock, atomic file writes, and the checks before a run's first write.
+"""A run directory: its single-writer lock and the checks before a run's first write.
 
 A new run never lands in a directory that holds one; a resume only continues the same run (the
 config keys that decide data order, schedule and model unchanged; README, Failures and recovery).
-The first write (config.yaml, the tokenizer) happens once every check has passed.
+The first write (config.yaml, the tokenizer) happens once every check has passed. A run directory is a
+local path or an s3:// / gs:// URL (storage.py), the same code for both.
 """
 
 from __future__ import annotations
@@ -10,45 +11,23 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import socket
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import yaml
+from etils import epath
 from jax.experimental import multihost_utils
 
 from jaxtune import config as config_lib
-from jaxtune import tasks
+from jaxtune import storage, tasks
 from jaxtune.config import Config
 from jaxtune.errors import UserError
 from jaxtune.train.checkpoints import Checkpoints
 
 LOCK = ".lock"
-
-
-def write_text(path: Path, text: str) -> None:
-  """Writes `path` whole or not at all: a temp file in the same directory, then a rename."""
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  try:
-    tmp.write_text(text)
-    tmp.replace(path)
-  finally:
-    tmp.unlink(missing_ok=True)
-
-
-def write_dir(path: Path, fill: Callable[[Path], Any]) -> None:
-  """Creates directory `path` whole or not at all: `fill(tmp_dir)`, then a rename."""
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  shutil.rmtree(tmp, ignore_errors=True)
-  try:
-    fill(tmp)
-    tmp.rename(path)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -68,10 +47,12 @@ class RunLock:
   """RUN_DIR/.lock, created exclusively, holding this process's host and pid; one writer per run dir.
 
   A lock whose process is gone (same host, pid not running) is stale and taken over with a warning;
-  a lock held from another host cannot be checked, so it is refused with its owner named.
+  a lock held from another host cannot be checked, so it is refused with its owner named. On object
+  storage, which has no exclusive create, the lock is written when absent and read back: of two runs
+  starting in the same instant, the one whose write is not the last sees the other's and is refused.
   """
 
-  def __init__(self, run_dir: Path):
+  def __init__(self, run_dir: epath.Path):
     self.path = run_dir / LOCK
     self.owner = {"host": socket.gethostname(), "pid": os.getpid()}
     self.held = False
@@ -79,7 +60,7 @@ class RunLock:
   def acquire(self) -> None:
     for _ in range(3):
       try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        self._create()
       except FileExistsError:
         holder = self._holder()
         if holder is not None and holder.get("host") == self.owner["host"] and not _alive(int(holder["pid"])):
@@ -91,12 +72,23 @@ class RunLock:
           continue
         raise UserError(f"run dir {self.path.parent} is in use by process {holder['pid']} on {holder['host']} "
                         f"(lock {self.path}); wait for that run to end, or delete the lock if it is gone.") from None
-      with os.fdopen(fd, "w") as f:
-        json.dump(self.owner, f)
       self.held = True
       return
     raise UserError(f"run dir {self.path.parent}: could not take the lock {self.path}; delete it if no run is using "
                     "that directory.")
+
+  def _create(self) -> None:
+    """Creates the lock holding `owner`; FileExistsError if another writer holds it."""
+    if storage.is_remote(self.path):
+      if self.path.exists():
+        raise FileExistsError(self.path)
+      self.path.write_text(json.dumps(self.owner))
+      if self._holder() != self.owner:
+        raise FileExistsError(self.path)
+      return
+    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    with os.fdopen(fd, "w") as f:
+      json.dump(self.owner, f)
 
   def _holder(self) -> dict[str, Any] | None:
     try:
@@ -117,7 +109,7 @@ RESUMABLE_TRAIN_KEYS = ("eval_batch_size", "eval_every", "log_every", "compile_c
 EXTENDABLE_TRAIN_KEYS = ("epochs", "max_steps")  # with --extend
 
 
-def check_run_dir(cfg: Config, run_dir: Path, resume: bool, extend: bool) -> None:
+def check_run_dir(cfg: Config, run_dir: epath.Path, resume: bool, extend: bool) -> None:
   """Refuses to mix a new run into an old one's directory, or to resume into a different run."""
   config_path = run_dir / "config.yaml"
   if config_path.exists() and not resume:
@@ -164,31 +156,33 @@ def check_resumable(meta: dict[str, Any], step: int, train_feed: Any, steps: int
                     "larger train.max_steps or train.epochs to train it further.")
 
 
-def start_run(cfg: Config, run_dir: Path, tokenizer: Any, lock: RunLock, created: bool) -> Checkpoints:
+def start_run(cfg: Config, run_dir: epath.Path, tokenizer: Any, lock: RunLock, created: bool) -> Checkpoints:
   """Takes the lock, writes config.yaml and the tokenizer (each atomically) into run_dir; opens its checkpoints."""
   if jax.process_index() == 0:
     try:
-      run_dir.mkdir(parents=True, exist_ok=True)
+      if not storage.is_remote(run_dir):  # a store has no directories (and s3fs would create a missing bucket)
+        run_dir.mkdir(parents=True, exist_ok=True)
       if not lock.held:
         lock.acquire()
         if (run_dir / "config.yaml").exists():  # another process started a run here since check_run_dir
           raise UserError(f"run dir {run_dir} already holds a run (started while this one was setting up); "
                           "choose a new --run-dir.")
       write_config(cfg, run_dir)
-      if not (run_dir / "tokenizer").is_dir():
-        write_dir(run_dir / "tokenizer", tokenizer.save_pretrained)
+      if not storage.has_dir(run_dir / "tokenizer"):
+        storage.write_dir(run_dir / "tokenizer", tokenizer.save_pretrained)
     except BaseException:
       lock.release()
       if created:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+          run_dir.rmtree()
       raise
   barrier("run dir written")
   return Checkpoints(run_dir, tasks.checkpoint_config(cfg))
 
 
-def write_config(cfg: Config, run_dir: Path) -> None:
+def write_config(cfg: Config, run_dir: epath.Path) -> None:
   if jax.process_index() == 0:
-    write_text(run_dir / "config.yaml", yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
+    storage.write_text(run_dir / "config.yaml", yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
 
 
 def barrier(name: str) -> None:

@@ -1,17 +1,28 @@
-"""The run log: RUN_DIR/metrics.jsonl, the progress bar, TensorBoard and W&B; reading the log back."""
+"""The run log: RUN_DIR/metrics.jsonl, the progress bar, TensorBoard and W&B; reading the log back.
+
+On object storage, which cannot append, metrics.jsonl is rewritten whole from the records held in memory:
+at most every FLUSH_S seconds, and always at an evaluation, before a checkpoint save and at the end. A kill
+loses only records after the last checkpoint, which the resumed run writes again; no record is doubled.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 from tqdm import tqdm
 
+from jaxtune import storage
 from jaxtune.errors import UserError
+
+FLUSH_S = 30.0  # object storage: the longest metrics.jsonl goes unwritten while records wait
 
 
 def json_safe(value: Any) -> Any:
@@ -33,31 +44,56 @@ class RunLog:
   resumed run writes again, so the file holds each step once (TensorBoard is told to purge them too).
   """
 
-  def __init__(self, run_dir: Path, total_steps: int, start_step: int, tensorboard: bool = False,
+  def __init__(self, run_dir: epath.Path, total_steps: int, start_step: int, tensorboard: bool = False,
                wandb: Any = None, quiet: bool = False):
-    from jaxtune.train import rundir  # here: reading a log back (compare.py) needs no Orbax, tasks or models
-
     self.active = jax.process_index() == 0
     self.path = run_dir / "metrics.jsonl"
+    self.remote = storage.is_remote(run_dir)
+    self.lines: list[str] = []  # on object storage: the whole file, rewritten by flush
+    self.flushed = time.monotonic()
     if self.active and self.path.exists():
       lines = self.path.read_text().splitlines()
       kept = [line for line in lines if _step_of(line) <= start_step]
+      if self.remote:
+        self.lines = kept
       if len(kept) < len(lines):
-        rundir.write_text(self.path, "".join(line + "\n" for line in kept))
+        storage.write_text(self.path, "".join(line + "\n" for line in kept))
     self.quiet = quiet
+    self.run_dir = run_dir
+    self.tb_dir = None  # TensorBoard writes locally; on object storage its files are uploaded at each flush
     self.bar = tqdm(total=total_steps, initial=start_step, disable=not self.active or quiet, dynamic_ncols=True)
     self.latest_eval: dict[str, str] = {}
     self.tb = None
     if self.active and tensorboard:
       from tensorboardX import SummaryWriter
 
-      self.tb = SummaryWriter(str(run_dir), purge_step=start_step + 1 if start_step else None)
+      if self.remote:
+        self.tb_dir = tempfile.TemporaryDirectory(prefix="jaxtune-tb-")
+      self.tb = SummaryWriter(self.tb_dir.name if self.tb_dir else str(run_dir),
+                              purge_step=start_step + 1 if start_step else None)
     self.wandb = wandb if self.active else None
 
   def write(self, record: dict[str, Any]) -> None:
-    if self.active:
+    if not self.active:
+      return
+    line = json.dumps(json_safe(record), allow_nan=False)
+    if not self.remote:
       with self.path.open("a") as f:
-        f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+        f.write(line + "\n")
+      return
+    self.lines.append(line)
+    if time.monotonic() - self.flushed >= FLUSH_S:
+      self.flush()
+
+  def flush(self) -> None:
+    """Object storage: writes metrics.jsonl (and TensorBoard's files) whole; locally each write already landed."""
+    if not (self.active and self.remote):
+      return
+    storage.write_text(self.path, "".join(line + "\n" for line in self.lines))
+    if self.tb is not None:
+      self.tb.flush()
+      storage.upload_dir(Path(self.tb_dir.name), self.run_dir)
+    self.flushed = time.monotonic()
 
   def train(self, step: int, record: dict[str, float]) -> None:
     self.write({"step": step, **record})
@@ -79,6 +115,7 @@ class RunLog:
       self.latest_eval = {f"{split[:3]}_{first}": f"{metrics[first]:.4f}"} if first else {}
       if self.tb is not None:
         self.tb.flush()
+      self.flush()
 
   def _scalars(self, prefix: str, step: int, values: dict[str, Any]) -> None:
     """Numeric, finite values as TensorBoard scalars (prefix/name) and to W&B."""
@@ -95,13 +132,17 @@ class RunLog:
 
   def close(self) -> None:
     self.bar.close()
+    self.flush()
     if self.tb is not None:
       self.tb.close()
+      if self.tb_dir is not None:
+        storage.upload_dir(Path(self.tb_dir.name), self.run_dir)
+        self.tb_dir.cleanup()
     if self.wandb is not None:
       self.wandb.finish()
 
 
-def start_wandb(project: str, run_dir: Path, config: dict[str, Any]) -> Any:
+def start_wandb(project: str, run_dir: epath.Path, config: dict[str, Any]) -> Any:
   """A W&B run (process 0) logging to `project`, resumed across --resume by an id kept in the run dir."""
   if not project or jax.process_index() != 0:
     return None
@@ -112,14 +153,15 @@ def start_wandb(project: str, run_dir: Path, config: dict[str, Any]) -> Any:
                     "train.wandb_project to an empty string).") from None
   id_file = run_dir / "wandb_id.txt"
   run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
-  id_file.write_text(run_id + "\n")
-  return wandb.init(project=project, dir=str(run_dir), id=run_id, resume="allow", name=run_dir.name, config=config)
+  storage.write_text(id_file, run_id + "\n")
+  local = tempfile.mkdtemp(prefix="jaxtune-wandb-") if storage.is_remote(run_dir) else str(run_dir)  # W&B's own files
+  return wandb.init(project=project, dir=local, id=run_id, resume="allow", name=run_dir.name, config=config)
 
 
-def read_records(run_dir: Path) -> list[dict[str, Any]]:
+def read_records(run_dir: str | Path | epath.Path) -> list[dict[str, Any]]:
   """Every record of RUN_DIR/metrics.jsonl in order ([] without one); a line cut short by a kill is skipped
   (the resumed run rewrites it)."""
-  path = Path(run_dir) / "metrics.jsonl"
+  path = storage.path(run_dir) / "metrics.jsonl"
   if not path.is_file():
     return []
   out = []

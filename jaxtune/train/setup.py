@@ -15,9 +15,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 from jaxtune import config as config_lib
-from jaxtune import sharding, tasks
+from jaxtune import sharding, storage, tasks
 from jaxtune.config import Config, MeshConfig
 from jaxtune.data import batching, feed, hostrows
 from jaxtune.errors import UserError
@@ -61,13 +62,15 @@ class Run:
   meta: dict[str, Any]  # saved with every checkpoint: what evaluation needs
 
 
-def prepare(cfg: Config, run_dir: Path, resume: bool = False, clock: perf.RunClock | None = None,
+def prepare(cfg: Config, run_dir: str | Path | epath.Path, resume: bool = False, clock: perf.RunClock | None = None,
             extend: bool = False) -> Run:
   """Checks config, devices, data and model, builds the state (restored on --resume), then writes the run dir.
 
   Every check runs before the first write: a bad input leaves no new directory and changes no file.
   """
   clock = clock or perf.RunClock()
+  run_dir = storage.path(run_dir)
+  storage.check(run_dir)  # a missing bucket or refused credentials: one line, before any work
   lock = rundir.RunLock(run_dir)
   created = not run_dir.exists()
   try:
@@ -112,7 +115,7 @@ def _feed(cfg: Config, tokenizer: Any, splits: dict[str, Any], batch_sharding: j
   return feed.SplitFeed(splits["train"], t.batch_size, t.seed, cfg.data.group_by_length)
 
 
-def _build(cfg: Config, run_dir: Path, resume: bool, mesh: jax.sharding.Mesh, rules: sharding.Rules,
+def _build(cfg: Config, run_dir: epath.Path, resume: bool, mesh: jax.sharding.Mesh, rules: sharding.Rules,
            checkpoint: tuple[dict[str, Any], Any], tokenizer: Any, labels: Any, splits: dict[str, Any],
            train_feed: Any, lock: rundir.RunLock, created: bool) -> Run:
   """The rest of `prepare`, once the data is loaded: model, state (loaded or restored) and the jitted steps."""
