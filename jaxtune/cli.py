@@ -64,7 +64,7 @@ def run(main: Callable[[], int | None]) -> None:
   except errors.UserError as e:
     _fail(f"error: {e}", errors.EXIT_USER_ERROR)
   except errors.Stopped as e:
-    _fail(str(e), e.code)
+    _fail(str(e), e.code, e.abandon)
   except KeyboardInterrupt:
     _fail("interrupted; nothing more was saved (checkpoints already written are intact)", errors.EXIT_INTERRUPTED)
   except OSError as e:
@@ -74,7 +74,9 @@ def run(main: Callable[[], int | None]) -> None:
   sys.exit(code or 0)
 
 
-def _fail(line: str, code: int) -> None:
+def _fail(line: str, code: int, abandon: bool = False) -> None:
   sys.stdout.flush()
   print(line, file=sys.stderr, flush=True)
+  if abandon:
+    os._exit(code)  # not waiting for background writes that cannot finish
   sys.exit(code)

@@ -11,8 +11,13 @@ class UserError(Exception):
 
 
 class Stopped(Exception):
-  """Training ended early on purpose; `code` is the process exit code, the message the one line printed."""
+  """Training ended early on purpose; `code` is the process exit code, the message the one line printed.
 
-  def __init__(self, message: str, code: int):
+  `abandon`: writes still in flight are given up (the process exits at once, as a kill would): a store that
+  failed one write would hold the others until their timeouts, and what was committed is whole anyway.
+  """
+
+  def __init__(self, message: str, code: int, abandon: bool = False):
     super().__init__(message)
     self.code = code
+    self.abandon = abandon

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 from etils import epath
 
-from jaxtune.errors import UserError
+from jaxtune.errors import EXIT_PREEMPTED, Stopped, UserError
 
 SCHEMES = ("s3", "gs")
 COMPLETE = ".complete"  # the last object of a directory written by write_dir on object storage
@@ -138,7 +138,8 @@ def checkpoint_options(target: Any) -> dict[str, Any]:
 
 
 def s3_kvstore(url: str) -> dict[str, Any]:
-  """TensorStore's s3 kvstore spec for `url`, at AWS_ENDPOINT_URL(_S3) and AWS_REGION when they are set."""
+  """TensorStore's s3 kvstore spec for `url`, at AWS_ENDPOINT_URL(_S3) and AWS_REGION when they are set (TensorStore
+  reads neither variable itself)."""
   parsed = urlparse(url)
   spec: dict[str, Any] = {"driver": "s3", "bucket": parsed.netloc, "path": parsed.path.lstrip("/")}
   endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -147,6 +148,8 @@ def s3_kvstore(url: str) -> dict[str, Any]:
     spec["endpoint"] = endpoint
   if region:
     spec["aws_region"] = region
+  if os.environ.get("AWS_MAX_ATTEMPTS", "").isdigit():  # botocore's retry budget, for TensorStore's requests too
+    spec["context"] = {"s3_request_retries": {"max_retries": max(int(os.environ["AWS_MAX_ATTEMPTS"]) - 1, 0)}}
   return spec
 
 
@@ -178,7 +181,10 @@ def check(target: Any) -> None:
   with reaching(target, "run dir"):
     fs, root = fsspec.core.url_to_fs(str(target))
     bucket = root.split("/")[0]
-    fs.info(bucket)  # FileNotFoundError: no such bucket; PermissionError: credentials refused
+    try:
+      fs.info(bucket)  # PermissionError: credentials refused; OSError: the store cannot be reached
+    except FileNotFoundError:
+      raise UserError(f"run dir {target}: the bucket {bucket} does not exist; create it or fix the URL.") from None
     fs.ls(root) if fs.exists(root) else None
 
 
@@ -206,6 +212,25 @@ def reaching(where: Any, doing: str) -> Iterator[None]:
     yield
   except store_errors() as e:
     raise UserError(f"{doing} {where}: {describe(e)}") from None
+
+
+@contextlib.contextmanager
+def writing(where: Any, any_error: bool = False, kept: str = "what was written before it") -> Iterator[None]:
+  """A failed write to a store (the network, the store itself) ends the run with one line and exit 75: what
+  was committed before is whole, and --resume continues from it once the store is back. Local writes are
+  left alone. `any_error`: every exception counts (Orbax re-raises its write thread's TensorStore errors)."""
+  if not is_remote(where):
+    yield
+    return
+  try:
+    yield
+  except (UserError, Stopped):
+    raise
+  except Exception as e:
+    if not any_error and not isinstance(e, store_errors()):
+      raise
+    raise Stopped(f"error: writing to {where} failed ({describe(e)}); {kept} is kept: rerun with --resume once "
+                  "the store is reachable.", EXIT_PREEMPTED, abandon=True) from None
 
 
 def describe(e: BaseException) -> str:

@@ -16,7 +16,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from jaxtune import params as params_lib
 from jaxtune import storage
 from jaxtune.config import CheckpointConfig
-from jaxtune.errors import EXIT_PREEMPTED, Stopped, UserError
+from jaxtune.errors import Stopped, UserError
 
 ITEMS = ("params", "opt_state", "train", "meta")
 
@@ -42,36 +42,34 @@ class Checkpoints:
                                            **storage.checkpoint_options(self.dir))
     with storage.reaching(self.dir, "checkpoints"):
       self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=ITEMS)
+    self.failed = False  # a write failed: the manager's queue may never drain, so nothing more waits on it
 
   def save(self, step: int, params: Any, opt_state: Any, train: Any, meta: dict[str, Any],
            metrics: dict[str, float] | None) -> None:
-    """Writes step atomically (Orbax renames a finished temp dir); returns once it is queued."""
+    """Writes step atomically (Orbax renames a finished temp dir); returns once it is queued, or with
+    checkpoint.async_save false once it has committed."""
     args = ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
                               train=ocp.args.StandardSave(train), meta=ocp.args.JsonSave({**meta, "metrics": metrics}))
     usable = {k: v for k, v in (metrics or {}).items() if k == self.cfg.best_metric}
     with self._writing():
       self.manager.save(step, args=args, metrics=usable or None, force=True)
+      if not self.cfg.async_save:  # the same write, waited for: training resumes after the commit
+        self.manager.wait_until_finished()
 
   def wait(self) -> None:
-    with self._writing():
-      self.manager.wait_until_finished()
+    if not self.failed:
+      with self._writing():
+        self.manager.wait_until_finished()
 
   @contextlib.contextmanager
   def _writing(self) -> Iterator[None]:
-    """On object storage a failed write (the network, the store) stops the run with exit 75: the checkpoints
-    committed before it are whole, and --resume continues from the newest once the store is back."""
-    if not storage.is_remote(self.dir):
-      yield
-      return
+    """On object storage a failed write stops the run with exit 75, keeping the committed checkpoints."""
     try:
-      yield
-    except Exception as e:  # Orbax re-raises its write thread's TensorStore / fsspec / botocore error here
-      committed = None
-      with contextlib.suppress(Exception):
-        committed = self.steps()
-      raise Stopped(f"error: writing a checkpoint to {self.dir} failed ({storage.describe(e)}); the committed "
-                    f"checkpoints ({committed or 'none'}) are kept: rerun with --resume once the store is reachable.",
-                    EXIT_PREEMPTED) from None
+      with storage.writing(self.dir, any_error=True, kept="every checkpoint committed before it"):
+        yield
+    except Stopped:
+      self.failed = True
+      raise
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -179,4 +177,5 @@ class Checkpoints:
                      "since the scale-out release): retrain, or use the jaxtune that wrote it.")
 
   def close(self) -> None:
-    self.manager.close()
+    if not self.failed:
+      self.manager.close()

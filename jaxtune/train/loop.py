@@ -52,10 +52,13 @@ def fit(cfg: Config, run_dir: str | Path | epath.Path, resume: bool = False, clo
         run.ckpts.close()
     report = clock.report(*work, mesh=run.model.mesh)
     if jax.process_index() == 0:
-      print(perf.write_report(report, run_dir / "timing.json"), flush=True)
+      with storage.writing(run_dir, kept="every checkpoint"):
+        text = perf.write_report(report, run_dir / "timing.json")
+      print(text, flush=True)
       record = summary.build(cfg, run_dir, report, steps.param_counts(run.model, state), run.model.mesh,
                              int(state.step), run.steps, "finished")
-      storage.write_text(run_dir / "summary.json", json.dumps(runlog.json_safe(record), indent=2) + "\n")
+      with storage.writing(run_dir, kept="every checkpoint"):
+        storage.write_text(run_dir / "summary.json", json.dumps(runlog.json_safe(record), indent=2) + "\n")
   finally:
     run.lock.release()
   return last_eval
@@ -125,7 +128,7 @@ def loop(run: setup.Run, clock: perf.RunClock | None = None, stop: StopRequests 
   tick, seen, work = time.perf_counter(), {"examples": 0, "tokens": 0}, [0, 0.0]
   save_every = cfg.checkpoint.save_every or cfg.train.eval_every
   pending = None  # the previous step's (step, metrics, throughput or None): read once the next is dispatched
-  stop_now = False
+  stop_now = failed = False
   try:
     for data, rows in run.feed.batches(step, run.steps):
       with clock.phase("train"):
@@ -169,8 +172,11 @@ def loop(run: setup.Run, clock: perf.RunClock | None = None, stop: StopRequests 
         break
     if pending is not None:
       _read_step(log, run, watch, *pending)
+  except BaseException:
+    failed = True
+    raise
   finally:
-    log.close()
+    log.close(failed)
   if stop_now and step < run.steps:
     run.ckpts.wait()
     raise errors.Stopped(f"stopped at step {step}; resume with --resume", errors.EXIT_PREEMPTED)

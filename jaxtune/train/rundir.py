@@ -98,8 +98,10 @@ class RunLock:
       return None
 
   def release(self) -> None:
+    """Removes the lock; on a store that cannot be reached it stays, and the next run here takes it over as stale."""
     if self.held:
-      self.path.unlink(missing_ok=True)
+      with contextlib.suppress(*storage.store_errors()) if storage.is_remote(self.path) else contextlib.nullcontext():
+        self.path.unlink(missing_ok=True)
       self.held = False
 
 

@@ -7,6 +7,7 @@ loses only records after the last checkpoint, which the resumed run writes again
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
@@ -89,10 +90,11 @@ class RunLog:
     """Object storage: writes metrics.jsonl (and TensorBoard's files) whole; locally each write already landed."""
     if not (self.active and self.remote):
       return
-    storage.write_text(self.path, "".join(line + "\n" for line in self.lines))
-    if self.tb is not None:
-      self.tb.flush()
-      storage.upload_dir(Path(self.tb_dir.name), self.run_dir)
+    with storage.writing(self.run_dir, kept="the log up to the last checkpoint"):
+      storage.write_text(self.path, "".join(line + "\n" for line in self.lines))
+      if self.tb is not None:
+        self.tb.flush()
+        storage.upload_dir(Path(self.tb_dir.name), self.run_dir)
     self.flushed = time.monotonic()
 
   def train(self, step: int, record: dict[str, float]) -> None:
@@ -130,9 +132,11 @@ class RunLog:
   def advance(self, n: int = 1) -> None:
     self.bar.update(n)
 
-  def close(self) -> None:
+  def close(self, failed: bool = False) -> None:
+    """Ends the log; after a failure (`failed`) a last write that fails too does not hide the first error."""
     self.bar.close()
-    self.flush()
+    with contextlib.suppress(Exception) if failed else contextlib.nullcontext():
+      self.flush()
     if self.tb is not None:
       self.tb.close()
       if self.tb_dir is not None:

@@ -1,0 +1,220 @@
+"""Run directories on object storage, for real: scripts/finetune.py and evaluate.py against a local S3 server (moto)
+and a local GCS emulator, each run a real process on the tiny BERT.
+
+s3://: a kill in the middle of a queued checkpoint write, a SIGTERM and two resumes end bitwise equal to an
+uninterrupted local run, each step logged once; evaluate.py reads the run from the bucket. A missing bucket,
+refused credentials and an unreachable store are one error line each; the store going away in the middle of
+a run stops it with exit 75, keeping every committed checkpoint, and --resume finishes it once the store is back.
+gs://: the same code path end to end (a run equal to the local one, a resume, evaluate.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import objstore
+import pytest
+from conftest import REPO, final_params, finetune, records, run_script, stop_when, train_steps, write_config
+from objstore import gcs_fixture, gcs_server_fixture, s3_fixture, s3_server_fixture  # noqa: F401
+
+from jaxtune import storage
+from jaxtune.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
+from jaxtune.train.checkpoints import Checkpoints
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def job(tiny_bert_dir, reviews, tmp_path_factory):
+  """(config, the uninterrupted local reference run): 12 steps, a checkpoint every 2, evaluation every 4."""
+  d = tmp_path_factory.mktemp("object_store")
+  cfg = write_config(d / "c.yaml", tiny_bert_dir, reviews,
+                     train={"max_steps": STEPS, "eval_every": 4, "compile_cache": str(d / "xla")},
+                     checkpoint={"save_every": 2, "keep_last": 2, "save_every_minutes": 0})
+  assert finetune(cfg, d / "reference").wait(timeout=600) == 0
+  return cfg, d / "reference"
+
+
+def step_dirs(run: storage.epath.Path) -> tuple[set[int], set[int]]:
+  """(committed, in flight) checkpoint steps: on a store a step dir without commit_success.txt is a write in
+  progress (or one cut short by a kill)."""
+  names = storage.files(run / "checkpoints") if (run / "checkpoints").exists() else []
+  present = {int(n.split("/")[0]) for n in names if n.split("/")[0].isdigit()}
+  committed = {int(n.split("/")[0]) for n in names if n.count("/") == 1 and n.endswith("/commit_success.txt")}
+  return committed, present - committed
+
+
+def assert_same_run(run: storage.epath.Path, reference) -> None:
+  want, got = final_params(reference), final_params(run)
+  assert want.keys() == got.keys()
+  for path in want:
+    np.testing.assert_array_equal(want[path], got[path], err_msg=path)
+  assert train_steps(run, (run / "metrics.jsonl").read_text().splitlines()) == list(range(1, STEPS + 1))
+  pick = lambda d: [{k: r[k] for k in ("step", "loss", "lr")} for r in records(d) if "loss" in r and "lr" in r]
+  assert pick(run) == pick(reference)
+
+
+def test_s3_kill_in_a_queued_write_sigterm_resume_and_evaluate(job, s3):
+  cfg, reference = job
+  run = storage.path(s3.url(s3.bucket(), "runs", "tiny"))
+  seen: set[int] = set()
+
+  def mid_write() -> bool:  # a step past the first is being written (so a committed one exists to resume from)
+    committed, writing = step_dirs(run)
+    return bool(committed) and bool(writing - seen)
+
+  args: tuple[str, ...] = ()
+  for _ in range(4):  # the kill lands while a write is in flight (again if the write won the race)
+    seen = step_dirs(run)[1]
+    code, err = stop_when(finetune(cfg, run, *args), mid_write, signal.SIGKILL)
+    assert code == -signal.SIGKILL, err[-2000:]
+    args = ("--resume",)
+    if step_dirs(run)[1] - seen:
+      break
+  else:
+    pytest.fail("no kill landed inside a checkpoint write")
+  cut = max(step_dirs(run)[1])
+
+  resumed = max(step_dirs(run)[0])
+  code, err = stop_when(finetune(cfg, run, "--resume"), lambda: max(step_dirs(run)[0]) > resumed, signal.SIGTERM)
+  assert code == EXIT_PREEMPTED, err[-2000:]
+  assert "removing the stale lock" in err  # the killed process's lock, taken over
+  assert cut not in step_dirs(run)[1]  # the write cut short was cleaned up before training went on
+
+  done = finetune(cfg, run, "--resume")
+  _, err = done.communicate(timeout=600)
+  assert done.returncode == 0, err[-3000:]
+  assert step_dirs(run)[1] == set()
+  assert not (run / ".lock").exists()
+  for name in ("config.yaml", "summary.json", "timing.json", "tokenizer/tokenizer_config.json"):
+    assert (run / name).exists(), name
+  assert_same_run(run, reference)
+
+  result = run_script("evaluate.py", "--checkpoint", str(run), "--split", "test")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (run / "eval" / f"test-{STEPS}.json").exists()
+
+
+def test_gs_run_resume_and_evaluate(job, gcs):
+  cfg, reference = job
+  run = storage.path(gcs.url(gcs.bucket(), "runs", "tiny"))
+  first = finetune(cfg, run, "train.max_steps=6")  # then --extend to the reference's 12 (its schedule is rebuilt,
+  _, err = first.communicate(timeout=600)          # so the params differ from it: compared to a local twin instead)
+  assert first.returncode == 0, err[-3000:]
+  assert Checkpoints(run, read_only=True).steps() == [4, 6]
+  more = finetune(cfg, run, "--resume", "--extend")
+  _, err = more.communicate(timeout=600)
+  assert more.returncode == 0, err[-3000:]
+  twin = reference.parent / "gs_twin"
+  if not twin.exists():
+    assert finetune(cfg, twin, "train.max_steps=6").wait(timeout=600) == 0
+    assert finetune(cfg, twin, "--resume", "--extend").wait(timeout=600) == 0
+  want, got = final_params(twin), final_params(run)
+  for path in want:
+    np.testing.assert_array_equal(want[path], got[path], err_msg=path)
+  result = run_script("evaluate.py", "--checkpoint", str(run), "--split", "test", "--step", "best")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert list((run / "eval").iterdir())
+
+
+class Proxy:
+  """A TCP relay from 127.0.0.1:port to the store; `cut()` drops every connection and refuses new ones."""
+
+  def __init__(self, target: str):
+    host, port = target.removeprefix("http://").split(":")
+    self.target = (host, int(port))
+    self.server = socket.create_server(("127.0.0.1", 0))
+    self.port = self.server.getsockname()[1]
+    self.conns: list[socket.socket] = []
+    threading.Thread(target=self._accept, daemon=True).start()
+
+  def _accept(self) -> None:
+    while True:
+      try:
+        client, _ = self.server.accept()
+      except OSError:
+        return
+      upstream = socket.create_connection(self.target)
+      self.conns += [client, upstream]
+      for a, b in ((client, upstream), (upstream, client)):
+        threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+  @staticmethod
+  def _pipe(a: socket.socket, b: socket.socket) -> None:
+    try:
+      while data := a.recv(65536):
+        b.sendall(data)
+    except OSError:
+      pass
+    finally:
+      for s in (a, b):
+        try:
+          s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+          pass
+
+  def cut(self) -> None:
+    self.server.close()
+    for s in self.conns:
+      try:
+        s.shutdown(socket.SHUT_RDWR)
+      except OSError:
+        pass
+
+
+def test_s3_store_lost_mid_run_exits_75_keeps_checkpoints_and_resumes(job, s3):
+  cfg, reference = job
+  run = storage.path(s3.url(s3.bucket(), "runs", "lost"))
+  proxy = Proxy(s3.endpoint)
+  env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}",
+         "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}", "AWS_MAX_ATTEMPTS": "2"}  # fail fast
+  proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "finetune.py"), "--config", str(cfg), "--run-dir",
+                           str(run)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  while 4 not in step_dirs(run)[0]:  # polled through the direct endpoint
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    time.sleep(0.05)
+  proxy.cut()
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+  errors = [line for line in err.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and errors[0].startswith("error: writing to s3://") and "--resume" in errors[0], err[-3000:]
+  committed = step_dirs(run)[0]
+  assert 4 in committed and all(Checkpoints(run, read_only=True).steps())
+  done = finetune(cfg, run, "--resume")  # the store is back (the direct endpoint)
+  _, err = done.communicate(timeout=600)
+  assert done.returncode == 0, err[-3000:]
+  assert_same_run(run, reference)
+
+
+@pytest.mark.parametrize("case", ["missing bucket", "refused credentials", "unreachable store"])
+def test_s3_bad_bucket_credentials_or_endpoint_is_one_error_line(job, s3, case, tmp_path, monkeypatch):
+  cfg, _ = job
+  bucket = "jaxtune-no-such-bucket" if case == "missing bucket" else s3.bucket()
+  env = dict(os.environ)
+  if case == "refused credentials":  # a second moto server that checks credentials (moto's IAM: none are known)
+    monkeypatch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "0")
+    server, endpoint = objstore._start("s3", tmp_path / "auth.log")
+    env["AWS_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL_S3"] = endpoint
+  if case == "unreachable store":
+    with socket.create_server(("127.0.0.1", 0)) as s:  # a port nobody listens on once closed
+      port = s.getsockname()[1]
+    env["AWS_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL_S3"] = f"http://127.0.0.1:{port}"
+    env["AWS_MAX_ATTEMPTS"] = "1"
+  url = s3.url(bucket, "runs", "x")
+  try:
+    result = run_script("finetune.py", "--config", cfg, "--run-dir", url, env=env)
+  finally:
+    if case == "refused credentials":
+      objstore._stop(server)
+  assert result.returncode == EXIT_USER_ERROR, result.stderr[-3000:]
+  line = result.stderr.strip().splitlines()[-1]
+  want = {"missing bucket": "does not exist; create it", "refused credentials": "access refused",
+          "unreachable store": "cannot be reached"}[case]
+  assert line.startswith(f"error: run dir {url}: ") and want in line, line
