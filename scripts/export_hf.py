@@ -18,16 +18,17 @@ def main() -> int:
 
   from absl import logging
 
-  from jaxtune import config, sharding
+  from jaxtune import config, sharding, storage
   from jaxtune.train import restore
   from jaxtune.weights import export
 
   logging.set_verbosity(logging.ERROR)  # Orbax warns that a read-only checkpoint dir is read-only
 
-  run_dir, out_dir = Path(args.checkpoint), Path(args.output)
+  run_dir, out_dir = storage.path(args.checkpoint), Path(args.output)  # the run: a local path, s3:// or gs:// URL
   export.check_free(out_dir)  # before reading the checkpoint, not after
   meta, model, params, _ = restore.restore_step(run_dir, args.step, sharding.make_mesh(config.MeshConfig()))
-  export.export(model, params, meta["labels"], restore.model_config(meta), run_dir / "tokenizer", out_dir, args.peft)
+  with storage.local_dir(run_dir / "tokenizer") as tokenizer_dir:
+    export.export(model, params, meta["labels"], restore.model_config(meta), tokenizer_dir, out_dir, args.peft)
   print(f"wrote {out_dir}")
   return 0
 

@@ -100,6 +100,10 @@ def test_s3_kill_in_a_queued_write_sigterm_resume_and_evaluate(job, s3):
   result = run_script("evaluate.py", "--checkpoint", str(run), "--split", "test")
   assert result.returncode == 0, result.stderr[-3000:]
   assert (run / "eval" / f"test-{STEPS}.json").exists()
+  exported = run_script("export_hf.py", "--checkpoint", str(run), "--output", str(reference.parent / "exported"))
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  assert (reference.parent / "exported" / "config.json").is_file()
+  assert (reference.parent / "exported" / "tokenizer.json").is_file()
 
 
 def test_gs_run_resume_and_evaluate(job, gcs):
