@@ -46,8 +46,13 @@ def is_remote(where: Any) -> bool:
 
 def _configure(scheme: str) -> None:
   """fsspec lists afresh on each call: TensorStore writes (and other hosts) change a prefix behind its back."""
+  import importlib.util
+
   import fsspec
 
+  client = {"s3": "s3fs", "gs": "gcsfs"}[scheme]
+  if importlib.util.find_spec(client) is None:
+    raise UserError(f"{scheme}:// run directories need {client}: pip install {client} (or 'jaxtune[cloud]').")
   for protocol in ({"s3": ("s3", "s3a"), "gs": ("gs", "gcs")}[scheme]):
     fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
   if scheme == "s3":
