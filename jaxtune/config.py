@@ -206,6 +206,9 @@ class CheckpointConfig:
   best_metric: str | None = None
   # Whether larger is better. Unset: the task's direction for its metric; min for loss / perplexity, else max.
   best_mode: Literal["max", "min"] | None = None
+  # true: a save is queued and Orbax writes it while training goes on (docs/checkpoints.md measures the overlap);
+  # false: each save returns only once its step has committed (as MaxText's async_checkpointing: false).
+  async_save: bool = True
 
   @property
   def best_direction(self) -> Literal["max", "min"]:
