@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
@@ -331,7 +332,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     if i == len(parents):
       node[leaf] = yaml.safe_load(text) if text else ""
     else:
-      cls = _hints(cls)[name] if dataclasses.is_dataclass(cls) else None
+      cls = typing.get_type_hints(cls)[name] if dataclasses.is_dataclass(cls) else None
       node = node.setdefault(name, {})
       if not isinstance(node, dict):
         raise UserError(f"override {key!r}: {name} is not a section.")
@@ -339,7 +340,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
   """Builds dataclass `cls` from `raw`, rejecting unknown keys and values of the wrong type."""
-  hints = _hints(cls)
+  hints = typing.get_type_hints(cls)
   fields = {f.name: f for f in dataclasses.fields(cls)}
   unknown = sorted(set(raw) - set(fields))
   if unknown:
@@ -356,19 +357,7 @@ def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
   """Plain nested dict of a config (tuples as lists), safe for YAML/JSON."""
-  return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg))))
-
-
-def _plain(x: Any) -> Any:
-  if isinstance(x, dict):
-    return {k: _plain(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_plain(v) for v in x]
-  return x
-
-
-def _hints(cls: type) -> dict[str, Any]:
-  return typing.get_type_hints(cls)
+  return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
 def _convert(value: Any, hint: Any, key: str) -> Any:

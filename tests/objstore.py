@@ -280,9 +280,10 @@ def _start(scheme: str, log: Path, timeout: float = 60.0) -> tuple[subprocess.Po
                             stderr=err, cwd=log.parent)
   deadline = time.monotonic() + timeout
   line = b""
+  poller = select.poll()  # not select.select: a long session's fds pass its 1024 limit
+  poller.register(proc.stdout, select.POLLIN)
   while not line.endswith(b"\n") and time.monotonic() < deadline and proc.poll() is None:
-    ready, _, _ = select.select([proc.stdout], [], [], 0.2)
-    if ready:
+    if poller.poll(200):
       line += os.read(proc.stdout.fileno(), 64)
   if not line.strip().isdigit():
     _stop(proc)

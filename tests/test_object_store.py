@@ -10,18 +10,18 @@ gs://: the same code path end to end (a run equal to the local one, a resume, ev
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import objstore
 import pytest
-from conftest import REPO, final_params, finetune, records, run_script, stop_when, train_steps, write_config
+from conftest import REPO, final_params, finetune, records, run_script, train_steps, write_config
 from objstore import gcs_fixture, gcs_server_fixture, s3_fixture, s3_server_fixture  # noqa: F401
 
 from jaxtune import storage
@@ -64,29 +64,19 @@ def assert_same_run(run: storage.epath.Path, reference) -> None:
 def test_s3_kill_in_a_queued_write_sigterm_resume_and_evaluate(job, s3):
   cfg, reference = job
   run = storage.path(s3.url(s3.bucket(), "runs", "tiny"))
-  seen: set[int] = set()
+  # SIGKILL from the relay at the 10th request into checkpoint 6: its write is under way, not committed
+  relay = Relay(s3.endpoint, b"/checkpoints/6/", 10, lambda proc: proc.kill())
+  code, err = relay.run(cfg, run)
+  assert code == -signal.SIGKILL, err[-3000:]
+  assert step_dirs(run) == ({2, 4}, {6})
 
-  def mid_write() -> bool:  # a step past the first is being written (so a committed one exists to resume from)
-    committed, writing = step_dirs(run)
-    return bool(committed) and bool(writing - seen)
-
-  args: tuple[str, ...] = ()
-  for _ in range(4):  # the kill lands while a write is in flight (again if the write won the race)
-    seen = step_dirs(run)[1]
-    code, err = stop_when(finetune(cfg, run, *args), mid_write, signal.SIGKILL)
-    assert code == -signal.SIGKILL, err[-2000:]
-    args = ("--resume",)
-    if step_dirs(run)[1] - seen:
-      break
-  else:
-    pytest.fail("no kill landed inside a checkpoint write")
-  cut = max(step_dirs(run)[1])
-
-  resumed = max(step_dirs(run)[0])
-  code, err = stop_when(finetune(cfg, run, "--resume"), lambda: max(step_dirs(run)[0]) > resumed, signal.SIGTERM)
-  assert code == EXIT_PREEMPTED, err[-2000:]
+  # SIGTERM at the first request into checkpoint 8: the resumed run stops after its step with a save, exit 75
+  relay = Relay(s3.endpoint, b"/checkpoints/8/", 1, lambda proc: proc.send_signal(signal.SIGTERM))
+  code, err = relay.run(cfg, run, "--resume")
+  assert code == EXIT_PREEMPTED, err[-3000:]
   assert "removing the stale lock" in err  # the killed process's lock, taken over
-  assert cut not in step_dirs(run)[1]  # the write cut short was cleaned up before training went on
+  committed, in_flight = step_dirs(run)
+  assert max(committed) >= 8 and not in_flight  # the cut-short write was cleaned up, SIGTERM's save committed
 
   done = finetune(cfg, run, "--resume")
   _, err = done.communicate(timeout=600)
@@ -128,69 +118,78 @@ def test_gs_run_resume_and_evaluate(job, gcs):
   assert list((run / "eval").iterdir())
 
 
-class Proxy:
-  """A TCP relay from 127.0.0.1:port to the store; `cut()` drops every connection and refuses new ones."""
+class Relay:
+  """A TCP relay between a finetune.py process and the store that acts on the process (or cuts the line) at the
+  `nth` request whose line holds `pattern`: a moment inside a checkpoint write, hit exactly however slow the
+  machine is (polling the bucket from outside lands anywhere on a loaded machine)."""
 
-  def __init__(self, target: str):
+  def __init__(self, target: str, pattern: bytes, nth: int, action):
     host, port = target.removeprefix("http://").split(":")
-    self.target = (host, int(port))
+    self.target, self.pattern, self.nth, self.action = (host, int(port)), pattern, nth, action
     self.server = socket.create_server(("127.0.0.1", 0))
     self.port = self.server.getsockname()[1]
-    self.conns: list[socket.socket] = []
+    self.seen, self.lock, self.conns, self.cut_off = 0, threading.Lock(), [], False
+    self.proc: subprocess.Popen | None = None
     threading.Thread(target=self._accept, daemon=True).start()
+
+  def run(self, cfg, run_dir, *args: str) -> tuple[int, str]:
+    """Runs finetune.py through the relay to its end: (exit code, stderr)."""
+    endpoint = f"http://127.0.0.1:{self.port}"
+    env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint, "AWS_MAX_ATTEMPTS": "2"}
+    self.proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "finetune.py"), "--config", str(cfg),
+                                  "--run-dir", str(run_dir), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+    _, err = self.proc.communicate(timeout=600)
+    assert self.seen >= self.nth, f"the run never reached request {self.nth} matching {self.pattern!r}"
+    return self.proc.returncode, err
+
+  def cut(self) -> None:
+    """Drops every connection and refuses new ones: the store is gone."""
+    self.cut_off = True
+    self.server.close()
+    for s in self.conns:
+      with contextlib.suppress(OSError):
+        s.shutdown(socket.SHUT_RDWR)
 
   def _accept(self) -> None:
     while True:
       try:
         client, _ = self.server.accept()
+        upstream = socket.create_connection(self.target)
       except OSError:
         return
-      upstream = socket.create_connection(self.target)
       self.conns += [client, upstream]
-      for a, b in ((client, upstream), (upstream, client)):
-        threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+      threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+      threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
 
-  @staticmethod
-  def _pipe(a: socket.socket, b: socket.socket) -> None:
+  def _pipe(self, a: socket.socket, b: socket.socket, requests: bool) -> None:
     try:
-      while data := a.recv(65536):
-        b.sendall(data)
+      while (data := a.recv(65536)) and not self.cut_off:
+        if requests and self.pattern in data.split(b"\r\n", 1)[0]:
+          with self.lock:
+            self.seen += 1
+            if self.seen == self.nth:
+              self.action(self.proc) if self.action is not None else self.cut()
+        if not self.cut_off:
+          b.sendall(data)
     except OSError:
       pass
     finally:
       for s in (a, b):
-        try:
+        with contextlib.suppress(OSError):
           s.shutdown(socket.SHUT_RDWR)
-        except OSError:
-          pass
-
-  def cut(self) -> None:
-    self.server.close()
-    for s in self.conns:
-      try:
-        s.shutdown(socket.SHUT_RDWR)
-      except OSError:
-        pass
 
 
 def test_s3_store_lost_mid_run_exits_75_keeps_checkpoints_and_resumes(job, s3):
   cfg, reference = job
   run = storage.path(s3.url(s3.bucket(), "runs", "lost"))
-  proxy = Proxy(s3.endpoint)
-  env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}",
-         "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}", "AWS_MAX_ATTEMPTS": "2"}  # fail fast
-  proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "finetune.py"), "--config", str(cfg), "--run-dir",
-                           str(run)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  while 4 not in step_dirs(run)[0]:  # polled through the direct endpoint
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
-    time.sleep(0.05)
-  proxy.cut()
-  _, err = proc.communicate(timeout=600)
-  assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+  relay = Relay(s3.endpoint, b"/checkpoints/6/", 1, None)  # the store goes away as checkpoint 6 starts
+  code, err = relay.run(cfg, run)
+  assert code == EXIT_PREEMPTED, err[-3000:]
   errors = [line for line in err.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1 and errors[0].startswith("error: writing to s3://") and "--resume" in errors[0], err[-3000:]
-  committed = step_dirs(run)[0]
-  assert 4 in committed and all(Checkpoints(run, read_only=True).steps())
+  assert step_dirs(run)[0] == {2, 4}  # every committed checkpoint kept
+  assert Checkpoints(run, read_only=True).steps() == [2, 4]
   done = finetune(cfg, run, "--resume")  # the store is back (the direct endpoint)
   _, err = done.communicate(timeout=600)
   assert done.returncode == 0, err[-3000:]

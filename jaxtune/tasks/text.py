@@ -77,7 +77,7 @@ class CausalLM(TokenLoss, Task):
     def encoded(n: str) -> Any:
       name = splits.describe(d, n, extra)
       whole = functools.partial(lm.load_lm_split, tokenizer=tokenizer, name=name, seq_len=d.max_len,
-                                **dataclasses.asdict(form))
+                                cache_dir=d.cache_dir, **dataclasses.asdict(form))
       if per_host and n == "train" and not form.packs:  # packed rows depend on every earlier document's length
         lm.check_split(raw[n], form, name)
         encode = lambda ds: lm.pad_rows(form.encode({c: ds[c] for c in form.columns}, tokenizer, d.max_len, name),

@@ -136,8 +136,9 @@ def resume_differences(saved: Config, new: Config, extend: bool) -> list[str]:
   allowed = {f"train.{k}" for k in RESUMABLE_TRAIN_KEYS + (EXTENDABLE_TRAIN_KEYS if extend else ())}
   a, b = _flat(config_lib.to_dict(saved)), _flat(config_lib.to_dict(new))
   changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-  return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed
-          if k not in allowed and not k.startswith(("mesh.", "checkpoint.")) and k != "model.remat"]
+  return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed  # where the data cache is changes no row
+          if k not in allowed and not k.startswith(("mesh.", "checkpoint.")) and k not in ("model.remat",
+                                                                                           "data.cache_dir")]
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
