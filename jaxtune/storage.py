@@ -126,6 +126,21 @@ def files(target: epath.Path) -> list[str]:
   return sorted(f[len(root.rstrip("/")) + 1:] for f in fs.find(root))
 
 
+def move_dir(source: epath.Path, target: epath.Path) -> None:
+  """Moves a directory: a rename locally; on a store (no rename, no directories) each object copied, then deleted."""
+  if not is_remote(source):
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    Path(source).rename(target)
+    return
+  import fsspec
+
+  fs, root = fsspec.core.url_to_fs(str(source))
+  dest = fsspec.core.url_to_fs(str(target))[1]
+  names = files(source)  # fs.mv(recursive=True) trips over s3fs's directory pseudo-keys
+  fs.copy([f"{root}/{n}" for n in names], [f"{dest}/{n}" for n in names])
+  fs.rm([f"{root}/{n}" for n in names])
+
+
 def upload_dir(local: Path, target: epath.Path) -> None:
   """Copies each file under `local` to the same place under `target` (each one whole)."""
   for f in sorted(local.rglob("*")):
@@ -153,6 +168,8 @@ def s3_kvstore(url: str) -> dict[str, Any]:
     spec["endpoint"] = endpoint
   if region:
     spec["aws_region"] = region
+  if os.environ.get("AWS_ACCESS_KEY_ID"):  # the keys in the environment, as botocore takes them first (TensorStore's
+    spec["aws_credentials"] = {"type": "environment"}  # default chain logs each absent ~/.aws file as an error)
   if os.environ.get("AWS_MAX_ATTEMPTS", "").isdigit():  # botocore's retry budget, for TensorStore's requests too
     spec["context"] = {"s3_request_retries": {"max_retries": max(int(os.environ["AWS_MAX_ATTEMPTS"]) - 1, 0)}}
   return spec

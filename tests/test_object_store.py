@@ -190,10 +190,13 @@ def test_s3_store_lost_mid_run_exits_75_keeps_checkpoints_and_resumes(job, s3):
   assert len(errors) == 1 and errors[0].startswith("error: writing to s3://") and "--resume" in errors[0], err[-3000:]
   assert step_dirs(run)[0] == {2, 4}  # every committed checkpoint kept
   assert Checkpoints(run, read_only=True).steps() == [2, 4]
+  (run / "checkpoints" / "4" / "params" / "manifest.ocdbt").unlink()  # and the newest one damaged
   done = finetune(cfg, run, "--resume")  # the store is back (the direct endpoint)
   _, err = done.communicate(timeout=600)
   assert done.returncode == 0, err[-3000:]
-  assert_same_run(run, reference)
+  assert "skipping checkpoint step 4" in err and "moved the unreadable checkpoint step 4" in err, err[-3000:]
+  assert (run / "checkpoints.unreadable" / "4" / "commit_success.txt").exists()
+  assert_same_run(run, reference)  # resumed from step 2, exactly
 
 
 @pytest.mark.parametrize("case", ["missing bucket", "refused credentials", "unreachable store"])

@@ -149,13 +149,12 @@ class Checkpoints:
     """Moves unreadable step dirs to checkpoints.unreadable/ (process 0), then rereads the step list."""
     if jax.process_index() == 0:
       away = self.dir.parent / "checkpoints.unreadable"
-      away.mkdir(exist_ok=True)
       for step in steps:
         target = away / str(step)
         n = 1
         while target.exists():
           target, n = away / f"{step}.{n}", n + 1
-        (self.dir / str(step)).rename(target)
+        storage.move_dir(self.dir / str(step), target)
         print(f"warning: moved the unreadable checkpoint step {step} to {target}", file=sys.stderr, flush=True)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
