@@ -32,6 +32,14 @@ python scripts/benchmark.py datacache [--rounds N] [--corpus-rounds N] [--sizes 
   corpus of each size in --sizes (default 50,250,1000 MB) through the causal-LM data pipeline, cold, warm and (up to
   --off-max-mb) without the cache, over --corpus-rounds: times, peak anonymous RSS and peak RSS. --dir keeps the
   corpus and entries (default a new temporary directory, left for a rerun; it needs about 12 GB).
+
+python scripts/benchmark.py ckptcost [--rounds N] [--store local|s3|both] [--steps 30] [--save-every 10] [--batch 2]
+                                     [--length 64] [--dir DIR] [--output FILE]
+  What a checkpoint save costs the step loop (docs/checkpoints.md): SmolLM2-135M fully fine-tuned (1.6 GB
+  checkpoints), each run the real loop in a fresh process, checkpoint.async_save true (queued) and false
+  (synchronous) alternating over --rounds, on a local disk (--dir, default a new temporary directory) and on s3://
+  (a moto server per run): step time without a save, each save's blocking time and time to commit, the extra time
+  of the --save-every steps after a save, and the end-of-run wait.
 """
 
 import argparse
@@ -107,6 +115,18 @@ def datacache(args: argparse.Namespace) -> dict:
   return result
 
 
+def ckptcost(args: argparse.Namespace) -> dict:
+  from pathlib import Path
+
+  from jaxtune.tools import ckpt_cost
+
+  stores = ("local", "s3") if args.store == "both" else (args.store,)
+  result = ckpt_cost.measure(args.rounds, stores, Path(args.dir) if args.dir else None, args.steps, args.save_every,
+                             args.batch, args.length)
+  print(ckpt_cost.table(result))
+  return result
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="mode", required=True)
@@ -140,7 +160,16 @@ def main() -> int:
   d.add_argument("--dir", help="work directory: corpus, HF datasets cache, entries (default a new temp dir)")
   d.add_argument("--only", choices=("startup", "corpus"), help="run one of the two measurements")
   d.set_defaults(run=datacache)
-  for sp in (p, o, s, m, d):
+  c = sub.add_parser("ckptcost", help="step-time cost of a checkpoint save, queued vs synchronous")
+  c.add_argument("--rounds", type=int, default=3, help="runs per store and side, alternating")
+  c.add_argument("--store", default="both", choices=("local", "s3", "both"), help="local disk, s3:// (moto) or both")
+  c.add_argument("--steps", type=int, default=30, help="train steps per run (a multiple of --save-every)")
+  c.add_argument("--save-every", type=int, default=10, help="steps between saves")
+  c.add_argument("--batch", type=int, default=2, help="rows per step")
+  c.add_argument("--length", type=int, default=64, help="tokens per row")
+  c.add_argument("--dir", help="work directory: config, compile cache, local run dirs (default a new temp dir)")
+  c.set_defaults(run=ckptcost)
+  for sp in (p, o, s, m, d, c):
     sp.add_argument("--output", help="also write the results as JSON here")
   args = parser.parse_args()
   result = args.run(args)
