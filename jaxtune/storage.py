@@ -262,8 +262,8 @@ def describe(e: BaseException) -> str:
   lowered = text.lower()
   if "nosuchbucket" in lowered or "bucket does not exist" in lowered or "specified bucket" in lowered:
     return f"the bucket does not exist ({text}); create it or fix the URL."
-  if "credential" in lowered or "accessdenied" in lowered or "forbidden" in lowered or "403" in lowered \
-     or "signature" in lowered or "invalidaccesskeyid" in lowered:
+  if isinstance(e, PermissionError) or any(w in lowered for w in ("credential", "accessdenied", "forbidden", "403",
+                                                                    "signature", "access key", "invalidaccesskeyid")):
     return (f"access refused ({text}); set credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or Google "
             "application default credentials) that may write there.")
   if "connect" in lowered or "timeout" in lowered or name in ("EndpointConnectionError", "ClientConnectorError"):

@@ -260,7 +260,9 @@ def reset_fsspec(scheme: str) -> None:
   """Drops fsspec's cached filesystems for `scheme`: they keep the endpoint, credentials and config they were made
   with (and their listings)."""
   import fsspec
+  from etils.epath import backend
 
+  backend._FileSystemSpecBackend._get_filesystem.cache_clear()  # etils keeps its own filesystem per scheme too
   for name in ("s3",) if scheme == "s3" else ("gs", "gcs"):
     try:
       cls = fsspec.get_filesystem_class(name)
