@@ -137,8 +137,10 @@ def move_dir(source: epath.Path, target: epath.Path) -> None:
   fs, root = fsspec.core.url_to_fs(str(source))
   dest = fsspec.core.url_to_fs(str(target))[1]
   names = files(source)  # fs.mv(recursive=True) trips over s3fs's directory pseudo-keys
-  fs.copy([f"{root}/{n}" for n in names], [f"{dest}/{n}" for n in names])
-  fs.rm([f"{root}/{n}" for n in names])
+  for name in names:  # one object at a time: s3fs versions differ in taking lists
+    fs.cp_file(f"{root}/{name}", f"{dest}/{name}")
+  for name in names:
+    fs.rm_file(f"{root}/{name}")
 
 
 def upload_dir(local: Path, target: epath.Path) -> None:
