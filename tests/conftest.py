@@ -206,3 +206,16 @@ def export_run(run_dir: Path, step: str, out_dir: Path, peft: bool = False) -> P
   meta, model, params, _ = restore.restore_step(run_dir, step, sharding.make_mesh(config.MeshConfig()))
   return export.export(model, params, meta["labels"], restore.model_config(meta), run_dir / "tokenizer", out_dir,
                        peft)
+
+
+@pytest.fixture(scope="session")
+def resumable_job(tiny_bert_dir, reviews, tmp_path_factory) -> tuple[Path, Path]:
+  """(config, its uninterrupted reference run dir): the tiny BERT for 12 steps across an epoch boundary, a
+  checkpoint every 2 (the last 2 kept), evaluation every 4, one compile cache. The kill / resume tests on local
+  disk (test_recovery) and on object storage (test_object_store) compare their runs with this one."""
+  d = tmp_path_factory.mktemp("resumable")
+  cfg = write_config(d / "c.yaml", tiny_bert_dir, reviews,
+                     train={"max_steps": 12, "eval_every": 4, "compile_cache": str(d / "xla")},
+                     checkpoint={"save_every": 2, "keep_last": 2, "save_every_minutes": 0})
+  assert finetune(cfg, d / "reference").wait(timeout=600) == 0
+  return cfg, d / "reference"

@@ -21,7 +21,7 @@ import threading
 import numpy as np
 import objstore
 import pytest
-from conftest import REPO, final_params, finetune, records, run_script, train_steps, write_config
+from conftest import REPO, final_params, finetune, records, run_script, train_steps
 from objstore import gcs_fixture, gcs_server_fixture, s3_fixture, s3_server_fixture  # noqa: F401
 
 from jaxtune import storage
@@ -29,17 +29,6 @@ from jaxtune.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
 from jaxtune.train.checkpoints import Checkpoints
 
 STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def job(tiny_bert_dir, reviews, tmp_path_factory):
-  """(config, the uninterrupted local reference run): 12 steps, a checkpoint every 2, evaluation every 4."""
-  d = tmp_path_factory.mktemp("object_store")
-  cfg = write_config(d / "c.yaml", tiny_bert_dir, reviews,
-                     train={"max_steps": STEPS, "eval_every": 4, "compile_cache": str(d / "xla")},
-                     checkpoint={"save_every": 2, "keep_last": 2, "save_every_minutes": 0})
-  assert finetune(cfg, d / "reference").wait(timeout=600) == 0
-  return cfg, d / "reference"
 
 
 def step_dirs(run: storage.epath.Path) -> tuple[set[int], set[int]]:
@@ -61,8 +50,8 @@ def assert_same_run(run: storage.epath.Path, reference) -> None:
   assert pick(run) == pick(reference)
 
 
-def test_s3_kill_in_a_queued_write_sigterm_resume_and_evaluate(job, s3):
-  cfg, reference = job
+def test_s3_kill_in_a_queued_write_sigterm_resume_and_evaluate(resumable_job, s3):
+  cfg, reference = resumable_job
   run = storage.path(s3.url(s3.bucket(), "runs", "tiny"))
   # SIGKILL from the relay at the 10th request into checkpoint 6: its write is under way, not committed
   relay = Relay(s3.endpoint, b"/checkpoints/6/", 10, lambda proc: proc.kill())
@@ -96,8 +85,8 @@ def test_s3_kill_in_a_queued_write_sigterm_resume_and_evaluate(job, s3):
   assert (reference.parent / "exported" / "tokenizer.json").is_file()
 
 
-def test_gs_run_resume_and_evaluate(job, gcs):
-  cfg, reference = job
+def test_gs_run_resume_and_evaluate(resumable_job, gcs):
+  cfg, reference = resumable_job
   run = storage.path(gcs.url(gcs.bucket(), "runs", "tiny"))
   first = finetune(cfg, run, "train.max_steps=6")  # then --extend to the reference's 12 (its schedule is rebuilt,
   _, err = first.communicate(timeout=600)          # so the params differ from it: compared to a local twin instead)
@@ -180,8 +169,8 @@ class Relay:
           s.shutdown(socket.SHUT_RDWR)
 
 
-def test_s3_store_lost_mid_run_exits_75_keeps_checkpoints_and_resumes(job, s3):
-  cfg, reference = job
+def test_s3_store_lost_mid_run_exits_75_keeps_checkpoints_and_resumes(resumable_job, s3):
+  cfg, reference = resumable_job
   run = storage.path(s3.url(s3.bucket(), "runs", "lost"))
   relay = Relay(s3.endpoint, b"/checkpoints/6/", 1, None)  # the store goes away as checkpoint 6 starts
   code, err = relay.run(cfg, run)
@@ -200,8 +189,8 @@ def test_s3_store_lost_mid_run_exits_75_keeps_checkpoints_and_resumes(job, s3):
 
 
 @pytest.mark.parametrize("case", ["missing bucket", "refused credentials", "unreachable store"])
-def test_s3_bad_bucket_credentials_or_endpoint_is_one_error_line(job, s3, case, tmp_path, monkeypatch):
-  cfg, _ = job
+def test_s3_bad_bucket_credentials_or_endpoint_is_one_error_line(resumable_job, s3, case, tmp_path, monkeypatch):
+  cfg, _ = resumable_job
   bucket = "jaxtune-no-such-bucket" if case == "missing bucket" else s3.bucket()
   env = dict(os.environ)
   if case == "refused credentials":  # a second moto server that checks credentials (moto's IAM: none are known)

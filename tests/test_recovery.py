@@ -12,25 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import final_params, finetune, reached, records, stop_when, train_steps, write_config
+from conftest import final_params, finetune, reached, records, stop_when, train_steps
 
 from jaxtune.errors import EXIT_PREEMPTED
 from jaxtune.eval import evaluate
 from jaxtune.train.checkpoints import Checkpoints
 
 STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def setup(tiny_bert_dir, reviews, tmp_path_factory):
-  """(config path, compile cache dir, the uninterrupted reference run dir)."""
-  d = tmp_path_factory.mktemp("recovery")
-  cfg = write_config(d / "c.yaml", tiny_bert_dir, reviews,
-                     train={"max_steps": STEPS, "eval_every": 4, "compile_cache": str(d / "xla")},
-                     checkpoint={"save_every": 2, "keep_last": 2, "save_every_minutes": 0})
-  finished = finetune(cfg, d / "reference").wait(timeout=600)
-  assert finished == 0
-  return cfg, d / "reference"
 
 
 def partial_writes(run_dir: Path) -> set[str]:
@@ -51,8 +39,8 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
   assert pick(run_dir, ("step", "loss", "accuracy")) == pick(reference, ("step", "loss", "accuracy"))
 
 
-def test_sigkill_anywhere_then_resume_equals_no_interruption(setup, tmp_path):
-  cfg, reference = setup
+def test_sigkill_anywhere_then_resume_equals_no_interruption(resumable_job, tmp_path):
+  cfg, reference = resumable_job
   run = tmp_path / "run"
   rng = np.random.default_rng(9)
   first, second = sorted(rng.choice(np.arange(3, 10), 2, replace=False))
@@ -81,8 +69,8 @@ def test_sigkill_anywhere_then_resume_equals_no_interruption(setup, tmp_path):
   assert_same_run(run, reference)
 
 
-def test_sigterm_and_ctrl_c_save_exit_75_and_resume_exactly(setup, tmp_path):
-  cfg, reference = setup
+def test_sigterm_and_ctrl_c_save_exit_75_and_resume_exactly(resumable_job, tmp_path):
+  cfg, reference = resumable_job
   run = tmp_path / "run"
   rare = ("checkpoint.save_every=100",)  # so the only checkpoints before the end are the signals'
   for starts, (sig, after, args) in enumerate([(signal.SIGTERM, 4, rare), (signal.SIGINT, 8, ("--resume", *rare))], 1):
@@ -99,8 +87,8 @@ def test_sigterm_and_ctrl_c_save_exit_75_and_resume_exactly(setup, tmp_path):
   assert_same_run(run, reference)
 
 
-def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(setup, tmp_path, capsys):
-  cfg, reference = setup
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(resumable_job, tmp_path, capsys):
+  cfg, reference = resumable_job
   run = tmp_path / "run"
   shutil.copytree(reference, run)
   damaged = [p for p in (run / "checkpoints" / str(STEPS) / "params").rglob("*") if p.is_file() and p.stat().st_size]
