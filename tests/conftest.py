@@ -219,3 +219,11 @@ def resumable_job(tiny_bert_dir, reviews, tmp_path_factory) -> tuple[Path, Path]
                      checkpoint={"save_every": 2, "keep_last": 2, "save_every_minutes": 0})
   assert finetune(cfg, d / "reference").wait(timeout=600) == 0
   return cfg, d / "reference"
+
+
+@pytest.fixture(scope="session")
+def multihost_config(tmp_path_factory, minilm_dir, reviews) -> Path:
+  """A tiny-BERT classification config that several processes train together (test_multihost, test_slurm)."""
+  tmp = tmp_path_factory.mktemp("multihost")
+  model_dir = save_tiny_bert(tmp / "bert", minilm_dir, intermediate_size=64)
+  return write_config(tmp / "c.yaml", model_dir, reviews, train={"batch_size": 16, "eval_batch_size": 16})

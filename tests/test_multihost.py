@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, records, run_script, save_tiny_bert, write_config
+from conftest import REPO, records, run_script
 
 from jaxtune import distributed, sharding
 from jaxtune import params as params_lib
@@ -27,16 +27,16 @@ def free_port() -> int:
 
 
 
-def launch_two_processes(config_path, run_dir, *overrides):
+def launch_two_processes(multihost_config, run_dir, *overrides):
   """scripts/finetune.py as processes 0 and 1 of a 2-host job; returns their (returncode, stderr)."""
   port = free_port()
   procs = []
   for pid in range(2):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "JAXTUNE_COORDINATOR": f"127.0.0.1:{port}", "JAXTUNE_NUM_PROCESSES": "2", "JAXTUNE_PROCESS_ID": str(pid)}
-    procs.append(subprocess.Popen([sys.executable, str(REPO / "scripts" / "finetune.py"), "--config", str(config_path),
-                                   "--run-dir", str(run_dir), *overrides], cwd=REPO, env=env, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    procs.append(subprocess.Popen([sys.executable, str(REPO / "scripts" / "finetune.py"), "--config",
+                                   str(multihost_config), "--run-dir", str(run_dir), *overrides], cwd=REPO, env=env,
+                                  text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
   try:
     outs = [p.communicate(timeout=900) for p in procs]
   finally:
@@ -45,19 +45,12 @@ def launch_two_processes(config_path, run_dir, *overrides):
   return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
 
 
-@pytest.fixture(scope="module")
-def config_path(tmp_path_factory, minilm_dir, reviews):
-  tmp = tmp_path_factory.mktemp("multihost")
-  model_dir = save_tiny_bert(tmp / "bert", minilm_dir, intermediate_size=64)
-  return write_config(tmp / "c.yaml", model_dir, reviews, train={"batch_size": 16, "eval_batch_size": 16})
-
-
-def test_two_processes_match_one_process_with_eight_devices(config_path, tmp_path):
+def test_two_processes_match_one_process_with_eight_devices(multihost_config, tmp_path):
   mesh = ["mesh.data=4", "mesh.fsdp=2"]  # params sharded across the two processes, batch split over all 8
-  one = run_script("finetune.py", "--config", config_path, "--run-dir", tmp_path / "one", *mesh,
+  one = run_script("finetune.py", "--config", multihost_config, "--run-dir", tmp_path / "one", *mesh,
                    env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
   assert one.returncode == 0, one.stderr[-3000:]
-  results = launch_two_processes(config_path, tmp_path / "two", *mesh)
+  results = launch_two_processes(multihost_config, tmp_path / "two", *mesh)
   for code, _, err in results:
     assert code == 0, err[-3000:]
   # Logging and the final line come from process 0 only.
@@ -86,8 +79,8 @@ def test_two_processes_match_one_process_with_eight_devices(config_path, tmp_pat
   # 2-process checkpoint reshards onto it and the two runs go on logging the same losses.
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   for run in ("one", "two"):
-    result = run_script("finetune.py", "--config", config_path, "--run-dir", tmp_path / run, "--resume", "--extend",
-                        "train.max_steps=6", "mesh.data=4", "mesh.fsdp=1", "mesh.tensor=2", env=env)
+    result = run_script("finetune.py", "--config", multihost_config, "--run-dir", tmp_path / run, "--resume",
+                        "--extend", "train.max_steps=6", "mesh.data=4", "mesh.fsdp=1", "mesh.tensor=2", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
   later = {run: [r["loss"] for r in records(tmp_path / run) if r["step"] > 4 and "loss" in r and "split" not in r]
            for run in ("one", "two")}

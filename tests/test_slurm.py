@@ -17,7 +17,7 @@ import sys
 
 import jax
 import pytest
-from conftest import REPO, records, run_script, save_tiny_bert, write_config
+from conftest import REPO, records, run_script
 
 from jaxtune import distributed
 
@@ -138,23 +138,16 @@ def test_srun_tasks_join_one_group_from_slurm_variables(layout):
     assert got["cuda_visible_devices"] == want_visible[rank]  # the GPUs it would drive
 
 
-@pytest.fixture(scope="module")
-def config_path(tmp_path_factory, minilm_dir, reviews):
-  tmp = tmp_path_factory.mktemp("slurm")
-  model_dir = save_tiny_bert(tmp / "bert", minilm_dir, intermediate_size=64)
-  return write_config(tmp / "c.yaml", model_dir, reviews, train={"batch_size": 16, "eval_batch_size": 16})
-
-
-def test_readme_srun_recipe_trains_as_one_process(config_path, tmp_path):
+def test_readme_srun_recipe_trains_as_one_process(multihost_config, tmp_path):
   """`srun python scripts/finetune.py ...` on 2 nodes x 1 task, 4 devices each, logs what one process with 8 does."""
   mesh = ["mesh.data=4", "mesh.fsdp=2"]  # params sharded over both tasks' devices
-  one = run_script("finetune.py", "--config", config_path, "--run-dir", tmp_path / "one", *mesh,
+  one = run_script("finetune.py", "--config", multihost_config, "--run-dir", tmp_path / "one", *mesh,
                    env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
   assert one.returncode == 0, one.stderr[-3000:]
   job_id, _ = free_job_id()
   gpus = {"SLURM_GPUS_ON_NODE": "4", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
   envs = [srun_env(job_id, "127.0.0.[1-2]", [1, 1], rank, devices=4, gpus=gpus) for rank in range(2)]
-  argv = [sys.executable, str(REPO / "scripts" / "finetune.py"), "--config", str(config_path), "--run-dir",
+  argv = [sys.executable, str(REPO / "scripts" / "finetune.py"), "--config", str(multihost_config), "--run-dir",
           str(tmp_path / "two"), "--quiet", *mesh]
   results = srun(argv, envs, timeout=600)
   for code, _, err in results:
