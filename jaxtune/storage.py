@@ -82,9 +82,7 @@ def write_dir(target: epath.Path, fill: Callable[[Path], Any]) -> None:
   if is_remote(target):
     with tempfile.TemporaryDirectory() as tmp:
       fill(Path(tmp))
-      for f in sorted(Path(tmp).rglob("*")):
-        if f.is_file():
-          (target / f.relative_to(tmp).as_posix()).write_bytes(f.read_bytes())
+      upload_dir(Path(tmp), target)
     (target / COMPLETE).write_text("")
     return
   tmp = Path(target.with_name(f".{target.name}.tmp-{os.getpid()}"))
