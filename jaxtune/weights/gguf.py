@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 
 from jaxtune.errors import UserError
-from jaxtune.weights.hf import CHUNK_BYTES
+from jaxtune.weights.hf import CHUNK_BYTES, one_line
 
 if TYPE_CHECKING:
   import transformers
@@ -70,8 +70,7 @@ class GGUFReader:
     try:
       self._reader = gguf.GGUFReader(self.path)
     except (ValueError, OSError, IndexError, KeyError) as e:  # gguf raises these for bad magic, truncation, enums
-      raise UserError(f"{self.path} is not a readable GGUF file ({type(e).__name__}: {e}); give a GGUF file "
-                      "written by llama.cpp.") from None
+      raise self._unreadable(e) from None
     arch = self._meta("general.architecture")
     if arch != "llama":
       raise UserError(f"{self.path} holds a {arch!r} model, but only GGUF files with general.architecture "
@@ -79,6 +78,10 @@ class GGUFReader:
     self._tensors = {self._hf_name(t.name): t for t in self._reader.tensors}
     with open(self.path, "rb") as f:
       self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+  def _unreadable(self, e: Exception) -> UserError:
+    return UserError(f"{self.path} is not a readable GGUF file ({one_line(e)}); re-download it or re-convert "
+                     "the model with llama.cpp's convert_hf_to_gguf.py.")
 
   def _hf_name(self, name: str) -> str:
     if name == "rope_freqs.weight":  # Llama 3.1+ rope scaling, stored as factors rather than config values
@@ -98,9 +101,20 @@ class GGUFReader:
         raise UserError(f"{self.path} lacks metadata key {key.replace('{arch}', 'llama')}; re-convert the "
                         "model with llama.cpp's convert_hf_to_gguf.py.")
       return default
-    value = field.contents()
+    try:
+      value = field.contents()
+    except (ValueError, IndexError) as e:  # a damaged string (UnicodeDecodeError) or array in the metadata
+      raise self._unreadable(e) from None
     if field.types == [gguf.GGUFValueType.FLOAT32]:
       value = float(str(np.float32(value)))  # shortest decimal: 1e-05 as written in config.json, not 9.99e-06
+    return value
+
+  def _count(self, key: str, default: Any = _REQUIRED) -> int:
+    """A metadata count or length (heads, layers, dims): a damaged file's zero or garbage is a UserError."""
+    value = self._meta(key, default)
+    if type(value) is not int or value <= 0:
+      raise UserError(f"{self.path}: metadata {key.replace('{arch}', 'llama')} is {value!r}, not a positive "
+                      "integer; the file is damaged, re-download it or re-convert the model with llama.cpp.")
     return value
 
   def keys(self) -> set[str]:
@@ -123,10 +137,10 @@ class GGUFReader:
     first, stop, _ = index[0].indices(shape[0])
     heads = None
     if ".q_proj." in key or ".k_proj." in key:
-      heads = self._meta("{arch}.attention.head_count")
+      heads = self._count("{arch}.attention.head_count")
       if ".k_proj." in key:
-        heads = self._meta("{arch}.attention.head_count_kv", heads)
-      if shape[0] % (2 * heads):
+        heads = self._count("{arch}.attention.head_count_kv", heads)
+      if not shape[0] or shape[0] % (2 * heads):
         raise UserError(f"{self.path}: tensor {tensor.name} has {shape[0]} rows, not a multiple of 2 x "
                         f"{heads} heads; the file's head counts do not match its tensors, re-convert it.")
       rows = shape[0] // heads
@@ -157,20 +171,20 @@ class GGUFReader:
     """An HF LlamaConfig config.json dict built from the GGUF metadata and tensor list."""
     if "model.embed_tokens.weight" not in self._tensors:
       raise UserError(f"{self.path} has no token_embd.weight tensor; the file is not a complete Llama model.")
-    hidden = self._meta("{arch}.embedding_length")
-    heads = self._meta("{arch}.attention.head_count")
+    hidden = self._count("{arch}.embedding_length")
+    heads = self._count("{arch}.attention.head_count")
     cfg = {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
         "vocab_size": int(self._tensors["model.embed_tokens.weight"].shape[1]),  # GGUF shape is [D, V]
-        "hidden_size": hidden, "intermediate_size": self._meta("{arch}.feed_forward_length"),
-        "num_hidden_layers": self._meta("{arch}.block_count"), "num_attention_heads": heads,
-        "num_key_value_heads": self._meta("{arch}.attention.head_count_kv", heads),
+        "hidden_size": hidden, "intermediate_size": self._count("{arch}.feed_forward_length"),
+        "num_hidden_layers": self._count("{arch}.block_count"), "num_attention_heads": heads,
+        "num_key_value_heads": self._count("{arch}.attention.head_count_kv", heads),
         "rms_norm_eps": self._meta("{arch}.attention.layer_norm_rms_epsilon"),
         "rope_theta": self._meta("{arch}.rope.freq_base", 10000.0),  # llama.cpp's default when absent
-        "max_position_embeddings": self._meta("{arch}.context_length"),
+        "max_position_embeddings": self._count("{arch}.context_length"),
         "tie_word_embeddings": "lm_head.weight" not in self._tensors,
     }
-    head_dim = self._meta("{arch}.attention.key_length", hidden // heads)
+    head_dim = self._count("{arch}.attention.key_length", max(1, hidden // heads))
     if head_dim != hidden // heads:
       cfg["head_dim"] = head_dim
     for hf_key, gguf_key in TOKEN_IDS.items():
@@ -204,6 +218,6 @@ def load_tokenizer(path: Path) -> transformers.PreTrainedTokenizerBase:
     raise UserError(f"GGUF file {path} does not exist; give the path of a .gguf file.")
   try:
     return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-  except (ValueError, OSError, KeyError) as e:  # unsupported tokenizer model or not a GGUF file at all
-    raise UserError(f"transformers could not build a tokenizer from {path} ({type(e).__name__}: {e}); give a "
+  except (ValueError, OSError, KeyError, IndexError) as e:  # unsupported tokenizer model, a damaged or no GGUF file
+    raise UserError(f"transformers could not build a tokenizer from {path} ({one_line(e)}); give a "
                     "llama GGUF with tokenizer metadata or use the HF tokenizer files.") from None

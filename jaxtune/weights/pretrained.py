@@ -44,15 +44,28 @@ def open_checkpoint(model_cfg: ModelConfig) -> tuple[dict[str, Any], Any]:
 
 def load_tokenizer(model_cfg: ModelConfig) -> Any:
   """model.tokenizer if set, else the tokenizer stored with the checkpoint (HF dir or GGUF metadata)."""
+  key = "model.tokenizer" if model_cfg.tokenizer else "model.path"
   source = model_cfg.tokenizer or model_cfg.path
-  local = hf.resolve_path(source)
+  local = hf.resolve_path(source, key)
+  if local.suffix == ".gguf":
+    return gguf.load_tokenizer(local)
+  fix = ("re-download the tokenizer files or re-save them (tokenizer.save_pretrained(dir)), or set model.tokenizer "
+         "to an HF tokenizer directory or hub id")
   try:
-    if local.suffix == ".gguf":
-      return gguf.load_tokenizer(local)
-    return transformers.AutoTokenizer.from_pretrained(local)
-  except (OSError, ValueError) as e:
-    raise UserError(f"no tokenizer could be loaded from {source} ({type(e).__name__}); set model.tokenizer "
-                    "to an HF tokenizer directory or hub id.") from None
+    tokenizer = transformers.AutoTokenizer.from_pretrained(local)
+  except Exception as e:
+    # transformers raises OSError, ValueError, KeyError for missing or malformed files; the tokenizers library
+    # raises a bare Exception for a tokenizer.json or vocabulary it cannot parse. Anything else is a bug.
+    if not isinstance(e, (OSError, ValueError, KeyError)) and type(e) is not Exception:
+      raise
+    raise UserError(f"no tokenizer could be loaded from {key} {source} ({hf.one_line(e)}); {fix}.") from None
+  # transformers builds a tokenizer of special tokens only when its vocabulary files are absent; every text would
+  # then be [UNK]. A directory must hold the files its tokenizer class reads.
+  files = sorted({*tokenizer.vocab_files_names.values(), "tokenizer.json"})
+  if local.is_dir() and not any((local / name).is_file() for name in files):
+    raise UserError(f"no tokenizer could be loaded from {key} {source}: {local} has none of the files "
+                    f"{', '.join(files)} that a {type(tokenizer).__name__} reads; {fix}.")
+  return tokenizer
 
 
 def check_kind(hf_config: dict[str, Any], model_cfg: ModelConfig, head: str | None) -> tuple[str, ModelFamily]:
