@@ -1,1 +1,2 @@
-"""Data: where rows come from (sources, splits), how each task encodes them into token arrays, how they batch and feed."""
+"""Data: where rows come from (sources, splits, origin), how each task encodes them into token arrays, how they
+batch and feed."""

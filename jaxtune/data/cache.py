@@ -126,7 +126,8 @@ def data_fields(cfg: Any) -> dict[str, Any]:
 
 def in_chunks(ds: Any, encode: Callable[[Any], Any], whole: Callable[[], Any]) -> Iterator[Any]:
   """encode(rows of `ds`) CHUNK_ROWS rows at a time, for tasks whose rows are encoded independently. A bad row
-  past the first chunk re-encodes the whole split (`whole`) so that its error numbers the row within the split."""
+  past the first chunk re-encodes the whole split (`whole`) so that its error numbers the row within the split
+  (which data/origin.py turns into its file and line)."""
   from jaxtune.errors import UserError
 
   for start in range(0, len(ds), CHUNK_ROWS):

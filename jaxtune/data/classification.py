@@ -11,7 +11,7 @@ import datasets
 import numpy as np
 
 from jaxtune.config import DataConfig
-from jaxtune.data import cache, hostrows, splits
+from jaxtune.data import cache, hostrows, origin, splits
 from jaxtune.data.rows import TokenRows
 from jaxtune.errors import UserError
 
@@ -40,7 +40,7 @@ def label_list(ds: datasets.Dataset, cfg: DataConfig, name: str) -> list[Any]:
   values = ds[cfg.label_column][:]  # a list: iterating datasets' lazy Column reads one row at a time
   missing = [i for i, v in enumerate(values) if v is None]
   if missing:
-    raise UserError(f"data split {name} row {missing[0]} has no {cfg.label_column!r}; fill or drop it.")
+    raise UserError(f"data split {origin.at(name, missing[0])} has no {cfg.label_column!r}; fill or drop it.")
   labels = sorted(set(values))
   if len(labels) < 2:
     raise UserError(f"data split {name} column {cfg.label_column!r} has {len(labels)} distinct label(s); "
@@ -57,7 +57,7 @@ def encode(ds: datasets.Dataset, cfg: DataConfig, tokenizer: Any, labels: Sequen
   label_ids = np.empty(len(ds), np.int32)
   for row, value in enumerate(ds[cfg.label_column][:]):
     if value not in ids:
-      raise UserError(f"data split {name} row {row} has label {value!r}, which the training split does not "
+      raise UserError(f"data split {origin.at(name, row)} has label {value!r}, which the training split does not "
                       f"have (labels: {list(labels)}); fix the row or the label column.")
     label_ids[row] = ids[value]
   enc = tokenizer(texts, pairs, truncation=True, max_length=cfg.max_len, return_token_type_ids=True)
@@ -69,7 +69,7 @@ def _texts(ds: datasets.Dataset, column: str, name: str) -> list[str]:
   texts = ds[column][:]
   for row, text in enumerate(texts):
     if not isinstance(text, str) or not text.strip():
-      raise UserError(f"data split {name} row {row} has an empty or non-text {column!r} ({text!r}); "
+      raise UserError(f"data split {origin.at(name, row)} has an empty or non-text {column!r} ({text!r}); "
                       "fill or drop that row.")
   return list(texts)
 
@@ -81,10 +81,11 @@ def load_splits(cfg: DataConfig, seed: int, tokenizer: Any, names: Sequence[str]
   the train split is a hostrows.Rows, tokenised later only where a process asks. With data.cache_dir each split
   is read from its cache entry (data/cache.py), built on a miss; a multi-process run reads its train rows from
   an entry but never builds one (that would tokenise every row in one process)."""
-  raw = splits.load_raw(cfg, seed, names, extra, limit)
+  named = splits.load_rows(cfg, seed, names, extra, limit)  # split -> (its name for row errors, its rows)
+  raw = {n: ds for n, (_, ds) in named.items()}
   if labels is None:  # from every training row, even when `limit` cut the splits being encoded
-    train = raw["train"] if "train" in names and not limit else splits.load_raw(cfg, seed, ["train"])["train"]
-    labels = label_list(train, cfg, f"train ({cfg.train})")
+    train_name, train = (named if "train" in names and not limit else splits.load_rows(cfg, seed, ["train"]))["train"]
+    labels = label_list(train, cfg, train_name)
 
   store = cache.Store(cfg.cache_dir) if cfg.cache_dir else None
   parts = {"task": "classification", "tokenizer": cache.tokenizer_digest(tokenizer), "data": cache.data_fields(cfg),
@@ -92,7 +93,7 @@ def load_splits(cfg: DataConfig, seed: int, tokenizer: Any, names: Sequence[str]
            "code": cache.code_digest(__name__, "jaxtune.data.rows")} if store else {}
 
   def encoded(n: str) -> Any:
-    name = splits.describe(cfg, n, extra)
+    name = named[n][0]
     rows = lambda ds: encode(ds, cfg, tokenizer, labels, name)
     check_columns(raw[n], cfg, name)
     key = cache.key(rows=cache.rows_digest(raw[n]), **parts) if store else ""

@@ -18,7 +18,7 @@ import datasets
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune.data import cache
+from jaxtune.data import cache, origin
 from jaxtune.data.batching import pad_length
 from jaxtune.errors import UserError
 
@@ -259,12 +259,12 @@ class Form:
       keep = None if self.pack_text else seq_len + 1
       return [(d[:keep], np.ones(len(d[:keep]), np.float32)) for d in docs]
     if self.messages_column is not None:
-      return [encode_messages(m, tokenizer, seq_len + 1, f"data split {name} row {row}")
+      return [encode_messages(m, tokenizer, seq_len + 1, origin.At(name, row))
               for row, m in enumerate(columns[self.messages_column])]
     prompts, responses = columns[self.prompt_column], columns[self.response_column]
     _check_strings(prompts, self.prompt_column, name)
     _check_strings(responses, self.response_column, name)
-    return [encode_instruction(p, r, tokenizer, seq_len + 1, self.use_chat_template, f"data split {name} row {row}")
+    return [encode_instruction(p, r, tokenizer, seq_len + 1, self.use_chat_template, origin.At(name, row))
             for row, (p, r) in enumerate(zip(prompts, responses))]
 
 
@@ -353,7 +353,7 @@ def _no_targets(name: str, seq_len: int) -> None:
 def _check_strings(values: Sequence[Any], column: str, name: str) -> None:
   for row, text in enumerate(values):
     if not isinstance(text, str) or not text.strip():
-      raise UserError(f"data split {name} row {row} has an empty or non-text {column!r} ({text!r}); "
+      raise UserError(f"data split {origin.at(name, row)} has an empty or non-text {column!r} ({text!r}); "
                       "fill or drop that row.")
 
 

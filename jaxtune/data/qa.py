@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxtune.data.origin import At
 from jaxtune.data.rows import TokenRows
 from jaxtune.errors import UserError
 
@@ -59,7 +60,7 @@ def read_examples(rows: dict[str, Sequence[Any]], name: str, id_column: str = "i
   examples = []
   for row in range(n):
     question, context, answers = rows[question_column][row], rows[context_column][row], rows[answers_column][row]
-    where = f"data split {name} row {row}"
+    where = At(name, row)  # formatted (the files read) only if the row is bad
     if not isinstance(question, str) or not question.strip() or not isinstance(context, str) or not context.strip():
       raise UserError(f"{where} has an empty or non-text question or context; fill or drop that row.")
     if not isinstance(answers, dict) or not isinstance(answers.get("text"), (list, tuple)) or not isinstance(

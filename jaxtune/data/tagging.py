@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from jaxtune.data import origin
 from jaxtune.data.rows import TokenRows
 from jaxtune.errors import UserError
 
@@ -40,10 +41,10 @@ def check_rows(words: Sequence[Any], tags: Sequence[Sequence[str]], name: str, w
                tags_column: str) -> None:
   for row, (w, t) in enumerate(zip(words, tags, strict=True)):
     if not isinstance(w, (list, tuple)) or not w or not all(isinstance(x, str) and x for x in w):
-      raise UserError(f"data split {name} row {row} has {words_column!r} {w!r}, not a non-empty list of words; "
-                      "fix or drop the row.")
+      raise UserError(f"data split {origin.at(name, row)} has {words_column!r} {w!r}, not a non-empty list of "
+                      "words; fix or drop the row.")
     if len(t) != len(w):
-      raise UserError(f"data split {name} row {row} has {len(w)} words but {len(t)} tags in {tags_column!r}; "
+      raise UserError(f"data split {origin.at(name, row)} has {len(w)} words but {len(t)} tags in {tags_column!r}; "
                       "give one tag per word.")
 
 
@@ -68,8 +69,8 @@ def encode(words: Sequence[Sequence[str]], tags: Sequence[Sequence[str]], tokeni
   for row, row_tags in enumerate(tags):
     unknown = [t for t in row_tags if t not in ids]
     if unknown:
-      raise UserError(f"data split {name} row {row} has tag {unknown[0]!r}, which the training split does not have "
-                      f"(tags: {list(labels)}); fix the row or train on data that has it.")
+      raise UserError(f"data split {origin.at(name, row)} has tag {unknown[0]!r}, which the training split does not "
+                      f"have (tags: {list(labels)}); fix the row or train on data that has it.")
     word_ids = enc.word_ids(row)
     out = np.full(len(word_ids), IGNORE, np.int32)
     for i, word in enumerate(word_ids):

@@ -13,7 +13,7 @@ import optax
 import transformers
 
 from jaxtune.config import Config
-from jaxtune.data import batching, hostrows, qa, splits, tagging
+from jaxtune.data import batching, hostrows, origin, qa, splits, tagging
 from jaxtune.errors import UserError
 from jaxtune.tasks import metrics
 from jaxtune.tasks.base import Batch, Task
@@ -35,10 +35,10 @@ class QuestionAnswering(Task):
     for n, (name, ds) in splits.load_named(d, cfg.train.seed, names, extra, limit).items():
       examples = qa.read_examples({c: ds[c] for c in ds.column_names}, name, d.id_column, d.question_column,
                                   d.context_column, d.answers_column)
-      unanswered = next((e for e in examples if not e.answers), None)
+      unanswered = next((i for i, e in enumerate(examples) if not e.answers), None)
       if unanswered is not None and not cfg.qa.version_2_with_negative:
-        raise UserError(f"data split {name}: question {unanswered.id!r} has no answer; set "
-                        "qa.version_2_with_negative: true for SQuAD v2-style data, or drop such rows.")
+        raise UserError(f"data split {origin.at(name, unanswered)}: question {examples[unanswered].id!r} has no "
+                        "answer; set qa.version_2_with_negative: true for SQuAD v2-style data, or drop such rows.")
       out[n] = qa.featurize(examples, tokenizer, d.max_len, cfg.qa.doc_stride, name)
     return None, out
 
@@ -88,7 +88,7 @@ class TokenClassification(Task):
            ) -> tuple[list[str], dict[str, tagging.Tagged | hostrows.Rows]]:
     d = cfg.data
     tokenizer = words_tokenizer(tokenizer)
-    rows = {}
+    rows, names_of = {}, {}
     for n, (name, ds) in splits.load_named(d, cfg.train.seed, names, extra, limit).items():
       for column in (d.tokens_column, d.tags_column):
         if column not in ds.column_names:
@@ -96,12 +96,12 @@ class TokenClassification(Task):
                           "data.tokens_column / data.tags_column to existing columns.")
       words, tags = ds[d.tokens_column], tagging.tag_names(ds[d.tags_column], ds.features.get(d.tags_column))
       tagging.check_rows(words, tags, name, d.tokens_column, d.tags_column)
-      rows[n] = words, tags
+      rows[n], names_of[n] = (words, tags), name
     if labels is None:
       labels = tagging.label_list(rows["train"][1], splits.describe(d, "train", extra))
 
     def encoded(n: str, words: Sequence[Any], tags: Sequence[Sequence[str]]) -> Any:
-      encode = lambda w, t: tagging.encode(w, t, tokenizer, labels, d.max_len, splits.describe(d, n, extra))
+      encode = lambda w, t: tagging.encode(w, t, tokenizer, labels, d.max_len, names_of[n])
       if per_host and n == "train":
         pick = lambda values, rows: [values[r] for r in rows]
         return hostrows.Rows(len(words), lambda r: encode(pick(words, r), pick(tags, r)), lambda: encode(words, tags))

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from jaxtune.config import Config
-from jaxtune.data import hostrows, lm, seq2seq, sources, splits, stream
+from jaxtune.data import hostrows, lm, origin, seq2seq, sources, splits, stream
 from jaxtune.errors import UserError
 from jaxtune.generation import search
 from jaxtune.generation import seq2seq as seq2seq_generation
@@ -71,11 +71,11 @@ class CausalLM(TokenLoss, Task):
            per_host: bool = False) -> tuple[None, dict[str, lm.LMExamples | hostrows.Rows]]:
     del labels
     d, form = cfg.data, self.form(cfg)
-    raw = splits.load_raw(d, cfg.train.seed, names, extra, limit)
-    raw = {n: with_prompts(ds, cfg, splits.describe(d, n, extra)) for n, ds in raw.items()}
+    named = splits.load_rows(d, cfg.train.seed, names, extra, limit)  # split -> (its name for row errors, rows)
+    raw = {n: with_prompts(ds, cfg, name) for n, (name, ds) in named.items()}
 
     def encoded(n: str) -> Any:
-      name = splits.describe(d, n, extra)
+      name = named[n][0]
       whole = functools.partial(lm.load_lm_split, tokenizer=tokenizer, name=name, seq_len=d.max_len,
                                 cache_dir=d.cache_dir, **dataclasses.asdict(form))
       if per_host and n == "train" and not form.packs:  # packed rows depend on every earlier document's length
@@ -96,7 +96,7 @@ class CausalLM(TokenLoss, Task):
   def stream(self, cfg: Config, tokenizer: Any) -> stream.LMStream:
     """The train split read lazily (data.streaming): windows of rows encoded as `load` would encode them."""
     d, form = cfg.data, self.form(cfg)
-    name = splits.describe(d, "train")
+    name = origin.named(splits.describe(d, "train"), origin.Origin.of(d.train, d.text_unit))  # for row errors
     open_source = functools.partial(sources.load_split, d.train, d.text_unit, streaming=True)
     open_source()  # a bad spec or unreadable file fails here, before anything is written
 
@@ -182,11 +182,13 @@ def with_prompts(ds: datasets.Dataset, cfg: Config, name: str) -> datasets.Datas
   """`ds` with its prompts in column PROMPT: data.prompt_column copied, or data.prompt_template filled."""
   d = cfg.data
   if d.prompt_template is not None:
-    try:
-      prompts = [d.prompt_template.format(**row) for row in ds]
-    except (KeyError, ValueError, IndexError) as e:
-      raise UserError(f"data.prompt_template does not fit split {name} ({type(e).__name__}: {e}); use "
-                      f"{{column}} fields of {ds.column_names}.") from None
+    prompts = []
+    for row, values in enumerate(ds):
+      try:
+        prompts.append(d.prompt_template.format(**values))
+      except (KeyError, ValueError, IndexError, TypeError) as e:  # TypeError: a format spec a value has not
+        raise UserError(f"data.prompt_template does not fit split {origin.at(name, row)} ({type(e).__name__}: {e}); "
+                        f"use {{column}} fields of {ds.column_names}.") from None
   elif d.prompt_column is not None:
     if d.prompt_column not in ds.column_names:
       raise UserError(f"data split {name} has no column {d.prompt_column!r} (it has {ds.column_names}); set "
