@@ -1,5 +1,6 @@
 """The exceptions that end a script with one line and a documented exit code (README, Failures and recovery)."""
 
+EXIT_INTERNAL = 1  # an unforeseen failure (a bug): one line naming it; its traceback in the details log
 EXIT_USER_ERROR = 2  # bad config, data, checkpoint or CLI input: nothing was written
 EXIT_NONFINITE = 3  # a non-finite loss or gradient (train.nonfinite); the last good checkpoint is kept
 EXIT_PREEMPTED = 75  # SIGTERM / SIGINT: a checkpoint was saved; rerun with --resume (sysexits' EX_TEMPFAIL)

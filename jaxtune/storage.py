@@ -12,7 +12,9 @@ default credentials), read by every client alike.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -271,3 +273,24 @@ def describe(e: BaseException) -> str:
   if isinstance(e, FileNotFoundError):
     return f"not found ({text}); check that the bucket exists and the URL is right."
   return text
+
+
+DISK_ERRNOS = {errno.ENOSPC: "free space on it", errno.EDQUOT: "free space within your quota",
+               errno.EROFS: "make its file system writable", errno.EACCES: "make it writable for this user",
+               errno.EPERM: "make it writable for this user", errno.EIO: "check the disk (an I/O error)"}
+
+
+def disk_error(e: BaseException) -> tuple[str, str] | None:
+  """('No space left on device (ENOSPC)', 'free space on it') when `e`, its cause or context is a file-system
+  failure a user can fix (a full disk or quota, a read-only file system, a missing permission, an I/O error);
+  else None. Orbax passes TensorStore's failures on as a ValueError whose message has `[os_error_code='28']`."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None and (match := re.search(r"os_error_code='(\d+)'", str(e))):
+      code = int(match.group(1))
+    if code in DISK_ERRNOS:
+      return f"{os.strerror(code)} ({errno.errorcode[code]})", DISK_ERRNOS[code]
+    e = e.__cause__ or e.__context__
+  return None

@@ -128,7 +128,7 @@ def ckptcost(args: argparse.Namespace) -> dict:
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="mode", required=True)
   p = sub.add_parser("peer", help="jaxtune vs transformers PyTorch, one shape")
   o = sub.add_parser("options", help="jaxtune's step with and without extra XLA compiler options")
@@ -140,33 +140,34 @@ def main() -> int:
   p.set_defaults(run=peer)
   o.set_defaults(run=options)
   s = sub.add_parser("scale", help="scale-out options on a random Llama")
-  s.add_argument("--hidden", type=int, default=256)
-  s.add_argument("--layers", type=int, default=8)
-  s.add_argument("--batch", type=int, default=8)
-  s.add_argument("--length", type=int, default=256)
+  s.add_argument("--hidden", type=cli.positive_int, default=256)
+  s.add_argument("--layers", type=cli.positive_int, default=8)
+  s.add_argument("--batch", type=cli.positive_int, default=8)
+  s.add_argument("--length", type=cli.positive_int, default=256)
   s.set_defaults(run=scale)
   m = sub.add_parser("loadmem", help="host memory of loading a 2 GB checkpoint onto 8 devices")
   m.add_argument("--format", default="safetensors", choices=("safetensors", "gguf"),
                  help="3 safetensors files + index (default) or one float32 GGUF file")
   m.add_argument("--code", action="append", help="checkout whose jaxtune loads it (repeatable; default this one)")
-  m.add_argument("--rounds", type=int, default=1, help="loads per checkout, alternating")
+  m.add_argument("--rounds", type=cli.positive_int, default=1, help="loads per checkout, alternating")
   m.add_argument("--dir", help="where the temporary checkpoint is written")
   m.set_defaults(run=loadmem)
   d = sub.add_parser("datacache", help="start-up time and data-pipeline memory with and without the data cache")
-  d.add_argument("--rounds", type=int, default=5, help="default-job runs per side, alternating")
-  d.add_argument("--corpus-rounds", type=int, default=2, help="corpus passes per size and side, alternating")
+  d.add_argument("--rounds", type=cli.positive_int, default=5, help="default-job runs per side, alternating")
+  d.add_argument("--corpus-rounds", type=cli.positive_int, default=2,
+                 help="corpus passes per size and side, alternating")
   d.add_argument("--sizes", default="50,250,1000", help="corpus sizes in MB (multiples of 50), comma-separated")
-  d.add_argument("--off-max-mb", type=int, default=50, help="largest corpus also run without the cache")
+  d.add_argument("--off-max-mb", type=cli.positive_int, default=50, help="largest corpus also run without the cache")
   d.add_argument("--dir", help="work directory: corpus, HF datasets cache, entries (default a new temp dir)")
   d.add_argument("--only", choices=("startup", "corpus"), help="run one of the two measurements")
   d.set_defaults(run=datacache)
   c = sub.add_parser("ckptcost", help="step-time cost of a checkpoint save, queued vs synchronous")
-  c.add_argument("--rounds", type=int, default=3, help="runs per store and side, alternating")
+  c.add_argument("--rounds", type=cli.positive_int, default=3, help="runs per store and side, alternating")
   c.add_argument("--store", default="both", choices=("local", "s3", "both"), help="local disk, s3:// (moto) or both")
-  c.add_argument("--steps", type=int, default=30, help="train steps per run (a multiple of --save-every)")
-  c.add_argument("--save-every", type=int, default=10, help="steps between saves")
-  c.add_argument("--batch", type=int, default=2, help="rows per step")
-  c.add_argument("--length", type=int, default=64, help="tokens per row")
+  c.add_argument("--steps", type=cli.positive_int, default=30, help="train steps per run (a multiple of --save-every)")
+  c.add_argument("--save-every", type=cli.positive_int, default=10, help="steps between saves")
+  c.add_argument("--batch", type=cli.positive_int, default=2, help="rows per step")
+  c.add_argument("--length", type=cli.positive_int, default=64, help="tokens per row")
   c.add_argument("--dir", help="work directory: config, compile cache, local run dirs (default a new temp dir)")
   c.set_defaults(run=ckptcost)
   for sp in (p, o, s, m, d, c):
@@ -193,15 +194,15 @@ def _shape_args(p: argparse.ArgumentParser) -> None:
   from jaxtune.config import ModelConfig  # no jax: cli.tune_host still runs first
 
   p.add_argument("--shape", default="minilm", choices=("minilm", "bert-base", "smollm2-135m", "llama-1b"))
-  p.add_argument("--batch", type=int, help="rows per step (default: the shape's)")
-  p.add_argument("--length", type=int, help="tokens per row (default: the shape's)")
+  p.add_argument("--batch", type=cli.positive_int, help="rows per step (default: the shape's)")
+  p.add_argument("--length", type=cli.positive_int, help="tokens per row (default: the shape's)")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--dropout", type=float, help="every dropout rate (default: 0.1 for BERT shapes, 0 for Llama)")
-  p.add_argument("--reps", type=int, default=6, help="turns per side, alternating; one timed step each")
+  p.add_argument("--reps", type=cli.positive_int, default=6, help="turns per side, alternating; one timed step each")
   p.add_argument("--scan-layers", action="store_true", help="jaxtune's layers as one lax.scan (model.scan_layers)")
   p.add_argument("--remat", default="none", choices=typing.get_args(typing.get_type_hints(ModelConfig)["remat"]),
                  help="jaxtune's model.remat (PyTorch's side keeps every activation)")
-  p.add_argument("--settle", type=int, default=1, help="untimed steps at the start of each turn")
+  p.add_argument("--settle", type=cli.non_negative_int, default=1, help="untimed steps at the start of each turn")
 
 
 if __name__ == "__main__":

@@ -58,14 +58,15 @@ def write_model(out: Path, layers: int, d_model: int) -> None:
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default="data/bible_en_de", help="directory for the jsonl splits")
   parser.add_argument("--model", default="data/t5_scratch", help="directory for the untrained T5 + tokenizer")
   parser.add_argument("--source", default="en", choices=sorted(LANGUAGES))
   parser.add_argument("--target", default="de", choices=sorted(LANGUAGES))
-  parser.add_argument("--layers", type=int, default=2, help="encoder and decoder layers each (t5-small: 6)")
-  parser.add_argument("--d-model", type=int, default=128, help="model width, 32 per head (t5-small: 512)")
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--layers", type=cli.positive_int, default=2,
+                      help="encoder and decoder layers each (t5-small: 6)")
+  parser.add_argument("--d-model", type=cli.positive_int, default=128, help="model width, 32 per head (t5-small: 512)")
+  parser.add_argument("--seed", type=cli.non_negative_int, default=0)
   args = parser.parse_args()
   pairs = read_pairs(args.source, args.target)
   chapters = sorted({p["chapter"] for p in pairs})

@@ -12,7 +12,7 @@ from jaxtune import cli
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by finetune.py")
   parser.add_argument("--csv", action="store_true", help="CSV instead of a markdown table")
   parser.add_argument("--plot", metavar="FILE.png", help="also draw the runs' curves into this PNG")

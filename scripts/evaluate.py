@@ -5,7 +5,6 @@ Writes the metrics to --output (default RUN_DIR/eval/<split>-<step>.json); for q
 the answers, example id -> text, and for seq2seq the generated targets (source, reference, prediction per
 row) to <output without .json>.predictions.json."""
 
-import argparse
 import json
 from pathlib import Path
 
@@ -13,14 +12,14 @@ from jaxtune import cli
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__)
+  parser = cli.ArgumentParser(description=__doc__)
   parser.add_argument("--checkpoint", required=True, help="run directory written by scripts/finetune.py")
   parser.add_argument("--step", default="latest",
                       help="best, latest, a saved step number, or base (the pretrained model)")
   source = parser.add_mutually_exclusive_group()
   source.add_argument("--split", help="train, validation or test, as configured for the run (default test)")
   source.add_argument("--data", help="a data file, directory or glob with the run's columns")
-  parser.add_argument("--max-examples", type=int, help="score only the first N rows of the split")
+  parser.add_argument("--max-examples", type=cli.positive_int, help="score only the first N rows of the split")
   parser.add_argument("--output", help="metrics JSON path (default RUN_DIR/eval/<split>-<step>.json)")
   args = parser.parse_args()
 
@@ -33,6 +32,7 @@ def main() -> int:
 
   distributed.initialize()
   run_dir = storage.path(args.checkpoint)  # a local path, s3:// or gs:// URL
+  cli.log_details_to(run_dir)  # third-party log records go to RUN_DIR/details.log
   split = args.split or (None if args.data else "test")
   output = storage.path(args.output) if args.output else None
   if output is not None and not storage.is_remote(output) and not output.parent.is_dir():  # found out before

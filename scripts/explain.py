@@ -15,14 +15,14 @@ from jaxtune import cli
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", required=True, help="run directory of a classification run")
   parser.add_argument("--step", default="latest", help="best, latest or a saved step number")
   parser.add_argument("--text", action="append", default=[], help="a text to explain (repeatable)")
   parser.add_argument("--data", help="a csv/json/jsonl/parquet file with the run's text column")
-  parser.add_argument("--max-examples", type=int, default=10, help="with --data: explain the first N rows")
+  parser.add_argument("--max-examples", type=cli.positive_int, default=10, help="with --data: explain the first N rows")
   parser.add_argument("--target", help="explain this label's logit instead of the predicted one")
-  parser.add_argument("--steps", type=int, default=50, help="Gauss-Legendre nodes along the path")
+  parser.add_argument("--steps", type=cli.positive_int, default=50, help="Gauss-Legendre nodes along the path")
   parser.add_argument("--baseline", default="pad", help="pad or zeros")
   parser.add_argument("--html", help="where to write the heatmap")
   args = parser.parse_args()

@@ -3,7 +3,6 @@
 python scripts/finetune.py --config FILE [--run-dir DIR] [--resume [--extend]] [--quiet] [section.key=value ...]
 """
 
-import argparse
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from jaxtune import cli
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__)
+  parser = cli.ArgumentParser(description=__doc__)
   parser.add_argument("--config", required=True, help="YAML config (see configs/)")
   parser.add_argument("--run-dir", help="where checkpoints and logs go (default runs/<config name>)")
   parser.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")

@@ -15,16 +15,19 @@ from jaxtune import cli
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True, help="YAML config (see configs/)")
   where = parser.add_mutually_exclusive_group(required=True)
   where.add_argument("--topology", help="TPU slice: generation:grid, e.g. v5e:2x4, v5p:4x4x4, v6e:4x4")
   where.add_argument("--gpu", choices=["h100", "h200"], help="GPU kind (memory is estimated analytically)")
-  parser.add_argument("--num-devices", type=int, default=8, help="with --gpu: how many GPUs (default 8)")
+  parser.add_argument("--num-devices", type=cli.positive_int, default=8, help="with --gpu: how many GPUs (default 8)")
   parser.add_argument("--hf-config", help="the model's config.json, when model.path is a hub id (see configs/hf/)")
-  parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the speed (default 0.4)")
-  parser.add_argument("--hbm-gib", type=float, help="HBM per device in GiB, instead of the chip's datasheet value")
-  parser.add_argument("--num-labels", type=int, default=2, help="classification / tagging: the number of classes")
+  parser.add_argument("--mfu", type=cli.positive_float, default=0.4,
+                      help="model FLOPs utilisation for the speed (default 0.4)")
+  parser.add_argument("--hbm-gib", type=cli.positive_float,
+                      help="HBM per device in GiB, instead of the chip's datasheet value")
+  parser.add_argument("--num-labels", type=cli.positive_int, default=2,
+                      help="classification / tagging: the number of classes")
   parser.add_argument("--json", help="also write the plan as JSON to this path")
   parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. mesh.fsdp=16")
   args = parser.parse_args()

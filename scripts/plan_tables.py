@@ -17,7 +17,7 @@ from jaxtune import cli
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--models", default="Llama-3.1-8B,Llama-3.1-70B")
   parser.add_argument("--methods", default="full,LoRA bf16,QLoRA NF4")
   parser.add_argument("--targets", default="1 x H200,8 x H200,v5e-8,v5p-64")

@@ -17,12 +17,12 @@ from jaxtune import cli
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True, help="YAML config (see configs/)")
   parser.add_argument("--seeds", default="0,1,2", help="comma-separated train.seed values")
   parser.add_argument("--out", help="study directory (default runs/seeds/<config name>)")
   parser.add_argument("--step", default="latest", help="jaxtune checkpoint to score (the reference's is its last)")
-  parser.add_argument("--max-examples", type=int, help="score only the first N test rows")
+  parser.add_argument("--max-examples", type=cli.positive_int, help="score only the first N test rows")
   parser.add_argument("--init", choices=("torch", "jaxtune"), default="torch",
                       help="who initialises the reference's new params (model.new_params)")
   parser.add_argument("--sides", default="jaxtune,torch", help="which of jaxtune,torch to run")

@@ -13,7 +13,7 @@ from jaxtune import cli
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True, help="YAML config (see configs/)")
   parser.add_argument("--grid", action="append", default=[], metavar="KEY=[V,...]",
                       help="a config key and its values; repeat for more keys (their product is swept)")

@@ -16,9 +16,9 @@ VALIDATION = 200
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default="data/reviews_txt", help="directory to write (default: data/reviews_txt)")
-  parser.add_argument("--files", type=int, default=8, help="files the training reviews are split into")
+  parser.add_argument("--files", type=cli.positive_int, default=8, help="files the training reviews are split into")
   args = parser.parse_args()
   if args.files < 1:
     raise errors.UserError(f"--files {args.files}: give at least 1.")

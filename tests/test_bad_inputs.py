@@ -70,7 +70,7 @@ CASES = {
     "wrong type": ("finetune", "--config {d}/c.yaml train.batch_size=abc", "train.batch_size must be int, got 'abc'"),
     "bad choice": ("finetune", "--config {d}/c.yaml task=regression", "task is 'regression'; expected one of"),
     "override without =": ("finetune", "--config {d}/c.yaml optim.lr", "is not of the form section.key=value"),
-    "out of range": ("finetune", "--config {d}/c.yaml train.batch_size=0", "train.batch_size must be positive"),
+    "out of range": ("finetune", "--config {d}/c.yaml train.batch_size=0", "train.batch_size is 0; it must be >= 1"),
     "data file missing": ("finetune", "--config {d}/c.yaml data.train={d}/missing.csv", "missing.csv does not exist"),
     "non-UTF-8 data": ("finetune", "--config {d}/c.yaml data.train={d}/latin1.csv",
                        "latin1.csv could not be read (UnicodeDecodeError"),

@@ -53,10 +53,10 @@ def test_overrides_are_typed_like_their_field():
     ("optim.learning_rate=1", "no key 'learning_rate'"),
     ("train.batch_size=abc", "train.batch_size must be int"),
     ("train.batch_size=true", "train.batch_size must be int"),
-    ("train.batch_size=0", "train.batch_size must be positive"),
+    ("train.batch_size=0", "train.batch_size is 0; it must be >= 1"),
     ("optim.schedule=step", "optim.schedule is 'step'; expected one of"),
     ("data.length_buckets=[64,32]", "strictly increasing"),
-    ("mesh.data=0", "mesh.data must be -1"),
+    ("mesh.data=0", "mesh.data is 0; it must be -1 or >= 1"),
     ("lr=1", "no key 'lr' at the top level"),
     ("optim.lr", "not of the form"),
 ])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from jaxtune import params as params_lib
 from jaxtune import storage
 from jaxtune.config import CheckpointConfig
-from jaxtune.errors import Stopped, UserError
+from jaxtune.errors import EXIT_USER_ERROR, Stopped, UserError
 
 ITEMS = ("params", "opt_state", "train", "meta")
 
@@ -63,13 +64,39 @@ class Checkpoints:
 
   @contextlib.contextmanager
   def _writing(self) -> Iterator[None]:
-    """On object storage a failed write stops the run with exit 75, keeping the committed checkpoints."""
+    """On object storage a failed write stops the run with exit 75, keeping the committed checkpoints. Locally a
+    full disk, a read-only file system or a refused permission stops it with one line and exit 2, after the
+    partial step directory is removed."""
     try:
       with storage.writing(self.dir, any_error=True, kept="every checkpoint committed before it"):
         yield
     except Stopped:
       self.failed = True
       raise
+    except Exception as e:
+      found = storage.disk_error(e)
+      if found is None:
+        raise
+      self.failed = True
+      (reason, fix), (removed, left) = found, self._remove_partial()
+      kept = self.steps()
+      raise Stopped(f"error: writing a checkpoint to {self.dir} failed: {reason}; "
+                    + (f"the partial {removed} was removed; " if removed else "")
+                    + (f"the partial {left} could not be removed; " if left else "")
+                    + (f"the checkpoints of steps {kept} are kept: {fix}, then rerun with --resume." if kept else
+                       f"no checkpoint was committed: {fix}, then delete {self.dir.parent} and start again."),
+                    EXIT_USER_ERROR, abandon=True) from None
+
+  def _remove_partial(self) -> tuple[str, str]:
+    """Deletes the temp dirs of failed writes (Orbax's `<step>.orbax-checkpoint-tmp*`): (removed, left) names."""
+    removed, left = [], []
+    for tmp in sorted(self.dir.glob("*.orbax-checkpoint-tmp*")):
+      try:
+        shutil.rmtree(tmp)
+        removed.append(tmp.name)
+      except OSError:
+        left.append(tmp.name)
+    return " and ".join(removed), " and ".join(left)
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -88,7 +115,7 @@ class Checkpoints:
       if not self.cfg.best_metric:
         raise UserError(f"--step best needs a best metric (checkpoint.best_metric, read from the run's config.yaml), "
                         f"and {self.dir} has none; use --step latest or a step number ({steps}).")
-      scored = [(s, self.meta(s)["metrics"]) for s in steps]
+      scored = [(s, self.read_meta(s)["metrics"]) for s in steps]
       scored = [(s, m[self.cfg.best_metric]) for s, m in scored if m and self.cfg.best_metric in m]
       if not scored:
         raise UserError(f"no checkpoint in {self.dir} has an eval {self.cfg.best_metric!r}; use --step latest.")
@@ -99,13 +126,33 @@ class Checkpoints:
     return int(which)
 
   def restore(self, step: int, **abstract: Any) -> dict[str, Any]:
-    """Restores only the named items, each into the shardings of its abstract target tree."""
-    if "params" in abstract:
-      self._check_fits(step, abstract["params"])
+    """Restores only the named items, each into the shardings of its abstract target tree; a step whose files do
+    not read back (truncated, corrupted) is a UserError naming it and the steps to use instead."""
     try:
+      if "params" in abstract:
+        self._check_fits(step, abstract["params"])
       return self._read(step, abstract)
+    except UserError:
+      raise
     except ValueError as e:  # Orbax's structure / shape mismatches in the other items
+      if storage.disk_error(e) is not None or "tensorstore" in str(e).lower():
+        raise self._unreadable(step, e) from None
       raise self._misfit(step, str(e).splitlines()[0][:200]) from None
+    except Exception as e:  # TensorStore's and JSON's errors of damaged files
+      raise self._unreadable(step, e) from None
+
+  def read_meta(self, step: int) -> dict[str, Any]:
+    """`meta(step)`, with damaged metadata a UserError as `restore` gives."""
+    try:
+      return self.meta(step)
+    except Exception as e:
+      raise self._unreadable(step, e) from None
+
+  def _unreadable(self, step: int, e: BaseException) -> UserError:
+    others = [s for s in self.steps() if s != step]
+    return UserError(f"checkpoint step {step} in {self.dir} does not read back ({_reason(e)}): its files are damaged; "
+                     + (f"use --step latest (the newest that reads back) or another saved step ({others})."
+                        if others else "it is the only checkpoint: retrain, or restore its files from a copy."))
 
   def _read(self, step: int, abstract: dict[str, Any]) -> dict[str, Any]:
     args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
@@ -132,7 +179,7 @@ class Checkpoints:
       except UserError:
         raise
       except Exception as e:  # Orbax, tensorstore and JSON errors of damaged files
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        reason = _reason(e)
         print(f"warning: skipping checkpoint step {step} in {self.dir}, which does not read back ({reason})",
               file=sys.stderr, flush=True)
         skipped.append((step, reason))
@@ -178,3 +225,9 @@ class Checkpoints:
   def close(self) -> None:
     if not self.failed:
       self.manager.close()
+
+
+def _reason(e: BaseException) -> str:
+  """One line for a read that failed: the exception's type and the start of its first line."""
+  first = str(e).splitlines()[0].split(". See full TensorStore details")[0] if str(e) else ""
+  return f"{type(e).__name__}: {first[:160]}"

@@ -54,7 +54,7 @@ def restore_step(run_dir: str | Path | epath.Path, step: str,
     step_num, meta, got = ckpts.restore_latest(targets)
   else:
     step_num = ckpts.resolve(step)
-    meta = ckpts.meta(step_num)
+    meta = ckpts.read_meta(step_num)
     got = ckpts.restore(step_num, **targets(meta))
   ckpts.close()
   model, params = models[id(meta)], got["params"]

