@@ -237,3 +237,13 @@ def test_evaluate_latest_and_resume_skip_a_damaged_newest_checkpoint(trained, tm
       f"warning: moved the unreadable checkpoint step 10 to {run_dir / 'checkpoints.unreadable' / '10'}"]
   assert Checkpoints(run_dir, read_only=True).steps() == [10, 11]  # step 10 trained again from 5
   assert (run_dir / "checkpoints.unreadable" / "10").is_dir()
+
+
+def test_evaluate_a_run_whose_saved_tokenizer_is_damaged(trained, tmp_path, monkeypatch, capsys):
+  run_dir = tmp_path / "run"
+  shutil.copytree(trained, run_dir)
+  (run_dir / "tokenizer" / "tokenizer.json").write_text("{")
+  code, err = script("evaluate", "--checkpoint", run_dir, monkeypatch=monkeypatch, capsys=capsys)
+  assert code == 2
+  assert one_line(err).startswith(f"error: the run's tokenizer {run_dir / 'tokenizer'} does not load (JSONDecodeError")
+  assert not (run_dir / "eval").exists()

@@ -21,6 +21,7 @@ from jaxtune.generation import search
 from jaxtune.models.model import Model
 from jaxtune.tasks import TASKS, metrics, text
 from jaxtune.train import perf, restore, runlog, steps
+from jaxtune.weights import hf
 
 
 def evaluate_checkpoint(run_dir: str | Path | epath.Path, step: str = "latest", split: str | None = None,
@@ -38,7 +39,13 @@ def evaluate_checkpoint(run_dir: str | Path | epath.Path, step: str = "latest", 
   sharding.check_batch_sizes(cfg.train, mesh, keys=("eval_batch_size",))
   task = TASKS[cfg.task]
   with storage.local_dir(run_dir / "tokenizer") as local:
-    tokenizer = transformers.AutoTokenizer.from_pretrained(local)
+    try:
+      tokenizer = transformers.AutoTokenizer.from_pretrained(local)
+    except Exception as e:  # transformers' OSError / ValueError / KeyError, the tokenizers library's bare Exception
+      if not isinstance(e, (OSError, ValueError, KeyError)) and type(e) is not Exception:
+        raise
+      raise UserError(f"the run's tokenizer {run_dir / 'tokenizer'} does not load ({hf.one_line(e)}); finetune.py "
+                      "saved it from model.path: copy that model's tokenizer files there.") from None
   name, extra = split or "file", {"file": data_file} if data_file else None
   _, data = task.load(cfg, tokenizer, [name], labels=labels, extra=extra, limit=limit)
   batch_sharding = sharding.batch_sharding(mesh)
