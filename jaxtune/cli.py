@@ -204,8 +204,8 @@ def run(main: Callable[[], int | None]) -> None:
       code = main()
     except errors.UserError as e:
       _fail(f"error: {e}{DETAILS.suffix()}", errors.EXIT_USER_ERROR)
-    except errors.Stopped as e:
-      _fail(f"{e}{DETAILS.suffix()}", e.code, e.abandon)
+    except errors.Stopped as e:  # an error names the details; a preemption's "stopped at step N" line stays as is
+      _fail(f"{e}{DETAILS.suffix() if str(e).startswith('error:') else ''}", e.code, e.abandon)
     except KeyboardInterrupt:
       _fail("interrupted; nothing more was saved (checkpoints already written are intact)", errors.EXIT_INTERRUPTED)
     except OSError as e:

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
+from jaxtune import cli, sharding, storage, tasks
 from jaxtune import config as config_lib
-from jaxtune import sharding, storage, tasks
 from jaxtune.config import Config, MeshConfig
 from jaxtune.data import batching, feed, hostrows
 from jaxtune.errors import UserError
@@ -139,6 +139,7 @@ def _build(cfg: Config, run_dir: epath.Path, resume: bool, mesh: jax.sharding.Me
           "labels": labels, "config": config_lib.to_dict(cfg), "steps_per_epoch": train_feed.per_epoch,
           "mesh": dict(mesh.shape), "step_memory": memory}
   if resume:  # straight into the saved state: of the pretrained weights only frozen params are read
+    cli.log_details_to(run_dir, jax.process_index())  # the run dir exists: third-party log records go there
     ckpts = Checkpoints(run_dir, tasks.checkpoint_config(cfg))
     state, saved_meta = restore.resume_state(
         ckpts, steps.abstract_state(model, tx, shardings),
