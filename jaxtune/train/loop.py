@@ -23,7 +23,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from jaxtune import errors, storage, tasks
+from jaxtune import distributed, errors, storage, tasks
 from jaxtune import params as params_lib
 from jaxtune.config import Config
 from jaxtune.params import Params
@@ -44,7 +44,7 @@ def fit(cfg: Config, run_dir: str | Path | epath.Path, resume: bool = False, clo
   stop = StopRequests()
   try:
     try:
-      with stop.active():
+      with stop.active(), distributed.watching(run.ckpts.dir, run.lock.release):  # a dead peer: exit 75
         state, last_eval, work = loop(run, clock, stop, quiet)
     finally:  # even when interrupted, let finished checkpoint writes commit
       with clock.phase("checkpoint"):
