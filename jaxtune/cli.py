@@ -101,9 +101,11 @@ class Details:
     self.path: Path | None = None
     self.pending: list[str] = []
     self.written = False
+    self.serious = False  # an error record or a traceback came: error lines name the file
 
-  def add(self, text: str) -> None:
+  def add(self, text: str, serious: bool = True) -> None:
     self.pending.append(text.rstrip("\n") + "\n")
+    self.serious = self.serious or serious
     self.flush()
 
   def flush(self) -> None:
@@ -136,8 +138,9 @@ class Details:
     return self.path if self.written else None
 
   def suffix(self) -> str:
+    """' (details: FILE)' once errors or tracebacks were recorded (not for warnings alone), else ''."""
     where = self.where()
-    return f" (details: {where})" if where else ""
+    return f" (details: {where})" if where and self.serious else ""
 
   @contextlib.contextmanager
   def capturing(self) -> Iterator[None]:
@@ -164,7 +167,7 @@ class _Handler(logging.Handler):
 
   def emit(self, record: logging.LogRecord) -> None:
     try:
-      self.details.add(self.format(record))
+      self.details.add(self.format(record), serious=record.levelno >= logging.ERROR)
     except Exception:  # a record that cannot be formatted must not print logging's report on the terminal
       pass
 

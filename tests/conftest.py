@@ -166,7 +166,12 @@ def reached(run_dir: Path, step: int, starts: int, saved: bool = True) -> bool:
   if sum('"event": "start"' in line or '"event": "resume"' in line for line in lines) < starts:
     return False  # the records there are an earlier process's, not yet cut back by this one
   logged = train_steps(run_dir, lines)[-1:] >= [step]
-  return bool(logged and (not saved or Checkpoints(run_dir, read_only=True).steps()))
+  if not logged or not saved:
+    return logged
+  try:
+    return bool(Checkpoints(run_dir, read_only=True).steps())
+  except FileNotFoundError:  # a step dir the run deleted (keep_last) while it was being listed: look again
+    return False
 
 
 def stop_when(proc: subprocess.Popen, ready, sig: int, delay: float = 0.0) -> tuple[int, str]:

@@ -139,13 +139,13 @@ def _build(cfg: Config, run_dir: epath.Path, resume: bool, mesh: jax.sharding.Me
           "labels": labels, "config": config_lib.to_dict(cfg), "steps_per_epoch": train_feed.per_epoch,
           "mesh": dict(mesh.shape), "step_memory": memory}
   if resume:  # straight into the saved state: of the pretrained weights only frozen params are read
-    cli.log_details_to(run_dir, jax.process_index())  # the run dir exists: third-party log records go there
     ckpts = Checkpoints(run_dir, tasks.checkpoint_config(cfg))
     state, saved_meta = restore.resume_state(
         ckpts, steps.abstract_state(model, tx, shardings),
         lambda: pretrained.load_params(model, cfg.model, reader, cfg.train.seed, model.frozen))
     rundir.check_resumable(saved_meta, int(state.step), train_feed, total)
     rundir.write_config(cfg, run_dir)  # the allowed changes (mesh, eval cadence, --extend) are now the run's
+    cli.log_details_to(run_dir, jax.process_index())  # resumed: third-party records go to the run dir from now on
   else:
     params = pretrained.load_params(model, cfg.model, reader, cfg.train.seed)
     state = steps.init_state(model, params, tx, cfg.train.seed, shardings)
