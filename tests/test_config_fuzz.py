@@ -135,7 +135,7 @@ class StopAfterFirstStep(loop.StopRequests):
     self.signal = "SIGTERM"
 
 
-@settings(max_examples=int(os.environ.get("JAXTUNE_FUZZ_EXAMPLES", 40)), deadline=None, derandomize=True,
+@settings(max_examples=int(os.environ.get("JAXTUNE_FUZZ_EXAMPLES", 20)), deadline=None, derandomize=True,
           database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(drawn=draws())
 def test_drawn_values_are_refused_in_one_line_or_train(drawn, base, tmp_path_factory, monkeypatch, capsys):
