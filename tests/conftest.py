@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import runpy
 import shutil
 import subprocess
 import sys
@@ -135,6 +136,22 @@ def write_config(path: Path, model_dir: Path, reviews: dict[str, Path], **sectio
 def records(run_dir: Path) -> list[dict]:
   """Every record of a run's metrics.jsonl, in order."""
   return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_in_process(name: str, *args: object, monkeypatch, capsys) -> tuple[int, str]:
+  """(exit code, stderr) of scripts/<name>.py run in this process (runpy; no host-tuning re-exec): seconds where a
+  subprocess costs a fresh import of jax."""
+  monkeypatch.setenv("JAXTUNE_NO_HOST_TUNING", "1")
+  monkeypatch.setattr(sys, "argv", [f"{name}.py", *map(str, args)])
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exited:
+    runpy.run_path(str(REPO / "scripts" / f"{name}.py"), run_name="__main__")
+  return exited.value.code or 0, capsys.readouterr().err
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+  """Every file below `root` and its bytes: equal before and after means nothing was written or lost."""
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def run_script(name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -10,15 +10,12 @@ regular file (NotADirectoryError) and a full disk is an ENOSPC raised by the fir
 from __future__ import annotations
 
 import errno
-import runpy
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, save_tiny_bert, write_config
+from conftest import run_in_process, save_tiny_bert, snapshot, write_config
 from test_gguf import write_tiny_llama
 
 from jaxtune import config, storage
@@ -119,10 +116,6 @@ CASES = {
 }
 
 
-def snapshot(root: Path) -> dict[str, bytes]:
-  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 @pytest.mark.parametrize("name", CASES)
 def test_bad_input_is_one_error_line_and_changes_nothing(name, world, tmp_path, monkeypatch, capsys):
   script, args, message = CASES[name]
@@ -133,12 +126,8 @@ def test_bad_input_is_one_error_line_and_changes_nothing(name, world, tmp_path, 
   if name == "full disk":
     full_disk(monkeypatch)
   before = snapshot(world)
-  monkeypatch.setenv("JAXTUNE_NO_HOST_TUNING", "1")
-  monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
-  with pytest.raises(SystemExit) as exited:
-    runpy.run_path(str(REPO / "scripts" / f"{script}.py"), run_name="__main__")
-  err = capsys.readouterr().err
-  assert exited.value.code == 2, err
+  code, err = run_in_process(script, *argv, monkeypatch=monkeypatch, capsys=capsys)
+  assert code == 2, err
   assert "Traceback" not in err
   assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err  # one line, nothing else
   assert fill(message) in err, err

@@ -12,13 +12,11 @@ import dataclasses
 import json
 import math
 import os
-import runpy
-import sys
 import typing
 from pathlib import Path
 
 import pytest
-from conftest import REPO, write_config
+from conftest import run_in_process, write_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -140,15 +138,10 @@ class StopAfterFirstStep(loop.StopRequests):
 @given(drawn=draws())
 def test_drawn_values_are_refused_in_one_line_or_train(drawn, base, tmp_path_factory, monkeypatch, capsys):
   run_dir = tmp_path_factory.mktemp("run") / "run"
-  monkeypatch.setenv("JAXTUNE_NO_HOST_TUNING", "1")
   monkeypatch.setattr(loop, "StopRequests", StopAfterFirstStep)
   overrides = [f"{key}={literal(value)}" for key, value in drawn.items()]
-  monkeypatch.setattr(sys, "argv", ["finetune.py", "--config", str(base), "--run-dir", str(run_dir), "--quiet",
-                                    *overrides])
-  capsys.readouterr()
-  with pytest.raises(SystemExit) as exited:
-    runpy.run_path(str(REPO / "scripts" / "finetune.py"), run_name="__main__")
-  code, err = exited.value.code or 0, capsys.readouterr().err
+  code, err = run_in_process("finetune", "--config", base, "--run-dir", run_dir, "--quiet", *overrides,
+                             monkeypatch=monkeypatch, capsys=capsys)
   TRIED.append((list(drawn), code))
   assert "Traceback" not in err, err
   if code == 2:

@@ -8,15 +8,13 @@ The damaged files are copies of the tiny fixtures, cut short, overwritten or del
 from __future__ import annotations
 
 import json
-import runpy
 import shutil
-import sys
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
-from conftest import REPO, write_config
+from conftest import run_in_process, snapshot, write_config
 from safetensors.numpy import load_file, save_file
 from test_gguf import write_tiny_llama
 
@@ -158,10 +156,6 @@ CASES = {
 }
 
 
-def snapshot(root: Path) -> dict[str, bytes]:
-  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 @pytest.mark.parametrize("name", CASES)
 def test_damaged_file_is_one_error_line_and_changes_nothing(name, world, tmp_path, monkeypatch, capsys):
   script, args, message = CASES[name]
@@ -172,12 +166,8 @@ def test_damaged_file_is_one_error_line_and_changes_nothing(name, world, tmp_pat
   if script == "evaluate":
     (tmp_path / "new").mkdir()
   before = snapshot(world)
-  monkeypatch.setenv("JAXTUNE_NO_HOST_TUNING", "1")
-  monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
-  with pytest.raises(SystemExit) as exited:
-    runpy.run_path(str(REPO / "scripts" / f"{script}.py"), run_name="__main__")
-  err = capsys.readouterr().err
-  assert exited.value.code == 2, err
+  code, err = run_in_process(script, *argv, monkeypatch=monkeypatch, capsys=capsys)
+  assert code == 2, err
   assert "Traceback" not in err
   assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err  # one line, nothing else
   assert fill(message) in err, err

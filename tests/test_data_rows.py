@@ -5,15 +5,13 @@ per-process tokenising, a stream's shuffled windows and every task's row checks 
 from __future__ import annotations
 
 import json
-import runpy
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import transformers
 import yaml
-from conftest import REPO, write_config
+from conftest import run_in_process, write_config
 
 from jaxtune import config
 from jaxtune.data import cache, classification
@@ -84,12 +82,10 @@ def test_a_held_out_split_names_the_csv_line(tmp_path, minilm_dir, tokenizer, pa
 def test_finetune_prints_the_file_line_of_a_held_out_row(tmp_path, minilm_dir, monkeypatch, capsys):
   bad = bad_row("validation")
   path, _ = load_config(tmp_path, minilm_dir, reviews_csv(tmp_path / "t.csv", bad))
-  monkeypatch.setenv("JAXTUNE_NO_HOST_TUNING", "1")
-  monkeypatch.setattr(sys, "argv", ["finetune.py", "--config", str(path), "--run-dir", str(tmp_path / "run")])
-  with pytest.raises(SystemExit) as exited:
-    runpy.run_path(str(REPO / "scripts" / "finetune.py"), run_name="__main__")
-  assert exited.value.code == 2
-  assert capsys.readouterr().err == f"error: {empty_review('validation', tmp_path / 't.csv', bad)}\n"
+  code, err = run_in_process("finetune", "--config", path, "--run-dir", tmp_path / "run", monkeypatch=monkeypatch,
+                             capsys=capsys)
+  assert code == 2
+  assert err == f"error: {empty_review('validation', tmp_path / 't.csv', bad)}\n"
 
 
 @pytest.mark.parametrize("how", ["cache", "per_host"])

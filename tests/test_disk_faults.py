@@ -8,7 +8,6 @@ the disk cases inject the same OSError at the write layer instead (tests/faultin
 from __future__ import annotations
 
 import os
-import runpy
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import REPO, records, write_config
+from conftest import REPO, records, run_in_process, write_config
 
 from jaxtune import config, tasks
 from jaxtune.train.checkpoints import Checkpoints
@@ -187,15 +186,6 @@ def damaged_copy(trained: Path, step: int, tmp_path: Path) -> Path:
   return run_dir
 
 
-def script(name: str, *args: str, monkeypatch, capsys) -> tuple[int, str]:
-  monkeypatch.setenv("JAXTUNE_NO_HOST_TUNING", "1")
-  monkeypatch.setattr(sys, "argv", [f"{name}.py", *map(str, args)])
-  capsys.readouterr()
-  with pytest.raises(SystemExit) as exited:
-    runpy.run_path(str(REPO / "scripts" / f"{name}.py"), run_name="__main__")
-  return exited.value.code or 0, capsys.readouterr().err
-
-
 def best_step(run_dir: Path) -> int:
   cfg = tasks.checkpoint_config(config.load(run_dir / "config.yaml"))  # classification: the best accuracy
   return Checkpoints(run_dir, cfg, read_only=True).resolve("best")
@@ -207,7 +197,7 @@ def test_evaluate_a_named_checkpoint_that_does_not_read_back(which, trained, tmp
   run_dir = damaged_copy(trained, step, tmp_path)
   before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
   details = Path("details.log")  # Orbax's own error records of the failed read
-  code, err = script("evaluate", "--checkpoint", run_dir, "--step", str(step) if which == "number" else "best",
+  code, err = run_in_process("evaluate", "--checkpoint", run_dir, "--step", str(step) if which == "number" else "best",
                      monkeypatch=monkeypatch, capsys=capsys)
   line = one_line(err)
   assert code == 2
@@ -219,7 +209,8 @@ def test_evaluate_a_named_checkpoint_that_does_not_read_back(which, trained, tmp
 
 def test_evaluate_latest_and_resume_skip_a_damaged_newest_checkpoint(trained, tmp_path, monkeypatch, capsys, job):
   run_dir = damaged_copy(trained, 10, tmp_path)
-  code, err = script("evaluate", "--checkpoint", run_dir, "--step", "latest", monkeypatch=monkeypatch, capsys=capsys)
+  code, err = run_in_process("evaluate", "--checkpoint", run_dir, "--step", "latest", monkeypatch=monkeypatch,
+                             capsys=capsys)
   assert code == 0 and "Traceback" not in err
   (warning,) = err.strip().splitlines()
   assert warning.startswith(f"warning: skipping checkpoint step 10 in {run_dir / 'checkpoints'}")
@@ -239,7 +230,7 @@ def test_evaluate_a_run_whose_saved_tokenizer_is_damaged(trained, tmp_path, monk
   run_dir = tmp_path / "run"
   shutil.copytree(trained, run_dir)
   (run_dir / "tokenizer" / "tokenizer.json").write_text("{")
-  code, err = script("evaluate", "--checkpoint", run_dir, monkeypatch=monkeypatch, capsys=capsys)
+  code, err = run_in_process("evaluate", "--checkpoint", run_dir, monkeypatch=monkeypatch, capsys=capsys)
   assert code == 2
   assert one_line(err).startswith(f"error: the run's tokenizer {run_dir / 'tokenizer'} does not load (JSONDecodeError")
   assert not (run_dir / "eval").exists()
