@@ -216,6 +216,9 @@ def run(main: Callable[[], int | None]) -> None:
       _fail(f"error: cannot read or write{where}: {e.strerror or e}; check that the path exists, is writable and "
             f"that its disk has space{DETAILS.suffix()}.", errors.EXIT_USER_ERROR)
     except Exception as e:
+      from jaxtune import distributed
+
+      distributed.await_verdict_if_lost_peer(e)  # a collective failed as a peer died: the watch's line ends it
       DETAILS.add(_format(type(e), e, e.__traceback__, "the unexpected failure"))
       first = str(e).splitlines()[0][:300] if str(e) else ""
       _fail(f"error: an unexpected failure, {type(e).__name__}: {first}; the traceback is in {DETAILS.where()}: "

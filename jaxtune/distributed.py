@@ -17,11 +17,15 @@ from typing import Any
 import jax
 
 from jaxtune import errors
+from jaxtune.coordinator import Coordinator
 from jaxtune.errors import EXIT_PREEMPTED, UserError
 
 PEER_TIMEOUT_VAR = "JAXTUNE_PEER_TIMEOUT_S"
 PEER_TIMEOUT_S = 60  # default: a process silent this long is taken for dead and the others stop
 JAX_HEARTBEAT_S = 100  # jax.distributed's own heartbeat timeout: past it JAX aborts every process (SIGABRT)
+INIT_TIMEOUT_S = 300  # jax.distributed's: how long a process waits for all the others to connect
+SHUTDOWN_TIMEOUT_S = 300  # jax.distributed's: how long JAX's shutdown barrier at exit waits for every process
+COORDINATOR: Coordinator | None = None  # process 0's handle on the coordination service's process
 
 
 def initialize() -> None:
@@ -73,24 +77,63 @@ def peer_timeout() -> int:
   return int(text)
 
 
-def _join(**kwargs: Any) -> None:
-  """jax.distributed.initialize, then the peer watch. JAX's own heartbeat timeout stays at its default unless the
-  peer timeout needs it longer: the watch must end the processes before JAX aborts them."""
-  timeout = peer_timeout()
-  if timeout + PeerWatch.slack(timeout) > JAX_HEARTBEAT_S:
-    kwargs["heartbeat_timeout_seconds"] = timeout + PeerWatch.slack(timeout)
-  # JAX's preemption service catches SIGTERM in C++ for its own sync points, which jaxtune does not use: a SIGTERM
-  # before the training loop took it over was swallowed and the run went on. Without it a SIGTERM there ends the
-  # process as with one process, and in the loop the processes agree on the stop themselves (train/loop.py).
-  jax.config.update("jax_enable_preemption_service", False)
-  jax.distributed.initialize(**kwargs)
+def _join(coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+          local_device_ids: list[int] | None = None) -> None:
+  """What jax.distributed.initialize does, with JAX's coordination service in a process of its own
+  (jaxtune/coordinator.py) instead of inside process 0, so that process 0's death does not abort the others; then
+  the peer watch. JAX's own heartbeat timeout stays at its default unless the peer timeout needs it longer: the
+  watch must end the processes before JAX aborts them."""
+  from jax._src import clusters
   from jax._src import distributed as jax_distributed  # where JAX keeps its coordination-service client
+  from jax._src.lib import _jax
 
-  state = jax_distributed.global_state  # not jax.process_count(): that would start the backend here
-  if state.client is not None and (state.num_processes or 1) > 1:
+  timeout = peer_timeout()
+  coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  heartbeat = jax_heartbeat(timeout)
+  if local_device_ids is None and (ids := os.environ.get("JAX_LOCAL_DEVICE_IDS")):
+    local_device_ids = [int(i) for i in ids.split(",")]
+  if None in (coordinator_address, num_processes, process_id, local_device_ids):
+    coordinator_address, num_processes, process_id, local_device_ids = (
+        clusters.ClusterEnv.auto_detect_unset_distributed_params(
+            coordinator_address, num_processes, process_id, local_device_ids, None, INIT_TIMEOUT_S))
+  if coordinator_address is None or num_processes is None or process_id is None:
+    raise ValueError("coordinator_address, num_processes and process_id must all be known")
+  if local_device_ids:
+    visible = ",".join(str(i) for i in local_device_ids)
+    jax.config.update("jax_cuda_visible_devices", visible)
+    jax.config.update("jax_rocm_visible_devices", visible)
+  state = jax_distributed.global_state
+  if process_id == 0:
+    global COORDINATOR
+    bind = os.environ.get("JAX_COORDINATOR_BIND_ADDRESS", "[::]:" + coordinator_address.rsplit(":", 1)[1])
+    COORDINATOR = Coordinator(bind, num_processes, heartbeat, SHUTDOWN_TIMEOUT_S,
+                              grace_s=timeout + PeerWatch.slack(timeout))
+  state.coordinator_address, state.num_processes, state.process_id = coordinator_address, num_processes, process_id
+  if (partition := os.environ.get("JAX_PARTITION_INDEX")) is not None:
+    state.partition_index = int(partition)
+  state.client = _jax.get_distributed_runtime_client(coordinator_address, process_id, init_timeout=INIT_TIMEOUT_S,
+                                                     use_compression=True, heartbeat_timeout=heartbeat)
+  state.client.connect()
+  if COORDINATOR is not None:
+    atexit.register(_leave_coordinator)  # after the watch's own atexit hook (registered below: they run LIFO)
+  if num_processes > 1:
     global WATCH
-    WATCH = PeerWatch(state.client, state.process_id, state.num_processes, timeout)
+    WATCH = PeerWatch(state.client, process_id, num_processes, timeout)
     WATCH.start()
+
+
+def jax_heartbeat(timeout: int) -> int:
+  """JAX's heartbeat timeout for a peer timeout of `timeout` s: its default, or longer so that the watch ends the
+  processes first (past it the service aborts every process)."""
+  return max(JAX_HEARTBEAT_S, timeout + PeerWatch.slack(timeout))
+
+
+def _leave_coordinator() -> None:
+  """Process 0 at exit: JAX's shutdown barrier (which JAX's own atexit hook would run next), then the service may
+  stop as soon as this process is gone."""
+  jax.distributed.shutdown()
+  if COORDINATOR is not None:
+    COORDINATOR.done()
 
 
 class PeerWatch:
@@ -110,10 +153,9 @@ class PeerWatch:
   error until the verdict instead of letting it reach the terminal. The thread is plain Python: a process whose
   interpreter is blocked for longer than `timeout` (the GIL held by one C call) looks dead to the others.
 
-  Not covered: the death of process 0, which hosts JAX's coordination service: JAX's client in every other
-  process aborts at once (SIGABRT, its own message and a C++ stack trace) when its poll of the service fails, and
-  the hook JAX 0.10.2 offers for that (the client's missed_heartbeat_callback) crashes with std::bad_cast when
-  given a Python function.
+  Process 0 is watched like the others: JAX's coordination service runs in a process of its own
+  (jaxtune/coordinator.py), which outlives it. Not covered: process 0's host going down with that process (JAX's
+  client in every other process then aborts: SIGABRT, its own message and a C++ stack trace).
   """
 
   PREFIX = "jaxtune/peers/"
@@ -214,6 +256,8 @@ class PeerWatch:
           if len(self.client.key_value_dir_get(f"{self.PREFIX}left/")) >= self.count - 1:
             break
         time.sleep(0.05)
+    if COORDINATOR is not None:
+      COORDINATOR.done()
     os._exit(EXIT_PREEMPTED)
 
   def _line(self, peer: int | None, exited: bool) -> str:
@@ -293,6 +337,14 @@ def watching(checkpoints: Any, release: Callable[[], None]) -> Iterator[None]:
       watch.await_verdict()
     watch.mark("failed")  # the others stop too instead of waiting for this process in their next collective
     raise
+
+
+def await_verdict_if_lost_peer(e: BaseException) -> None:
+  """For an error that ended a multi-process run outside the training loop (loading, the first compile, the
+  final evaluation): if it reads like a collective that lost a peer, waits for the watch's verdict, which prints
+  the one line and ends the process, instead of printing the error as well. Returns otherwise."""
+  if WATCH is not None and _peer_failure(e):
+    WATCH.await_verdict()
 
 
 def _peer_failure(e: BaseException | None) -> bool:

@@ -2,7 +2,9 @@
 tmpfs: python tests/faultinject.py ERRNO:WHERE:N scripts/X.py args...
 
 WHERE is `checkpoint` (the Nth checkpoint write fails as Orbax's background write does: its temp dir is left
-behind and the error surfaces in the manager) or `metrics` (the Nth metrics.jsonl append fails).
+behind and the error surfaces in the manager) or `metrics` (the Nth metrics.jsonl append is cut short as on a
+full disk: os.write writes half the record and returns the short count; with ERRNO other than ENOSPC the append
+fails outright).
 """
 
 import errno
@@ -33,14 +35,22 @@ def inject(name: str, where: str, nth: int) -> None:
   else:
     real_append = runlog._append
 
+    class ShortWrites:  # runlog's `os` for one append: os.write stops halfway, as on a disk that just filled
+      def __getattr__(self, attr):
+        return getattr(os, attr)
+
+      @staticmethod
+      def write(fd, data):
+        return os.write(fd, data[:len(data) // 2])
+
     def append(path, text):
       calls[0] += 1
-      if calls[0] == nth:
+      if calls[0] == nth and code != errno.ENOSPC:
         fail(path)
+      runlog.os = ShortWrites() if calls[0] == nth else os
       real_append(path, text)
 
     runlog._append = append
-
 
 if __name__ == "__main__":
   name, where, nth = sys.argv[1].split(":")

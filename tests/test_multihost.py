@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from conftest import REPO, records, run_script
@@ -106,7 +105,7 @@ def test_distributed_initialize_reads_the_launch_environment(monkeypatch, env, w
     monkeypatch.delenv(key, raising=False)
   for key, value in env.items():
     monkeypatch.setenv(key, value)
-  monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+  monkeypatch.setattr(distributed, "_join", lambda **kwargs: calls.append(kwargs))
   distributed.initialize()
   assert calls == ([] if want is None else [want])
 
@@ -120,6 +119,6 @@ def test_distributed_launch_mistakes_are_user_errors(monkeypatch, env):
   monkeypatch.delenv("JAXTUNE_PROCESS_ID", raising=False)
   for key, value in env.items():
     monkeypatch.setenv(key, value)
-  monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: pytest.fail("initialised despite the error"))
+  monkeypatch.setattr(distributed, "_join", lambda **kwargs: pytest.fail("initialised despite the error"))
   with pytest.raises(UserError, match="JAXTUNE_"):
     distributed.initialize()

@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import pytest
 from conftest import REPO, reached, records, train_steps
 from test_multihost import free_port
@@ -40,7 +39,7 @@ class Job:
   """scripts/finetune.py as processes 0 and 1 of a 2-process job, stderr and stdout in files."""
 
   def __init__(self, cfg: Path, run_dir: Path, *args: str):
-    port = free_port()
+    self.port = port = free_port()
     self.procs: list[tuple[subprocess.Popen, Path]] = []
     self.ended: list[float | None] = [None, None]
     for pid in range(2):
@@ -76,6 +75,21 @@ class Job:
 
   def errs(self) -> list[str]:
     return [err.read_text() for _, err in self.procs]
+
+  def coordinator_gone(self, within: float) -> bool:
+    """Whether process 0's coordination-service process (jaxtune/coordinator.py) has exited, waiting `within` s."""
+    deadline = time.monotonic() + within
+    while True:
+      found = False
+      for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+          args = cmdline.read_bytes().split(b"\0")
+        except OSError:  # it exited meanwhile
+          continue
+        found |= b"jaxtune.coordinator" in args and f"[::]:{self.port}".encode() in args
+      if not found or time.monotonic() > deadline:
+        return not found
+      time.sleep(0.1)
 
 
 def wait_all(jobs: list[Job], timeout: float) -> list[list[int]]:
@@ -113,6 +127,7 @@ def job(multihost_config, tmp_path_factory):
 
   def finished() -> Path:
     assert reference.wait() == [0, 0], reference.errs()
+    assert reference.coordinator_gone(within=5)  # it leaves with process 0
     assert train_steps(d / "reference") == list(range(1, STEPS + 1))
     return d / "reference"
 
@@ -171,23 +186,28 @@ def test_sigterm_to_both_processes_stops_both_at_one_saved_step(stopped):
 
 @pytest.fixture(scope="module")
 def lost_peer(job, stopped, tmp_path_factory):
-  """Two resumes of the run SIGTERMed twice, side by side: in one process 1 is SIGKILLed 2 steps in, in the other
-  it leaves on its own (a second Ctrl-C: KeyboardInterrupt). For each: (run dir, the last checkpoint before, exit
-  codes, stderr of both, seconds from the signal to process 0's exit)."""
+  """Three resumes of the run SIGTERMed twice, side by side: in one process 1 is SIGKILLed 2 steps in, in one
+  process 0 (which started the coordination service), in the third process 1 leaves on its own (a second Ctrl-C:
+  KeyboardInterrupt). For each: (run dir, the last checkpoint before, exit codes, stderr of both, seconds from the
+  signal to the survivor's exit, the job)."""
   cfg, args, _ = job
   runs = {}
-  for name in ("killed", "interrupted"):
+  for name in ("killed", "coordinator_killed", "interrupted"):
     run = tmp_path_factory.mktemp(name) / "run"
     shutil.copytree(stopped[0], run)
     runs[name] = run, Checkpoints(run, read_only=True).steps()[-1], Job(cfg, run, *args, "--resume")
   run, last, proc = runs["killed"]
   killed = proc.signal_when(lambda: reached(run, last + 2, 3, saved=False), signal.SIGKILL, 1)
+  run, last, proc = runs["coordinator_killed"]
+  coordinator_killed = proc.signal_when(lambda: reached(run, last + 2, 3, saved=False), signal.SIGKILL, 0)
   run, last, proc = runs["interrupted"]
   proc.signal_when(lambda: reached(run, last + 2, 3, saved=False), signal.SIGINT, 1)
   interrupted = proc.signal_when(lambda: "SIGINT: stopping" in proc.errs()[1], signal.SIGINT, 1)
   codes = wait_all([proc for _, _, proc in runs.values()], 120)
-  return {name: (run, last, code, proc.errs(), proc.ended[0] - sent)
-          for (name, (run, last, proc)), code, sent in zip(runs.items(), codes, (killed, interrupted))}
+  survivor = {"killed": 0, "coordinator_killed": 1, "interrupted": 0}
+  return {name: (run, last, code, proc.errs(), proc.ended[survivor[name]] - sent, proc)
+          for (name, (run, last, proc)), code, sent in zip(runs.items(), codes, (killed, coordinator_killed,
+                                                                                   interrupted))}
 
 
 def assert_resumed_exactly(run: Path, last: int, reference: Path) -> None:
@@ -198,7 +218,7 @@ def assert_resumed_exactly(run: Path, last: int, reference: Path) -> None:
 
 
 def test_sigkill_of_one_process_ends_the_other_with_one_line_within_the_peer_timeout(job, lost_peer):
-  run, last, codes, errs, elapsed = lost_peer["killed"]
+  run, last, codes, errs, elapsed, _ = lost_peer["killed"]
   assert codes == [EXIT_PREEMPTED, -signal.SIGKILL], errs
   # One line, no traceback, within the peer timeout and the watch's slack (measured: about TIMEOUT + 1 s).
   assert jaxtune_lines(errs[0]) == [f"error: process 1 of 2 stopped responding (no heartbeat for {TIMEOUT} s); "
@@ -211,8 +231,22 @@ def test_sigkill_of_one_process_ends_the_other_with_one_line_within_the_peer_tim
   assert_resumed_exactly(run, last, job[2]())  # the resume after the SIGTERM to both
 
 
+def test_sigkill_of_process_0_ends_the_other_with_one_line_too(job, lost_peer):
+  """Process 0 started JAX's coordination service in a process of its own, which outlives it: process 1 reads the
+  verdict there (before: JAX's client aborted it at once, SIGABRT and a C++ stack trace, exit 134)."""
+  run, last, codes, errs, elapsed, proc = lost_peer["coordinator_killed"]
+  assert codes == [-signal.SIGKILL, EXIT_PREEMPTED], errs
+  assert jaxtune_lines(errs[1]) == [f"error: process 0 of 2 (the coordinator) stopped responding (no heartbeat for "
+                                    f"{TIMEOUT} s); the last checkpoint is step {last}; rerun with --resume"], errs[1]
+  assert TIMEOUT - 2 < elapsed < TIMEOUT + PeerWatch.slack(TIMEOUT), elapsed
+  print(f"process 1 left {elapsed:.1f} s after process 0 was killed")
+  assert "Traceback" not in errs[1] and "SIGABRT" not in errs[1]
+  assert proc.coordinator_gone(within=TIMEOUT + PeerWatch.slack(TIMEOUT))  # then the service leaves too
+  assert Checkpoints(run, read_only=True).steps()[-1] == last
+
+
 def test_a_process_leaving_on_its_own_ends_the_other_at_once_and_keeps_its_exit_code(job, lost_peer):
-  run, last, codes, errs, elapsed = lost_peer["interrupted"]
+  run, last, codes, errs, elapsed, _ = lost_peer["interrupted"]
   assert codes == [EXIT_PREEMPTED, EXIT_INTERRUPTED], errs
   assert jaxtune_lines(errs[0]) == [f"error: process 1 of 2 left the run (its own output says why); the last "
                                     f"checkpoint is step {last}; rerun with --resume"], errs[0]
@@ -226,20 +260,45 @@ def test_a_process_leaving_on_its_own_ends_the_other_at_once_and_keeps_its_exit_
   assert_resumed_exactly(run, last, job[2]())
 
 
-@pytest.mark.parametrize(("value", "heartbeat"), [("", None), ("5", None), ("70", None), ("100", 130)])
+@pytest.mark.parametrize(("value", "heartbeat"), [("", 100), ("5", 100), ("70", 100), ("100", 130)])
 def test_the_peer_timeout_comes_from_the_environment_and_stays_below_jax_own(monkeypatch, value, heartbeat):
   """JAX aborts every process once its own heartbeat (100 s) times out: a longer peer timeout raises it."""
-  calls = []
   monkeypatch.setenv(PEER_TIMEOUT_VAR, value)
-  monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
-  distributed._join(num_processes=2)
-  assert calls == [{"num_processes": 2, **({"heartbeat_timeout_seconds": heartbeat} if heartbeat else {})}]
   assert distributed.peer_timeout() == int(value or distributed.PEER_TIMEOUT_S)
+  assert distributed.jax_heartbeat(distributed.peer_timeout()) == heartbeat
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "1.5", "soon"])
 def test_a_bad_peer_timeout_is_a_user_error(monkeypatch, value):
   monkeypatch.setenv(PEER_TIMEOUT_VAR, value)
-  monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: pytest.fail("initialised despite the error"))
+  monkeypatch.setattr(distributed, "Coordinator", lambda *a, **k: pytest.fail("started despite the error"))
   with pytest.raises(UserError, match=PEER_TIMEOUT_VAR):
-    distributed._join()
+    distributed._join("127.0.0.1:1", 2, 0, [])
+
+
+@pytest.mark.parametrize(("failure", "waits"), [
+    (RuntimeError("Gloo all-reduce failed: [../gloo/transport/tcp/pair.cc:534] Connection closed by peer"), True),
+    (ValueError("a bug of our own"), False)])
+def test_a_lost_peer_outside_the_training_loop_gets_the_watch_line_alone(monkeypatch, capsys, failure, waits):
+  """Loading, the first compile or the final evaluation: a collective that failed as a peer died waits for the
+  watch's verdict (the one line, exit 75) instead of printing `an unexpected failure` first; other errors don't."""
+  from jaxtune import cli
+
+  class Watch:
+    def await_verdict(self) -> None:  # the real one ends the process with os._exit once the verdict comes
+      print("error: process 1 of 2 stopped responding", file=sys.stderr)
+      raise SystemExit(EXIT_PREEMPTED)
+
+  monkeypatch.setenv("JAXTUNE_NO_HOST_TUNING", "1")
+  monkeypatch.setattr(distributed, "WATCH", Watch())
+
+  def main() -> None:
+    raise failure
+
+  with pytest.raises(SystemExit) as exited:
+    cli.run(main)
+  err = capsys.readouterr().err
+  if waits:
+    assert (exited.value.code, err) == (EXIT_PREEMPTED, "error: process 1 of 2 stopped responding\n")
+  else:
+    assert exited.value.code == 1 and err.startswith("error: an unexpected failure, ValueError: a bug of our own")

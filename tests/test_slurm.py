@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 
-import jax
 import pytest
 from conftest import REPO, records, run_script
 
@@ -182,7 +181,7 @@ def test_srun_step_sets_process_count_and_local_devices(monkeypatch, env, want):
     monkeypatch.delenv(key)
   for key, value in env.items():
     monkeypatch.setenv(key, value)
-  monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+  monkeypatch.setattr(distributed, "_join", lambda **kwargs: calls.append(kwargs))
   distributed.initialize()
   assert calls == ([] if want is None else [want])
 
