@@ -34,7 +34,7 @@ from jaxtune.weights import export, hf, pretrained
 
 # jaxtune's optim.schedule names -> transformers.get_scheduler's (all warm up linearly from 0 first).
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
-TARGET_WEIGHTS = {"classification": "weights", "causal_lm": "loss_mask"}  # the batch key counting targets
+TARGET_WEIGHTS = {"classification": "weights", "causal_lm": "loss_mask", "seq2seq": "label_mask"}  # counts targets
 
 
 @dataclasses.dataclass
@@ -65,7 +65,9 @@ def build(model: Model, params: dict[str, np.ndarray], labels: Sequence[Any] | N
              for key in hf.layer_keys(hf_key, params[path].shape)}
   missing, unexpected = module.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in tensors.items()
                                                 if k not in skipped}, strict=False)
-  tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+  state = module.state_dict()
+  loaded = {state[k].data_ptr() for k in tensors if k in state}
+  tied = {k for k in missing if state[k].data_ptr() in loaded}  # aliases of a loaded tensor (tied embeddings)
   if unexpected or set(missing) - skipped - tied:
     raise RuntimeError(f"{type(module).__name__} does not take our weights: missing {sorted(set(missing) - skipped)}"
                        f", unexpected {unexpected}")
@@ -85,30 +87,75 @@ def optimizer(module: torch.nn.Module, cfg: OptimConfig, steps: int) -> tuple[to
   return opt, sched
 
 
-def per_target_loss(module: torch.nn.Module, task: str, batch: dict[str, np.ndarray]
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-  """(cross-entropy per target, target weights, logits): per row (classification) or per token (causal LM)."""
+def per_target_loss(module: torch.nn.Module, task: str, batch: dict[str, np.ndarray], packed: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+  """(cross-entropy per target, target weights, logits): per row (classification) or per token (causal LM,
+  seq2seq). `packed` causal-LM rows (plain text, data.pack) run one document per row (`_documents`)."""
   t = {k: torch.from_numpy(v) for k, v in batch.items()}
+  cross_entropy = torch.nn.functional.cross_entropy
   if task == "classification":
     logits = module(input_ids=t["input_ids"].long(), attention_mask=t["attention_mask"].long(),
                     token_type_ids=t["token_type_ids"].long()).logits
-    return torch.nn.functional.cross_entropy(logits, t["labels"].long(), reduction="none"), t["weights"], logits
+    return cross_entropy(logits, t["labels"].long(), reduction="none"), t["weights"], logits
+  if task == "seq2seq":  # transformers makes the decoder's input from the labels itself (its own shift and start)
+    labels = t["labels"].long().masked_fill(t["label_mask"] == 0, -100)
+    logits = module(input_ids=t["input_ids"].long(), attention_mask=t["attention_mask"].long(), labels=labels).logits
+    loss = cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none", ignore_index=-100)
+    return loss.view_as(t["label_mask"]), t["label_mask"], logits
+  if packed:
+    return _documents(module, batch)
   if (batch["segment_ids"] > 1).any():
-    raise UserError("the PyTorch reference takes one document per row, but these rows pack several; set "
-                    "data.pack=false (or use prompt/response or chat data).")
+    raise UserError("the PyTorch reference takes one document per row unless the data is packed plain text, but "
+                    "these rows hold several; set data.pack=false.")
   logits = module(input_ids=t["input_ids"].long(), attention_mask=(t["segment_ids"] > 0).long(),
                   position_ids=t["positions"].long()).logits
-  loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), t["targets"].long().flatten(), reduction="none")
+  loss = cross_entropy(logits.flatten(0, 1), t["targets"].long().flatten(), reduction="none")
   return loss.view_as(t["loss_mask"]), t["loss_mask"], logits
 
 
+def packs(cfg: Config) -> bool:
+  """Whether cfg's causal-LM rows pack plain-text documents (data.pack; prompt/response and chat rows never do)."""
+  d = cfg.data
+  return cfg.task == "causal_lm" and d.pack and not (d.prompt_column or d.prompt_template or d.messages_column)
+
+
+def document_targets(segment_ids: np.ndarray) -> np.ndarray:
+  """The target weights `_documents` trains packed rows with: 1 on every token of a segment but its last."""
+  last = np.ones_like(segment_ids, bool)
+  last[:, :-1] = segment_ids[:, :-1] != segment_ids[:, 1:]
+  return ((segment_ids > 0) & ~last).astype(np.float32)
+
+
+def _documents(module: torch.nn.Module, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, None]:
+  """Packed causal-LM rows as HF trains documents: each segment (a document, or the part of one a row holds) its
+  own right-padded row with positions from 0, every token but its last predicting the next one. The targets and
+  the mask are made here from the tokens, not read from jaxtune's batch; the per-token losses go back to the
+  packed layout."""
+  segments = batch["segment_ids"]
+  docs = [(r, np.flatnonzero(segments[r] == s)) for r in range(len(segments)) for s in np.unique(segments[r]) if s]
+  length = max(len(where) for _, where in docs)
+  ids, mask = np.zeros((len(docs), length), np.int64), np.zeros((len(docs), length), np.int64)
+  for d, (r, where) in enumerate(docs):
+    ids[d, :len(where)], mask[d, :len(where)] = batch["input_ids"][r, where], 1
+  logits = module(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
+  loss = torch.zeros(segments.shape, dtype=logits.dtype)
+  weight = torch.zeros(segments.shape, dtype=torch.float32)
+  for d, (r, where) in enumerate(docs):
+    n = len(where)
+    loss[r, where[:-1]] = torch.nn.functional.cross_entropy(logits[d, :n - 1], torch.from_numpy(ids[d, 1:n]),
+                                                            reduction="none")
+    weight[r, where[:-1]] = 1.0
+  return loss, weight, None
+
+
 def train_step(module: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, micro: Sequence[dict[str, np.ndarray]],
-               task: str, clip_norm: float) -> dict[str, float]:
+               task: str, clip_norm: float, packed: bool = False) -> dict[str, float]:
   """One update from the microbatches of a batch; the loss and gradient norm before clipping, the lr used."""
-  count = max(sum(float(m[TARGET_WEIGHTS[task]].sum()) for m in micro), 1.0)
+  weights = [document_targets(m["segment_ids"]) if packed else m[TARGET_WEIGHTS[task]] for m in micro]
+  count = max(sum(float(w.sum()) for w in weights), 1.0)
   total = 0.0
   for m in micro:
-    loss, weight, _ = per_target_loss(module, task, m)
+    loss, weight, _ = per_target_loss(module, task, m, packed)
     summed = (loss * weight).sum()
     (summed / count).backward()  # HF's accumulation: normalised by the whole batch's count
     total += float(summed.detach())
@@ -133,11 +180,13 @@ def microbatches(task: Task, data: Any, rows: np.ndarray, k: int, cfg: Config) -
 @torch.no_grad()
 def score(module: torch.nn.Module, task_name: str, data: Any, cfg: Config, labels: Any) -> dict[str, Any]:
   """The task's metrics (jaxtune's own formulas) from the model's per-row outputs on every row of `data`."""
+  packed = packs(cfg)
   module.eval()
   outputs: dict[str, list[np.ndarray]] = {}
   task = TASKS[task_name]
   for rows in batching.eval_batches(len(data), cfg.train.eval_batch_size):
-    loss, weight, logits = per_target_loss(module, task_name, task.collate(data, rows, cfg.train.eval_batch_size, cfg))
+    loss, weight, logits = per_target_loss(module, task_name, task.collate(data, rows, cfg.train.eval_batch_size, cfg),
+                                           packed)
     if task_name == "classification":
       out = {"loss": loss, "pred": logits.argmax(-1)}
     else:
@@ -202,7 +251,7 @@ def finetune(cfg: Config, init: str = "jaxtune", score_splits: Sequence[str] = (
   for step, rows in enumerate(batching.step_batches(train.lengths, cfg.train.batch_size, cfg.train.seed,
                                                     cfg.data.group_by_length, per_epoch, 0, steps), 1):
     micro = microbatches(task, train, rows, cfg.train.grad_accum, cfg)
-    records.append(train_step(module, opt, sched, micro, cfg.task, cfg.optim.clip_norm))
+    records.append(train_step(module, opt, sched, micro, cfg.task, cfg.optim.clip_norm, packs(cfg)))
     if log is not None and (step % cfg.train.log_every == 0 or step == steps):
       log(step, steps, records[-1])
   seconds = time.perf_counter() - start

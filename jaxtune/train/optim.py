@@ -24,7 +24,9 @@ def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), after], [warmup])
 
 
-NO_DECAY = ("bias", "scale")  # leaf names of biases and norm scales, as HF Trainer excludes them
+# Leaf names HF Trainer does not decay: biases and norm scales, and T5's relative-position bias table (the
+# Trainer skips every parameter whose name contains "bias": relative_attention_bias.weight).
+NO_DECAY = ("bias", "scale", "position_bias")
 
 
 def decay_mask(params: Any) -> Any:
