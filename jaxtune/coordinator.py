@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import IO
 
 from jaxtune.errors import UserError
@@ -33,10 +34,12 @@ class Coordinator:
 
   def __init__(self, bind_address: str, processes: int, heartbeat_s: int, shutdown_s: int, grace_s: int):
     self.log: IO[bytes] = tempfile.TemporaryFile()  # its stderr: read back only if it fails to start
+    package_root = str(Path(__file__).resolve().parents[1])  # jaxtune importable there as it is here
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "jaxtune.coordinator", bind_address, str(processes), str(heartbeat_s),
          str(shutdown_s), str(grace_s)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, start_new_session=True)  # no Ctrl-C
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env, start_new_session=True)  # no ^C
     assert self.proc.stdout is not None and self.proc.stdin is not None
     line = self.proc.stdout.readline().decode().strip()
     if line != READY:

@@ -302,3 +302,10 @@ def test_a_lost_peer_outside_the_training_loop_gets_the_watch_line_alone(monkeyp
     assert (exited.value.code, err) == (EXIT_PREEMPTED, "error: process 1 of 2 stopped responding\n")
   else:
     assert exited.value.code == 1 and err.startswith("error: an unexpected failure, ValueError: a bug of our own")
+
+
+def test_a_coordination_service_that_cannot_start_is_one_user_error():
+  from jaxtune.coordinator import Coordinator
+
+  with pytest.raises(UserError, match=r"could not start on 256\.1\.1\.1:99999 \(.*Failed to start RPC server\)"):
+    Coordinator("256.1.1.1:99999", 2, 100, 300, 5)
