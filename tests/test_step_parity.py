@@ -164,7 +164,9 @@ def prompt_in_the_loss(monkeypatch, cfg: config.Config) -> config.Config:
   return cfg
 
 
-BROKEN = [decay_on_norms, no_clipping, schedule_one_step_late,
+# decay_on_norms is marked slow: the decay rule itself is held to HF Trainer's, key by key, for five families
+# (test_step_parity_text.test_weight_decay_falls_where_hf_trainer_puts_it).
+BROKEN = [pytest.param(decay_on_norms, marks=pytest.mark.slow), no_clipping, schedule_one_step_late,
           pytest.param(prompt_in_the_loss, marks=pytest.mark.slow)]
 
 
@@ -192,6 +194,7 @@ def test_the_pad_token_row_learns_nothing_from_inputs_as_in_pytorch(reference, t
   assert "params" in found
 
 
+@pytest.mark.slow  # an explanation (why the reference is float64), not a guard: 24 s of CI
 @pytest.mark.parametrize("reference", CASES[:1], indirect=True, ids=IDS[:1])
 def test_float32_runs_each_stay_within_the_bound_of_float64(reference, ours):
   """Why the reference is float64: PyTorch's own float32 run strays from the exact trajectory too, elsewhere."""
