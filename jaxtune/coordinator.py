@@ -15,6 +15,7 @@ stops at once after `done`, else after GRACE_S, the time the others need to noti
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,7 +46,9 @@ class Coordinator:
     if line != READY:
       self.proc.wait()
       self.log.seek(0)
-      said = [s for s in self.log.read().decode(errors="replace").splitlines() if s.strip()]
+      lines = [s for s in self.log.read().decode(errors="replace").splitlines() if s.strip()]
+      own = [s for s in lines if not re.match(r"[IWEF]\d{4} ", s)]  # its error, else the C++ log's last line
+      said = own or [re.sub(r"^[IWEF]\d{4} [\d:.]+\s+\d+ [\w.]+:\d+\] ", "", s) for s in lines]
       raise UserError(f"the coordination service for {processes} processes could not start on {bind_address} "
                       f"({said[-1] if said else f'exit code {self.proc.returncode}'}); check that the port of "
                       "JAXTUNE_COORDINATOR is free on this host.")
