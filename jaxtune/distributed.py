@@ -82,7 +82,8 @@ def _join(coordinator_address: str | None = None, num_processes: int | None = No
   """What jax.distributed.initialize does, with JAX's coordination service in a process of its own
   (jaxtune/coordinator.py) instead of inside process 0, so that process 0's death does not abort the others; then
   the peer watch. JAX's own heartbeat timeout stays at its default unless the peer timeout needs it longer: the
-  watch must end the processes before JAX aborts them."""
+  watch must end the processes before JAX aborts them. JAX's preemption service is not started: its C++ SIGTERM
+  handler swallowed a SIGTERM that came before the training loop (which decides stops itself, train/loop.py)."""
   from jax._src import clusters
   from jax._src import distributed as jax_distributed  # where JAX keeps its coordination-service client
   from jax._src.lib import _jax
