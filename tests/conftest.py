@@ -24,18 +24,6 @@ from jaxtune import sharding  # noqa: E402
 from jaxtune.train.checkpoints import Checkpoints  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-# The longest modules of the CI run (its --durations, summed by module), started first: `-n 2 --dist loadscope`
-# hands each xdist worker whole modules in collection order, and a long one started last ran alone at the end.
-LONGEST_FIRST = ["test_quant", "test_multihost_faults", "test_tpu_compile", "test_object_store", "test_meshes",
-                 "test_multihost", "test_step_parity", "test_slurm", "test_recovery", "test_seq2seq_train",
-                 "test_gpu_bench", "test_step_parity_text", "test_disk_faults", "test_smollm2_parity", "test_stream"]
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: each module's own order is kept
-
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 

@@ -137,6 +137,9 @@ def test_srun_tasks_join_one_group_from_slurm_variables(layout):
     assert got["cuda_visible_devices"] == want_visible[rank]  # the GPUs it would drive
 
 
+# Marked slow (about 100 s of CPU in CI): test_multihost proves two processes train as one with eight devices, and
+# test_srun_tasks_join_one_group_from_slurm_variables that srun's variables make that group.
+@pytest.mark.slow
 def test_readme_srun_recipe_trains_as_one_process(multihost_config, tmp_path):
   """`srun python scripts/finetune.py ...` on 2 nodes x 1 task, 4 devices each, logs what one process with 8 does."""
   mesh = ["mesh.data=4", "mesh.fsdp=2"]  # params sharded over both tasks' devices
