@@ -50,8 +50,8 @@ class Coordinator:
       own = [s for s in lines if not re.match(r"[IWEF]\d{4} ", s)]  # its error, else the C++ log's last line
       said = own or [re.sub(r"^[IWEF]\d{4} [\d:.]+\s+\d+ [\w.]+:\d+\] ", "", s) for s in lines]
       raise UserError(f"the coordination service for {processes} processes could not start on {bind_address} "
-                      f"({said[-1] if said else f'exit code {self.proc.returncode}'}); check that the port of "
-                      "JAXTUNE_COORDINATOR is free on this host.")
+                      f"({said[-1] if said else f'exit code {self.proc.returncode}'}); check JAXTUNE_COORDINATOR: "
+                      "this host's address, and a port free on it.")
     self.stdin = self.proc.stdin
 
   def done(self) -> None:
@@ -59,7 +59,7 @@ class Coordinator:
     try:
       self.stdin.write(DONE.encode())
       self.stdin.flush()
-    except OSError:  # it is gone already
+    except (OSError, ValueError):  # it is gone already, or this was said before (the pipe closed)
       pass
 
 
