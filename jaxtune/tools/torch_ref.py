@@ -133,6 +133,8 @@ def _documents(module: torch.nn.Module, batch: dict[str, np.ndarray]) -> tuple[t
   packed layout."""
   segments = batch["segment_ids"]
   docs = [(r, np.flatnonzero(segments[r] == s)) for r in range(len(segments)) for s in np.unique(segments[r]) if s]
+  if not docs:  # padding rows only
+    return torch.zeros(segments.shape, dtype=torch.float64), torch.zeros(segments.shape), None
   length = max(len(where) for _, where in docs)
   ids, mask = np.zeros((len(docs), length), np.int64), np.zeros((len(docs), length), np.int64)
   for d, (r, where) in enumerate(docs):
