@@ -52,6 +52,7 @@ def inject(name: str, where: str, nth: int) -> None:
 
     runlog._append = append
 
+
 if __name__ == "__main__":
   name, where, nth = sys.argv[1].split(":")
   inject(name, where, int(nth))

@@ -85,14 +85,15 @@ CASES = ["llama_packed", "t5", pytest.param("bart", marks=pytest.mark.slow)]  # 
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory, reviews, prefixes, tiny_llama_dir, tiny_t5_dir, tiny_bart_dir):
+def references(request, tmp_path_factory, reviews, prefixes):
   """case -> (config, the float64 PyTorch run of it), each run once (indirect parametrization would rerun it for
-  every test that breaks an ingredient)."""
+  every test that breaks an ingredient); a model dir is made only for the cases that run."""
   found = {}
 
   def get(case: str) -> tuple[config.Config, torch_ref.Result]:
     if case not in found:
-      model_dir = {"llama_packed": tiny_llama_dir, "t5": tiny_t5_dir, "bart": tiny_bart_dir}[case]
+      model_dir = request.getfixturevalue({"llama_packed": "tiny_llama_dir", "t5": "tiny_t5_dir",
+                                           "bart": "tiny_bart_dir"}[case])
       cfg = case_config(case, tmp_path_factory.mktemp("cfg"), model_dir,
                         reviews["train"] if case == "llama_packed" else prefixes)
       found[case] = cfg, torch_ref.finetune(cfg, init="jaxtune", score_splits=(), dtype=torch.float64)
