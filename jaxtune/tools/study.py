@@ -53,11 +53,15 @@ def commands(study: Study, side: str, seed: int) -> list[list[str]]:
     return [[sys.executable, str(SCRIPTS / "torch_reference.py"), "--config", str(study.config), "--init", study.init,
              "--output", str(study.out / side / f"seed{seed}.raw.json"), *limit, *overrides]]
   run_dir = study.out / side / f"seed{seed}"
-  resume = ["--resume"] if (run_dir / "config.yaml").exists() else []  # an interrupted run continues
-  return [[sys.executable, str(SCRIPTS / "finetune.py"), "--config", str(study.config), "--run-dir", str(run_dir),
-           *resume, *overrides],
-          [sys.executable, str(SCRIPTS / "evaluate.py"), "--checkpoint", str(run_dir), "--step", study.step,
-           "--split", "test", "--output", str(study.out / side / f"seed{seed}.eval.json"), *limit]]
+  train = [sys.executable, str(SCRIPTS / "finetune.py"), "--config", str(study.config), "--run-dir", str(run_dir),
+           *overrides]
+  if (run_dir / "summary.json").exists():  # finished (finetune.py writes it last), stopped before its scoring
+    train = []
+  elif (run_dir / "config.yaml").exists():  # interrupted: continues
+    train.append("--resume")
+  score = [sys.executable, str(SCRIPTS / "evaluate.py"), "--checkpoint", str(run_dir), "--step", study.step,
+           "--split", "test", "--output", str(study.out / side / f"seed{seed}.eval.json"), *limit]
+  return [cmd for cmd in (train, score) if cmd]
 
 
 def run_one(study: Study, side: str, seed: int) -> dict[str, Any]:
