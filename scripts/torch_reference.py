@@ -1,7 +1,7 @@
 """The same fine-tune in PyTorch transformers, as a yardstick for scripts/finetune.py.
 
 python scripts/torch_reference.py --config FILE [--output FILE] [--init torch|jaxtune] [--max-examples N]
-                                  [key=value ...]
+                                  [--dtype float32|float64] [key=value ...]
 
 Same recipe as jaxtune: the config's model, tokenisation, held-out split, batch order and padding (jaxtune's
 own data code), trained by transformers' PyTorch class with torch's fused AdamW, HF Trainer's weight-decay groups,
@@ -9,7 +9,8 @@ transformers' schedule and torch's gradient clipping (jaxtune/tools/torch_ref.py
 --init torch (the default) gives new params (a classification head) torch's own seeded init; --init jaxtune
 starts from jaxtune's initial weights exactly. Dropout masks come from torch's RNG (seeded by train.seed).
 Scores the final step on the validation and test splits (--max-examples: the first N test rows) and writes
-them, with the per-step training log, as JSON.
+them, with the per-step training log, as JSON. --dtype float64 trains and scores in float64: the trajectory that
+float32 runs, ours or torch's, approximate.
 """
 
 import argparse
@@ -26,8 +27,12 @@ def main() -> int:
   parser.add_argument("--init", choices=("torch", "jaxtune"), default="torch",
                       help="who initialises the new params (model.new_params)")
   parser.add_argument("--max-examples", type=cli.positive_int, help="score only the first N rows of the test split")
+  parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                      help="torch dtype of the weights and the whole computation")
   parser.add_argument("overrides", nargs="*", metavar="key=value")
   args = parser.parse_args()
+
+  import torch
 
   from jaxtune import config
   from jaxtune.tools import torch_ref
@@ -38,9 +43,9 @@ def main() -> int:
     print(f"step {step}/{steps} loss {record['loss']:.4f} grad_norm {record['grad_norm']:.3f} lr {record['lr']:.2e}",
           flush=True)
 
-  result = torch_ref.finetune(cfg, args.init, limit=args.max_examples, log=log)
+  result = torch_ref.finetune(cfg, args.init, limit=args.max_examples, log=log, dtype=getattr(torch, args.dtype))
   out = {"config": args.config, "overrides": args.overrides, "seed": cfg.train.seed, "init": args.init,
-         "train_seconds": result.train_seconds, "steps": len(result.records), **result.metrics,
+         "dtype": args.dtype, "train_seconds": result.train_seconds, "steps": len(result.records), **result.metrics,
          "train": result.records}
   Path(args.output).parent.mkdir(parents=True, exist_ok=True)
   Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
