@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import transformers
-from conftest import write_config
+import yaml
+from conftest import seq2seq_config, write_config
 
 from jaxtune import config
 from jaxtune.data import cache, classification, hostrows, lm, qa, seq2seq, tagging
@@ -236,3 +237,63 @@ def test_every_tasks_split_round_trips_through_an_entry(tmp_path):
     assert_same_rows(store.open(str(n)), split)
   pairs = store.open("0")
   assert pairs.sources[1:] == ["bé", "c"] and pairs.target_lengths.tolist() == [2, 1, 2]
+
+
+def task_config(tmp_path, minilm_dir, reviews, task):
+  """A seq2seq, NER or QA config on rows made from the reviews, with a validation holdout and a cache."""
+  path, frame = tmp_path / "c.yaml", pd.read_csv(reviews["train"])
+  if task == "seq2seq":
+    seq2seq_config(path, minilm_dir, reviews)
+  else:
+    write_config(path, minilm_dir, reviews)
+  raw = yaml.safe_load(path.read_text())
+  if task == "token_classification":  # each word tagged by its case
+    words = [r.split()[:30] for r in frame["review"]]
+    rows = [{"tokens": ws, "ner_tags": ["CAP" if w[0].isupper() else "O" for w in ws]} for ws in words]
+  elif task == "question_answering":  # what is the review's first word
+    rows = [{"id": f"q{i}", "question": "Which word comes first?", "context": r[:300],
+             "answers": {"text": [r.split()[0]], "answer_start": [0]}} for i, r in enumerate(frame["review"])]
+    raw["qa"] = {"doc_stride": 16}  # a window of max_len 64 over contexts of up to 300 characters
+  if task != "seq2seq":
+    pd.DataFrame(rows).to_json(tmp_path / "rows.jsonl", orient="records", lines=True)
+    raw["task"] = task
+    raw["data"].update(train=str(tmp_path / "rows.jsonl"))
+    for key in ("label_column", "text_column", "test"):
+      del raw["data"][key]
+  raw["data"]["cache_dir"] = str(tmp_path / "cache")
+  path.write_text(yaml.safe_dump(raw))
+  return config.load(path)
+
+
+ENCODERS = {"seq2seq": (seq2seq, "encode"), "token_classification": (tagging, "encode"),
+            "question_answering": (qa, "featurize")}
+
+
+@pytest.mark.parametrize("task", list(ENCODERS))
+def test_seq2seq_ner_and_qa_splits_are_read_from_their_entries(task, tmp_path, minilm_dir, reviews, tokenizer,
+                                                              monkeypatch):
+  cfg = task_config(tmp_path, minilm_dir, reviews, task)
+  t, names, root = TASKS[task], ["train", "validation"], Path(cfg.data.cache_dir)
+  fresh = t.load(with_data(cfg, cache_dir=""), tokenizer, names)[1]
+  assert not root.exists()
+  calls, (module, fn) = [], ENCODERS[task]
+  real = getattr(module, fn)
+  monkeypatch.setattr(module, fn, lambda *a, **k: calls.append(1) or real(*a, **k))
+  built = t.load(cfg, tokenizer, names)[1]
+  assert len(calls) == 2 and len(list(root.iterdir())) == 2  # one entry per split
+  cached = t.load(cfg, tokenizer, names)[1]
+  assert len(calls) == 2  # read: nothing tokenised
+  for n in names:
+    assert isinstance(cached[n].input_ids, cache.Ragged)  # memory-mapped
+    assert_same_rows(built[n], fresh[n])
+    assert_same_rows(cached[n], fresh[n])
+  t.load(with_data(cfg, max_len=32, length_buckets=(32,)), tokenizer, ["train"])
+  assert len(calls) == 3  # what changes rows names another entry
+  if task != "question_answering":  # a process of a multi-process run reads only its rows from the entry
+    rows, mine = t.load(cfg, tokenizer, ["train"], per_host=True)[1]["train"], np.array([3, 40, 7])
+    assert isinstance(rows, hostrows.Rows)
+    rows.fetch(mine)
+    rows.exchange()
+    assert len(calls) == 3 and rows.count == 3
+    for r in mine:
+      np.testing.assert_array_equal(rows.input_ids[r], fresh["train"].input_ids[r])

@@ -82,6 +82,6 @@ def test_dotted_columns_read_nested_translation_rows(tmp_path, tiny_t5_dir, revi
                      "data.target_column=translation.ro", "data.validation_holdout=0"])
   tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_t5_dir)
   _, data = TASKS["seq2seq"].load(cfg, tokenizer, ["train"])
-  assert data["train"].sources == [r["translation"]["en"] for r in rows]
-  assert data["train"].references == [r["translation"]["ro"] for r in rows]
+  assert list(data["train"].sources) == [r["translation"]["en"] for r in rows]  # a memory-mapped cache.Texts
+  assert list(data["train"].references) == [r["translation"]["ro"] for r in rows]
   assert tokenizer.decode(data["train"].labels[2], skip_special_tokens=True) == "casa numarul 2"  # uncased vocab

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxtune.data import hostrows
+
 FORMAT = 1  # the entry layout; bump it when the files' meaning changes
 CHUNK_ROWS = 4096  # rows encoded and written at a time by `in_chunks`
 STATS = ("lengths", "target_lengths")  # per-row lengths the batch order and collate read of every row
@@ -137,6 +139,30 @@ def in_chunks(ds: Any, encode: Callable[[Any], Any], whole: Callable[[], Any]) -
       if start:
         whole()
       raise
+
+
+def load(cache_dir: str, parts: dict[str, Any], ds: Any, encode: Callable[[Any], Any], name: str,
+         per_host: bool = False, stats: Sequence[str] = ("lengths",), chunked: bool = True) -> Any:
+  """A split's encoded rows, `encode(ds)`, read from its entry under `cache_dir` when there is one, else built
+  there (`chunked`: CHUNK_ROWS rows at a time; a task whose rows refer to each other across the split, such as
+  QA's windows to their examples, builds in one piece). `parts` key the entry beside the rows' content.
+
+  `per_host` (a multi-process run's train split) gives a hostrows.Rows: each process reads only its own rows
+  from an entry, or without one tokenises only them and builds nothing, which would take every row in one
+  process. Without `cache_dir` it is `encode(ds)` (or the hostrows.Rows) as if there were no cache."""
+  whole = lambda: encode(ds)
+  store = Store(cache_dir) if cache_dir else None
+  entry_key = key(rows=rows_digest(ds), **parts) if store else ""
+  entry = store.open(entry_key) if store else None
+  if per_host:
+    if entry is None:
+      return hostrows.Rows.of_dataset(ds, encode, stats)
+    return hostrows.Rows(len(entry), functools.partial(take, entry), whole, stats)
+  if entry is not None:
+    return entry
+  if store is None:
+    return whole()
+  return store.build(entry_key, in_chunks(ds, encode, whole) if chunked else [whole()], {**parts, "split": name})
 
 
 def take(data: Any, rows: np.ndarray) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -11,7 +10,7 @@ import datasets
 import numpy as np
 
 from jaxtune.config import DataConfig
-from jaxtune.data import cache, hostrows, origin, splits
+from jaxtune.data import cache, origin, splits
 from jaxtune.data.rows import TokenRows
 from jaxtune.errors import UserError
 
@@ -87,25 +86,14 @@ def load_splits(cfg: DataConfig, seed: int, tokenizer: Any, names: Sequence[str]
     train_name, train = (named if "train" in names and not limit else splits.load_rows(cfg, seed, ["train"]))["train"]
     labels = label_list(train, cfg, train_name)
 
-  store = cache.Store(cfg.cache_dir) if cfg.cache_dir else None
   parts = {"task": "classification", "tokenizer": cache.tokenizer_digest(tokenizer), "data": cache.data_fields(cfg),
            "labels": [repr(label) for label in labels],
-           "code": cache.code_digest(__name__, "jaxtune.data.rows")} if store else {}
+           "code": cache.code_digest(__name__, "jaxtune.data.rows")} if cfg.cache_dir else {}
 
   def encoded(n: str) -> Any:
     name = named[n][0]
-    rows = lambda ds: encode(ds, cfg, tokenizer, labels, name)
     check_columns(raw[n], cfg, name)
-    key = cache.key(rows=cache.rows_digest(raw[n]), **parts) if store else ""
-    entry = store.open(key) if store else None
-    if per_host and n == "train":  # each process reads (or, without an entry, tokenises) only its rows
-      if entry is None:
-        return hostrows.Rows.of_dataset(raw[n], rows)
-      return hostrows.Rows(len(entry), functools.partial(cache.take, entry), lambda: rows(raw[n]))
-    if entry is not None:
-      return entry
-    if store is None:
-      return rows(raw[n])
-    return store.build(key, cache.in_chunks(raw[n], rows, lambda: rows(raw[n])), {**parts, "split": name})
+    return cache.load(cfg.cache_dir, parts, raw[n], lambda ds: encode(ds, cfg, tokenizer, labels, name), name,
+                      per_host and n == "train")
 
   return list(labels), {n: encoded(n) for n in names}

@@ -13,7 +13,7 @@ import optax
 import transformers
 
 from jaxtune.config import Config
-from jaxtune.data import batching, hostrows, origin, qa, splits, tagging
+from jaxtune.data import batching, cache, hostrows, origin, qa, splits, tagging
 from jaxtune.errors import UserError
 from jaxtune.tasks import metrics
 from jaxtune.tasks.base import Batch, Task
@@ -31,15 +31,22 @@ class QuestionAnswering(Task):
            per_host: bool = False) -> tuple[None, dict[str, qa.Features]]:
     del labels, per_host  # the number of windows (rows) is known only once every context is tokenised
     d = cfg.data
+    parts = {"task": self.name, "tokenizer": cache.tokenizer_digest(tokenizer), "data": cache.data_fields(d),
+             "doc_stride": cfg.qa.doc_stride, "code": cache.code_digest("jaxtune.data.qa", "jaxtune.data.rows")
+             } if d.cache_dir else {}
     out = {}
     for n, (name, ds) in splits.load_named(d, cfg.train.seed, names, extra, limit).items():
-      examples = qa.read_examples({c: ds[c] for c in ds.column_names}, name, d.id_column, d.question_column,
-                                  d.context_column, d.answers_column)
+      read = lambda ds, name=name: qa.read_examples({c: ds[c] for c in ds.column_names}, name, d.id_column,
+                                                     d.question_column, d.context_column, d.answers_column)
+      examples = read(ds)
       unanswered = next((i for i, e in enumerate(examples) if not e.answers), None)
       if unanswered is not None and not cfg.qa.version_2_with_negative:
         raise UserError(f"data split {origin.at(name, unanswered)}: question {examples[unanswered].id!r} has no "
                         "answer; set qa.version_2_with_negative: true for SQuAD v2-style data, or drop such rows.")
-      out[n] = qa.featurize(examples, tokenizer, d.max_len, cfg.qa.doc_stride, name)
+      # One piece: each window names its example by position in the split.
+      encode = lambda rows, name=name, read=read: qa.featurize(examples if rows is ds else read(rows), tokenizer,
+                                                               d.max_len, cfg.qa.doc_stride, name)
+      out[n] = cache.load(d.cache_dir, parts, ds, encode, name, chunked=False)
     return None, out
 
   def collate(self, data: qa.Features, rows: np.ndarray, batch_size: int, cfg: Config,
@@ -88,7 +95,7 @@ class TokenClassification(Task):
            ) -> tuple[list[str], dict[str, tagging.Tagged | hostrows.Rows]]:
     d = cfg.data
     tokenizer = words_tokenizer(tokenizer)
-    rows, names_of = {}, {}
+    rows, names_of, datasets_of = {}, {}, {}
     for n, (name, ds) in splits.load_named(d, cfg.train.seed, names, extra, limit).items():
       for column in (d.tokens_column, d.tags_column):
         if column not in ds.column_names:
@@ -96,18 +103,21 @@ class TokenClassification(Task):
                           "data.tokens_column / data.tags_column to existing columns.")
       words, tags = ds[d.tokens_column], tagging.tag_names(ds[d.tags_column], ds.features.get(d.tags_column))
       tagging.check_rows(words, tags, name, d.tokens_column, d.tags_column)
-      rows[n], names_of[n] = (words, tags), name
+      rows[n], names_of[n], datasets_of[n] = (words, tags), name, ds
     if labels is None:
       labels = tagging.label_list(rows["train"][1], splits.describe(d, "train", extra))
+    parts = {"task": self.name, "tokenizer": cache.tokenizer_digest(tokenizer), "data": cache.data_fields(d),
+             "labels": list(labels), "code": cache.code_digest("jaxtune.data.tagging", "jaxtune.data.rows", __name__)
+             } if d.cache_dir else {}
 
-    def encoded(n: str, words: Sequence[Any], tags: Sequence[Sequence[str]]) -> Any:
-      encode = lambda w, t: tagging.encode(w, t, tokenizer, labels, d.max_len, names_of[n])
-      if per_host and n == "train":
-        pick = lambda values, rows: [values[r] for r in rows]
-        return hostrows.Rows(len(words), lambda r: encode(pick(words, r), pick(tags, r)), lambda: encode(words, tags))
-      return encode(words, tags)
+    def encoded(n: str) -> Any:
+      ds, name = datasets_of[n], names_of[n]
+      words_tags = lambda part: (part[d.tokens_column], tagging.tag_names(part[d.tags_column],
+                                                                           ds.features.get(d.tags_column)))
+      encode = lambda part: tagging.encode(*words_tags(part), tokenizer, labels, d.max_len, name)
+      return cache.load(d.cache_dir, parts, ds, encode, name, per_host and n == "train")
 
-    return list(labels), {n: encoded(n, w, t) for n, (w, t) in rows.items()}
+    return list(labels), {n: encoded(n) for n in rows}
 
   def collate(self, data: tagging.Tagged, rows: np.ndarray, batch_size: int, cfg: Config,
               part: slice = slice(None)) -> Batch:

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from jaxtune.config import Config
-from jaxtune.data import hostrows, lm, origin, seq2seq, sources, splits, stream
+from jaxtune.data import cache, hostrows, lm, origin, seq2seq, sources, splits, stream
 from jaxtune.errors import UserError
 from jaxtune.generation import search
 from jaxtune.generation import seq2seq as seq2seq_generation
@@ -128,6 +128,8 @@ class Seq2Seq(TokenLoss, Task):
            per_host: bool = False) -> tuple[None, dict[str, seq2seq.Pairs | hostrows.Rows]]:
     del labels
     d = cfg.data
+    parts = {"task": self.name, "tokenizer": cache.tokenizer_digest(tokenizer), "data": cache.data_fields(d),
+             "code": cache.code_digest("jaxtune.data.seq2seq", "jaxtune.data.rows")} if d.cache_dir else {}
     out = {}
     for n, (name, ds) in splits.load_named(d, cfg.train.seed, names, extra, limit).items():
       if "." in d.source_column + d.target_column:  # WMT's {"translation": {"en": ..., "ro": ...}}: translation.en
@@ -136,9 +138,8 @@ class Seq2Seq(TokenLoss, Task):
         if column not in ds.column_names:
           raise UserError(f"data split {name} has no column {column!r} (it has {ds.column_names}); set "
                           "data.source_column / data.target_column to existing columns.")
-      out[n] = _pairs(ds[d.source_column], ds[d.target_column], functools.partial(
-          seq2seq.encode, tokenizer=tokenizer, prefix=d.source_prefix, max_len=d.max_len,
-          max_target_len=d.max_target_len, name=name), per_host and n == "train")
+      encode = functools.partial(_encode_pairs, tokenizer=tokenizer, cfg=d, name=name)
+      out[n] = cache.load(d.cache_dir, parts, ds, encode, name, per_host and n == "train", cache.STATS)
     return None, out
 
   def collate(self, data: seq2seq.Pairs, rows: np.ndarray, batch_size: int, cfg: Config,
@@ -167,12 +168,10 @@ class Seq2Seq(TokenLoss, Task):
     return scores, rows
 
 
-def _pairs(src: Sequence[Any], tgt: Sequence[Any], encode: Any, per_host: bool) -> seq2seq.Pairs | hostrows.Rows:
-  """encode(src, tgt) now, or (per_host) as hostrows.Rows that encode the rows a process asks for."""
-  if not per_host:
-    return encode(src, tgt)
-  return hostrows.Rows(len(src), lambda rows: encode([src[r] for r in rows], [tgt[r] for r in rows]),
-                       lambda: encode(src, tgt), ("lengths", "target_lengths"))
+def _encode_pairs(ds: Any, tokenizer: Any, cfg: Any, name: str) -> seq2seq.Pairs:
+  """The source / target pairs of a split's rows `ds` (data.source_column -> data.target_column)."""
+  return seq2seq.encode(ds[cfg.source_column], ds[cfg.target_column], tokenizer, cfg.source_prefix, cfg.max_len,
+                        cfg.max_target_len, name)
 
 
 PROMPT = "prompt"  # the column prompts are read from once `with_prompts` has run
