@@ -178,6 +178,11 @@ class TrainConfig:
   # LM losses read the head this many vocabulary rows at a time, never forming B x L x V logits (docs/memory.md);
   # 0 = plain; unset: 8192 from 32k-token vocabularies once a device's float32 logits would pass 1 GiB.
   loss_vocab_block: NonNegative | None = None
+  # Stop once this many validation evals in a row have not improved the best of the watched metric (the best
+  # checkpoint's, checkpoint.best_metric) by more than early_stopping_threshold, as HF's EarlyStoppingCallback.
+  # 0 = never. The run saves that step, keeps the best checkpoint and records why in summary.json.
+  early_stopping_patience: NonNegative = 0
+  early_stopping_threshold: NonNegativeFloat = 0.0
 
   def __post_init__(self) -> None:
     _check(self.batch_size % self.grad_accum == 0, "train.batch_size",
@@ -264,5 +269,12 @@ class Config:
     _check(not self.data.streaming or self.task == "causal_lm", "data.streaming", "is for task causal_lm only")
     _check(not self.data.streaming or self.train.max_steps > 0, "train.max_steps",
            "must be set with data.streaming (a stream's length is unknown, so train.epochs cannot count steps)")
+    if self.train.early_stopping_patience:
+      _check(bool(self.data.validation or self.data.validation_holdout), "train.early_stopping_patience",
+             "needs a validation split to watch (data.validation or data.validation_holdout)")
+      _check(self.train.eval_every > 0, "train.early_stopping_patience",
+             "needs train.eval_every > 0 (with 0 the only validation eval is at the last step)")
+      _check(self.checkpoint.best_metric != "", "train.early_stopping_patience",
+             'needs a metric to watch: leave checkpoint.best_metric unset (the task\'s own) or name one, not ""')
     _check(not (self.generate.exact_match and self.data.response_column is None), "generate.exact_match",
            "needs prompt/response data (data.response_column with data.prompt_column or data.prompt_template)")

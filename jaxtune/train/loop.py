@@ -1,12 +1,14 @@
 """The fine-tuning loop: steps, logging, validation cadence, checkpoints, stop requests and the end-of-run report.
 
 `fit` is the whole job (set-up in setup.py, then `loop`); SIGTERM / SIGINT ask the loop to stop after
-the current step with a checkpoint, and a non-finite step stops it (or is skipped) per train.nonfinite.
+the current step with a checkpoint, a non-finite step stops it (or is skipped) per train.nonfinite, and
+train.early_stopping_patience ends it once the validation metric stops improving.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -55,8 +57,11 @@ def fit(cfg: Config, run_dir: str | Path | epath.Path, resume: bool = False, clo
       with storage.writing(run_dir, kept="every checkpoint"):
         text = perf.write_report(report, run_dir / "timing.json")
       print(text, flush=True)
+      early = run.meta.get("early_stopping") or {}
       record = summary.build(cfg, run_dir, report, steps.param_counts(run.model, state), run.model.mesh,
-                             int(state.step), run.steps, "finished")
+                             int(state.step), run.steps, "early_stopped" if early.get("stopped_at") else "finished")
+      if early.get("stopped_at"):
+        record["early_stopping"] = early
       with storage.writing(run_dir, kept="every checkpoint"):
         storage.write_text(run_dir / "summary.json", json.dumps(runlog.json_safe(record), indent=2) + "\n")
   finally:
@@ -123,6 +128,7 @@ def loop(run: setup.Run, clock: perf.RunClock | None = None, stop: StopRequests 
               f"{memory['frozen_params'] / 2**20:,.1f}, temporaries {memory['temporaries'] / 2**20:,.1f})"
               if memory else ""), flush=True)
   watch = _Watch(cfg, stop)
+  early = EarlyStopping.of(cfg, run.meta.get("early_stopping"))  # on resume, the saved checkpoint's count
   last_eval: dict[str, Any] = {}
   flops_per_token = functools.cache(lambda length: perf.train_flops_per_token(run.model.hf_config, length, cfg.task))
   tick, seen, work = time.perf_counter(), {"examples": 0, "tokens": 0}, [0, 0.0]
@@ -158,6 +164,13 @@ def loop(run: setup.Run, clock: perf.RunClock | None = None, stop: StopRequests 
         with clock.phase("eval"):
           last_eval = validate(run, params_lib.merge(state.params, state.frozen))
         log.eval(step, "validation", last_eval)
+        if early.update(step, last_eval) and step < run.steps:
+          early.stopped_at = step
+          save_now = stop_now = True  # saved, then the run ends as finished (early_stopped in summary.json)
+          if jax.process_index() == 0:
+            print(f"early stopping at step {step}: validation {early.metric} has not improved on {early.best:.6g} "
+                  f"(step {early.best_step}) by more than {early.threshold:g} in {early.bad} evals", flush=True)
+        run.meta["early_stopping"] = dataclasses.asdict(early)
       if save_now:
         with clock.phase("checkpoint"):
           log.flush()  # object storage: the log holds every record up to a step before its checkpoint can commit
@@ -177,10 +190,44 @@ def loop(run: setup.Run, clock: perf.RunClock | None = None, stop: StopRequests 
     raise
   finally:
     log.close(failed)
-  if stop_now and step < run.steps:
+  if stop_now and step < run.steps and not early.stopped_at:
     run.ckpts.wait()
     raise errors.Stopped(f"stopped at step {step}; resume with --resume", errors.EXIT_PREEMPTED)
   return state, last_eval, tuple(work)
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+  """HF's EarlyStoppingCallback: `bad` counts evals in a row that did not beat `best` by more than `threshold`."""
+  patience: int
+  threshold: float
+  metric: str
+  mode: str  # "max" or "min"
+  best: float | None = None
+  best_step: int | None = None
+  bad: int = 0
+  stopped_at: int | None = None
+
+  @classmethod
+  def of(cls, cfg: Config, saved: dict[str, Any] | None) -> EarlyStopping:
+    best = tasks.checkpoint_config(cfg)
+    counts = {k: v for k, v in (saved or {}).items() if k in ("best", "best_step", "bad")}
+    return cls(cfg.train.early_stopping_patience, cfg.train.early_stopping_threshold, best.best_metric or "",
+               best.best_direction, **counts)
+
+  def update(self, step: int, metrics: dict[str, Any]) -> bool:
+    """Counts one eval; True once `patience` evals in a row have not improved."""
+    if not self.patience:
+      return False
+    if self.metric not in metrics:
+      raise errors.UserError(f"train.early_stopping_patience watches validation {self.metric!r}, which this task "
+                             f"does not report (it reports {sorted(metrics)}); set checkpoint.best_metric to one.")
+    value = float(metrics[self.metric])
+    better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+    self.bad = 0 if self.best is None or (better and abs(value - self.best) > self.threshold) else self.bad + 1
+    if better:
+      self.best, self.best_step = value, step
+    return self.bad >= self.patience
 
 
 def validate(run: setup.Run, params: Params) -> dict[str, Any]:

@@ -108,7 +108,8 @@ class RunLock:
 
 # train keys a resume may change: they alter neither the data order nor the schedule (nor the result)
 RESUMABLE_TRAIN_KEYS = ("eval_batch_size", "eval_every", "log_every", "compile_cache", "nonfinite",
-                        "nonfinite_max_skips", "tensorboard", "wandb_project")
+                        "nonfinite_max_skips", "tensorboard", "wandb_project", "early_stopping_patience",
+                        "early_stopping_threshold")
 EXTENDABLE_TRAIN_KEYS = ("epochs", "max_steps")  # with --extend
 
 

@@ -144,6 +144,12 @@ def _build(cfg: Config, run_dir: epath.Path, resume: bool, mesh: jax.sharding.Me
         ckpts, steps.abstract_state(model, tx, shardings),
         lambda: pretrained.load_params(model, cfg.model, reader, cfg.train.seed, model.frozen))
     rundir.check_resumable(saved_meta, int(state.step), train_feed, total)
+    early = meta["early_stopping"] = saved_meta.get("early_stopping")  # the patience count goes on from there
+    patience = cfg.train.early_stopping_patience
+    if early and early.get("stopped_at") == int(state.step) and patience and early["bad"] >= patience:
+      raise UserError(f"--resume: the run stopped early at step {early['stopped_at']} (validation {early['metric']} "
+                      f"last improved at step {early['best_step']}); raise train.early_stopping_patience above "
+                      f"{early['bad']} or set it to 0 to train it further.")
     rundir.write_config(cfg, run_dir)  # the allowed changes (mesh, eval cadence, --extend) are now the run's
     cli.log_details_to(run_dir, jax.process_index())  # resumed: third-party records go to the run dir from now on
   else:
