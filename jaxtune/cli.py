@@ -60,6 +60,11 @@ def tune_host() -> None:
   os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
+def command(name: str) -> list[str]:
+  """The argv that runs `jaxtune NAME` in a fresh process of this Python (a checkout or an installed package)."""
+  return [sys.executable, "-m", "jaxtune", name]
+
+
 class ArgumentParser(argparse.ArgumentParser):
   """argparse with the scripts' contract: a bad command line is one `error:` line (and the fix), exit 2."""
 

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "jaxtune"
 # Bottom to top; a room may import its own modules and any room of a lower layer.
 LAYERS = [{"errors", "params"}, {"storage", "coordinator"}, {"config", "distributed"}, {"cli"}, {"sharding", "data"},
           {"models"},
-          {"weights"}, {"generation"}, {"tasks"}, {"train"}, {"eval", "tools"}]
+          {"weights"}, {"generation"}, {"tasks"}, {"train"}, {"eval", "tools"}, {"commands", "api"}, {"__main__"}]
 LAYER = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}
 MAX_LINES = 400
 

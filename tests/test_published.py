@@ -19,5 +19,5 @@ def test_an_anchor_trains_scores_and_reports(tmp_path, tiny_bert_dir, reviews, c
       ("accuracy", scored["accuracy"] * 100, True), ("macro_f1", scored["macro_f1"] * 100, False)]
   assert "| tiny | test | macro_f1 | 150.00 |" in (tmp_path / "out" / "report.md").read_text()
   # Again: the finished run is not trained again, only scored.
-  assert [cmd[1].rsplit("/", 1)[-1] for cmd in published.commands("tiny", anchors["tiny"], tmp_path / "out")] == [
-      "evaluate.py"]
+  assert [cmd[1:4] for cmd in published.commands("tiny", anchors["tiny"], tmp_path / "out")] == [
+      ["-m", "jaxtune", "evaluate"]]

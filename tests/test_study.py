@@ -57,13 +57,13 @@ def test_a_run_that_finished_before_its_scoring_is_only_scored(tmp_path):
   """An interrupted study resumes an unfinished run and does not ask finetune.py to resume a finished one."""
   s = study.Study(tmp_path / "c.yaml", tmp_path / "study", (0,))
   run_dir = tmp_path / "study" / "jaxtune" / "seed0"
-  scripts = lambda: [(cmd[1].rsplit("/", 1)[-1], "--resume" in cmd) for cmd in study.commands(s, "jaxtune", 0)]
-  assert scripts() == [("finetune.py", False), ("evaluate.py", False)]
+  scripts = lambda: [(cmd[3], "--resume" in cmd) for cmd in study.commands(s, "jaxtune", 0)]  # python -m jaxtune X
+  assert scripts() == [("finetune", False), ("evaluate", False)]
   run_dir.mkdir(parents=True)
   (run_dir / "config.yaml").write_text("task: classification\n")
-  assert scripts() == [("finetune.py", True), ("evaluate.py", False)]
+  assert scripts() == [("finetune", True), ("evaluate", False)]
   (run_dir / "summary.json").write_text("{}")
-  assert scripts() == [("evaluate.py", False)]
+  assert scripts() == [("evaluate", False)]
 
 
 def test_seeds_script_rejects_bad_seeds(tmp_path, tiny_bert_dir, reviews):

@@ -1,7 +1,15 @@
 """Typed run configuration: frozen dataclasses (sections.py) with declared ranges (ranges.py), loaded from YAML
 plus dotted `key=value` overrides (loading.py)."""
 
-from jaxtune.config.loading import apply_override, from_dict, load, to_dict
+from jaxtune.config.loading import (
+  PACKAGED,
+  apply_override,
+  from_dict,
+  load,
+  resolve_path,
+  shipped,
+  to_dict,
+)
 from jaxtune.config.ranges import Range, declared
 from jaxtune.config.sections import (
                                      CheckpointConfig,
@@ -16,6 +24,6 @@ from jaxtune.config.sections import (
                                      TrainConfig,
 )
 
-__all__ = ["CheckpointConfig", "Config", "DataConfig", "GenerateConfig", "LoraConfig", "MeshConfig", "ModelConfig",
-           "OptimConfig", "QAConfig", "Range", "TrainConfig", "apply_override", "declared", "from_dict", "load",
-           "to_dict"]
+__all__ = ["PACKAGED", "CheckpointConfig", "Config", "DataConfig", "GenerateConfig", "LoraConfig", "MeshConfig",
+           "ModelConfig", "OptimConfig", "QAConfig", "Range", "TrainConfig", "apply_override", "declared",
+           "from_dict", "load", "resolve_path", "shipped", "to_dict"]

@@ -15,12 +15,30 @@ from jaxtune import storage
 from jaxtune.config.sections import Config
 from jaxtune.errors import UserError
 
+PACKAGED = Path(__file__).resolve().parents[1] / "configs"  # the example configs shipped in the package
+
+
+def resolve_path(path: str | Path) -> Path:
+  """`path` when it is a file; else a bare name (`minilm_reviews`, `minilm_reviews.yaml`) of a shipped config."""
+  path = Path(path)
+  if path.is_file() or path.parent != Path("."):
+    return path
+  packaged = PACKAGED / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+  return packaged if packaged.is_file() else path
+
+
+def shipped() -> list[str]:
+  """The names of the configs shipped in the package."""
+  return sorted(p.stem for p in PACKAGED.glob("*.yaml"))
+
 
 def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
-  """Reads a YAML config, applies dotted `key=value` overrides and type-checks every field."""
-  path = storage.path(path) if storage.is_remote(path) else Path(path)  # a run dir's config.yaml may be remote
+  """Reads a YAML config (a file, or the name of a shipped one), applies dotted `key=value` overrides and
+  type-checks every field."""
+  path = storage.path(path) if storage.is_remote(path) else resolve_path(path)  # a run's config may be remote
   if not path.is_file():
-    raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config.")
+    raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config, or the name of a "
+                    f"shipped config ({', '.join(shipped())}).")
   try:
     raw = yaml.safe_load(path.read_text()) or {}
   except yaml.YAMLError as e:

@@ -10,16 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxtune import cli
 from jaxtune import config as config_lib
 from jaxtune.errors import UserError
-
-REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = REPO / "scripts"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +33,11 @@ class Anchor:
 ANCHORS = {
     # Devlin et al. 2019, BERT, Table 2: BERT-base, SQuAD v1.1 dev, EM 80.8 / F1 88.5. The config follows
     # transformers' QA example recipe (which reports F1 88.62 / EM 81.3 for it).
-    "squad_bert_base": Anchor(REPO / "configs" / "squad_bert_base.yaml", "validation",
+    "squad_bert_base": Anchor(config_lib.PACKAGED / "squad_bert_base.yaml", "validation",
                               {"f1": 88.5, "exact_match": 80.8}, 100.0, 1.0,
                               "Devlin et al. 2019 (BERT), Table 2: BERT-base on SQuAD v1.1 dev"),
     # Helsinki-NLP/opus-mt-en-ro on WMT16 en-ro (newstest2016): about 28 BLEU, the figure issue 33 quotes.
-    "opus_mt_en_ro": Anchor(REPO / "configs" / "opus_mt_en_ro.yaml", "test", {"bleu": 28.0}, 1.0, 1.0,
+    "opus_mt_en_ro": Anchor(config_lib.PACKAGED / "opus_mt_en_ro.yaml", "test", {"bleu": 28.0}, 1.0, 1.0,
                             "opus-mt-en-ro fine-tuned on WMT16 en-ro, sacreBLEU on newstest2016 (about 28)",
                             ("generate.predict_with_generate=true",)),
 }
@@ -49,13 +46,13 @@ ANCHORS = {
 def commands(name: str, anchor: Anchor, out: Path, overrides: Sequence[str] = ()) -> list[list[str]]:
   """The processes that train and score one anchor's run in out/<name>."""
   run_dir = out / name
-  train = [sys.executable, str(SCRIPTS / "finetune.py"), "--config", str(anchor.config), "--run-dir", str(run_dir),
+  train = [*cli.command("finetune"), "--config", str(anchor.config), "--run-dir", str(run_dir),
            *anchor.overrides, *overrides]
   if (run_dir / "summary.json").exists():  # finished (finetune.py writes it last): only scored again
     train = []
   elif (run_dir / "config.yaml").exists():  # interrupted: continues
     train.append("--resume")
-  score = [sys.executable, str(SCRIPTS / "evaluate.py"), "--checkpoint", str(run_dir), "--step", "latest",
+  score = [*cli.command("evaluate"), "--checkpoint", str(run_dir), "--step", "latest",
            "--split", anchor.split, "--output", str(out / f"{name}.eval.json")]
   return [cmd for cmd in (train, score) if cmd]
 
@@ -77,7 +74,7 @@ def run(names: Sequence[str], out: Path, overrides: Sequence[str] = (), anchors:
     measured: dict[str, Any] = {}
     for cmd in commands(name, anchor, out, overrides):
       if (code := subprocess.run(cmd).returncode) != 0:
-        log(f"{name}: {Path(cmd[1]).name} failed (exit {code}); its output is above")
+        log(f"{name}: jaxtune {cmd[3]} failed (exit {code}); its output is above")
         break
     else:
       measured = json.loads((out / f"{name}.eval.json").read_text())

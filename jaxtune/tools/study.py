@@ -13,16 +13,15 @@ import json
 import math
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxtune import cli
 from jaxtune import config as config_lib
 from jaxtune.errors import UserError
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 SIDES = ("jaxtune", "torch")
 # The test metrics a report shows, per task; the first is the headline, compared in points.
 METRICS = {"classification": ("accuracy", "macro_f1", "loss"), "causal_lm": ("exact_match", "loss", "perplexity")}
@@ -50,16 +49,16 @@ def commands(study: Study, side: str, seed: int) -> list[list[str]]:
   overrides = [*study.overrides, f"train.seed={seed}"]
   limit = ["--max-examples", str(study.max_examples)] if study.max_examples else []
   if side == "torch":
-    return [[sys.executable, str(SCRIPTS / "torch_reference.py"), "--config", str(study.config), "--init", study.init,
+    return [[*cli.command("torch-reference"), "--config", str(study.config), "--init", study.init,
              "--output", str(study.out / side / f"seed{seed}.raw.json"), *limit, *overrides]]
   run_dir = study.out / side / f"seed{seed}"
-  train = [sys.executable, str(SCRIPTS / "finetune.py"), "--config", str(study.config), "--run-dir", str(run_dir),
+  train = [*cli.command("finetune"), "--config", str(study.config), "--run-dir", str(run_dir),
            *overrides]
   if (run_dir / "summary.json").exists():  # finished (finetune.py writes it last), stopped before its scoring
     train = []
   elif (run_dir / "config.yaml").exists():  # interrupted: continues
     train.append("--resume")
-  score = [sys.executable, str(SCRIPTS / "evaluate.py"), "--checkpoint", str(run_dir), "--step", study.step,
+  score = [*cli.command("evaluate"), "--checkpoint", str(run_dir), "--step", study.step,
            "--split", "test", "--output", str(study.out / side / f"seed{seed}.eval.json"), *limit]
   return [cmd for cmd in (train, score) if cmd]
 
@@ -73,7 +72,7 @@ def run_one(study: Study, side: str, seed: int) -> dict[str, Any]:
   start = time.perf_counter()
   for cmd in commands(study, side, seed):
     if (code := subprocess.run(cmd).returncode) != 0:
-      raise UserError(f"the {side} run for seed {seed} failed (exit {code}: {' '.join(cmd[1:3])}); its output is "
+      raise UserError(f"the {side} run for seed {seed} failed (exit {code}: {' '.join(cmd[3:5])}); its output is "
                       "above. Fix it and rerun the study: finished runs are kept.")
   raw = json.loads(path.with_suffix(".raw.json" if side == "torch" else ".eval.json").read_text())
   result = {"seed": seed, "test": raw["test"] if side == "torch" else raw, "seconds": time.perf_counter() - start}

@@ -6,18 +6,16 @@ from __future__ import annotations
 import itertools
 import json
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from jaxtune import cli
 from jaxtune import config as config_lib
 from jaxtune.errors import UserError
 from jaxtune.tools import compare
-
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 def parse_grid(items: Sequence[str]) -> list[tuple[str, list[Any]]]:
@@ -79,7 +77,7 @@ def run(config: Path, grid: Sequence[tuple[str, list[Any]]], out: Path, override
       continue
     resume = ["--resume"] if (run_dir / "config.yaml").is_file() else []  # an interrupted variant continues
     log(f"== {name}" + (" (resumed)" if resume else ""))
-    cmd = [sys.executable, str(SCRIPTS / "finetune.py"), "--config", str(config), "--run-dir", str(run_dir), *resume,
+    cmd = [*cli.command("finetune"), "--config", str(config), "--run-dir", str(run_dir), *resume,
            *overrides, *overrides_of(variant)]
     if (code := subprocess.run(cmd).returncode) != 0:
       raise UserError(f"variant {name} failed (exit {code}); its output is above. Fix it and rerun the sweep: "
