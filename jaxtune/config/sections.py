@@ -34,8 +34,8 @@ class LoraConfig:
   With targets set, every loaded param is frozen except model.new_params (a fresh head) and `train`.
   """
   targets: tuple[str, ...] = ()  # regexes over our kernel paths, e.g. 'layers\.attn\.(q|v)\.kernel'; () = off
-  rank: Positive = 8
-  alpha: PositiveFloat = 16.0
+  rank: Positive = 8  # the adapters' inner dimension
+  alpha: PositiveFloat = 16.0  # the update's scale is alpha / rank
   dropout: Fraction = 0.0  # on the adapters' input, inside the transformer layers
   train: tuple[str, ...] = ()  # regexes over loaded params that stay trainable beside the adapters
 
@@ -63,7 +63,7 @@ class ModelConfig:
   # Attention kernel (models/attention.py, docs/attention.md): auto picks for the mesh's devices (TPU splash, GPU
   # cuDNN, one CPU device jaxtune's C++ kernel, else xla); reference: the plain softmax(q k^T) v.
   attention: Literal["auto", "xla", "cudnn", "splash", "cpu", "reference"] = "auto"
-  lora: LoraConfig = LoraConfig()
+  lora: LoraConfig = LoraConfig()  # low-rank adapters (off unless model.lora.targets)
   freeze: tuple[str, ...] = ()  # regexes over our param paths: no gradient, no optimiser state, not checkpointed
   # Precision: trained params and AdamW's moments are float32 (master weights); frozen_dtype holds the rest:
   # bfloat16 every frozen param; int8 / nf4 (QLoRA, needs model.lora.targets) the layer stacks' frozen Dense
@@ -96,23 +96,23 @@ class DataConfig:
   validation_holdout: NonNegative = 0  # rows carved out of train (seeded) as the validation split if none given
   text_column: str = "text"  # classification input, or plain text for causal_lm
   text_pair_column: str | None = None  # second segment for sentence-pair tasks
-  label_column: str = "label"
+  label_column: str = "label"  # classification: the class of each row (any values; the train split's set)
   # question_answering rows (SQuAD form): id, question, context, answers {"text": [...], "answer_start": [...]}
   id_column: str = "id"
-  question_column: str = "question"
-  context_column: str = "context"
-  answers_column: str = "answers"
+  question_column: str = "question"  # question_answering: the question
+  context_column: str = "context"  # question_answering: the text the answer is a span of
+  answers_column: str = "answers"  # question_answering: {"text": [...], "answer_start": [...]} per question
   # token_classification rows (CoNLL form): a list of words and a list of their tags (strings, or ClassLabel ids)
   tokens_column: str = "tokens"
-  tags_column: str = "ner_tags"
+  tags_column: str = "ner_tags"  # token_classification: a tag per word (BIO strings or ClassLabel ids)
   # seq2seq rows: a source text and a target text
   source_column: str = "source"
-  target_column: str = "target"
+  target_column: str = "target"  # seq2seq: the target text (dotted names read nested fields: translation.ro)
   source_prefix: str = ""  # put before every source, e.g. "translate English to German: " for T5
   max_target_len: Positive = 128  # target tokens after truncation (data.max_len is the source's)
   prompt_column: str | None = None  # causal_lm instruction data: loss only on the response
   prompt_template: str | None = None  # instead of prompt_column: str.format over the row, e.g. "{review:.400}"
-  response_column: str | None = None
+  response_column: str | None = None  # causal_lm instruction data: the response, the only tokens with a loss
   messages_column: str | None = None  # causal_lm chat data: list of {role, content}; loss on assistant turns
   use_chat_template: bool = False  # wrap prompt/response in the tokenizer's chat template
   pack: bool = True  # causal_lm plain text: concatenate documents into full rows (segments keep them apart)
@@ -149,9 +149,9 @@ class OptimConfig:
   schedule: Literal["linear", "cosine", "constant"] = "linear"  # decay after warmup, to 0 at the end
   warmup_steps: NonNegative = 0  # linear ramp from 0 to lr
   weight_decay: NonNegativeFloat = 0.01  # decoupled (AdamW); never applied to biases or LayerNorm
-  b1: Decay = 0.9
-  b2: Decay = 0.999
-  eps: PositiveFloat = 1e-8
+  b1: Decay = 0.9  # Adam's first-moment decay
+  b2: Decay = 0.999  # Adam's second-moment decay
+  eps: PositiveFloat = 1e-8  # added to the root of the second moment
   clip_norm: NonNegativeFloat = 1.0  # global gradient-norm clip; 0 disables
 
 
@@ -172,7 +172,7 @@ class TrainConfig:
   # the checkpoints saved before it (none is saved after); skip: drop that update (params and
   # optimiser state unchanged), log it and go on, but stop after nonfinite_max_skips in a row.
   nonfinite: Literal["stop", "skip"] = "stop"
-  nonfinite_max_skips: Positive = 10
+  nonfinite_max_skips: Positive = 10  # with nonfinite: skip, this many skipped steps in a row stop the run
   tensorboard: bool = True  # TensorBoard event files in the run dir (tensorboard --logdir RUN_DIR)
   wandb_project: str = ""  # a Weights & Biases project to log to as well ("" = off; needs `pip install wandb`)
   # LM losses read the head this many vocabulary rows at a time, never forming B x L x V logits (docs/memory.md);
@@ -182,7 +182,7 @@ class TrainConfig:
   # checkpoint's, checkpoint.best_metric) by more than early_stopping_threshold, as HF's EarlyStoppingCallback.
   # 0 = never. The run saves that step, keeps the best checkpoint and records why in summary.json.
   early_stopping_patience: NonNegative = 0
-  early_stopping_threshold: NonNegativeFloat = 0.0
+  early_stopping_threshold: NonNegativeFloat = 0.0  # an eval must beat the best by more than this to count
 
   def __post_init__(self) -> None:
     _check(self.batch_size % self.grad_accum == 0, "train.batch_size",
@@ -213,8 +213,8 @@ class CheckpointConfig:
 @section("mesh")
 class MeshConfig:
   data: MeshSize = -1  # -1 = all devices left after the other axes
-  fsdp: MeshSize = 1
-  tensor: MeshSize = 1
+  fsdp: MeshSize = 1  # params, gradients and AdamW's moments sharded over this axis (ZeRO-3), batch split too
+  tensor: MeshSize = 1  # Megatron-style splits of attention heads and MLP columns
   # Logical axis -> mesh axes, replacing that axis's default in sharding.RULES, e.g.
   # {embed: null} turns FSDP off, {mlp: [fsdp, tensor]} splits the MLP over 2 axes.
   rules: dict[str, tuple[str, ...] | None] = dataclasses.field(default_factory=dict)
@@ -252,16 +252,17 @@ class QAConfig:
 
 @section("")
 class Config:
-  model: ModelConfig
-  data: DataConfig
+  model: ModelConfig  # the pretrained checkpoint, its heads, precision, LoRA and freezing
+  data: DataConfig  # the splits, their columns, tokenisation lengths, batching order and the tokenised-data cache
+  # what is learnt: a label per text (pair), an answer span, a tag per word, the next token, or a target text
   task: Literal["classification", "question_answering", "token_classification", "causal_lm", "seq2seq"] = (
       "classification")
-  optim: OptimConfig = OptimConfig()
-  train: TrainConfig = TrainConfig()
-  checkpoint: CheckpointConfig = CheckpointConfig()
-  mesh: MeshConfig = MeshConfig()
-  generate: GenerateConfig = GenerateConfig()
-  qa: QAConfig = QAConfig()
+  optim: OptimConfig = OptimConfig()  # AdamW, its schedule and clipping
+  train: TrainConfig = TrainConfig()  # batch, length of the run, eval cadence, seed, logging, early stopping
+  checkpoint: CheckpointConfig = CheckpointConfig()  # how often to save, what to keep, asynchronous writes
+  mesh: MeshConfig = MeshConfig()  # the data x fsdp x tensor device mesh
+  generate: GenerateConfig = GenerateConfig()  # decoding for exact match, BLEU / ROUGE and predictions
+  qa: QAConfig = QAConfig()  # question answering's windows and answer search
 
   def __post_init__(self) -> None:
     _check(self.task != "question_answering" or self.qa.doc_stride < self.data.max_len, "qa.doc_stride",
