@@ -24,7 +24,7 @@ from typing import Any
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
 # XLA:CPU's default scheduler orders independent ops for concurrency and so keeps many layers'
 # activations alive at once; the memory-minimising order cut the MiniLM 32 x 256 train step's
-# temporaries from 3.6 to 2.7 GB at the same speed (README, Performance). XLA:CPU reads it only
+# temporaries from 3.6 to 2.7 GB at the same speed (docs/performance-history.md). XLA:CPU reads it only
 # from XLA_FLAGS, not per compile, and only before its backend starts.
 MEMORY_FIRST_SCHEDULE = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 NO_TUNING = "JAXTUNE_NO_HOST_TUNING"  # set to 1 to run with the environment exactly as given

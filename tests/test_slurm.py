@@ -1,4 +1,4 @@
-"""README's SLURM recipe, started the way srun starts it: one process per task with the SLURM_* variables srun
+"""docs/scaling.md's SLURM recipe, started the way srun starts it: one process per task with the SLURM_* variables srun
 sets (and no JAXTUNE_COORDINATOR), so that jax.distributed's own SLURM detection finds the coordinator (the
 step's first node, a port from the job id), the process count and each process's id. The nodes are this machine
 (2-node layouts name it twice in a compressed nodelist) and the GPUs are CPU devices: what each task would hand

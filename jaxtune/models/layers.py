@@ -265,7 +265,7 @@ def scan(layers: nnx.Module, body: Callable[[nnx.Module, Any, Any, Context], tup
   With `remat` each layer's backward pass recomputes what the policy does not save, and the layers
   always run as the scan: unrolled, nothing keeps XLA from running every layer's recomputation and
   kernel gradients wherever it likes, and on XLA:CPU remat then saved almost none of the memory it is
-  for (`tests/test_scale.py`; README, Scaling out).
+  for (`tests/test_scale.py`; docs/scaling.md).
   """
   graphdef, state = nnx.split(layers)
   n = jax.tree.leaves(nnx.to_pure_dict(state))[0].shape[0]

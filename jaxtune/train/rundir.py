@@ -1,7 +1,7 @@
 """A run directory: its single-writer lock and the checks before a run's first write.
 
 A new run never lands in a directory that holds one; a resume only continues the same run (the
-config keys that decide data order, schedule and model unchanged; README, Failures and recovery).
+config keys that decide data order, schedule and model unchanged; docs/failures.md).
 The first write (config.yaml, the tokenizer) happens once every check has passed. A run directory is a
 local path or an s3:// / gs:// URL (storage.py), the same code for both.
 """
@@ -134,7 +134,7 @@ def check_run_dir(cfg: Config, run_dir: epath.Path, resume: bool, extend: bool) 
 
 
 def resume_differences(saved: Config, new: Config, extend: bool) -> list[str]:
-  """`key: saved -> new` for each config change a resume must refuse (README, Failures and recovery)."""
+  """`key: saved -> new` for each config change a resume must refuse (docs/failures.md)."""
   allowed = {f"train.{k}" for k in RESUMABLE_TRAIN_KEYS + (EXTENDABLE_TRAIN_KEYS if extend else ())}
   a, b = _flat(config_lib.to_dict(saved)), _flat(config_lib.to_dict(new))
   changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
