@@ -10,6 +10,8 @@ import transformers
 
 from jaxtune import sharding
 from jaxtune.config import MeshConfig, ModelConfig
+from jaxtune.errors import UserError
+from jaxtune.generation import decoder, search
 from jaxtune.models.llama import LlamaConfig, rope_frequencies
 from jaxtune.weights import pretrained
 
@@ -26,6 +28,9 @@ CASES = {
     "qwen2_qkv_bias": (transformers.Qwen2Config(**BASE), transformers.Qwen2ForCausalLM),
     "mistral": (transformers.MistralConfig(**BASE), transformers.MistralForCausalLM),
     "mistral_sliding_window": (transformers.MistralConfig(**BASE, sliding_window=7), transformers.MistralForCausalLM),
+    "qwen2_sliding_window": (transformers.Qwen2Config(**BASE, use_sliding_window=True, sliding_window=7,
+                                                      max_window_layers=0), transformers.Qwen2ForCausalLM),
+    "qwen3_qk_norm": (transformers.Qwen3Config(**BASE, head_dim=8), transformers.Qwen3ForCausalLM),
     "gpt2": (transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64),
              transformers.GPT2LMHeadModel),
     # the 1/(layer+1) attention scale is the one per-layer difference inside the scanned stack
@@ -100,3 +105,26 @@ def test_packed_documents_do_not_see_each_other(tmp_path, case):
   alone = lambda doc: np.asarray(model.apply(params, batch_for(doc[None], np.ones((1, len(doc)), int)))["logits"])[0]
   np.testing.assert_allclose(together[:9], alone(doc_a), atol=1e-5)
   np.testing.assert_allclose(together[9:], alone(doc_b), atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["qwen3_qk_norm", "qwen2_sliding_window"])
+def test_greedy_generation_equals_transformers_generate(tmp_path, case):
+  """Token for token, from ragged prompts, the newer families against transformers' own greedy `generate`."""
+  hf_config, cls = CASES[case]
+  ref = save(tmp_path, hf_config, cls)
+  model, params = pretrained.from_pretrained(ModelConfig(path=str(tmp_path), new_params=()), 0, MESH, 0)
+  rng = np.random.default_rng(3)
+  for prompt in (rng.integers(1, 99, 5), rng.integers(1, 99, 12)):  # 12 + 10 tokens pass the window of 7
+    ours = decoder.generate(model, params, [prompt], eos_ids=[-1], s=search.Search(max_new_tokens=10))[0]
+    with torch.no_grad():
+      theirs = ref.generate(torch.from_numpy(prompt[None]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                            max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):]
+    np.testing.assert_array_equal(ours, theirs.numpy())
+
+
+def test_sliding_windows_on_some_layers_only_are_refused_with_the_reason():
+  mixed = transformers.Qwen2Config(**BASE, use_sliding_window=True, sliding_window=7, max_window_layers=1).to_dict()
+  with pytest.raises(UserError, match=r"sliding-window attention on some layers only \(1 of 2, from max_window_layers"):
+    LlamaConfig.from_hf(mixed)
+  assert LlamaConfig.from_hf(CASES["qwen2_sliding_window"][0].to_dict()).sliding_window == 7
+  assert LlamaConfig.from_hf(transformers.Qwen2Config(**BASE).to_dict()).sliding_window is None

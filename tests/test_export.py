@@ -36,6 +36,7 @@ DECODERS = {
     "llama_gqa_untied": (transformers.LlamaConfig(**BASE), transformers.LlamaForCausalLM),
     "llama_tied_bf16": (transformers.LlamaConfig(**BASE, tie_word_embeddings=True), transformers.LlamaForCausalLM),
     "qwen2_qkv_bias": (transformers.Qwen2Config(**BASE), transformers.Qwen2ForCausalLM),
+    "qwen3_qk_norm": (transformers.Qwen3Config(**BASE, head_dim=8), transformers.Qwen3ForCausalLM),
 }
 
 
@@ -116,7 +117,9 @@ def test_decoder_export_matches_our_logits(tmp_path, case):
   check_decoder_export(tmp_path, tmp_path / "src", cls, source)
   with safe_open(tmp_path / "hf" / "model.safetensors", "np") as f:
     written = set(f.keys())
-  assert ("lm_head.weight" in written) == (case in ("llama_gqa_untied", "qwen2_qkv_bias"))
+  assert ("lm_head.weight" in written) == (case in ("llama_gqa_untied", "qwen2_qkv_bias", "qwen3_qk_norm"))
+  if case == "qwen3_qk_norm":
+    assert "model.layers.1.self_attn.k_norm.weight" in written
 
 
 def test_gguf_sourced_llama_exports(tmp_path):

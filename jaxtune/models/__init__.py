@@ -45,4 +45,5 @@ FAMILIES: dict[str, ModelFamily] = {
     "marian": _BART,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
 }

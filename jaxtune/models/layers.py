@@ -155,8 +155,8 @@ class LayerNorm(nnx.Module):
 class RMSNorm(nnx.Module):
   """x / rms(x) * scale, computed in float32: no centring, no bias (Llama's and T5's norm)."""
 
-  def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs):
-    self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ("embed",))
+  def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs, axis: str = "embed"):
+    self.scale = param(rngs, jax.nn.initializers.ones, (dim,), (axis,))  # axis: head_dim for a per-head norm
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:

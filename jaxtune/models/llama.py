@@ -1,4 +1,4 @@
-"""The Llama family as one decoder: Llama 2/3, Mistral, Qwen2 and SmolLM checkpoints.
+"""The Llama family as one decoder: Llama 2/3, Mistral, Qwen2, Qwen3 and SmolLM checkpoints.
 
 Dimensions: N layers, B batch, L query length, S key length, D model dim, H query heads, G kv heads,
 K head dim, F mlp dim, V vocab.
@@ -39,7 +39,9 @@ class LlamaConfig:
   mlp_bias: bool = False
   hidden_act: str = "silu"
   attention_dropout: float = 0.0  # dropout on the attention probabilities in training (HF's; usually 0)
-  sliding_window: int | None = None  # Mistral: a query sees itself and the sliding_window - 1 tokens before it
+  # Mistral, or Qwen2/3 with every layer sliding: a query sees itself and the sliding_window - 1 tokens before it
+  sliding_window: int | None = None
+  qk_norm: bool = False  # Qwen3: an RMSNorm over each head's queries and keys before the rotary embedding
   pad_token_id: int | None = None  # its input embedding gets no gradient from the inputs (HF's padding_idx)
   scan_layers: bool = False  # model.scan_layers: one lax.scan over the layers instead of unrolled code
 
@@ -52,11 +54,20 @@ class LlamaConfig:
   @classmethod
   def from_hf(cls, hf: dict[str, Any], num_labels: int = 0, dropout: float | None = None,
               head: str = "causal_lm") -> LlamaConfig:
-    """Our config from an HF llama/mistral/qwen2 config.json (transformers v4 or v5 layout)."""
+    """Our config from an HF llama/mistral/qwen2/qwen3 config.json (transformers v4 or v5 layout)."""
     del num_labels, head  # language models have no label head
-    if hf.get("use_sliding_window"):
-      raise UserError("sliding-window attention (use_sliding_window: true) is not supported; use a checkpoint "
-                      "without it.")
+    model_type = hf.get("model_type")
+    window = hf.get("sliding_window") if model_type == "mistral" else None
+    if model_type != "mistral" and hf.get("use_sliding_window"):  # Qwen2/3: the layers from max_window_layers on
+      n = hf["num_hidden_layers"]
+      types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", n) else
+                                        "full_attention" for i in range(n)]
+      if set(types) == {"sliding_attention"}:
+        window = hf["sliding_window"]
+      elif "sliding_attention" in types:
+        raise UserError(f"sliding-window attention on some layers only ({types.count('sliding_attention')} of {n}, "
+                        "from max_window_layers on) is not supported, only on every layer (max_window_layers: 0) "
+                        "or none (use_sliding_window: false, as the released Qwen checkpoints ship).")
     rope = dict(hf.get("rope_parameters") or {})
     rope.update(hf.get("rope_scaling") or {})
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
@@ -64,7 +75,7 @@ class LlamaConfig:
     if kind not in SUPPORTED_ROPE:
       raise UserError(f"rope type {kind!r} is not supported (only {SUPPORTED_ROPE}).")
     heads = hf["num_attention_heads"]
-    is_qwen = hf.get("model_type") == "qwen2"
+    is_qwen = model_type == "qwen2"  # q/k/v biases always; Qwen3 has none unless attention_bias
     return cls(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
         num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=heads,
@@ -76,8 +87,7 @@ class LlamaConfig:
         qkv_bias=is_qwen or hf.get("attention_bias", False), o_bias=hf.get("attention_bias", False) and not is_qwen,
         mlp_bias=hf.get("mlp_bias", False), hidden_act=hf.get("hidden_act", "silu"),
         attention_dropout=float(hf.get("attention_dropout", 0.0) if dropout is None else dropout),
-        pad_token_id=hf.get("pad_token_id"),
-        sliding_window=hf.get("sliding_window") if hf.get("model_type") == "mistral" else None)
+        pad_token_id=hf.get("pad_token_id"), sliding_window=window, qk_norm=model_type == "qwen3")
 
 
 def rope_frequencies(cfg: LlamaConfig) -> jax.Array:
@@ -115,15 +125,21 @@ class Attention(nnx.Module):
     self.k = layers.Dense((d,), (g, k), ("embed",), ("kv_heads", "head_dim"), rngs=rngs, use_bias=cfg.qkv_bias)
     self.v = layers.Dense((d,), (g, k), ("embed",), ("kv_heads", "head_dim"), rngs=rngs, use_bias=cfg.qkv_bias)
     self.o = layers.Dense((h, k), (d,), ("heads", "head_dim"), ("embed",), rngs=rngs, use_bias=cfg.o_bias)
-    self.dropout_rate, self.window = cfg.attention_dropout, cfg.sliding_window
+    if cfg.qk_norm:
+      self.q_norm = layers.RMSNorm(k, cfg.rms_norm_eps, rngs=rngs, axis="head_dim")
+      self.k_norm = layers.RMSNorm(k, cfg.rms_norm_eps, rngs=rngs, axis="head_dim")
+    self.qk_norm, self.dropout_rate, self.window = cfg.qk_norm, cfg.attention_dropout, cfg.sliding_window
 
   def __call__(self, x_BxLxD: jax.Array, inv_freq: jax.Array, segments: decoding.Segments,
                cache: decoding.LayerCache | None, rng: jax.Array | None,
                ctx: layers.Context) -> tuple[jax.Array, decoding.LayerCache | None]:
-    q_BxLxHxK = ctx.constrain(apply_rope(self.q(x_BxLxD, ctx), segments.q_positions, inv_freq),
+    q_BxLxHxK = self.q(x_BxLxD, ctx)
+    k_BxLxGxK, v_BxLxGxK = layers.dense_many((self.k, self.v), x_BxLxD, ctx)
+    if self.qk_norm:
+      q_BxLxHxK, k_BxLxGxK = self.q_norm(q_BxLxHxK), self.k_norm(k_BxLxGxK)
+    q_BxLxHxK = ctx.constrain(apply_rope(q_BxLxHxK, segments.q_positions, inv_freq),
                               ("batch", "length", "heads", "head_dim"))
     kv_axes = ("batch", "length", "kv_heads", "head_dim")
-    k_BxLxGxK, v_BxLxGxK = layers.dense_many((self.k, self.v), x_BxLxD, ctx)
     k_BxLxGxK = ctx.constrain(apply_rope(k_BxLxGxK, segments.q_positions, inv_freq), kv_axes)
     v_BxLxGxK = ctx.constrain(v_BxLxGxK, kv_axes)
     k_BxSxGxK, v_BxSxGxK, kv, cache = decoding.extend(cache, k_BxLxGxK, v_BxLxGxK, segments)
@@ -228,6 +244,9 @@ def hf_param_map(cfg: LlamaConfig) -> dict[str, tuple[str, str]]:
     m[f"{ours}.attn.{name}.kernel"] = (f"{theirs}.self_attn.{hf_name}.weight", kind)
     if bias:
       m[f"{ours}.attn.{name}.bias"] = (f"{theirs}.self_attn.{hf_name}.bias", "copy" if name == "o" else "flat")
+  if cfg.qk_norm:
+    for name in ("q_norm", "k_norm"):
+      m[f"{ours}.attn.{name}.scale"] = (f"{theirs}.self_attn.{name}.weight", "copy")
   for name in ("gate", "up", "down"):
     m[f"{ours}.mlp.{name}.kernel"] = (f"{theirs}.mlp.{name}_proj.weight", "linear")
     if cfg.mlp_bias:

@@ -88,7 +88,7 @@ def activation_bytes(cfg: Config, model: Model, mesh_shape: dict[str, int]) -> d
   length = cfg.data.max_len + (cfg.data.max_target_len if cfg.task == "seq2seq" else 0)
   tokens = rows * length
   b = jnp.dtype(cfg.model.compute_dtype).itemsize
-  gated = model.hf_config.get("model_type") in ("llama", "mistral", "qwen2") or "gated" in str(
+  gated = model.hf_config.get("model_type") in ("llama", "mistral", "qwen2", "qwen3") or "gated" in str(
       model.hf_config.get("feed_forward_proj", ""))
   attn = 4 * d + (2 * heads + 2 * kv) * head_dim / tp
   mlp = (4 if gated else 2) * f / tp

@@ -54,7 +54,7 @@ def matmul_params_per_token(hf: dict[str, Any], task: str) -> int:
   """N of the formula above, from an HF config dict."""
   d, f, layers, heads, head_dim, kv = dims(hf)
   attention = 2 * d * heads * head_dim + 2 * d * kv * head_dim
-  mlp = (3 if hf["model_type"] in ("llama", "mistral", "qwen2") else 2) * d * f
+  mlp = (3 if hf["model_type"] in ("llama", "mistral", "qwen2", "qwen3") else 2) * d * f
   head = d * hf["vocab_size"] if task in ("causal_lm", "seq2seq") else 0
   return layers * (attention + mlp) + head
 

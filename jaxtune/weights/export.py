@@ -25,6 +25,7 @@ from jaxtune.weights import hf, peft
 
 # Our family -> the transformers class whose state-dict keys its param_map names (encoders: per head).
 DECODERS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM",
             "mistral": "MistralForCausalLM"}
 SEQ2SEQ = {"t5": "T5ForConditionalGeneration", "mt5": "MT5ForConditionalGeneration",
            "bart": "BartForConditionalGeneration", "marian": "MarianMTModel"}
