@@ -95,7 +95,8 @@ def test_train_step_lowers_cudnn_attention(kind, cudnn_version, request):
   # The peer benchmark's batch: the task's collate layout (ids, masks, segments, positions, targets), 2 x 64.
   rows = bench.batch_arrays(types.SimpleNamespace(hf=hf_config, task=task, batch=2, length=64, seed=0))
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in rows.items()}
-  text = cuda_module(step, steps.abstract_state(model, tx, shardings), batch)
+  hyper = jax.ShapeDtypeStruct(step.hyper.shape, step.hyper.dtype)  # the optimiser numbers: an argument
+  text = cuda_module(step.jitted, steps.abstract_state(model, tx, shardings), batch, hyper)
   calls = cudnn_calls(text)
   forward = {c for c in calls if not c.endswith("Backward")}
   assert forward and {c + "Backward" for c in forward} <= calls, calls

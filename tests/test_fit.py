@@ -5,12 +5,14 @@ compile for it."""
 from __future__ import annotations
 
 import jax
+import numpy as np
+import pandas as pd
 import pytest
 from conftest import write_config
 
 from jaxtune import config as config_lib
 from jaxtune.errors import UserError
-from jaxtune.train import fit, loop, setup
+from jaxtune.train import fit, loop, setup, steps
 
 
 def _cfg(tmp_path, tiny_bert_dir, reviews, *overrides):
@@ -55,3 +57,65 @@ def test_a_run_that_fits_compiles_its_train_step_once(tmp_path, tiny_bert_dir, r
     jax.monitoring.unregister_event_duration_listener(on_event)
   assert "jit(step)" in compiles[:before], compiles  # the check compiled the train step (steps.make_train_step's)
   assert "jit(step)" not in compiles[before:], compiles  # and training found it compiled
+
+
+def test_batches_that_move_between_buckets_compile_once_per_shape(tmp_path, tiny_bert_dir, reviews):
+  """Mixed lengths, no grouping: batches hop between buckets, and the train step compiles once per bucket
+  it meets (the fit check's compile serving the first), never again when a shape comes back."""
+  compiles = []
+
+  def on_event(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(kwargs.get("fun_name"))
+
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  try:
+    frame = pd.read_csv(reviews["train"])  # each review cut to 1-30 words, as short real text comes
+    cut = np.random.default_rng(0).integers(1, 31, len(frame))
+    frame["review"] = [" ".join(str(r).split()[:n]) for r, n in zip(frame["review"], cut, strict=True)]
+    frame.to_csv(tmp_path / "short.csv", index=False)
+    cfg = _cfg(tmp_path, tiny_bert_dir, reviews, "train.batch_size=2", "train.max_steps=12", "data.max_len=64",
+               f"data.train={tmp_path / 'short.csv'}", "data.validation_holdout=0", "data.length_buckets=[16,32,64]",
+               "train.compile_cache=''")
+    run = setup.prepare(cfg, tmp_path / "run")
+    shapes = [steps.device_batch(run.task, data, rows, 2, cfg, run.batch_sharding)["input_ids"].shape
+              for data, rows in run.feed.batches(0, run.steps)]
+    loop.loop(run)
+    run.ckpts.wait()
+    run.ckpts.close()
+    run.lock.release()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_event)
+  changes = sum(a != b for a, b in zip(shapes, shapes[1:]))
+  assert len(set(shapes)) >= 2 and changes >= 3, shapes  # the shapes really come back
+  assert compiles.count("jit(step)") == len(set(shapes)), compiles
+
+
+def lowered_step_text(cfg) -> str:
+  """The train step of `cfg` as XLA receives it (what the persistent compile cache keys on)."""
+  from jaxtune import sharding
+  from jaxtune.tasks import TASKS
+  from jaxtune.train import optim
+  from jaxtune.weights import pretrained
+
+  mesh = sharding.make_mesh(cfg.mesh)
+  hf_config, _ = pretrained.open_checkpoint(cfg.model)
+  model = pretrained.from_config(hf_config, cfg.model, 2, mesh, head="classification")
+  total = cfg.train.max_steps
+  tx = optim.make(cfg.optim, total)
+  shardings = steps.state_shardings(model, tx)
+  batch_sharding = sharding.batch_sharding(mesh)
+  step = steps.make_train_step(model, TASKS[cfg.task], tx, optim.schedule(cfg.optim, total), jax.numpy.float32,
+                               shardings, batch_sharding)
+  return step.lower(steps.abstract_state(model, tx, shardings), fit.batch_structs(cfg, batch_sharding)).as_text()
+
+
+def test_a_changed_schedule_length_or_lr_compiles_the_same_program(tmp_path, tiny_bert_dir, reviews):
+  """train.max_steps, optim.warmup_steps, optim.lr and optim.weight_decay reach the step as an argument
+  (optim.hyperparams), not as constants: the lowered program, and so its compile-cache key, is the same."""
+  base = lowered_step_text(_cfg(tmp_path, tiny_bert_dir, reviews, "train.max_steps=4"))
+  longer = lowered_step_text(_cfg(tmp_path, tiny_bert_dir, reviews, "train.max_steps=40", "optim.warmup_steps=7",
+                                  "optim.lr=3e-4", "optim.weight_decay=0.1"))
+  assert longer == base
+  other_b2 = lowered_step_text(_cfg(tmp_path, tiny_bert_dir, reviews, "train.max_steps=4", "optim.b2=0.98"))
+  assert other_b2 != base  # the comparison sees a constant that does change the program

@@ -148,8 +148,8 @@ def no_clipping(monkeypatch, cfg: config.Config) -> config.Config:
 
 
 def schedule_one_step_late(monkeypatch, cfg: config.Config) -> config.Config:
-  schedule = optim.schedule
-  monkeypatch.setattr(optim, "schedule", lambda c, total: (lambda step, f=schedule(c, total): f(step + 1)))
+  schedule_of = optim.schedule_of  # what the train step's AdamW and its logged lr both read
+  monkeypatch.setattr(optim, "schedule_of", lambda kind, hyper: (lambda step, f=schedule_of(kind, hyper): f(step + 1)))
   return cfg
 
 

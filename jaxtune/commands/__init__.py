@@ -18,6 +18,7 @@ COMMANDS = {
     "explain": "explain", "benchmark": "benchmark", "plan": "plan", "plan-tables": "plan_tables", "seeds": "seeds",
     "published": "published", "torch-reference": "torch_reference", "text-corpus": "text_corpus",
     "bible-pairs": "bible_pairs", "wnut16": "wnut16", "config-docs": "config_docs",
+    "grad-precision": "grad_precision",
 }
 
 

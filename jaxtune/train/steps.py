@@ -5,6 +5,7 @@ loop.py runs these in the fine-tuning loop; eval/evaluate.py and the benchmarks 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -21,6 +22,7 @@ from jaxtune.models import vocab
 from jaxtune.models.model import Model
 from jaxtune.params import Params
 from jaxtune.tasks import Task
+from jaxtune.train import optim
 
 
 class TrainState(NamedTuple):
@@ -148,23 +150,59 @@ def make_train_step(model: Model, task: Task, tx: optax.GradientTransformation,
     zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zero_grads)
     return jax.lax.scan(body, zero, (jnp.arange(grad_accum), microbatches(batch, grad_accum, batch_sharding)))[0]
 
-  def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+  traced = isinstance(tx, optim.AdamW)  # the schedule's and decay's numbers come in as an argument
+
+  def step(state: TrainState, batch: dict[str, jax.Array],
+           hyper: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    inner = tx.transform(hyper) if traced else tx
+    lr_at = optim.schedule_of(tx.cfg.schedule, hyper) if traced else schedule
     rng = jax.random.fold_in(state.rng, state.step)
     loss_sum, count, grads = (summed if grad_accum == 1 else accumulated)(state.params, state.frozen, batch, rng)
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = inner.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     loss, grad_norm = loss_sum / count, optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if skip_nonfinite:  # params and moments stay as they were; the batch still counts as consumed
       params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
                                        (state.params, state.opt_state))
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_at(state.step), "finite": finite}
     return TrainState(state.step + 1, params, state.frozen, opt_state, state.rng), metrics
 
-  return jax.jit(step, in_shardings=(shardings, batch_sharding),
-                 out_shardings=(shardings, sharding.replicated(batch_sharding.mesh)), donate_argnums=0)
+  replicated = sharding.replicated(batch_sharding.mesh)
+  jitted = jax.jit(step, in_shardings=(shardings, batch_sharding, replicated), out_shardings=(shardings, replicated),
+                   donate_argnums=0)
+  return TrainStep(jitted, np.asarray(tx.hyper if traced else np.zeros(4, np.float32)))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+  """The jitted step with its optimiser numbers (optim.hyperparams) bound: called and lowered as (state, batch)."""
+  jitted: Any
+  hyper: np.ndarray
+
+  def __call__(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    return self.jitted(state, batch, self.hyper)
+
+  def lower(self, state: Any, batch: Any) -> Bound:
+    return Bound(self.jitted.lower(state, batch, self.hyper), self.hyper)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+  """A lowered (or compiled) TrainStep: jax's object, its optimiser numbers bound; anything else is jax's own."""
+  inner: Any
+  hyper: np.ndarray
+
+  def compile(self, *args: Any, **kwargs: Any) -> Bound:
+    return Bound(self.inner.compile(*args, **kwargs), self.hyper)
+
+  def __call__(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    return self.inner(state, batch, self.hyper)
+
+  def __getattr__(self, name: str) -> Any:  # as_text, memory_analysis, cost_analysis, ...
+    return getattr(self.inner, name)
 
 
 def microbatches(batch: dict[str, jax.Array], k: int, batch_sharding: NamedSharding) -> dict[str, jax.Array]:
