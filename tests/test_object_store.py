@@ -85,6 +85,21 @@ def test_s3_kill_in_a_queued_write_sigterm_resume_and_evaluate(resumable_job, s3
   assert (reference.parent / "exported" / "tokenizer.json").is_file()
 
 
+def test_gs_run_and_evaluate(resumable_job, gcs):
+  """The whole tiny run on gs:// gives the local reference's params bit for bit; evaluate reads it back from the
+  bucket. (Resuming on gs:// is the slow test below; on s3:// the first test of this file resumes.)"""
+  cfg, reference = resumable_job
+  run = storage.path(gcs.url(gcs.bucket(), "runs", "whole"))
+  done = finetune(cfg, run)
+  _, err = done.communicate(timeout=600)
+  assert done.returncode == 0, err[-3000:]
+  assert_same_run(run, reference)
+  result = run_script("evaluate.py", "--checkpoint", str(run), "--split", "test", "--step", "best")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert list((run / "eval").iterdir())
+
+
+@pytest.mark.slow  # four runs (78 s of CI); test_gs_run_and_evaluate keeps gs:// in the default run
 def test_gs_run_resume_and_evaluate(resumable_job, gcs):
   cfg, reference = resumable_job
   run = storage.path(gcs.url(gcs.bucket(), "runs", "tiny"))
