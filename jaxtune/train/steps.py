@@ -88,7 +88,8 @@ def state_shardings(model: Model, tx: optax.GradientTransformation) -> TrainStat
 
 def initial_state(params: Params, frozen: Params, tx: optax.GradientTransformation, seed: int) -> TrainState:
   """Step 0 of training: fresh optimiser state for the trainable `params`, the base dropout key."""
-  return TrainState(jnp.zeros((), jnp.int32), params, frozen, tx.init(params), jax.random.key_data(jax.random.key(seed)))
+  rng = jax.random.key_data(jax.random.key(seed))
+  return TrainState(jnp.zeros((), jnp.int32), params, frozen, tx.init(params), rng)
 
 
 def abstract_state(model: Model, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
