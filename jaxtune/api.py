@@ -101,6 +101,7 @@ class Loaded:
   task: str | None
   labels: list[Any] | None = None
   config: Config | None = None
+  model_cfg: ModelConfig | None = None  # where the weights came from (a pretrained load; a run has `config`)
 
   def predict(self, texts: Sequence[str], max_len: int = 512) -> list[dict[str, Any]]:
     """Each text's label and class probabilities (a classifier's run only)."""
@@ -122,7 +123,7 @@ class Loaded:
     if self.task == "seq2seq":
       prefix = self.config.data.source_prefix if self.config else ""
       ids = [np.asarray(r, np.int32) for r in self.tokenizer([prefix + p for p in prompts])["input_ids"]]
-      cfg = self.config.model if self.config else ModelConfig(path="")
+      cfg = self.config.model if self.config else self.model_cfg
       out = seq2seq_generation.generate(self.model, self.params, ids, seq2seq_generation.rules_for(self.model, cfg),
                                         s, rng, jnp.float32)
     elif self.task == "causal_lm":
@@ -149,4 +150,4 @@ def load(path: str | Path, step: str = "latest") -> tuple[Loaded, Any]:
   task = "seq2seq" if hf_config.get("is_encoder_decoder") else "causal_lm"
   model, params = pretrained.from_pretrained(model_cfg, 0, mesh, 0, task)
   tokenizer = pretrained.load_tokenizer(model_cfg)
-  return Loaded(model, params, tokenizer, task), tokenizer
+  return Loaded(model, params, tokenizer, task, model_cfg=model_cfg), tokenizer

@@ -54,7 +54,7 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(lambda path, _: str(path[-1].key) not in NO_DECAY, params)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class AdamW:
   """AdamW with clipping, the schedule and the decay mask, as an optax transformation (`init`, `update`) of
   `hyper`; `transform(traced)` builds the same chain inside a jitted step from a traced copy of it (the

@@ -177,7 +177,7 @@ def make_train_step(model: Model, task: Task, tx: optax.GradientTransformation,
   return TrainStep(jitted, np.asarray(tx.hyper if traced else np.zeros(4, np.float32)))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class TrainStep:
   """The jitted step with its optimiser numbers (optim.hyperparams) bound: called and lowered as (state, batch)."""
   jitted: Any
@@ -190,7 +190,7 @@ class TrainStep:
     return Bound(self.jitted.lower(state, batch, self.hyper), self.hyper)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Bound:
   """A lowered (or compiled) TrainStep: jax's object, its optimiser numbers bound; anything else is jax's own."""
   inner: Any
