@@ -4,6 +4,8 @@ compile for it."""
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import numpy as np
 import pandas as pd
@@ -33,11 +35,9 @@ def test_a_run_that_does_not_fit_is_refused_before_anything_is_written(tmp_path,
   assert not read and not (tmp_path / "run").exists()  # no weight read, no run dir
 
 
-@pytest.mark.parametrize("base", [[], ["model.lora.targets=['.*layers[.].*[.]kernel']", "model.frozen_dtype=nf4"]],
-                         ids=["float32", "qlora-nf4"])
-def test_a_run_that_fits_compiles_its_train_step_once(tmp_path, tiny_bert_dir, reviews, base):
-  """The check's compile is the one the first step uses: one train-step compile in all (one batch shape here),
-  also where the frozen base is held as NF4 (the check compiles for the quantised arrays the run then holds)."""
+@contextlib.contextmanager
+def compiled_functions():
+  """The names of the functions XLA compiles while the block runs, in order."""
   compiles = []
 
   def on_event(event, duration, **kwargs):
@@ -46,15 +46,31 @@ def test_a_run_that_fits_compiles_its_train_step_once(tmp_path, tiny_bert_dir, r
 
   jax.monitoring.register_event_duration_secs_listener(on_event)
   try:
-    cfg = _cfg(tmp_path, tiny_bert_dir, reviews, "train.batch_size=8", "data.validation_holdout=0", *base)  # no eval
-    run = setup.prepare(cfg, tmp_path / "run")
-    before = len(compiles)
+    yield compiles
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_event)
+
+
+def train(run) -> None:
+  """The prepared run's loop to its end, its checkpoints committed and its lock released."""
+  try:
     loop.loop(run)
+  finally:
     run.ckpts.wait()
     run.ckpts.close()
     run.lock.release()
-  finally:
-    jax.monitoring.unregister_event_duration_listener(on_event)
+
+
+@pytest.mark.parametrize("base", [[], ["model.lora.targets=['.*layers[.].*[.]kernel']", "model.frozen_dtype=nf4"]],
+                         ids=["float32", "qlora-nf4"])
+def test_a_run_that_fits_compiles_its_train_step_once(tmp_path, tiny_bert_dir, reviews, base):
+  """The check's compile is the one the first step uses: one train-step compile in all (one batch shape here),
+  also where the frozen base is held as NF4 (the check compiles for the quantised arrays the run then holds)."""
+  with compiled_functions() as compiles:
+    cfg = _cfg(tmp_path, tiny_bert_dir, reviews, "train.batch_size=8", "data.validation_holdout=0", *base)  # no eval
+    run = setup.prepare(cfg, tmp_path / "run")
+    before = len(compiles)
+    train(run)
   assert "jit(step)" in compiles[:before], compiles  # the check compiled the train step (steps.make_train_step's)
   assert "jit(step)" not in compiles[before:], compiles  # and training found it compiled
 
@@ -62,14 +78,7 @@ def test_a_run_that_fits_compiles_its_train_step_once(tmp_path, tiny_bert_dir, r
 def test_batches_that_move_between_buckets_compile_once_per_shape(tmp_path, tiny_bert_dir, reviews):
   """Mixed lengths, no grouping: batches hop between buckets, and the train step compiles once per bucket
   it meets (the fit check's compile serving the first), never again when a shape comes back."""
-  compiles = []
-
-  def on_event(event, duration, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiles.append(kwargs.get("fun_name"))
-
-  jax.monitoring.register_event_duration_secs_listener(on_event)
-  try:
+  with compiled_functions() as compiles:
     frame = pd.read_csv(reviews["train"])  # each review cut to 1-30 words, as short real text comes
     cut = np.random.default_rng(0).integers(1, 31, len(frame))
     frame["review"] = [" ".join(str(r).split()[:n]) for r, n in zip(frame["review"], cut, strict=True)]
@@ -80,12 +89,7 @@ def test_batches_that_move_between_buckets_compile_once_per_shape(tmp_path, tiny
     run = setup.prepare(cfg, tmp_path / "run")
     shapes = [steps.device_batch(run.task, data, rows, 2, cfg, run.batch_sharding)["input_ids"].shape
               for data, rows in run.feed.batches(0, run.steps)]
-    loop.loop(run)
-    run.ckpts.wait()
-    run.ckpts.close()
-    run.lock.release()
-  finally:
-    jax.monitoring.unregister_event_duration_listener(on_event)
+    train(run)
   changes = sum(a != b for a, b in zip(shapes, shapes[1:]))
   assert len(set(shapes)) >= 2 and changes >= 3, shapes  # the shapes really come back
   assert compiles.count("jit(step)") == len(set(shapes)), compiles
