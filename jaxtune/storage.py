@@ -65,12 +65,17 @@ def _configure(scheme: str) -> None:
 
 def write_text(target: epath.Path, text: str) -> None:
   """Writes `target` whole or not at all: one object on a store; locally a temp file, then a rename."""
+  write_bytes(target, text.encode())
+
+
+def write_bytes(target: epath.Path, data: bytes) -> None:
+  """write_text for bytes."""
   if is_remote(target):
-    target.write_text(text)
+    target.write_bytes(data)
     return
   tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
   try:
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     tmp.replace(target)
   finally:
     tmp.unlink(missing_ok=True)

@@ -20,10 +20,11 @@ from jaxtune.config.sections import (
                                      MeshConfig,
                                      ModelConfig,
                                      OptimConfig,
+                                     PreferenceConfig,
                                      QAConfig,
                                      TrainConfig,
 )
 
 __all__ = ["PACKAGED", "CheckpointConfig", "Config", "DataConfig", "GenerateConfig", "LoraConfig", "MeshConfig",
-           "ModelConfig", "OptimConfig", "QAConfig", "Range", "TrainConfig", "apply_override", "declared",
-           "from_dict", "load", "resolve_path", "shipped", "to_dict"]
+           "ModelConfig", "OptimConfig", "PreferenceConfig", "QAConfig", "Range", "TrainConfig", "apply_override",
+           "declared", "from_dict", "load", "resolve_path", "shipped", "to_dict"]

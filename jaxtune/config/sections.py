@@ -114,6 +114,10 @@ class DataConfig:
   prompt_template: str | None = None  # instead of prompt_column: str.format over the row, e.g. "{review:.400}"
   response_column: str | None = None  # causal_lm instruction data: the response, the only tokens with a loss
   messages_column: str | None = None  # causal_lm chat data: list of {role, content}; loss on assistant turns
+  # preference rows: prompt (data.prompt_column or data.prompt_template), a chosen and a rejected response; text,
+  # or TRL's chat form (lists of {role, content})
+  chosen_column: str = "chosen"
+  rejected_column: str = "rejected"  # preference: the response the chosen one is preferred to
   use_chat_template: bool = False  # wrap prompt/response in the tokenizer's chat template
   pack: bool = True  # causal_lm plain text: concatenate documents into full rows (segments keep them apart)
   max_len: Positive = 128  # tokens per example (classification) or per row (causal_lm) after truncation
@@ -137,8 +141,8 @@ class DataConfig:
            "must be 0 when data.validation is given (choose one source of validation rows)")
     _check(not (self.prompt_column and self.prompt_template), "data.prompt_template",
            "replaces data.prompt_column; set only one of them")
-    _check((self.prompt_column is None and self.prompt_template is None) == (self.response_column is None),
-           "data.response_column", "must be set exactly when data.prompt_column or data.prompt_template is")
+    _check(self.response_column is None or self.prompt_column or self.prompt_template, "data.response_column",
+           "needs data.prompt_column or data.prompt_template (the prompt the response answers)")
     _check(not (self.messages_column and self.response_column), "data.messages_column",
            "cannot be combined with prompt/response columns (choose one data form)")
 
@@ -250,19 +254,41 @@ class QAConfig:
   null_score_diff: Finite = 0.0  # v2: answer "" when the [CLS] score beats the best span by more than this
 
 
+@section("preference")
+class PreferenceConfig:
+  """task preference: DPO on pairs of responses to one prompt (the losses as TRL's DPOTrainer computes them)."""
+  beta: PositiveFloat = 0.1  # how far the policy may move from the reference (larger: closer)
+  # sigmoid: DPO's -log sigmoid(beta x margin); ipo: (per-token margin - 1 / (2 beta))^2; robust: rDPO
+  loss: Literal["sigmoid", "ipo", "robust"] = "sigmoid"
+  # sigmoid: conservative DPO (cDPO), the labels flipped with this probability; robust: its assumed noise rate
+  label_smoothing: Fraction = 0.0
+  # the reference policy's log-probabilities: precomputed once before training from the starting weights and
+  # cached in the run dir, or adapters_off (LoRA only): the same weights with the adapters switched off, computed
+  # in every step (no second copy of the model, one more forward pass)
+  reference: Literal["precomputed", "adapters_off"] = "precomputed"
+
+  def __post_init__(self) -> None:
+    _check(self.label_smoothing < 0.5, "preference.label_smoothing", "must be below 0.5 (at 0.5 the labels carry "
+           "no preference)")
+    _check(self.loss != "ipo" or self.label_smoothing == 0, "preference.label_smoothing",
+           "must be 0 with preference.loss ipo (IPO has no label noise term)")
+
+
 @section("")
 class Config:
   model: ModelConfig  # the pretrained checkpoint, its heads, precision, LoRA and freezing
   data: DataConfig  # the splits, their columns, tokenisation lengths, batching order and the tokenised-data cache
   # what is learnt: a label per text (pair), an answer span, a tag per word, the next token, or a target text
-  task: Literal["classification", "question_answering", "token_classification", "causal_lm", "seq2seq"] = (
-      "classification")
+  # (preference: DPO on chosen / rejected response pairs)
+  task: Literal["classification", "question_answering", "token_classification", "causal_lm", "seq2seq",
+                "preference"] = "classification"
   optim: OptimConfig = OptimConfig()  # AdamW, its schedule and clipping
   train: TrainConfig = TrainConfig()  # batch, length of the run, eval cadence, seed, logging, early stopping
   checkpoint: CheckpointConfig = CheckpointConfig()  # how often to save, what to keep, asynchronous writes
   mesh: MeshConfig = MeshConfig()  # the data x fsdp x tensor device mesh
   generate: GenerateConfig = GenerateConfig()  # decoding for exact match, BLEU / ROUGE and predictions
   qa: QAConfig = QAConfig()  # question answering's windows and answer search
+  preference: PreferenceConfig = PreferenceConfig()  # DPO's loss, beta and reference policy
 
   def __post_init__(self) -> None:
     _check(self.task != "question_answering" or self.qa.doc_stride < self.data.max_len, "qa.doc_stride",
@@ -277,5 +303,12 @@ class Config:
              "needs train.eval_every > 0 (with 0 the only validation eval is at the last step)")
       _check(self.checkpoint.best_metric != "", "train.early_stopping_patience",
              'needs a metric to watch: leave checkpoint.best_metric unset (the task\'s own) or name one, not ""')
+    prompted = bool(self.data.prompt_column or self.data.prompt_template)
+    _check(self.task != "preference" or prompted, "data.prompt_column",
+           "or data.prompt_template must give the prompt for task preference (TRL's form: prompt, chosen, rejected)")
+    _check(self.task == "preference" or not prompted or self.data.response_column is not None,
+           "data.response_column", "must be set with data.prompt_column or data.prompt_template")
+    _check(self.task != "preference" or self.model.lora.on or self.preference.reference == "precomputed",
+           "preference.reference", "adapters_off needs LoRA adapters (model.lora.targets); use precomputed")
     _check(not (self.generate.exact_match and self.data.response_column is None), "generate.exact_match",
            "needs prompt/response data (data.response_column with data.prompt_column or data.prompt_template)")

@@ -142,6 +142,16 @@ def encode_messages(messages: Sequence[dict[str, Any]], tokenizer: Any, max_len:
   return np.asarray(tokens, np.int32)[:max_len], mask[:max_len]
 
 
+def chat_prompt_len(prompt: Sequence[dict[str, Any]], messages: Sequence[dict[str, Any]], tokenizer: Any,
+                    where: str = "this example") -> int:
+  """Tokens of `prompt` rendered with the generation prompt, checked to be a prefix of the rendering of `messages`
+  (the prompt and a reply): where the reply starts in encode_messages(messages)'s tokens."""
+  messages = _check_messages(messages, where)
+  text = _render(tokenizer, messages, False, where)
+  tokens = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+  return _prefix_len(tokenizer, _check_messages(prompt, where), True, text, tokens, where)
+
+
 class Packer:
   """Fills rows of exactly seq_len tokens with documents in order, each row a list of segments.
 

@@ -14,7 +14,7 @@ from jaxtune import config as config_lib
 from jaxtune.config import Config
 
 PIPELINE = {"classification": "text-classification", "question_answering": "question-answering",
-            "token_classification": "token-classification", "causal_lm": "text-generation",
+            "token_classification": "token-classification", "causal_lm": "text-generation", "preference": "text-generation",
             "seq2seq": "text2text-generation"}
 
 

@@ -19,9 +19,9 @@ from jaxtune.errors import UserError
 from jaxtune.generation import decoder as decoder_generation
 from jaxtune.generation import search
 from jaxtune.models.model import Model
-from jaxtune.tasks import TASKS, metrics, text
-from jaxtune.train import perf, restore, runlog, steps
-from jaxtune.weights import hf
+from jaxtune.tasks import metrics, task_for, text
+from jaxtune.train import perf, reference, restore, runlog, steps
+from jaxtune.weights import hf, pretrained
 
 
 def evaluate_checkpoint(run_dir: str | Path | epath.Path, step: str = "latest", split: str | None = None,
@@ -37,7 +37,7 @@ def evaluate_checkpoint(run_dir: str | Path | epath.Path, step: str = "latest", 
   cfg, model, params, labels, step_num = restore.restore(run_dir, step, mesh)
   perf.use_compile_cache(cfg.train.compile_cache)  # the run's eval programs, compiled once
   sharding.check_batch_sizes(cfg.train, mesh, keys=("eval_batch_size",))
-  task = TASKS[cfg.task]
+  task = task_for(cfg)
   with storage.local_dir(run_dir / "tokenizer") as local:
     try:
       tokenizer = transformers.AutoTokenizer.from_pretrained(local)
@@ -49,6 +49,10 @@ def evaluate_checkpoint(run_dir: str | Path | epath.Path, step: str = "latest", 
   name, extra = split or "file", {"file": data_file} if data_file else None
   _, data = task.load(cfg, tokenizer, [name], labels=labels, extra=extra, limit=limit)
   batch_sharding = sharding.batch_sharding(mesh)
+  if cfg.task == "preference" and cfg.preference.reference == "precomputed":  # the run's starting weights
+    _, reader = pretrained.open_checkpoint(cfg.model)
+    reference.fill(model, task, pretrained.load_params(model, cfg.model, reader, cfg.train.seed), data[name], cfg,
+                   batch_sharding)
   dtype = jnp.dtype(cfg.model.compute_dtype)
   eval_step = steps.make_eval_step(model, task, dtype, batch_sharding)
   outputs: dict[str, Any] = {}

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtune import params as params_lib
 from jaxtune.config import LoraConfig, ModelConfig
 from jaxtune.errors import UserError
 from jaxtune.models import layers
@@ -93,3 +94,10 @@ def _path(path: tuple[Any, ...]) -> str:
 def _examples(paths: Iterable[str]) -> str:
   paths = sorted(paths)
   return ", ".join(paths[:6]) + (", ..." if len(paths) > 6 else "")
+
+
+def adapters_off(params: Any) -> Any:
+  """`params` with every adapter's lora_b at zero: the adapted Denses then compute exactly their frozen kernels
+  (x A B adds 0), the model without its adapters, without a second copy of anything but B."""
+  flat = params_lib.flatten(params)
+  return params_lib.unflatten({p: jnp.zeros_like(v) if p.endswith(".lora_b") else v for p, v in flat.items()})

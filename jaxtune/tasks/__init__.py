@@ -11,12 +11,18 @@ import dataclasses
 from jaxtune.config import CheckpointConfig, Config
 from jaxtune.tasks.base import Task
 from jaxtune.tasks.classification import Classification
+from jaxtune.tasks.preference import Preference
 from jaxtune.tasks.spans import QuestionAnswering, TokenClassification
 from jaxtune.tasks.text import CausalLM, Seq2Seq
 
 TASKS: dict[str, Task] = {"classification": Classification(), "question_answering": QuestionAnswering(),
                           "token_classification": TokenClassification(), "causal_lm": CausalLM(),
-                          "seq2seq": Seq2Seq()}
+                          "seq2seq": Seq2Seq(), "preference": Preference()}
+
+
+def task_for(cfg: Config) -> Task:
+  """The config's task, holding what its jitted methods read of the config."""
+  return TASKS[cfg.task].configured(cfg)
 
 
 def checkpoint_config(cfg: Config) -> CheckpointConfig:

@@ -30,6 +30,10 @@ class Task(Protocol):
   # tasks), so the steps may ask the model for one instead of B x L x V logits (train.steps.loss_vocab_block).
   tiles_vocab: bool = False
 
+  def configured(self, cfg: Config) -> Task:
+    """This task with what it reads of `cfg` in its jitted methods (preference: beta, the loss); most read none."""
+    return self
+
   def best(self, cfg: Config) -> tuple[str, Literal["max", "min"]]:
     """The validation metric that picks the best checkpoint when checkpoint.best_metric is unset, and whether
     larger is better."""
@@ -49,8 +53,9 @@ class Task(Protocol):
     """The batch of `rows` padded to `batch_size` rows; only rows `part` (this process's share) are built."""
     ...
 
-  def loss_terms(self, logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """(loss summed over the batch's targets, their count)."""
+  def loss_terms(self, logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
+    """(loss summed over the batch's targets, their count), and optionally a dict of further sums over the same
+    targets that the train step logs as their means (preference: TRL's reward metrics)."""
     ...
 
   def eval_outputs(self, logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:

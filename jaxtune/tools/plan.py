@@ -25,7 +25,7 @@ from jaxtune import sharding
 from jaxtune.config import Config, MeshConfig
 from jaxtune.errors import UserError
 from jaxtune.models.model import Model
-from jaxtune.tasks import TASKS
+from jaxtune.tasks import task_for
 from jaxtune.train import estimate as estimate_lib
 from jaxtune.train import fit, optim, perf, setup, steps
 from jaxtune.train.estimate import GiB
@@ -102,7 +102,7 @@ def lower_train_step(cfg: Config, hf_config: dict[str, Any], mesh: jax.sharding.
   shardings = steps.state_shardings(model, tx)
   state = steps.abstract_state(model, tx, shardings)
   batch_sharding = sharding.batch_sharding(mesh, rules)
-  step = steps.make_train_step(model, TASKS[cfg.task], tx, optim.schedule(cfg.optim, total),
+  step = steps.make_train_step(model, task_for(cfg), tx, optim.schedule(cfg.optim, total),
                                jnp.dtype(cfg.model.compute_dtype), shardings, batch_sharding, cfg.train.grad_accum,
                                cfg.model.remat, cfg.train.nonfinite == "skip", cfg.train.loss_vocab_block)
   return model, state, step.lower(state, fit.batch_structs(cfg, batch_sharding))

@@ -28,7 +28,7 @@ from jaxtune.data import batching, lm, splits
 from jaxtune.errors import UserError
 from jaxtune.models import FAMILIES
 from jaxtune.models.model import Model
-from jaxtune.tasks import TASKS, Task, metrics, text
+from jaxtune.tasks import TASKS, Task, metrics, task_for, text
 from jaxtune.train.setup import total_steps
 from jaxtune.weights import export, hf, pretrained
 
@@ -234,7 +234,7 @@ def finetune(cfg: Config, init: str = "jaxtune", score_splits: Sequence[str] = (
     raise UserError(f"init {init!r} is not one of jaxtune, torch.")
   if cfg.task not in TARGET_WEIGHTS:
     raise UserError(f"the PyTorch reference trains {sorted(TARGET_WEIGHTS)} runs, not task {cfg.task}.")
-  task = TASKS[cfg.task]
+  task = task_for(cfg)
   tokenizer = pretrained.load_tokenizer(cfg.model)
   configured = [n for n in score_splits
                 if splits.specs(cfg.data).get(n) or (n == "validation" and cfg.data.validation_holdout)]

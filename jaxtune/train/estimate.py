@@ -24,7 +24,7 @@ from jaxtune.models import quant
 from jaxtune.models.lora import ADAPTER
 from jaxtune.models.model import Model
 from jaxtune.params import matcher
-from jaxtune.tasks import TASKS
+from jaxtune.tasks import task_for
 from jaxtune.train import perf, steps
 
 GiB = 2**30
@@ -88,7 +88,7 @@ def activation_bytes(cfg: Config, model: Model, mesh_shape: dict[str, int]) -> d
   length = cfg.data.max_len + (cfg.data.max_target_len if cfg.task == "seq2seq" else 0)
   tokens = rows * length
   b = jnp.dtype(cfg.model.compute_dtype).itemsize
-  gated = model.hf_config.get("model_type") in ("llama", "mistral", "qwen2", "qwen3") or "gated" in str(
+  gated = model.hf_config.get("model_type") in perf.GATED or "gated" in str(
       model.hf_config.get("feed_forward_proj", ""))
   attn = 4 * d + (2 * heads + 2 * kv) * head_dim / tp
   mlp = (4 if gated else 2) * f / tp
@@ -98,8 +98,8 @@ def activation_bytes(cfg: Config, model: Model, mesh_shape: dict[str, int]) -> d
           "full": layers * tokens * d * b + one_layer,
           "dots": layers * tokens * ((2 * heads + 2 * kv) * head_dim / tp + 2 * d + 3 * f / tp) * b + one_layer}
   kept["dots_no_batch"] = kept["dots"]
-  vocab = model.hf_config.get("vocab_size", 0) if cfg.task in ("causal_lm", "seq2seq") else 0
-  block = steps.tile_block(model, TASKS[cfg.task], cfg.train.loss_vocab_block, tokens)
+  vocab = model.hf_config.get("vocab_size", 0) if cfg.task in ("causal_lm", "seq2seq", "preference") else 0
+  block = steps.tile_block(model, task_for(cfg), cfg.train.loss_vocab_block, tokens)
   if block:
     vocab = min(block, vocab)  # vocabulary-tiled loss: one block's logits at a time (models/vocab.py)
   logits = tokens * vocab / tp * (b + 4 + 4)

@@ -38,6 +38,9 @@ def batch_structs(cfg: Config, batch_sharding: jax.sharding.NamedSharding) -> di
       "classification": {**encoder, "labels": ((b,), i32)},
       "question_answering": {**encoder, "start_positions": ((b,), i32), "end_positions": ((b,), i32)},
       "token_classification": {**encoder, "labels": ((b, length), i32)},
+      # a chosen and a rejected row per pair, and their reference log-probs
+      "preference": {**{k: ((2 * b, length), i32) for k in ("input_ids", "targets", "segment_ids", "positions")},
+                     "loss_mask": ((2 * b, length), f32), "ref_logps": ((2 * b,), f32)},
   }[cfg.task]
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, (shape, dtype) in shapes.items()}
 

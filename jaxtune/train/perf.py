@@ -26,6 +26,8 @@ from jax.sharding import Mesh
 
 from jaxtune import sharding
 
+# model_types whose MLP has three matrices (gate, up, down: SwiGLU or Gemma's GeGLU)
+GATED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
 # Dense bf16 peaks from vendor datasheets (FLOP/s per chip), matched against jax's device_kind.
 VENDOR_BF16_PEAKS = {
     "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
@@ -54,8 +56,8 @@ def matmul_params_per_token(hf: dict[str, Any], task: str) -> int:
   """N of the formula above, from an HF config dict."""
   d, f, layers, heads, head_dim, kv = dims(hf)
   attention = 2 * d * heads * head_dim + 2 * d * kv * head_dim
-  mlp = (3 if hf["model_type"] in ("llama", "mistral", "qwen2", "qwen3") else 2) * d * f
-  head = d * hf["vocab_size"] if task in ("causal_lm", "seq2seq") else 0
+  mlp = (3 if hf["model_type"] in GATED else 2) * d * f
+  head = d * hf["vocab_size"] if task in ("causal_lm", "seq2seq", "preference") else 0
   return layers * (attention + mlp) + head
 
 

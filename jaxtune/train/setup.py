@@ -19,13 +19,14 @@ from etils import epath
 
 from jaxtune import cli, sharding, storage, tasks
 from jaxtune import config as config_lib
+from jaxtune import params as params_lib
 from jaxtune.config import Config, MeshConfig
 from jaxtune.data import batching, feed, hostrows
 from jaxtune.errors import UserError
 from jaxtune.models import FAMILIES
 from jaxtune.models.model import Model
-from jaxtune.tasks import TASKS, Task
-from jaxtune.train import fit, optim, perf, restore, rundir, steps
+from jaxtune.tasks import Task
+from jaxtune.train import fit, optim, perf, reference, restore, rundir, steps
 from jaxtune.train.checkpoints import Checkpoints
 from jaxtune.weights import pretrained
 
@@ -92,7 +93,7 @@ def prepare(cfg: Config, run_dir: str | Path | epath.Path, resume: bool = False,
       tokenizer = pretrained.load_tokenizer(cfg.model)
       names = ([] if cfg.data.streaming else ["train"]) + (
           ["validation"] if cfg.data.validation or cfg.data.validation_holdout else [])
-      labels, splits = TASKS[cfg.task].load(cfg, tokenizer, names, per_host=jax.process_count() > 1)
+      labels, splits = tasks.task_for(cfg).load(cfg, tokenizer, names, per_host=jax.process_count() > 1)
       train_feed = _feed(cfg, tokenizer, splits, sharding.batch_sharding(mesh, rules))
     with clock.phase("weights"):
       return _build(cfg, run_dir, resume, mesh, rules, (hf_config, reader), tokenizer, labels, splits, train_feed,
@@ -107,7 +108,7 @@ def _feed(cfg: Config, tokenizer: Any, splits: dict[str, Any], batch_sharding: j
   process tokenises only where its devices hold the rows (feed.HostFeed)."""
   t = cfg.train
   if cfg.data.streaming:
-    return feed.StreamFeed(TASKS[cfg.task].stream(cfg, tokenizer))
+    return feed.StreamFeed(tasks.task_for(cfg).stream(cfg, tokenizer))
   if isinstance(splits["train"], hostrows.Rows):
     part = batching.local_rows(batch_sharding, t.batch_size)
     return feed.HostFeed(splits["train"], t.batch_size, t.seed, cfg.data.group_by_length, part,
@@ -119,7 +120,7 @@ def _build(cfg: Config, run_dir: epath.Path, resume: bool, mesh: jax.sharding.Me
            checkpoint: tuple[dict[str, Any], Any], tokenizer: Any, labels: Any, splits: dict[str, Any],
            train_feed: Any, lock: rundir.RunLock, created: bool) -> Run:
   """The rest of `prepare`, once the data is loaded: model, state (loaded or restored) and the jitted steps."""
-  task = TASKS[cfg.task]
+  task = tasks.task_for(cfg)
   total = run_steps(cfg, train_feed.per_epoch)
   hf_config, reader = checkpoint
   model = pretrained.from_config(hf_config, cfg.model, len(labels or ()), mesh, cfg.train.seed, cfg.task,
@@ -138,7 +139,10 @@ def _build(cfg: Config, run_dir: epath.Path, resume: bool, mesh: jax.sharding.Me
   meta = {"family": model.family, "model": dataclasses.asdict(model.cfg), "hf_config": model.hf_config,
           "labels": labels, "config": config_lib.to_dict(cfg), "steps_per_epoch": train_feed.per_epoch,
           "mesh": dict(mesh.shape), "step_memory": memory}
+  precomputed = cfg.task == "preference" and cfg.preference.reference == "precomputed"
   if resume:  # straight into the saved state: of the pretrained weights only frozen params are read
+    if precomputed:
+      reference.restore(run_dir, splits)
     ckpts = Checkpoints(run_dir, tasks.checkpoint_config(cfg))
     state, saved_meta = restore.resume_state(
         ckpts, steps.abstract_state(model, tx, shardings),
@@ -155,7 +159,11 @@ def _build(cfg: Config, run_dir: epath.Path, resume: bool, mesh: jax.sharding.Me
   else:
     params = pretrained.load_params(model, cfg.model, reader, cfg.train.seed)
     state = steps.init_state(model, params, tx, cfg.train.seed, shardings)
+    if precomputed:  # DPO: the starting weights are the reference policy
+      reference.precompute(model, task, params_lib.merge(state.params, state.frozen), splits, cfg, batch_sharding)
     ckpts = rundir.start_run(cfg, run_dir, tokenizer, lock, created)  # the first write, once everything checked out
+    if precomputed:
+      reference.save(run_dir, splits)
   return Run(cfg, run_dir, ckpts, lock, model, tokenizer, task, labels, splits, train_feed, total, state, train_step,
              steps.make_eval_step(model, task, dtype, batch_sharding, cfg.train.loss_vocab_block), batch_sharding, meta)
 

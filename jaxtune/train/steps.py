@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 from jaxtune import sharding
 from jaxtune.config import Config
 from jaxtune.data import batching
-from jaxtune.models import vocab
+from jaxtune.models import lora, vocab
 from jaxtune.models.model import Model
 from jaxtune.params import Params
 from jaxtune.tasks import Task
@@ -38,7 +38,7 @@ def loss_fn(model: Model, task: Task, params: Params, batch: dict[str, jax.Array
   """(float32 loss summed over the batch's targets / their true count, logits) of a whole param tree; with
   `vocab_block` > 0 (language-model tasks) the logits are a models.vocab.TiledHead, never materialised."""
   logits = model.apply(params, batch, dtype=dtype, dropout_rng=rng, **head_kwargs(task, vocab_block))["logits"]
-  total, count = task.loss_terms(logits, batch)
+  total, count, *_ = task.loss_terms(logits, batch)
   return total / jnp.maximum(count, 1.0), logits
 
 
@@ -113,6 +113,17 @@ def param_counts(model: Model, state: TrainState) -> dict[str, int]:
           "optimizer_state_bytes": int(opt_bytes)}
 
 
+def with_reference(model: Model, task: Task, params: Params, frozen: Params | None, batch: dict[str, jax.Array],
+                   dtype: jnp.dtype, head: dict[str, int], remat: str = "none") -> dict[str, jax.Array]:
+  """`batch` with DPO's reference log-probs computed live where preference.reference is adapters_off: the same
+  weights with the adapters off (lora_b zero adds exactly nothing), no dropout, no gradient; else `batch`."""
+  if getattr(getattr(task, "cfg", None), "reference", None) != "adapters_off":
+    return batch
+  off = jax.lax.stop_gradient(lora.adapters_off(params))
+  logits = model.apply(off, batch, frozen=frozen, dtype=dtype, remat=remat, **head)["logits"]
+  return {**batch, "ref_logps": jax.lax.stop_gradient(task.row_logps(logits, batch))}
+
+
 def make_train_step(model: Model, task: Task, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, dtype: jnp.dtype, shardings: TrainState, batch_sharding: NamedSharding,
                     grad_accum: int = 1, remat: str = "none", skip_nonfinite: bool = False,
@@ -130,26 +141,32 @@ def make_train_step(model: Model, task: Task, tx: optax.GradientTransformation,
   shards = sharding.batch_shards(batch_sharding.mesh, model.rules)
 
   def summed(params: Params, frozen: Params, batch: dict[str, jax.Array],
-             rng: jax.Array) -> tuple[jax.Array, jax.Array, Params]:
-    """(loss summed over the batch's targets, their count, gradient of the sum w.r.t. the trainable params)."""
+             rng: jax.Array) -> tuple[jax.Array, jax.Array, Params, dict[str, jax.Array]]:
+    """(loss summed over the batch's targets, their count, gradient of the sum w.r.t. the trainable params, the
+    task's further sums)."""
     head = head_for(model, task, vocab_block, batch, shards)
+    batch = with_reference(model, task, params, frozen, batch, dtype, head, remat)
 
-    def total(p: Params) -> tuple[jax.Array, jax.Array]:
+    def total(p: Params) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
       logits = model.apply(p, batch, frozen=frozen, dtype=dtype, dropout_rng=rng, remat=remat, **head)["logits"]
-      return task.loss_terms(logits, batch)
+      loss_sum, count, *more = task.loss_terms(logits, batch)
+      return loss_sum, (count, more[0] if more else {})
 
-    (loss_sum, count), grads = jax.value_and_grad(total, has_aux=True)(params)
-    return loss_sum, count, grads
+    (loss_sum, (count, sums)), grads = jax.value_and_grad(total, has_aux=True)(params)
+    return loss_sum, count, grads, sums
 
   def accumulated(params: Params, frozen: Params, batch: dict[str, jax.Array],
-                  rng: jax.Array) -> tuple[jax.Array, jax.Array, Params]:
+                  rng: jax.Array) -> tuple[jax.Array, jax.Array, Params, dict[str, jax.Array]]:
     def body(acc: Any, xs: tuple[jax.Array, dict[str, jax.Array]]) -> tuple[Any, None]:
       i, micro = xs
       return jax.tree.map(jnp.add, acc, summed(params, frozen, micro, jax.random.fold_in(rng, i))), None
 
     zero_grads = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), shardings.params)
-    zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zero_grads)
-    return jax.lax.scan(body, zero, (jnp.arange(grad_accum), microbatches(batch, grad_accum, batch_sharding)))[0]
+    micro = microbatches(batch, grad_accum, batch_sharding)
+    zero_sums = jax.tree.map(jnp.zeros_like, jax.eval_shape(summed, params, frozen, jax.tree.map(lambda x: x[0], micro),
+                                                            rng)[3])
+    zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zero_grads, zero_sums)
+    return jax.lax.scan(body, zero, (jnp.arange(grad_accum), micro))[0]
 
   traced = isinstance(tx, optim.AdamW)  # the schedule's and decay's numbers come in as an argument
 
@@ -158,7 +175,7 @@ def make_train_step(model: Model, task: Task, tx: optax.GradientTransformation,
     inner = tx.transform(hyper) if traced else tx
     lr_at = optim.schedule_of(tx.cfg.schedule, hyper) if traced else schedule
     rng = jax.random.fold_in(state.rng, state.step)
-    loss_sum, count, grads = (summed if grad_accum == 1 else accumulated)(state.params, state.frozen, batch, rng)
+    loss_sum, count, grads, sums = (summed if grad_accum == 1 else accumulated)(state.params, state.frozen, batch, rng)
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = inner.update(grads, state.opt_state, state.params)
@@ -168,7 +185,8 @@ def make_train_step(model: Model, task: Task, tx: optax.GradientTransformation,
     if skip_nonfinite:  # params and moments stay as they were; the batch still counts as consumed
       params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
                                        (state.params, state.opt_state))
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_at(state.step), "finite": finite}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_at(state.step), "finite": finite,
+               **{k: v / count for k, v in sums.items()}}
     return TrainState(state.step + 1, params, state.frozen, opt_state, state.rng), metrics
 
   replicated = sharding.replicated(batch_sharding.mesh)
@@ -222,8 +240,9 @@ def make_eval_step(model: Model, task: Task, dtype: jnp.dtype, batch_sharding: N
   shards = sharding.batch_shards(batch_sharding.mesh, model.rules)
 
   def step(params: Params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    block = head_for(model, task, vocab_block, batch, shards).get("vocab_block", 0)
-    _, logits = loss_fn(model, task, params, batch, dtype, None, block)
+    head = head_for(model, task, vocab_block, batch, shards)
+    batch = with_reference(model, task, params, None, batch, dtype, head)
+    _, logits = loss_fn(model, task, params, batch, dtype, None, head.get("vocab_block", 0))
     return task.eval_outputs(logits, batch)
 
   return jax.jit(step, in_shardings=(model.held[1], batch_sharding),

@@ -71,7 +71,7 @@ def load_tokenizer(model_cfg: ModelConfig) -> Any:
 def check_kind(hf_config: dict[str, Any], model_cfg: ModelConfig, head: str | None) -> tuple[str, ModelFamily]:
   """(family name, family) of an HF config; a family that cannot carry `head` (a task's name) is a UserError."""
   family_name, family = family_of(hf_config)
-  kind = {"causal_lm": "decoder", "seq2seq": "seq2seq"}.get(head or "", "encoder")
+  kind = {"causal_lm": "decoder", "preference": "decoder", "seq2seq": "seq2seq"}.get(head or "", "encoder")
   if head is not None and family.kind != kind:
     raise UserError(f"model.path {model_cfg.path} is a {family_name} {family.kind}, but task {head} needs "
                     f"{'an' if kind == 'encoder' else 'a'} {kind} model; change task or model.path.")
