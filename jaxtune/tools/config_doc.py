@@ -34,7 +34,7 @@ def _comments(lines: list[str], node: ast.AnnAssign) -> str:
 
 
 def _cell(text: str) -> str:
-  return text.replace("|", "\\|").replace("\n", " ")
+  return " ".join(text.replace("|", "\\|").split())  # one line, an annotation's wrapped lines joined
 
 
 def section_docs(cls: type) -> list[tuple[str, str, str, str]]:
@@ -74,7 +74,7 @@ def markdown() -> str:
   """The whole page."""
   classes = [sections.Config, sections.ModelConfig, sections.LoraConfig, sections.DataConfig, sections.OptimConfig,
              sections.TrainConfig, sections.CheckpointConfig, sections.MeshConfig, sections.GenerateConfig,
-             sections.QAConfig]
+             sections.QAConfig, sections.PreferenceConfig]
   out = [HEADER]
   for cls in classes:
     key = cls.SECTION
