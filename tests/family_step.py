@@ -1,7 +1,9 @@
-"""One AdamW step of a causal LM checkpoint on a mesh: python tests/family_step.py MODEL_DIR OUT.npz DATA FSDP TENSOR
+"""One AdamW step of each causal LM checkpoint on a mesh:
+python tests/family_step.py DATA FSDP TENSOR MODEL_DIR OUT.npz [MODEL_DIR OUT.npz ...]
 
-Writes the step's loss and gradient norm, every updated param (gathered) and, per param, whether its array is
-split over the devices. tests/test_family_meshes.py runs it with 8 simulated devices and compares with 1."""
+Writes each step's loss and gradient norm, every param before and after (gathered) and, per param, whether its array is
+split over the devices. tests/test_family_meshes.py runs it once for all its checkpoints (one process start and
+jax import) with 8 simulated devices and compares with 1."""
 
 from __future__ import annotations
 
@@ -39,14 +41,16 @@ def step_once(model_dir: str, data: int, fsdp: int, tensor: int) -> dict[str, np
   batch = {"input_ids": tokens, "targets": np.concatenate([tokens[:, 1:], end], 1), "segment_ids": segment_ids,
            "positions": (np.arange(16) * segment_ids).astype(np.int32),
            "loss_mask": np.concatenate([segment_ids[:, 1:], end], 1).astype(np.float32)}
+  before = {f"before/{p}": np.asarray(jax.device_get(x)) for p, x in params_lib.flatten(state.params).items()}
   state, metrics = train_step(state, batching.to_device(batch, sharding.batch_sharding(mesh)))
   flat = params_lib.flatten(state.params)
-  out = {f"param/{p}": np.asarray(jax.device_get(x)) for p, x in flat.items()}
+  out = {**before, **{f"param/{p}": np.asarray(jax.device_get(x)) for p, x in flat.items()}}
   out.update({f"split/{p}": np.asarray(not x.sharding.is_fully_replicated) for p, x in flat.items()})
   out.update({"loss": np.asarray(metrics["loss"]), "grad_norm": np.asarray(metrics["grad_norm"])})
   return out
 
 
 if __name__ == "__main__":
-  model_dir, out, *mesh = sys.argv[1:]
-  np.savez(out, **step_once(model_dir, *map(int, mesh)))
+  data, fsdp, tensor, *pairs = sys.argv[1:]
+  for model_dir, out in zip(pairs[::2], pairs[1::2], strict=True):
+    np.savez(out, **step_once(model_dir, int(data), int(fsdp), int(tensor)))

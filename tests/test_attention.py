@@ -5,6 +5,7 @@ masks and segment handling, values and gradients, in float32 and bfloat16.
 """
 
 import dataclasses
+import functools
 import logging
 
 import jax
@@ -183,3 +184,43 @@ def test_a_splash_kernel_made_under_shard_map_serves_later_traces():
   eager = attention.attend(q, k, v, layers.Context(mesh=sharding.make_mesh(MeshConfig()), attention="splash"), mask)
   jitted = jax.jit(lambda q, k, v: attention.attend(q, k, v, layers.Context(attention="splash"), mask))(q, k, v)
   np.testing.assert_array_equal(eager, jitted)
+
+
+def test_a_soft_cap_and_a_layers_window_flag_reach_every_kernel(caplog, monkeypatch):
+  """Gemma 2's soft cap on the scores and a mixed stack's traced per-layer window flag: splash computes both (one
+  kernel per mask under lax.cond), the CPU kernel neither (XLA's ops take over, logged); values and gradients
+  equal the reference's either way the flag goes."""
+  caplog.set_level(logging.INFO, logger="jaxtune.models.attention")
+  monkeypatch.setattr(attention, "_said", set())  # each reason is logged once a process: here, afresh
+  cpu_attention.load()
+  q, k, v = _inputs(2, 128, 4, 2, 16, seed=3)
+  seg, pos = _packed(2, 128)
+  mask = functools.partial(attention.Mask, q_segments=seg, kv_segments=seg, causal=True, q_positions=pos,
+                           kv_positions=pos)
+  real = _real_queries(mask(), 2, 128)
+  w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32) * real
+
+  def value_and_grads(fn):  # the output and the gradients of sum(output * w)
+    out, vjp = jax.vjp(fn, q, k, v)
+    return out, vjp(w)
+
+  for cap in (None, 1.0):
+    want = {local: value_and_grads(lambda q, k, v: attention.reference(q, k, v, mask(window=20 if local else None),
+                                                                       0.25, soft_cap=cap)) for local in (True, False)}
+    assert float(jnp.abs((want[True][0] - want[False][0]) * real).max()) > 0.1  # the window bites
+    for how in ("splash", "xla", "cpu"):
+      run = jax.jit(lambda flag: value_and_grads(lambda q, k, v: attention.attend(  # one program, either flag
+          q, k, v, layers.Context(attention=how), mask(window=20, local=flag), soft_cap=cap)))
+      for local in (True, False):
+        got = run(jnp.asarray(local))
+        np.testing.assert_allclose(got[0] * real, want[local][0] * real, atol=2e-5, err_msg=f"{how} {cap} {local}")
+        for name, got_g, want_g in zip("qkv", got[1], want[local][1]):
+          np.testing.assert_allclose(got_g, want_g, atol=2e-5, err_msg=f"{how} cap={cap} local={local} d{name}")
+  capped = attention.reference(q, k, v, mask(), 0.25, soft_cap=1.0)
+  assert float(jnp.abs((capped - attention.reference(q, k, v, mask(), 0.25)) * real).max()) > 0.1  # the cap bites
+  assert attention.choose(layers.Context(attention="cpu"), q, k, mask(), 0.0) == "cpu"  # the full layers' kernel
+  assert "C++ CPU attention kernel has no sliding window" in caplog.text
+  assert "C++ CPU attention kernel has no soft cap" in caplog.text
+  q16 = q.astype(jnp.bfloat16)
+  assert attention.choose(layers.Context(mesh=_Devices("gpu")), q16, q16, mask(), 0.0, soft_cap=1.0) == "xla"
+  assert "cuDNN's fused attention has no soft cap" in caplog.text

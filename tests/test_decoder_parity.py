@@ -12,14 +12,17 @@ from jaxtune import sharding
 from jaxtune.config import MeshConfig, ModelConfig
 from jaxtune.errors import UserError
 from jaxtune.generation import decoder, search
-from jaxtune.models.llama import LlamaConfig, rope_frequencies
+from jaxtune.models.llama import LlamaConfig, rope_frequencies, sliding_layers
 from jaxtune.weights import pretrained
 
 MESH = sharding.make_mesh(MeshConfig())
 BASE = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64)
+# Gemma: larger weights so that soft caps of a few units bite; a window of 5 < the 24 tokens; 2 layers: local, global
+GEMMA = dict(BASE, head_dim=8, query_pre_attn_scalar=16, sliding_window=5, initializer_range=0.3)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 4}
+PHI3 = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # Phi3Config's own ids (32000 on) lie past the vocab
 CASES = {
     "llama_gqa_untied": (transformers.LlamaConfig(**BASE), transformers.LlamaForCausalLM),
     "llama_tied": (transformers.LlamaConfig(**BASE, tie_word_embeddings=True), transformers.LlamaForCausalLM),
@@ -31,6 +34,22 @@ CASES = {
     "qwen2_sliding_window": (transformers.Qwen2Config(**BASE, use_sliding_window=True, sliding_window=7,
                                                       max_window_layers=0), transformers.Qwen2ForCausalLM),
     "qwen3_qk_norm": (transformers.Qwen3Config(**BASE, head_dim=8), transformers.Qwen3ForCausalLM),
+    # the window on the layers from max_window_layers on only: layer 0 full, layer 1 sliding
+    "qwen2_mixed_windows": (transformers.Qwen2Config(**BASE, use_sliding_window=True, sliding_window=7,
+                                                     max_window_layers=1), transformers.Qwen2ForCausalLM),
+    "gemma2_soft_caps": (transformers.Gemma2Config(**GEMMA, attn_logit_softcapping=4.0, final_logit_softcapping=8.0),
+                         transformers.Gemma2ForCausalLM),
+    # q/k norms; the local layer's own rope base, linear rope scaling on the global layer only
+    "gemma3_text": (transformers.Gemma3TextConfig(**GEMMA, layer_types=["sliding_attention", "full_attention"],
+                                                  rope_scaling={"rope_type": "linear", "factor": 4.0}),
+                    transformers.Gemma3ForCausalLM),
+    "phi3": (transformers.Phi3Config(**BASE, **PHI3), transformers.Phi3ForCausalLM),  # fused qkv_proj, gate_up_proj
+    "phi3_sliding_window": (transformers.Phi3Config(**BASE, **PHI3, sliding_window=7), transformers.Phi3ForCausalLM),
+    # Phi-4-mini's layout: rotary on 6 of each head's 8 dims, longrope (its long factors past 8 positions), tied
+    "phi4_mini_longrope": (transformers.Phi3Config(**BASE, **PHI3, partial_rotary_factor=0.75, tie_word_embeddings=True,
+                                                   original_max_position_embeddings=8, rope_parameters={
+                                                       "rope_type": "longrope", "short_factor": [1.0, 1.3, 2.0],
+                                                       "long_factor": [1.5, 3.0, 7.0]}), transformers.Phi3ForCausalLM),
     "gpt2": (transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64),
              transformers.GPT2LMHeadModel),
     # the 1/(layer+1) attention scale is the one per-layer difference inside the scanned stack
@@ -43,6 +62,10 @@ CASES = {
 def save(tmp_path, hf_config, cls, seed=0):
   torch.manual_seed(seed)
   model = cls(hf_config).eval()
+  with torch.no_grad():  # RMSNorm weights off their init (Gemma's 0, Llama's 1): a norm read as w vs 1 + w shows
+    for name, w in model.named_parameters():
+      if name.endswith("norm.weight"):
+        w.add_(torch.randn(w.shape) * 0.3)
   model.save_pretrained(tmp_path)
   return model
 
@@ -107,14 +130,15 @@ def test_packed_documents_do_not_see_each_other(tmp_path, case):
   np.testing.assert_allclose(together[9:], alone(doc_b), atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["qwen3_qk_norm", "qwen2_sliding_window"])
+@pytest.mark.parametrize("case", ["qwen3_qk_norm", "qwen2_sliding_window", "phi3", "phi3_sliding_window",
+                                  "qwen2_mixed_windows", "gemma2_soft_caps", "gemma3_text"])
 def test_greedy_generation_equals_transformers_generate(tmp_path, case):
   """Token for token, from ragged prompts, the newer families against transformers' own greedy `generate`."""
   hf_config, cls = CASES[case]
   ref = save(tmp_path, hf_config, cls)
   model, params = pretrained.from_pretrained(ModelConfig(path=str(tmp_path), new_params=()), 0, MESH, 0)
   rng = np.random.default_rng(3)
-  for prompt in (rng.integers(1, 99, 5), rng.integers(1, 99, 12)):  # 12 + 10 tokens pass the window of 7
+  for prompt in (rng.integers(1, 99, 5), rng.integers(1, 99, 12)):  # 12 + 10 tokens pass the windows of 5 and 7
     ours = decoder.generate(model, params, [prompt], eos_ids=[-1], s=search.Search(max_new_tokens=10))[0]
     with torch.no_grad():
       theirs = ref.generate(torch.from_numpy(prompt[None]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
@@ -122,9 +146,41 @@ def test_greedy_generation_equals_transformers_generate(tmp_path, case):
     np.testing.assert_array_equal(ours, theirs.numpy())
 
 
-def test_sliding_windows_on_some_layers_only_are_refused_with_the_reason():
-  mixed = transformers.Qwen2Config(**BASE, use_sliding_window=True, sliding_window=7, max_window_layers=1).to_dict()
-  with pytest.raises(UserError, match=r"sliding-window attention on some layers only \(1 of 2, from max_window_layers"):
-    LlamaConfig.from_hf(mixed)
-  assert LlamaConfig.from_hf(CASES["qwen2_sliding_window"][0].to_dict()).sliding_window == 7
-  assert LlamaConfig.from_hf(transformers.Qwen2Config(**BASE).to_dict()).sliding_window is None
+def test_sliding_windows_on_some_layers_are_kept_per_layer():
+  mixed = LlamaConfig.from_hf(CASES["qwen2_mixed_windows"][0].to_dict())
+  assert (mixed.sliding_window, mixed.layer_types) == (7, ("full_attention", "sliding_attention"))
+  assert np.array_equal(sliding_layers(mixed), [False, True])
+  every = LlamaConfig.from_hf(CASES["qwen2_sliding_window"][0].to_dict())  # one window for all: no per-layer flags
+  assert (every.sliding_window, every.layer_types, sliding_layers(every)) == (7, None, None)
+  none = LlamaConfig.from_hf(transformers.Qwen2Config(**BASE).to_dict())
+  assert (none.sliding_window, none.layer_types) == (None, None)
+
+
+def test_longrope_takes_the_short_factors_up_to_the_original_length_and_the_long_ones_past_it(tmp_path):
+  """transformers picks the set per forward call by max(position_ids) + 1 > original_max_position_embeddings (8)."""
+  hf_config, cls = CASES["phi4_mini_longrope"]
+  ref = save(tmp_path, hf_config, cls)
+  model, params = pretrained.from_pretrained(ModelConfig(path=str(tmp_path), new_params=()), 0, MESH, 0)
+  short, long = (rope_frequencies(model.cfg, jnp.arange(n)[None]) for n in (8, 9))
+  assert short.shape == (3,) and not np.allclose(short, long)  # 3 frequencies: 6 rotary dims of 8
+  for length in (8, 9):
+    ids = np.random.default_rng(4).integers(0, 99, (2, length))
+    with torch.no_grad():
+      want = ref(input_ids=torch.from_numpy(ids)).logits.numpy()
+    got = np.asarray(model.apply(params, batch_for(ids, np.ones_like(ids)))["logits"])
+    assert np.abs(got - want).max() <= 1e-4, length
+
+
+def test_unsupported_rope_types_are_refused_naming_the_supported_ones():
+  yarn = transformers.LlamaConfig(**BASE, rope_scaling={"rope_type": "yarn", "factor": 2.0}).to_dict()
+  with pytest.raises(UserError, match=r"rope type 'yarn' is not supported \(only \('default', 'linear', 'llama3', "
+                                      r"'longrope'\)\)"):
+    LlamaConfig.from_hf(yarn)
+
+
+def test_phi3_dropout_on_residuals_or_embeddings_is_refused():
+  hf = transformers.Phi3Config(**BASE, **PHI3, resid_pdrop=0.1).to_dict()
+  with pytest.raises(UserError, match="sets resid_pdrop 0.1, embd_pdrop 0.0, but jaxtune's Phi-3 has dropout on the "
+                                      "attention probabilities only"):
+    LlamaConfig.from_hf(hf)
+  assert LlamaConfig.from_hf(CASES["phi3_sliding_window"][0].to_dict()).sliding_window == 7

@@ -15,6 +15,7 @@ import transformers
 import yaml
 from conftest import export_run, load_checkpoint, run_script, write_config
 from safetensors import safe_open
+from test_decoder_parity import CASES as PARITY
 from test_gguf import write_tiny_llama
 
 from jaxtune import config as config_lib
@@ -37,6 +38,13 @@ DECODERS = {
     "llama_tied_bf16": (transformers.LlamaConfig(**BASE, tie_word_embeddings=True), transformers.LlamaForCausalLM),
     "qwen2_qkv_bias": (transformers.Qwen2Config(**BASE), transformers.Qwen2ForCausalLM),
     "qwen3_qk_norm": (transformers.Qwen3Config(**BASE, head_dim=8), transformers.Qwen3ForCausalLM),
+    "phi3": (transformers.Phi3Config(**BASE, pad_token_id=0, eos_token_id=2), transformers.Phi3ForCausalLM),
+    "phi4_mini_longrope": (transformers.Phi3Config(**BASE, pad_token_id=0, eos_token_id=2, partial_rotary_factor=0.75,
+                                                   tie_word_embeddings=True, original_max_position_embeddings=8,
+                                                   rope_parameters={"rope_type": "longrope", "short_factor": [1, 2, 3],
+                                                                    "long_factor": [2, 4, 8]}),
+                           transformers.Phi3ForCausalLM),
+    **{case: PARITY[case] for case in ("qwen2_mixed_windows", "gemma2_soft_caps", "gemma3_text")},
 }
 
 
@@ -117,9 +125,15 @@ def test_decoder_export_matches_our_logits(tmp_path, case):
   check_decoder_export(tmp_path, tmp_path / "src", cls, source)
   with safe_open(tmp_path / "hf" / "model.safetensors", "np") as f:
     written = set(f.keys())
-  assert ("lm_head.weight" in written) == (case in ("llama_gqa_untied", "qwen2_qkv_bias", "qwen3_qk_norm"))
-  if case == "qwen3_qk_norm":
+  assert ("lm_head.weight" in written) == (case in ("llama_gqa_untied", "qwen2_qkv_bias", "qwen3_qk_norm", "phi3",
+                                                     "qwen2_mixed_windows"))
+  if case in ("qwen3_qk_norm", "gemma3_text"):
     assert "model.layers.1.self_attn.k_norm.weight" in written
+  if case.startswith("gemma"):
+    assert "model.layers.1.post_feedforward_layernorm.weight" in written
+  if case.startswith("phi"):  # q, k, v and gate, up written back as the fused tensors, in their row order
+    assert {"model.layers.1.self_attn.qkv_proj.weight", "model.layers.1.mlp.gate_up_proj.weight"} <= written
+    assert not [k for k in written if k.endswith(("q_proj.weight", "k_proj.weight", "gate_proj.weight"))]
 
 
 def test_gguf_sourced_llama_exports(tmp_path):

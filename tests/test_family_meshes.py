@@ -1,6 +1,6 @@
-"""The newer decoder families (Qwen3, Qwen2 with sliding windows) take a sharded train step on 8 simulated
-devices (fsdp 4 x tensor 2) equal to the one-device step (tests/family_step.py); the older families are covered by
-tests/test_meshes.py."""
+"""The newer decoder families (Qwen3, Qwen2 with sliding windows on every or some layers, Gemma 2 and 3) take a
+sharded train step on 8 simulated devices (fsdp 4 x tensor 2) equal to the one-device step (tests/family_step.py);
+the older families are covered by tests/test_meshes.py."""
 
 from __future__ import annotations
 
@@ -12,28 +12,27 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO
-from family_step import step_once
+from family_step import OPT, step_once
 from test_decoder_parity import CASES
 
-FAMILIES = ["qwen3_qk_norm", "qwen2_sliding_window"]
+FAMILIES = ["qwen3_qk_norm", "qwen2_sliding_window", "phi3", "qwen2_mixed_windows", "gemma2_soft_caps", "gemma3_text"]
 
 
 @pytest.fixture(scope="module")
 def eight_devices(tmp_path_factory):
-  """{case: (its checkpoint dir, the step on 8 devices)}, all cases in one subprocess launch each."""
-  out = {}
+  """{case: (its checkpoint dir, the step on 8 devices)}, every case in one subprocess launch."""
+  paths = {}
   for case in FAMILIES:
     hf_config, cls = CASES[case]
-    path = tmp_path_factory.mktemp(case)
+    paths[case] = tmp_path_factory.mktemp(case)
     torch.manual_seed(0)
-    cls(hf_config).save_pretrained(path)
-    npz = path / "step8.npz"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, str(REPO / "tests" / "family_step.py"), str(path), str(npz), "1", "4", "2"],
-                          env=env, capture_output=True, text=True, timeout=600, cwd=REPO / "tests")
-    assert done.returncode == 0, done.stderr[-3000:]
-    out[case] = (path, dict(np.load(npz)))
-  return out
+    cls(hf_config).save_pretrained(paths[case])
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  pairs = [str(x) for case in FAMILIES for x in (paths[case], paths[case] / "step8.npz")]
+  done = subprocess.run([sys.executable, str(REPO / "tests" / "family_step.py"), "1", "4", "2", *pairs],
+                        env=env, capture_output=True, text=True, timeout=900, cwd=REPO / "tests")
+  assert done.returncode == 0, done.stderr[-3000:]
+  return {case: (paths[case], dict(np.load(paths[case] / "step8.npz"))) for case in FAMILIES}
 
 
 @pytest.mark.parametrize("case", FAMILIES)
@@ -46,6 +45,10 @@ def test_a_sharded_step_equals_the_one_device_step(eight_devices, case):
   for k in params:
     if k.endswith("attn.k.bias"):  # shifts every score of a query alike: its true gradient is 0, and Adam's
       continue                     # first step turns rounding noise into steps (docs/fidelity.md, BERT's key bias)
-    np.testing.assert_allclose(sharded[k], one[k], rtol=0, atol=1e-5, err_msg=k)
+    # Adam's first step is lr g / (|g| + eps), a full lr where |g| >> eps; where |g| is within 100 eps of 0 (a rare
+    # token's row, a near-cancelling weight) the step's size follows the float noise of g, to 1e-4 here
+    full = np.abs(one[k] - one[k.replace("param/", "before/")]) > 0.99 * OPT.lr
+    np.testing.assert_allclose(sharded[k][full], one[k][full], rtol=0, atol=1e-5, err_msg=k)
+    np.testing.assert_allclose(sharded[k], one[k], rtol=0, atol=1e-4, err_msg=k)
   split = [k for k in params if sharded[k.replace("param/", "split/")]]
   assert len(split) >= len(params) // 2, split  # the kernels and embeddings really are spread over the devices

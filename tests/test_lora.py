@@ -153,13 +153,26 @@ def tiny_gpt2_dir(tmp_path_factory):
   return path
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_decoder_adapters_on_every_projection_match_peft(name, tiny_llama_dir, tiny_gpt2_dir):
+@pytest.fixture(scope="module")
+def tiny_phi3_dir(tmp_path_factory):
+  torch.manual_seed(0)
+  path = tmp_path_factory.mktemp("tiny_phi3")
+  transformers.Phi3ForCausalLM(transformers.Phi3Config(
+      vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, pad_token_id=0, eos_token_id=2)).save_pretrained(path)
+  return path
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "phi3"])
+def test_decoder_adapters_on_every_projection_match_peft(name, tiny_llama_dir, tiny_gpt2_dir, tiny_phi3_dir):
   """Adapters on every projection: Llama's key/value and gate/up pairs run as one matmul; GPT-2's fused
-  c_attn and its Conv1D layout (PEFT's fan_in_fan_out)."""
+  c_attn and its Conv1D layout (PEFT's fan_in_fan_out). Phi-3's q and v (not k) become one adapter of rank 2 x 3 on
+  its fused qkv_proj, and up (not gate) one of rank 3 on gate_up_proj, zero rows for the pieces without one."""
   model_dir, targets, per_layer, cls = {
       "llama": (tiny_llama_dir, LLAMA_TARGETS, 7, transformers.LlamaForCausalLM),
       "gpt2": (tiny_gpt2_dir, [r"blocks\.(qkv|attn_out|mlp_in|mlp_out)\.kernel"], 4, transformers.GPT2LMHeadModel),
+      "phi3": (tiny_phi3_dir, [r"layers\.attn\.(q|v|o)\.kernel", r"layers\.mlp\.(up|down)\.kernel"], 4,
+               transformers.Phi3ForCausalLM),
   }[name]
   model_cfg = ModelConfig(path=str(model_dir), new_params=(), lora=LoraConfig(targets=tuple(targets), rank=3,
                                                                               alpha=5.0))
@@ -176,6 +189,9 @@ def test_decoder_adapters_on_every_projection_match_peft(name, tiny_llama_dir, t
                                               "causal_lm", fan_in_fan_out=name == "gpt2")
   assert len(adapter_config["target_modules"]) == per_layer * 2  # both tiny models have 2 layers
   assert adapter_config["modules_to_save"] == []  # a causal LM under LoRA trains nothing else
+  if name == "phi3":
+    assert adapter_config["rank_pattern"] == {r"model\.layers\.\d+\.self_attn\.qkv_proj": 6,
+                                              r"model\.layers\.\d+\.mlp\.gate_up_proj": 3}
   base = cls.from_pretrained(model_dir).eval()
   inputs = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
   with torch.no_grad():

@@ -50,7 +50,7 @@ for name, sizes in {"fsdp8": dict(data=1, fsdp=8), "2x2x2": dict(data=2, fsdp=2,
   reader.read = counted
   reader.bytes_read = 0
   params = params_lib.flatten(pretrained.load_params(model, model_cfg, reader, seed=0))
-  param_map = FAMILIES["llama"].param_map(model.cfg)
+  param_map = FAMILIES[model.family].param_map(model.cfg)
   for path, (key, kind) in param_map.items():
     got, want_shape = np.asarray(params[path]), params[path].shape
     if hf.is_stacked(key):  # the old eager path: whole tensors, converted, stacked
@@ -66,9 +66,29 @@ print(json.dumps(report))
 """
 
 
-def test_sharded_load_reads_each_slice_once_and_equals_the_eager_import(tmp_path):
-  total = loadmem.write_checkpoint(tmp_path / "ckpt", TINY, files=3)
-  assert len(set(json.loads((tmp_path / "ckpt" / hf.INDEX).read_text())["weight_map"].values())) == 3
+def write_phi3(out) -> int:
+  """A random Phi-3 of TINY's sizes (q, k, v in one qkv_proj, gate and up in one gate_up_proj) in several safetensors
+  files; its bytes."""
+  import torch
+  import transformers
+
+  torch.manual_seed(0)
+  sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+           "vocab_size")
+  cfg = transformers.Phi3Config(**{k: TINY[k] for k in sizes}, pad_token_id=0, eos_token_id=2)
+  transformers.Phi3ForCausalLM(cfg).save_pretrained(out, max_shard_size="200KB")
+  reader = hf.SafetensorsReader(out)
+  return sum(4 * int(np.prod(reader.shape(key))) for key in reader.keys())
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_sharded_load_reads_each_slice_once_and_equals_the_eager_import(tmp_path, family):
+  """Phi-3's fused tensors too: each of q, k, v (gate, up) reads its own slices of its rows, none the whole tensor."""
+  if family == "llama":
+    total = loadmem.write_checkpoint(tmp_path / "ckpt", TINY, files=3)
+  else:
+    total = write_phi3(tmp_path / "ckpt")
+  assert len(set(json.loads((tmp_path / "ckpt" / hf.INDEX).read_text())["weight_map"].values())) > 1
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "ckpt")], env=env, capture_output=True,
                         text=True, cwd=REPO, timeout=600, check=False)

@@ -1,6 +1,7 @@
 """The vocabulary-tiled cross-entropy (models/vocab.py) against the plain one: loss and every gradient within 1e-6
 in float32 on tiny decoders and encoder-decoders (tied and untied heads, T5's rescale, BART's final_logits_bias,
-a LoRA adapter on the head), and the compiled train step's temporaries at Llama 3's vocabulary and 4096 tokens."""
+a LoRA adapter on the head, Gemma 2's soft cap), and the compiled train step's temporaries at Llama 3's vocabulary
+and 4096 tokens."""
 
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ CASES = {
     "llama_tied": (transformers.LlamaConfig(**LLAMA, tie_word_embeddings=True), transformers.LlamaForCausalLM),
     "gpt2": (transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64),
              transformers.GPT2LMHeadModel),
+    # logits of about +-0.3 soft-capped at 0.2: each block's capped logits and the cap's derivative in backward
+    "gemma2_soft_cap": (transformers.Gemma2Config(**LLAMA, head_dim=8, final_logit_softcapping=0.2),
+                        transformers.Gemma2ForCausalLM),
     "t5_tied_rescaled": (transformers.T5Config(**SEQ2SEQ, d_kv=8, d_ff=37, num_layers=2, feed_forward_proj="relu",
                                                tie_word_embeddings=True), transformers.T5ForConditionalGeneration),
     "bart_logits_bias": (transformers.BartConfig(**BART), transformers.BartForConditionalGeneration),
@@ -92,7 +96,7 @@ def assert_close(want, got):
 @pytest.mark.parametrize("case", CASES)
 def test_tiled_loss_and_gradients_equal_the_plain_ones(case, tmp_path):
   model, params = load(case, tmp_path)
-  task = TASKS["causal_lm" if case.split("_")[0] in ("llama", "gpt2") else "seq2seq"]
+  task = TASKS["causal_lm" if case.split("_")[0] in ("llama", "gpt2", "gemma2") else "seq2seq"]
   batch = batch_for(model, task.name)
   plain = loss_and_grads(model, params, None, task, batch, 0)
   assert not isinstance(plain[2], vocab.TiledHead)

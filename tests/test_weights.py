@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -99,3 +100,31 @@ def test_layout_round_trip():
   for kind, ours in [("copy", (5, 3)), ("flat", (4, 2)), ("linear", (3, 4, 2)), ("linear_hk", (4, 2, 3))]:
     theirs = rng.normal(size=hf.hf_shape(kind, ours))
     np.testing.assert_array_equal(hf.to_hf(hf.to_ours(theirs, kind, ours), kind), theirs)
+
+
+def test_fused_tensor_pieces_map_to_their_rows_and_export_joins_them():
+  fused = np.random.default_rng(0).normal(size=(10, 3))  # torch (out, in): rows 0:4 one param's, 4:10 another's
+  param_map = {"a": ("w", "linear[0:4]"), "b": ("w", "linear[4:10]")}
+  ours = {"a": hf.to_ours(fused, "linear[0:4]", (3, 4)), "b": hf.to_ours(fused, "linear[4:10]", (3, 2, 3))}
+  np.testing.assert_array_equal(ours["a"], fused[:4].T)
+  np.testing.assert_array_equal(ours["b"], fused[4:].T.reshape(3, 2, 3))
+  np.testing.assert_array_equal(hf.to_hf_tensors(param_map, ours)["w"], fused)
+  with pytest.raises(RuntimeError, match="not covering all 10"):
+    hf.to_hf_tensors(param_map, ours, ["b"])
+
+
+def test_fused_tensor_of_the_wrong_size_is_one_error_naming_it(tmp_path):
+  """Phi-3's qkv_proj holds q's 32, k's 16 and v's 16 rows; one row short is refused before a byte is read."""
+  import torch
+  import transformers
+
+  torch.manual_seed(0)
+  cfg = transformers.Phi3Config(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2)
+  transformers.Phi3ForCausalLM(cfg).save_pretrained(tmp_path / "src")
+  load(tmp_path / "src")
+  key = "model.layers.1.self_attn.qkv_proj.weight"
+  d = edited_copy(tmp_path / "src", tmp_path / "short", lambda t: {**t, key: t[key][:-1].copy()})
+  with pytest.raises(UserError, match=rf"checkpoint key {re.escape(key)} has shape \(63, 32\), but layers\.attn\."
+                                      r"k\.kernel needs \(32, 2, 8\) from its rows 32:48 of \(64, 32\)"):
+    load(d)

@@ -14,8 +14,8 @@ from jaxtune import config as config_lib
 from jaxtune.config import Config
 
 PIPELINE = {"classification": "text-classification", "question_answering": "question-answering",
-            "token_classification": "token-classification", "causal_lm": "text-generation", "preference": "text-generation",
-            "seq2seq": "text2text-generation"}
+            "token_classification": "token-classification", "causal_lm": "text-generation",
+            "preference": "text-generation", "seq2seq": "text2text-generation"}
 
 
 def hub_id(path: str) -> str | None:

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from jaxtune.models import bart, encoder, gpt2, llama, t5
+from jaxtune.models import bart, encoder, gemma, gpt2, llama, phi3, t5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +22,12 @@ class ModelFamily:
 
 _LLAMA = ModelFamily(llama.LlamaConfig, llama.LlamaLM, llama.hf_param_map, llama.hf_ignored_keys, "model.",
                      "decoder")
+
+# Phi-3: Llama's modules, with q, k, v and gate, up read from (and written back to) rows of its fused tensors
+_PHI3 = dataclasses.replace(_LLAMA, param_map=lambda cfg: phi3.fused_param_map(llama.hf_param_map(cfg), cfg))
+
+# Gemma 2 and Gemma 3 text: the Llama module with Gemma's flags, read and mapped by gemma.py
+_GEMMA = ModelFamily(gemma.GemmaConfig, llama.LlamaLM, gemma.hf_param_map, llama.hf_ignored_keys, "model.", "decoder")
 
 _T5 = ModelFamily(t5.T5Config, t5.T5, t5.hf_param_map, t5.hf_ignored_keys, "", "seq2seq")
 
@@ -46,4 +52,7 @@ FAMILIES: dict[str, ModelFamily] = {
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
+    "gemma2": _GEMMA,
+    "gemma3_text": _GEMMA,
+    "phi3": _PHI3,
 }

@@ -66,18 +66,20 @@ def extend(cache: LayerCache | None, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
 
 def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, segments: Segments,
            kv: tuple[jax.Array, jax.Array], ctx: layers.Context, dropout_rate: float = 0.0,
-           rng: jax.Array | None = None, window: int | None = None) -> jax.Array:
+           rng: jax.Array | None = None, window: int | None = None, local: jax.Array | None = None,
+           scale: float | None = None, soft_cap: float | None = None) -> jax.Array:
   """Grouped-query attention under the segment-causal mask (attention.attend picks the kernel).
 
   Without a cache, keys are the queries' own tokens in order and positions restart at 0 in each segment,
   so causal by position is causal by index: the fused kernels' causal mask plus segment ids. `window`: sliding-window
-  attention (Mistral), a query sees its own position and the window - 1 before it.
+  attention (Mistral), a query sees its own position and the window - 1 before it; only where the traced bool
+  `local` holds, when given (a layer of a stack that mixes windowed and full layers: Gemma, some Qwen2).
   """
   kv_seg_BxS, kv_pos_BxS = kv
   mask = attention.Mask(q_segments=segments.q_segments, kv_segments=kv_seg_BxS, causal=True,
-                        q_positions=segments.q_positions, kv_positions=kv_pos_BxS, window=window,
+                        q_positions=segments.q_positions, kv_positions=kv_pos_BxS, window=window, local=local,
                         in_order=segments.start is None)
-  return attention.attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, ctx, mask, None, dropout_rate, rng)
+  return attention.attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, ctx, mask, scale, dropout_rate, rng, soft_cap)
 
 
 def advance(cache: Cache | None, segments: Segments) -> Cache | None:

@@ -4,8 +4,9 @@ flash attention (GPU). Neither writes a B x H x L x S tensor: scores live in on-
 Splash runs per device under shard_map (batch over the mesh's batch axes, heads over tensor), in Pallas
 interpret mode where the devices are not TPUs (how the CPU tests check its values and gradients). Its masks
 are static blocks (causal, local window) plus segment ids (padding and packed documents); grouped-query heads
-share their key/value heads inside the kernel. cuDNN goes through jax.nn.dot_product_attention, which in this
-jax takes no segment ids: padding and packed documents travel as a dense B x 1 x L x S mask (logged).
+share their key/value heads inside the kernel, and it soft-caps the scores itself (Gemma 2). cuDNN goes through
+jax.nn.dot_product_attention, which in this jax takes no segment ids (padding and packed documents travel as a
+dense B x 1 x L x S mask, logged) and no soft cap.
 Dimensions: B batch, L queries, S keys, H query heads, G key/value heads, K head dim.
 """
 
@@ -29,8 +30,10 @@ log = logging.getLogger(__name__)
 SPLASH_BLOCK = 128  # lengths pad to a multiple; blocks of 512 where the padded length divides
 
 
-def cudnn_refuses(q_BxLxHxK: jax.Array, mask: Mask) -> str | None:
+def cudnn_refuses(q_BxLxHxK: jax.Array, mask: Mask, soft_cap: float | None = None) -> str | None:
   """Why cuDNN's fused attention cannot compute this (None: it can)."""
+  if soft_cap is not None:
+    return f"cuDNN's fused attention has no soft cap on the scores (attn_logit_softcapping {soft_cap})"
   if q_BxLxHxK.dtype not in (jnp.bfloat16, jnp.float16):
     return f"cuDNN's fused attention takes bfloat16 or float16, not {q_BxLxHxK.dtype} (set model.compute_dtype)"
   if q_BxLxHxK.shape[-1] % 8 or q_BxLxHxK.shape[-1] > 256:
@@ -54,8 +57,8 @@ def cudnn(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, mask
 
 
 def splash(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, mask: Mask, scale: float,
-           ctx: Context) -> jax.Array:
-  """Splash attention over the mesh: B x L x H x K."""
+           ctx: Context, soft_cap: float | None = None) -> jax.Array:
+  """Splash attention over the mesh: B x L x H x K; the scaled scores soft-capped at `soft_cap` when given."""
   b, length, h, _ = q_BxLxHxK.shape
   keys = k_BxSxGxK.shape[1]
   pad_q, pad_kv = -length % SPLASH_BLOCK, -keys % SPLASH_BLOCK
@@ -74,7 +77,7 @@ def splash(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, mas
       head_spec = None
   heads_here = h // _size(ctx, head_spec)
   # Built here, outside shard_map: its block tables are constants of no trace, so the cached kernel serves the next.
-  kernel = _kernel(heads_here, length + pad_q, keys + pad_kv, mask.causal, mask.window, interpret)
+  kernel = _kernel(heads_here, length + pad_q, keys + pad_kv, mask.causal, mask.window, soft_cap, interpret)
 
   def run(q, k, v, qs, ks):
     if qs is None:
@@ -130,7 +133,8 @@ def _segments_type():
 
 
 @functools.cache
-def _kernel(heads: int, length: int, keys: int, causal: bool, window: int | None, interpret: bool):
+def _kernel(heads: int, length: int, keys: int, causal: bool, window: int | None, soft_cap: float | None,
+            interpret: bool):
   """The splash kernel for one device's heads (its masks are processed into block tables once per shape)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
@@ -146,4 +150,4 @@ def _kernel(heads: int, length: int, keys: int, causal: bool, window: int | None
                              block_kv_dkv=block, block_kv_dkv_compute=block, use_fused_bwd_kernel=True)
   with jax.ensure_compile_time_eval():  # its block tables are constants, not values of the trace that first asks
     return kernel.make_splash_mha(masks.MultiHeadMask([one] * heads), block_sizes=blocks, head_shards=1,
-                                  q_seq_shards=1, interpret=interpret)
+                                  q_seq_shards=1, attn_logits_soft_cap=soft_cap, interpret=interpret)

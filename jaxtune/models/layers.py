@@ -153,16 +153,25 @@ class LayerNorm(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-  """x / rms(x) * scale, computed in float32: no centring, no bias (Llama's and T5's norm)."""
+  """x / rms(x) * scale, computed in float32: no centring, no bias (Llama's and T5's norm).
 
-  def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs, axis: str = "embed"):
-    self.scale = param(rngs, jax.nn.initializers.ones, (dim,), (axis,))  # axis: head_dim for a per-head norm
-    self.eps = eps
+  With `plus_one` (Gemma's) the stored weight is the offset from 1: x / rms(x) * (1 + scale), scale initially 0.
+  """
+
+  def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs, axis: str = "embed", plus_one: bool = False):
+    init = jax.nn.initializers.zeros if plus_one else jax.nn.initializers.ones
+    self.scale = param(rngs, init, (dim,), (axis,))  # axis: head_dim for a per-head norm
+    self.eps, self.plus_one = eps, plus_one
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...]).astype(x.dtype)
+    return (y * (self.scale[...] + 1.0 if self.plus_one else self.scale[...])).astype(x.dtype)
+
+
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+  """tanh(x / cap) * cap: Gemma 2's soft cap on attention scores and logits (x itself when cap is None)."""
+  return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 def lookup(table_VxD: jax.Array, ids_BxL: jax.Array, padding_id: int | None = None) -> jax.Array:

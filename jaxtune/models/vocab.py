@@ -6,7 +6,8 @@ seq2seq model called with `vocab_block` > 0 returns a `TiledHead` in place of it
 and the head's table. The loss then runs over blocks of `block` vocabulary rows: block logits, an online
 logsumexp and the label's logit forward; softmax - onehot of each block again backward (a custom VJP, so autodiff
 keeps no block either), giving d hidden = sum_blocks dz W_block and d W_block = dz^T hidden. What stays live is
-N x D and a few N x block arrays (N = B x L tokens).
+N x D and a few N x block arrays (N = B x L tokens). Gemma 2's soft cap on the logits (tanh(z / cap) * cap) is
+applied to each block, and its derivative 1 - tanh^2 to each block's dz.
 
 Dimensions: B batch, L length, N = B x L tokens, D model dim, V vocab, C block.
 """
@@ -36,7 +37,7 @@ def block_for(vocab_size: int, setting: int | None) -> int:
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["hidden", "table", "bias"],
-                   meta_fields=["block", "vocab_axis"])
+                   meta_fields=["block", "vocab_axis", "soft_cap"])
 @dataclasses.dataclass(frozen=True)
 class TiledHead:
   """What an LM returns as its `logits` when asked for tiles: logits = hidden . table (+ bias), never formed."""
@@ -45,6 +46,7 @@ class TiledHead:
   bias: jax.Array | None  # V float32, no gradient (BART's final_logits_bias), or None
   block: int
   vocab_axis: int
+  soft_cap: float | None = None  # logits z -> tanh(z / soft_cap) * soft_cap (Gemma 2's final_logit_softcapping)
 
   @property
   def vocab_size(self) -> int:
@@ -54,20 +56,21 @@ class TiledHead:
     """The plain float32 B x L x V logits (for outputs that need them; the loss does not)."""
     z = jax.lax.dot_general(self.hidden, self.table, _dims(self.hidden.ndim, self.vocab_axis))
     z = z.astype(jnp.float32)
-    return z if self.bias is None else z + jax.lax.stop_gradient(self.bias)
+    return layers.soft_cap(z if self.bias is None else z + jax.lax.stop_gradient(self.bias), self.soft_cap)
 
   def token_losses(self, targets_BxL: jax.Array) -> jax.Array:
     """float32 B x L cross-entropy of each target token, logsumexp(logits) - logits[target], block by block."""
     b, l, d = self.hidden.shape
     bias = None if self.bias is None else jax.lax.stop_gradient(self.bias.astype(jnp.float32))
-    loss_N = _cross_entropy(self.hidden.reshape(b * l, d), self.table, bias, targets_BxL.reshape(b * l).astype(jnp.int32),
-                            self.block, self.vocab_axis)
+    targets_N = targets_BxL.reshape(b * l).astype(jnp.int32)
+    loss_N = _cross_entropy(self.hidden.reshape(b * l, d), self.table, bias, targets_N, self.block, self.vocab_axis,
+                            self.soft_cap)
     return loss_N.reshape(b, l)
 
 
 def head(hidden_BxLxD: jax.Array, table: jax.Array, vocab_axis: int, block: int,
-         bias_V: jax.Array | None = None) -> TiledHead:
-  return TiledHead(hidden_BxLxD, table.astype(hidden_BxLxD.dtype), bias_V, block, vocab_axis)
+         bias_V: jax.Array | None = None, soft_cap: float | None = None) -> TiledHead:
+  return TiledHead(hidden_BxLxD, table.astype(hidden_BxLxD.dtype), bias_V, block, vocab_axis, soft_cap)
 
 
 def dense_table(dense: layers.Dense, ctx: layers.Context) -> jax.Array | None:
@@ -100,13 +103,13 @@ def _over_blocks(fn: Callable[[Any, jax.Array | int, int], Any], carry: Any, voc
 
 
 def _block_logits(h_NxD: jax.Array, table: jax.Array, bias: jax.Array | None, start: Any, size: int,
-                  axis: int) -> tuple[jax.Array, jax.Array]:
-  """(float32 N x C logits of vocabulary rows start..start+C, the table's block)."""
+                  axis: int, soft_cap: float | None) -> tuple[jax.Array, jax.Array]:
+  """(float32 N x C logits of vocabulary rows start..start+C, soft-capped when asked, the table's block)."""
   w = jax.lax.dynamic_slice_in_dim(table, start, size, axis)
   z_NxC = jax.lax.dot_general(h_NxD, w, _dims(2, axis), preferred_element_type=jnp.float32)
   if bias is not None:
     z_NxC = z_NxC + jax.lax.dynamic_slice_in_dim(bias, start, size)
-  return z_NxC, w
+  return layers.soft_cap(z_NxC, soft_cap), w
 
 
 def _label_mask(targets_N: jax.Array, start: Any, size: int) -> jax.Array:
@@ -114,17 +117,17 @@ def _label_mask(targets_N: jax.Array, start: Any, size: int) -> jax.Array:
   return (targets_N - start)[:, None] == jnp.arange(size)[None, :]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _cross_entropy(h_NxD, table, bias, targets_N, block, axis):
-  return _forward(h_NxD, table, bias, targets_N, block, axis)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _cross_entropy(h_NxD, table, bias, targets_N, block, axis, soft_cap):
+  return _forward(h_NxD, table, bias, targets_N, block, axis, soft_cap)[0]
 
 
-def _forward(h_NxD, table, bias, targets_N, block, axis):
+def _forward(h_NxD, table, bias, targets_N, block, axis, soft_cap):
   n = h_NxD.shape[0]
 
   def step(carry, start, size):
     m_N, s_N, label_N = carry
-    z_NxC, _ = _block_logits(h_NxD, table, bias, start, size, axis)
+    z_NxC, _ = _block_logits(h_NxD, table, bias, start, size, axis, soft_cap)
     new_m_N = jnp.maximum(m_N, z_NxC.max(1))
     s_N = s_N * jnp.exp(m_N - new_m_N) + jnp.exp(z_NxC - new_m_N[:, None]).sum(1)
     label_N = label_N + jnp.where(_label_mask(targets_N, start, size), z_NxC, 0.0).sum(1)
@@ -136,20 +139,25 @@ def _forward(h_NxD, table, bias, targets_N, block, axis):
   return lse_N - label_N, lse_N
 
 
-def _fwd(h_NxD, table, bias, targets_N, block, axis):
-  loss_N, lse_N = _forward(h_NxD, table, bias, targets_N, block, axis)
+def _fwd(h_NxD, table, bias, targets_N, block, axis, soft_cap):
+  loss_N, lse_N = _forward(h_NxD, table, bias, targets_N, block, axis, soft_cap)
   return loss_N, (h_NxD, table, bias, targets_N, lse_N)
 
 
-def _bwd(block, axis, residuals, g_N):
+def _bwd(block, axis, soft_cap, residuals, g_N):
   """d loss / d z = g (softmax - onehot), recomputed a block at a time; the table's gradient is written block
   by block into one buffer of its own shape (updated in place in the loop)."""
   h_NxD, table, bias, targets_N, lse_N = residuals
 
   def step(carry, start, size):
     dh_NxD, dtable = carry
-    z_NxC, w = _block_logits(h_NxD, table, bias, start, size, axis)
+    u_NxC, w = _block_logits(h_NxD, table, bias, start, size, axis, None)
+    t_NxC = None if soft_cap is None else jnp.tanh(u_NxC / soft_cap)
+    z_NxC = u_NxC if soft_cap is None else t_NxC * soft_cap
     dz_NxC = (jnp.exp(z_NxC - lse_N[:, None]) - _label_mask(targets_N, start, size)) * g_N[:, None]
+    if soft_cap is not None:  # back through z = cap tanh(u / cap), in the order autodiff of the plain logits takes
+      dt_NxC = dz_NxC * soft_cap
+      dz_NxC = (dt_NxC + dt_NxC * t_NxC) * (1.0 - t_NxC) / soft_cap
     dz_NxC = dz_NxC.astype(h_NxD.dtype)
     dh_NxD = dh_NxD + jax.lax.dot_general(dz_NxC, w, (((1,), (axis,)), ((), ())), preferred_element_type=jnp.float32)
     operands = (dz_NxC, h_NxD) if axis == 0 else (h_NxD, dz_NxC)  # C x D or D x C: the table's own layout

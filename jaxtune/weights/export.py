@@ -25,8 +25,8 @@ from jaxtune.weights import hf, peft
 
 # Our family -> the transformers class whose state-dict keys its param_map names (encoders: per head).
 DECODERS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM",
-            "mistral": "MistralForCausalLM"}
+            "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM",
+            "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 SEQ2SEQ = {"t5": "T5ForConditionalGeneration", "mt5": "MT5ForConditionalGeneration",
            "bart": "BartForConditionalGeneration", "marian": "MarianMTModel"}
 FAMILIES = set(DECODERS) | set(SEQ2SEQ) | set(encoder.ARCHITECTURES)
@@ -53,13 +53,7 @@ def hf_tensors(model: Model, params: dict[str, np.ndarray]) -> dict[str, np.ndar
   param_map = MODEL_FAMILIES[model.family].param_map(model.cfg)
   if set(param_map) != set(params):  # a param without an HF key would silently be lost
     raise RuntimeError(f"{model.family} param_map and params differ: {sorted(set(param_map) ^ set(params))[:3]}")
-  out = {}
-  for path, (hf_key, kind) in param_map.items():
-    keys = hf.layer_keys(hf_key, params[path].shape)
-    layers = params[path] if hf.is_stacked(hf_key) else [params[path]]  # a stacked param is N x ...
-    for key, array in zip(keys, layers, strict=True):
-      out[key] = np.ascontiguousarray(hf.to_hf(array, kind))  # safetensors wants C order
-  return out
+  return hf.to_hf_tensors(param_map, params)  # Phi-3's q, k, v rows concatenated back into one qkv_proj
 
 
 def hf_config(model: Model, labels: list[Any] | None, dtype: np.dtype) -> dict[str, Any]:

@@ -192,12 +192,22 @@ def _entry(key: str, info: Any, data_bytes: int) -> tuple[np.dtype, tuple[int, .
 #   linear:    torch (out, in) -> ours (in, *out) = S, one input dim
 #   linear_hk: torch (out, H*K) -> ours (H, K, *out) = S, two input dims (attention output)
 #   conv, conv_hk: HF's Conv1D (GPT-2) already stores (in, out): the linear kinds without transpose
+#   KIND[a:b]: rows a:b (torch's first axis) of a fused tensor that several params share (Phi-3's qkv_proj,
+#              gate_up_proj), each mapped as KIND; export concatenates the pieces back in row order
 N_IN = {"linear": 1, "linear_hk": 2}
 CONV_N_IN = {"conv": 1, "conv_hk": 2}
+PIECE = re.compile(r"(copy|flat|linear|linear_hk)\[(\d+):(\d+)\]")  # not conv: Conv1D's first axis is the input
+
+
+def rows(kind: str) -> tuple[str, tuple[int, int] | None]:
+  """(the plain layout kind, the fused tensor's rows (first, stop) or None) of a layout kind."""
+  piece = PIECE.fullmatch(kind)
+  return (piece[1], (int(piece[2]), int(piece[3]))) if piece else (kind, None)
 
 
 def hf_shape(kind: str, shape: Sequence[int]) -> tuple[int, ...]:
-  """The torch shape that `kind` maps to our `shape`."""
+  """The torch shape that `kind` maps to our `shape` (for a piece of a fused tensor, the piece's)."""
+  kind, _ = rows(kind)
   if kind == "copy":
     return tuple(shape)
   if kind == "flat":
@@ -209,15 +219,50 @@ def hf_shape(kind: str, shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def to_ours(array: np.ndarray, kind: str, shape: Sequence[int]) -> np.ndarray:
-  """HF layout -> ours (see the layout kinds above)."""
+  """HF layout -> ours (see the layout kinds above); a piece takes its rows of the whole fused tensor."""
+  kind, span = rows(kind)
+  array = array if span is None else array[span[0]:span[1]]
   return (array.T if kind in N_IN else array).reshape(shape)
 
 
 def to_hf(array: np.ndarray, kind: str) -> np.ndarray:
-  """Ours -> HF layout; the inverse of `to_ours`."""
+  """Ours -> HF layout; the inverse of `to_ours` (for a piece of a fused tensor, its rows only)."""
+  kind, _ = rows(kind)
   if kind in N_IN:
     return array.reshape(math.prod(array.shape[:N_IN[kind]]), -1).T
   return array.reshape(hf_shape(kind, array.shape))
+
+
+def to_hf_tensors(param_map: Mapping[str, tuple[str, str]], params: Mapping[str, np.ndarray],
+                  paths: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+  """HF key -> tensor in torch layout (C order) of flat `params` (stacked ones N x ...), or of `paths` only; the
+  pieces of a fused tensor are concatenated in row order, so `paths` must name all of them."""
+  fused = fused_rows(param_map)
+  pieces: dict[str, dict[int, np.ndarray]] = {}  # HF key -> first row -> the rows from there
+  totals: dict[str, int | None] = {}  # HF key -> the fused tensor's rows; None: one param's own tensor
+  for path in param_map if paths is None else paths:
+    hf_key, kind = param_map[path]
+    first = (rows(kind)[1] or (0, 0))[0]
+    layers = params[path] if is_stacked(hf_key) else [params[path]]
+    for key, array in zip(layer_keys(hf_key, params[path].shape), layers, strict=True):
+      pieces.setdefault(key, {})[first] = to_hf(array, kind)
+      totals[key] = fused.get(hf_key)
+  out = {}
+  for key, parts in pieces.items():
+    order, total = sorted(parts), totals[key]
+    if total is not None and [0, *(f + len(parts[f]) for f in order)] != [*order, total]:  # the pieces tile 0:total
+      raise RuntimeError(f"the params written to {key} start at its rows {order}, not covering all {total}")
+    out[key] = np.ascontiguousarray(np.concatenate([parts[f] for f in order]) if len(order) > 1 else parts[order[0]])
+  return out
+
+
+def fused_rows(param_map: Mapping[str, tuple[str, str]]) -> dict[str, int]:
+  """HF key (as in param_map) of each tensor that several params share -> its rows (the last piece's stop)."""
+  fused: dict[str, int] = {}
+  for hf_key, kind in param_map.values():
+    if (span := rows(kind)[1]) is not None:
+      fused[hf_key] = max(fused.get(hf_key, 0), span[1])
+  return fused
 
 
 def is_stacked(hf_key: str) -> bool:
@@ -259,11 +304,17 @@ def load_params(abstract: Mapping[str, jax.ShapeDtypeStruct], shardings: Mapping
   if unexpected:
     raise UserError(f"checkpoint has {len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}; add a "
                     "regex for them to model.unused_keys if they are meant to be dropped.")
+  fused = fused_rows(param_map)
   for path in wanted:  # every shape checked before the first byte is read
-    shape = abstract[path].shape[1:] if is_stacked(param_map[path][0]) else abstract[path].shape
+    hf_key, kind = param_map[path]
+    shape = abstract[path].shape[1:] if is_stacked(hf_key) else abstract[path].shape
+    want, span = hf_shape(kind, shape), rows(kind)[1]
+    if span is not None:  # the whole fused tensor, of which this param is rows span
+      want = (fused[hf_key], *want[1:])
+    piece = f" from its rows {span[0]}:{span[1]} of {want}" if span else ""
     for key in expanded[path]:
-      if reader.shape(key) != hf_shape(param_map[path][1], shape):
-        raise UserError(f"checkpoint key {key} has shape {reader.shape(key)}, but {path} needs {tuple(shape)} "
+      if reader.shape(key) != want:
+        raise UserError(f"checkpoint key {key} has shape {reader.shape(key)}, but {path} needs {tuple(shape)}{piece} "
                         f"(per layer when stacked); the checkpoint does not match its config.json.")
   return {path: _load(reader, expanded[path], param_map[path][1], abstract[path], is_stacked(param_map[path][0]),
                       shardings[path]) for path in wanted}
@@ -305,6 +356,9 @@ def _read(reader: Any, key: str, kind: str, shape: Sequence[int], bounds: Sequen
   Our dims fall into groups that each flatten onto one HF axis (see the layout kinds). A group reads the
   contiguous run of its HF axis that spans its first dim's range, then slices its other dims after the reshape:
   exact whenever only a group's first dim is split, as the sharding rules do (embed, heads, mlp, vocab)."""
+  kind, span = rows(kind)
+  if span is not None:  # a piece of a fused tensor: its slice, shifted to the piece's rows
+    reader = _Rows(reader, span[0])
   if kind == "copy":
     return reader.read(key, tuple(slice(a, b) for a, b in bounds))
   if kind == "flat":  # one group of every dim
@@ -327,3 +381,14 @@ def _group(dims: Sequence[int], bounds: Sequence[tuple[int, int]]) -> tuple[slic
   inner, (first, stop) = math.prod(dims[1:]), bounds[0]
   rest = tuple(slice(a, b) for a, b in bounds[1:])
   return slice(first * inner, stop * inner), (stop - first, *dims[1:]), (slice(None), *rest)
+
+
+class _Rows:
+  """A reader that sees each tensor from row `first` on: one piece of a fused tensor read as if it were whole."""
+
+  def __init__(self, reader: Any, first: int):
+    self.reader, self.first = reader, first
+
+  def read(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+    head = index[0]  # _read always bounds the first axis
+    return self.reader.read(key, (slice(head.start + self.first, head.stop + self.first), *index[1:]))
