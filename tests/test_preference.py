@@ -44,7 +44,8 @@ def dpo_config(path, model_dir, pairs, **sections):
          "data": {"train": str(pairs["train"]), "test": str(pairs["test"]), "validation_holdout": 8,
                   "prompt_column": "prompt", "max_len": 48, "length_buckets": [32, 48]},
          "optim": {"lr": 1e-3, "warmup_steps": 0},
-         "train": {"batch_size": 4, "eval_batch_size": 4, "max_steps": 4, "eval_every": 2, "log_every": 1}}
+         "train": {"batch_size": 4, "eval_batch_size": 4, "max_steps": 4, "eval_every": 2, "log_every": 1},
+         "generate": {"exact_match": True, "max_new_tokens": 3}}
   for section, values in sections.items():
     cfg.setdefault(section, {}).update(values)
   path.write_text(yaml.safe_dump(cfg))
@@ -115,8 +116,9 @@ def test_evaluate_reports_the_metrics_on_a_split(runs, monkeypatch, capsys):
     assert code == 0, err[-3000:]
     got = json.loads(out.read_text())
     final = [r for r in records(runs[name]) if r.get("split") == "validation"][-1]
-    for key in ("loss", *METRICS):  # evaluate.py's reference is recomputed (full: from model.path) or live (LoRA)
+    for key in ("loss", *METRICS, "preference_accuracy"):  # evaluate.py's reference: from model.path, or live
       assert got[key] == pytest.approx(final[key], rel=1e-5, abs=1e-6), (name, key)
+    assert 0 <= got["exact_match"] <= 1 and got["num_examples"] == 8  # greedy answers against the chosen ones
 
 
 def test_a_resumed_run_reads_the_cached_reference(tmp_path, runs, tiny_llama_dir, pairs, monkeypatch, capsys):

@@ -17,7 +17,7 @@ COMMANDS = {
     "finetune": "finetune", "evaluate": "evaluate", "export": "export_hf", "compare": "compare", "sweep": "sweep",
     "explain": "explain", "benchmark": "benchmark", "plan": "plan", "plan-tables": "plan_tables", "seeds": "seeds",
     "published": "published", "torch-reference": "torch_reference", "text-corpus": "text_corpus",
-    "bible-pairs": "bible_pairs", "wnut16": "wnut16", "config-docs": "config_docs",
+    "bible-pairs": "bible_pairs", "review-pairs": "review_pairs", "wnut16": "wnut16", "config-docs": "config_docs",
     "grad-precision": "grad_precision",
 }
 

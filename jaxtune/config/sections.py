@@ -232,7 +232,8 @@ class GenerateConfig:
   max_new_tokens: Positive = 32  # per prompt; generation also stops at EOS
   temperature: NonNegativeFloat = 0.0  # 0 = greedy
   top_p: Mass = 1.0  # nucleus sampling mass
-  exact_match: bool = False  # evaluate.py on prompt/response data: score greedy generations against responses
+  # evaluate.py on prompt/response data: score greedy generations against responses (preference: the chosen ones)
+  exact_match: bool = False
   # seq2seq: evaluate.py generates a target per source and scores BLEU and ROUGE (beside loss and perplexity)
   predict_with_generate: bool = True
   num_beams: Positive = 1  # seq2seq: > 1 for beam search (transformers' rules)
@@ -310,5 +311,6 @@ class Config:
            "data.response_column", "must be set with data.prompt_column or data.prompt_template")
     _check(self.task != "preference" or self.model.lora.on or self.preference.reference == "precomputed",
            "preference.reference", "adapters_off needs LoRA adapters (model.lora.targets); use precomputed")
-    _check(not (self.generate.exact_match and self.data.response_column is None), "generate.exact_match",
+    _check(not (self.generate.exact_match and self.data.response_column is None and self.task != "preference"),
+           "generate.exact_match",
            "needs prompt/response data (data.response_column with data.prompt_column or data.prompt_template)")

@@ -78,7 +78,8 @@ def exact_match(model: Model, params: Any, cfg: Config, tokenizer: Any, rows: An
     chunk = prompts[i:i + cfg.train.eval_batch_size]
     outputs += decoder_generation.generate(model, params, chunk, eos, s, jax.random.key(cfg.train.seed + i),
                                            jnp.dtype(cfg.model.compute_dtype))
-  return metrics.exact_match(outputs, eos, tokenizer, rows[cfg.data.response_column])
+  answers = cfg.data.chosen_column if cfg.task == "preference" else cfg.data.response_column
+  return metrics.exact_match(outputs, eos, tokenizer, rows[answers])
 
 
 def write_json(result: dict[str, Any], path: epath.Path) -> None:

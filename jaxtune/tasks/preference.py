@@ -106,7 +106,11 @@ class Preference(Task):
   def metrics(self, out: dict[str, np.ndarray], data: preference.Pairs, labels: Any, cfg: Config) -> dict[str, Any]:
     real = out["real"] > 0
     means = {k: float(np.mean(v[real])) for k, v in _metrics({k: v[real] for k, v in out.items()}).items()}
-    return {"loss": float(np.mean(out["loss"][real])), **means, "num_examples": int(real.sum())}
+    # the policy alone ranks the chosen response above the rejected one (the rewards' accuracy is against the
+    # reference, so 0 for the starting model): a before / after measure of the same pairs
+    ranked = float(np.mean(out["logps_chosen"][real] > out["logps_rejected"][real]))
+    return {"loss": float(np.mean(out["loss"][real])), **means, "preference_accuracy": ranked,
+            "num_examples": int(real.sum())}
 
 
 def _metrics(t: dict[str, Any]) -> dict[str, Any]:
