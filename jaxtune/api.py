@@ -126,12 +126,13 @@ class Loaded:
       cfg = self.config.model if self.config else self.model_cfg
       out = seq2seq_generation.generate(self.model, self.params, ids, seq2seq_generation.rules_for(self.model, cfg),
                                         s, rng, jnp.float32)
-    elif self.task == "causal_lm":
+    elif self.task in ("causal_lm", "preference"):
       chat = bool(self.config and self.config.data.use_chat_template)
       ids = [lm.encode_prompt(p, self.tokenizer, chat) for p in prompts]
       out = decoder.generate(self.model, self.params, ids, [lm.eos_id(self.tokenizer)], s, rng)
     else:
-      raise UserError(f"generate is for causal_lm and seq2seq models; this model's task is {self.task}: use predict.")
+      raise UserError(f"generate is for causal_lm, preference and seq2seq models; this model's task is {self.task}: use "
+                      "predict.")
     return [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]
 
 

@@ -130,6 +130,7 @@ def loop(run: setup.Run, clock: perf.RunClock | None = None, stop: StopRequests 
   watch = _Watch(cfg, stop)
   early = EarlyStopping.of(cfg, run.meta.get("early_stopping"))  # on resume, the saved checkpoint's count
   last_eval: dict[str, Any] = {}
+  rows_per_step = cfg.train.batch_size * (2 if cfg.task == "preference" else 1)  # DPO: a chosen and a rejected row
   flops_per_token = functools.cache(lambda length: perf.train_flops_per_token(run.model.hf_config, length, cfg.task))
   tick, seen, work = time.perf_counter(), {"examples": 0, "tokens": 0}, [0, 0.0]
   save_every = cfg.checkpoint.save_every or cfg.train.eval_every
@@ -147,7 +148,7 @@ def loop(run: setup.Run, clock: perf.RunClock | None = None, stop: StopRequests 
         seen["tokens"] += tokens
         length = batch["input_ids"].shape[1]
         work[0] += tokens
-        work[1] += cfg.train.batch_size * length * flops_per_token(length)
+        work[1] += rows_per_step * length * flops_per_token(length)
         if pending is not None:
           _read_step(log, run, watch, *pending)
         log.advance()
