@@ -131,8 +131,8 @@ class Loaded:
       ids = [lm.encode_prompt(p, self.tokenizer, chat) for p in prompts]
       out = decoder.generate(self.model, self.params, ids, [lm.eos_id(self.tokenizer)], s, rng)
     else:
-      raise UserError(f"generate is for causal_lm, preference and seq2seq models; this model's task is {self.task}: use "
-                      "predict.")
+      raise UserError(f"generate is for causal_lm, preference and seq2seq models; this model's task is {self.task}: "
+                      "use predict.")
     return [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]
 
 
