@@ -121,6 +121,7 @@ def test_a_disk_that_fills_during_a_checkpoint_write(job, small_disk, tmp_path):
   assert Checkpoints(run_dir, read_only=True).steps() == [10, 12] and not leftovers(run_dir)
 
 
+@pytest.mark.slow  # the full-disk path is test_a_disk_that_fills_during_a_checkpoint_write's; this one the log's
 def test_a_disk_that_fills_during_a_metrics_write(job, tmp_path):
   """Between checkpoints: the record that does not fit is not half-written, the earlier log and checkpoint stay.
 

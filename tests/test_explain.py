@@ -23,7 +23,7 @@ def minilm(minilm_dir):
   return model, params, transformers.AutoTokenizer.from_pretrained(minilm_dir)
 
 
-@pytest.mark.parametrize("baseline", ["pad", "zeros"])
+@pytest.mark.parametrize("baseline", ["pad", pytest.param("zeros", marks=pytest.mark.slow)])  # one baseline in CI
 def test_attributions_sum_to_the_logit_difference(minilm, baseline):
   model, params, tokenizer = minilm
   texts = REVIEWS[1:] if baseline == "pad" else REVIEWS[:1]  # each text length is its own compile: one text each

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from jaxtune.tools import gpu_bench
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +26,7 @@ SUBSET = "full-ft remat=none,attention=,lora remat=full"
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
+@pytest.mark.slow  # ~65 s of CPU for a report format; the measurement itself needs the GPU CI never has
 def test_tiny_run_writes_a_complete_report(tmp_path):
   out = tmp_path / "bench.json"
   done = subprocess.run(["bash", str(ROOT / "scripts/gpu_bench.sh"), "--tiny", str(out), "--time-budget-s", "900",

@@ -105,7 +105,9 @@ def train_all(config_path, out, runs, devices):
   return {name: (json.loads((out / f"{name}.json").read_text()), dict(np.load(out / f"{name}.npz"))) for name in runs}
 
 
-@pytest.fixture(scope="module", params=["bert", "llama", "t5"])
+# The Llama's runs are slow-tier: a Llama-family step on fsdp 4 x tensor 2 is tests/test_family_meshes.py's (seven
+# families), and LoRA on it tests/test_preference.py::test_the_step_on_eight_devices_with_fsdp_equals_one_device's.
+@pytest.fixture(scope="module", params=["bert", pytest.param("llama", marks=pytest.mark.slow), "t5"])
 def trained(request, tmp_path_factory, minilm_dir, tiny_llama_dir, tiny_t5_dir, reviews):
   """model name -> run name -> (record, final params), for the 1-device and the 8-device runs."""
   tmp = tmp_path_factory.mktemp(request.param)

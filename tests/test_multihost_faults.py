@@ -116,6 +116,11 @@ def losses(run_dir: Path) -> dict[int, tuple[float, float, float]]:
           and "split" not in r}
 
 
+# The two-process jobs (~4 min of CI) are slow-tier: tests/test_multihost.py trains two processes against one, and
+# the peer watch's logic runs in-process below (test_a_lost_peer_outside_the_training_loop_..., the timeouts).
+SLOW = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def job(multihost_config, tmp_path_factory):
   """(config, the args of every run here, a function returning the finished reference run's dir). The reference
@@ -165,6 +170,7 @@ def assert_stopped(codes: list[int], errs: list[str], checkpoints: list[int], be
   return step
 
 
+@SLOW
 def test_sigterm_to_one_process_stops_both_at_one_saved_step_and_resumes_exactly(job, stopped):
   run, [(codes, errs, checkpoints), (_, _, later)] = stopped
   step = assert_stopped(codes, errs, checkpoints, [])
@@ -177,6 +183,7 @@ def test_sigterm_to_one_process_stops_both_at_one_saved_step_and_resumes_exactly
   assert {s: got[s] for s in got} == {s: want[s] for s in got}
 
 
+@SLOW
 def test_sigterm_to_both_processes_stops_both_at_one_saved_step(stopped):
   _, [(_, _, first), (codes, errs, checkpoints)] = stopped
   step = assert_stopped(codes, errs, checkpoints, first)
@@ -217,6 +224,7 @@ def assert_resumed_exactly(run: Path, last: int, reference: Path) -> None:
   assert {s: got[s] for s in got} == {s: want[s] for s in got}
 
 
+@SLOW
 def test_sigkill_of_one_process_ends_the_other_with_one_line_within_the_peer_timeout(job, lost_peer):
   run, last, codes, errs, elapsed, _ = lost_peer["killed"]
   assert codes == [EXIT_PREEMPTED, -signal.SIGKILL], errs
@@ -231,6 +239,7 @@ def test_sigkill_of_one_process_ends_the_other_with_one_line_within_the_peer_tim
   assert_resumed_exactly(run, last, job[2]())  # the resume after the SIGTERM to both
 
 
+@SLOW
 def test_sigkill_of_process_0_ends_the_other_with_one_line_too(job, lost_peer):
   """Process 0 started JAX's coordination service in a process of its own, which outlives it: process 1 reads the
   verdict there (before: JAX's client aborted it at once, SIGABRT and a C++ stack trace, exit 134)."""
@@ -245,6 +254,7 @@ def test_sigkill_of_process_0_ends_the_other_with_one_line_too(job, lost_peer):
   assert Checkpoints(run, read_only=True).steps()[-1] == last
 
 
+@SLOW
 def test_a_process_leaving_on_its_own_ends_the_other_at_once_and_keeps_its_exit_code(job, lost_peer):
   run, last, codes, errs, elapsed, _ = lost_peer["interrupted"]
   assert codes == [EXIT_PREEMPTED, EXIT_INTERRUPTED], errs

@@ -50,6 +50,7 @@ def assert_same_run(run: storage.epath.Path, reference) -> None:
   assert pick(run) == pick(reference)
 
 
+@pytest.mark.slow  # ~110 s; a store lost mid-run (test_s3_store_lost_mid_run_...) and local kills (test_recovery.py)
 def test_s3_kill_in_a_queued_write_sigterm_resume_and_evaluate(resumable_job, s3):
   cfg, reference = resumable_job
   run = storage.path(s3.url(s3.bucket(), "runs", "tiny"))

@@ -88,6 +88,8 @@ def long_temps(tmp_path_factory):
   return out
 
 
+# slow-tier: two 4096-token TPU compiles (~145 s); test_train_step_compiles_with_splash_attention shows the kernel
+@pytest.mark.slow
 def test_long_sequences_hold_no_score_matrix(long_temps):
   """One layer's heads x L x L float32 scores on one device are 128 MiB here: XLA's attention keeps them for the
   backward pass (measured: 457 MiB of temporaries), splash never builds them (100 MiB, all else)."""

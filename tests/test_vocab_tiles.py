@@ -93,7 +93,12 @@ def assert_close(want, got):
     assert float(jnp.abs(g - flat2[path]).max()) <= 1e-6 * float(jnp.abs(g).max()) + 1e-9 * overall, path
 
 
-@pytest.mark.parametrize("case", CASES)
+# Slow-tier: the untied Llama (llama_tied and the LoRA-head test read the same tiled head), GPT-2 (a tied table as
+# llama_tied's) and BART's logit bias (marian_two_vocabs runs the same bias path with its own vocabulary)
+SLOW_CASES = ("llama_untied", "gpt2", "bart_logits_bias")
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES])
 def test_tiled_loss_and_gradients_equal_the_plain_ones(case, tmp_path):
   model, params = load(case, tmp_path)
   task = TASKS["causal_lm" if case.split("_")[0] in ("llama", "gpt2", "gemma2") else "seq2seq"]
