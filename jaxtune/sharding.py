@@ -31,6 +31,7 @@ RULES: Rules = (
     ("kv_heads", ("tensor",)),
     ("mlp", ("tensor",)),
     ("embed", ("fsdp",)),
+    ("expert", ("fsdp",)),  # an MoE's stacked experts (models/moe.py), whole ones a device; no expert mesh axis
     ("embed_out", ()),  # the pooler's output: its input dim already takes fsdp
     ("head_dim", ()),
     ("classes", ()),

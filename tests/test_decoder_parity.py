@@ -23,6 +23,7 @@ GEMMA = dict(BASE, head_dim=8, query_pre_attn_scalar=16, sliding_window=5, initi
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 4}
 PHI3 = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # Phi3Config's own ids (32000 on) lie past the vocab
+EXPERTS = dict(num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.1)  # top-2, aux loss on
 CASES = {
     "llama_gqa_untied": (transformers.LlamaConfig(**BASE), transformers.LlamaForCausalLM),
     "llama_tied": (transformers.LlamaConfig(**BASE, tie_word_embeddings=True), transformers.LlamaForCausalLM),
@@ -50,6 +51,12 @@ CASES = {
                                                    original_max_position_embeddings=8, rope_parameters={
                                                        "rope_type": "longrope", "short_factor": [1.0, 1.3, 2.0],
                                                        "long_factor": [1.5, 3.0, 7.0]}), transformers.Phi3ForCausalLM),
+    # 4 experts of width 16 (4 x fsdp, 2 x tensor in tests/test_family_meshes.py); the top 2 weights as they come
+    "qwen3_moe": (transformers.Qwen3MoeConfig(**BASE, **EXPERTS, head_dim=8, num_experts=4, moe_intermediate_size=16,
+                                              norm_topk_prob=False), transformers.Qwen3MoeForCausalLM),
+    # the top 2 renormalised; 16 wide: transformers' CPU grouped matmul wants rows of a multiple of 16 bytes
+    "mixtral": (transformers.MixtralConfig(**dict(BASE, intermediate_size=16), **EXPERTS, num_local_experts=4),
+                transformers.MixtralForCausalLM),
     "gpt2": (transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64),
              transformers.GPT2LMHeadModel),
     # the 1/(layer+1) attention scale is the one per-layer difference inside the scanned stack
@@ -75,8 +82,12 @@ def batch_for(ids, mask):
   return {"input_ids": jnp.asarray(ids), "segment_ids": jnp.asarray(mask), "positions": jnp.asarray(pos)}
 
 
-@pytest.mark.parametrize("attention", ["auto", "reference", "splash"])  # splash: TPU's kernel, interpreted
-@pytest.mark.parametrize("case", CASES)
+# The mixtures of experts change the MLP, not the attention: their cases run on `auto` alone.
+MLP_ONLY = {"qwen3_moe", "mixtral"}
+
+
+@pytest.mark.parametrize(("case", "attention"), [(c, a) for a in ("auto", "reference", "splash")  # splash: interpreted
+                                                 for c in CASES if a == "auto" or c not in MLP_ONLY])
 def test_logits_match_transformers(tmp_path, case, attention):
   hf_config, cls = CASES[case]
   ref = save(tmp_path, hf_config, cls)
@@ -131,7 +142,7 @@ def test_packed_documents_do_not_see_each_other(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", ["qwen3_qk_norm", "qwen2_sliding_window", "phi3", "phi3_sliding_window",
-                                  "qwen2_mixed_windows", "gemma2_soft_caps", "gemma3_text"])
+                                  "qwen2_mixed_windows", "gemma2_soft_caps", "gemma3_text", "qwen3_moe"])
 def test_greedy_generation_equals_transformers_generate(tmp_path, case):
   """Token for token, from ragged prompts, the newer families against transformers' own greedy `generate`."""
   hf_config, cls = CASES[case]

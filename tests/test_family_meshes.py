@@ -1,6 +1,6 @@
-"""The newer decoder families (Qwen3, Qwen2 with sliding windows on every or some layers, Gemma 2 and 3) take a
-sharded train step on 8 simulated devices (fsdp 4 x tensor 2) equal to the one-device step (tests/family_step.py);
-the older families are covered by tests/test_meshes.py."""
+"""The newer decoder families (Qwen3, Qwen2 with sliding windows on every or some layers, Gemma 2 and 3, Qwen3-MoE)
+take a sharded train step on 8 simulated devices (fsdp 4 x tensor 2) equal to the one-device step
+(tests/family_step.py); the older families are covered by tests/test_meshes.py."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import pytest
 import torch
 from conftest import REPO
 from family_step import OPT, step_once
+from jax.sharding import PartitionSpec as P
 from test_decoder_parity import CASES
 
-FAMILIES = ["qwen3_qk_norm", "qwen2_sliding_window", "phi3", "qwen2_mixed_windows", "gemma2_soft_caps", "gemma3_text"]
+FAMILIES = ["qwen3_qk_norm", "qwen2_sliding_window", "phi3", "qwen2_mixed_windows", "gemma2_soft_caps", "gemma3_text",
+            "qwen3_moe"]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +43,10 @@ def test_a_sharded_step_equals_the_one_device_step(eight_devices, case):
   one = step_once(str(path), 1, 1, 1)
   assert float(sharded["loss"]) == pytest.approx(float(one["loss"]), rel=1e-5)
   assert float(sharded["grad_norm"]) == pytest.approx(float(one["grad_norm"]), rel=1e-5)
+  if case == "qwen3_moe":  # the experts whole on each fsdp device (4 of 4), their width over tensor; the aux loss on
+    assert str(sharded["spec/layers.mlp.gate"]) == str(P(None, "fsdp", None, "tensor"))
+    assert str(sharded["spec/layers.mlp.down"]) == str(P(None, "fsdp", "tensor", None))
+    assert float(sharded["aux_loss"]) == pytest.approx(float(one["aux_loss"]), rel=1e-5) and float(one["aux_loss"]) > 0
   params = [k for k in one if k.startswith("param/")]
   for k in params:
     if k.endswith("attn.k.bias"):  # shifts every score of a query alike: its true gradient is 0, and Adam's

@@ -53,8 +53,10 @@ for name, sizes in {"fsdp8": dict(data=1, fsdp=8), "2x2x2": dict(data=2, fsdp=2,
   param_map = FAMILIES[model.family].param_map(model.cfg)
   for path, (key, kind) in param_map.items():
     got, want_shape = np.asarray(params[path]), params[path].shape
-    if hf.is_stacked(key):  # the old eager path: whole tensors, converted, stacked
-      want = np.stack([hf.to_ours(raw[k], kind, want_shape[1:]) for k in hf.layer_keys(key, want_shape)])
+    lead = hf.stacked_dims(key)
+    if lead:  # the old eager path: whole tensors, converted, stacked
+      want = np.stack([hf.to_ours(raw[k], kind, want_shape[lead:])
+                       for k in hf.layer_keys(key, want_shape)]).reshape(want_shape)
     else:
       want = hf.to_ours(raw[key], kind, want_shape)
     assert got.dtype == want.dtype and np.array_equal(got.view(np.uint32), want.view(np.uint32)), (name, path)

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from jaxtune.models import bart, encoder, gemma, gpt2, llama, phi3, t5
+from jaxtune.models import bart, encoder, gemma, gpt2, llama, moe, phi3, t5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,13 @@ _PHI3 = dataclasses.replace(_LLAMA, param_map=lambda cfg: phi3.fused_param_map(l
 
 # Gemma 2 and Gemma 3 text: the Llama module with Gemma's flags, read and mapped by gemma.py
 _GEMMA = ModelFamily(gemma.GemmaConfig, llama.LlamaLM, gemma.hf_param_map, llama.hf_ignored_keys, "model.", "decoder")
+
+
+def _moe(model_type: str) -> ModelFamily:
+  """Qwen3-MoE, Mixtral: Llama's module and keys with experts for the MLPs, read from that model_type's names."""
+  return dataclasses.replace(_LLAMA, param_map=lambda cfg: moe.expert_param_map(llama.hf_param_map(cfg), cfg,
+                                                                                 model_type))
+
 
 _T5 = ModelFamily(t5.T5Config, t5.T5, t5.hf_param_map, t5.hf_ignored_keys, "", "seq2seq")
 
@@ -55,4 +62,6 @@ FAMILIES: dict[str, ModelFamily] = {
     "gemma2": _GEMMA,
     "gemma3_text": _GEMMA,
     "phi3": _PHI3,
+    "qwen3_moe": _moe("qwen3_moe"),
+    "mixtral": _moe("mixtral"),
 }

@@ -1,5 +1,5 @@
-"""The Llama family as one decoder: Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM, and with Gemma's flags (read by
-gemma.py) Gemma 2 and Gemma 3 text checkpoints.
+"""The Llama family as one decoder: Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM, with Gemma's flags (read by gemma.py)
+Gemma 2 and Gemma 3 text checkpoints, and with experts for its MLPs (moe.py) Qwen3-MoE and Mixtral.
 
 Dimensions: N layers, B batch, L query length, S key length, D model dim, H query heads, G kv heads,
 K head dim, F mlp dim, V vocab.
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.errors import UserError
-from jaxtune.models import decoding, layers, phi3, vocab
+from jaxtune.models import decoding, layers, moe, phi3, vocab
 
 SUPPORTED_ROPE = ("default", "linear", "llama3", "longrope")  # longrope: Phi-3 128k, Phi-4-mini
 
@@ -55,6 +55,14 @@ class LlamaConfig:
   attn_logit_softcapping: float | None = None  # Gemma 2: attention scores s -> tanh(s / cap) * cap
   final_logit_softcapping: float | None = None  # Gemma 2: the same on the output logits
   rope_local_theta: float | None = None  # Gemma 3: the sliding layers' own (unscaled) rope base; None: one rope
+  # Qwen3-MoE, Mixtral (moe.py): each MLP is num_experts SwiGLU experts of width moe_intermediate_size, a token routed
+  # to num_experts_per_tok of them; 0: the dense MLP
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_intermediate_size: int = 0
+  norm_topk_prob: bool = False  # the top-k routing weights renormalised to sum to 1 (Mixtral's always are)
+  router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss training adds where output_router_logits
+  output_router_logits: bool = False  # HF's switch: the train loss includes router_aux_loss_coef x that loss
 
   DROPOUT_KEYS = ("attention_dropout",)  # HF config keys; model.dropout sets them all
 
@@ -68,8 +76,9 @@ class LlamaConfig:
   @classmethod
   def from_hf(cls, hf: dict[str, Any], num_labels: int = 0, dropout: float | None = None,
               head: str = "causal_lm") -> LlamaConfig:
-    """Our config from an HF llama/mistral/qwen2/qwen3 config.json (transformers v4 or v5 layout)."""
+    """Our config from an HF llama/mistral/qwen2/qwen3/phi3/qwen3_moe/mixtral config.json (transformers v4 or v5)."""
     del num_labels, head  # language models have no label head
+    hf, experts = moe.read_config(hf)  # an MoE's config as its attention's dense family, and its expert fields
     model_type = hf.get("model_type")
     window, layer_types = hf.get("sliding_window") if model_type in ("mistral", "phi3") else None, None
     if model_type != "mistral" and hf.get("use_sliding_window"):  # Qwen2/3: the layers from max_window_layers on
@@ -101,7 +110,7 @@ class LlamaConfig:
         mlp_bias=hf.get("mlp_bias", False), hidden_act=hf.get("hidden_act", "silu"),
         attention_dropout=float(hf.get("attention_dropout", 0.0) if dropout is None else dropout),
         pad_token_id=hf.get("pad_token_id"), sliding_window=window, layer_types=layer_types,
-        qk_norm=model_type == "qwen3")
+        qk_norm=model_type == "qwen3", **experts)
 
 
 def rope_frequencies(cfg: LlamaConfig, positions_BxL: jax.Array | None = None) -> jax.Array:
@@ -213,16 +222,20 @@ class Block(nnx.Module):
     self.attn_norm = norm()
     self.attn = Attention(cfg, rngs)
     self.mlp_norm = norm()
-    self.mlp = MLP(cfg, rngs)
+    self.mlp = moe.MoE(cfg, rngs) if cfg.num_experts else MLP(cfg, rngs)
     self.out_norms = cfg.gemma
     if cfg.gemma:
       self.attn_out_norm, self.mlp_out_norm = norm(), norm()
 
   def __call__(self, x_BxLxD, inv_freq, segments, cache, rng, ctx, local=None):
+    """(the block's output, (its updated cache, an MoE's routing load over the real tokens or None))."""
     h_BxLxD, cache = self.attn(self.attn_norm(x_BxLxD), inv_freq, segments, cache, rng, ctx, local)
     x_BxLxD = x_BxLxD + (self.attn_out_norm(h_BxLxD) if self.out_norms else h_BxLxD)
-    h_BxLxD = self.mlp(self.mlp_norm(x_BxLxD), ctx)
-    return x_BxLxD + (self.mlp_out_norm(h_BxLxD) if self.out_norms else h_BxLxD), cache
+    if isinstance(self.mlp, moe.MoE):
+      h_BxLxD, load = self.mlp(self.mlp_norm(x_BxLxD), ctx, segments.q_segments > 0)
+    else:
+      h_BxLxD, load = self.mlp(self.mlp_norm(x_BxLxD), ctx), None
+    return x_BxLxD + (self.mlp_out_norm(h_BxLxD) if self.out_norms else h_BxLxD), (cache, load)
 
 
 class LlamaLM(nnx.Module):
@@ -247,7 +260,8 @@ class LlamaLM(nnx.Module):
                dropout_rng: jax.Array | None = None, cache: decoding.Cache | None = None,
                remat: str = "none", vocab_block: int = 0) -> dict[str, Any]:
     """`logits` (B x L x V, float32) and the updated `cache` (None when called without one). With `vocab_block`
-    > 0 (a loss; no cache) `logits` is a vocab.TiledHead the cross-entropy reads that many rows at a time."""
+    > 0 (a loss; no cache) `logits` is a vocab.TiledHead the cross-entropy reads that many rows at a time. An MoE
+    with output_router_logits adds `aux_loss`, the weighted load-balancing loss to add to the mean loss (no cache)."""
     c = self.cfg
     segments = decoding.Segments.of(batch, cache)
     # (K/2,), or N x K/2 (Gemma 3) passed through the scan with each layer; longrope picks factors by position
@@ -264,14 +278,16 @@ class LlamaLM(nnx.Module):
     dropout = dropout_rng is not None and c.attention_dropout > 0
     rngs = jax.random.split(dropout_rng, c.num_hidden_layers) if dropout else None  # one a layer
     xs = (None if cache is None else cache.layers, rngs, sliding_layers(c), inv_freq if inv_freq.ndim == 2 else None)
-    x_BxLxD, new_layers = layers.scan(self.layers, body, x_BxLxD, xs, ctx, remat, not c.scan_layers)
+    x_BxLxD, (new_layers, load) = layers.scan(self.layers, body, x_BxLxD, xs, ctx, remat, not c.scan_layers)
     x_BxLxD = self.norm(x_BxLxD)
+    routed = c.output_router_logits and load is not None and cache is None
+    aux = {"aux_loss": moe.aux_loss(load, segments.q_segments > 0, c)} if routed else {}
     if vocab_block > 0 and cache is None:
       table = self.embed[...] if c.tie_word_embeddings else vocab.dense_table(self.lm_head, ctx)
       if table is not None:  # None: an lm_head adapter drawing dropout, computed the plain way below
         head = vocab.head(x_BxLxD, table, 0 if c.tie_word_embeddings else 1, vocab_block,
                           soft_cap=c.final_logit_softcapping)
-        return {"logits": head, "cache": None}
+        return {"logits": head, "cache": None, **aux}
     if c.tie_word_embeddings:
       logits_BxLxV = x_BxLxD @ self.embed[...].astype(dtype).T
     else:
@@ -279,7 +295,7 @@ class LlamaLM(nnx.Module):
     new_cache = None if cache is None else decoding.Cache(new_layers, cache.segment_ids, cache.positions, cache.length)
     logits_BxLxV = ctx.constrain(logits_BxLxV, ("batch", "length", "vocab"))
     return {"logits": layers.soft_cap(logits_BxLxV.astype(jnp.float32), c.final_logit_softcapping),
-            "cache": decoding.advance(new_cache, segments)}
+            "cache": decoding.advance(new_cache, segments), **aux}
 
 
 def hf_param_map(cfg: LlamaConfig) -> dict[str, tuple[str, str]]:

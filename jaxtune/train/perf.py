@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 from jaxtune import sharding
 
 # model_types whose MLP has three matrices (gate, up, down: SwiGLU or Gemma's GeGLU)
-GATED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+GATED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "qwen3_moe", "mixtral")
 # Dense bf16 peaks from vendor datasheets (FLOP/s per chip), matched against jax's device_kind.
 VENDOR_BF16_PEAKS = {
     "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
@@ -57,6 +57,8 @@ def matmul_params_per_token(hf: dict[str, Any], task: str) -> int:
   d, f, layers, heads, head_dim, kv = dims(hf)
   attention = 2 * d * heads * head_dim + 2 * d * kv * head_dim
   mlp = (3 if hf["model_type"] in GATED else 2) * d * f
+  if experts := hf.get("num_experts") or hf.get("num_local_experts"):  # an MoE: the router and a token's top-k experts
+    mlp = d * experts + hf["num_experts_per_tok"] * 3 * d * (hf.get("moe_intermediate_size") or f)
   head = d * hf["vocab_size"] if task in ("causal_lm", "seq2seq", "preference") else 0
   return layers * (attention + mlp) + head
 

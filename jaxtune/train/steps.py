@@ -148,9 +148,13 @@ def make_train_step(model: Model, task: Task, tx: optax.GradientTransformation,
     batch = with_reference(model, task, params, frozen, batch, dtype, head, remat)
 
     def total(p: Params) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
-      logits = model.apply(p, batch, frozen=frozen, dtype=dtype, dropout_rng=rng, remat=remat, **head)["logits"]
-      loss_sum, count, *more = task.loss_terms(logits, batch)
-      return loss_sum, (count, more[0] if more else {})
+      out = model.apply(p, batch, frozen=frozen, dtype=dtype, dropout_rng=rng, remat=remat, **head)
+      loss_sum, count, *more = task.loss_terms(out["logits"], batch)
+      sums = more[0] if more else {}
+      if "aux_loss" in out:  # an MoE's load-balancing term (models/moe.py), added to the mean loss as HF's model does
+        aux_sum = out["aux_loss"] * count
+        loss_sum, sums = loss_sum + aux_sum, {**sums, "aux_loss": aux_sum}
+      return loss_sum, (count, sums)
 
     (loss_sum, (count, sums)), grads = jax.value_and_grad(total, has_aux=True)(params)
     return loss_sum, count, grads, sums

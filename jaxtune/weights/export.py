@@ -26,7 +26,8 @@ from jaxtune.weights import hf, peft
 # Our family -> the transformers class whose state-dict keys its param_map names (encoders: per head).
 DECODERS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM",
-            "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+            "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+            "mixtral": "MixtralForCausalLM"}
 SEQ2SEQ = {"t5": "T5ForConditionalGeneration", "mt5": "MT5ForConditionalGeneration",
            "bart": "BartForConditionalGeneration", "marian": "MarianMTModel"}
 FAMILIES = set(DECODERS) | set(SEQ2SEQ) | set(encoder.ARCHITECTURES)

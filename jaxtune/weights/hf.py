@@ -235,15 +235,16 @@ def to_hf(array: np.ndarray, kind: str) -> np.ndarray:
 
 def to_hf_tensors(param_map: Mapping[str, tuple[str, str]], params: Mapping[str, np.ndarray],
                   paths: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-  """HF key -> tensor in torch layout (C order) of flat `params` (stacked ones N x ...), or of `paths` only; the
-  pieces of a fused tensor are concatenated in row order, so `paths` must name all of them."""
+  """HF key -> tensor in torch layout (C order) of flat `params` (stacked ones N x ... or N x E x ...), or of `paths`
+  only; the pieces of a fused tensor are concatenated in row order, so `paths` must name all of them."""
   fused = fused_rows(param_map)
   pieces: dict[str, dict[int, np.ndarray]] = {}  # HF key -> first row -> the rows from there
   totals: dict[str, int | None] = {}  # HF key -> the fused tensor's rows; None: one param's own tensor
   for path in param_map if paths is None else paths:
     hf_key, kind = param_map[path]
     first = (rows(kind)[1] or (0, 0))[0]
-    layers = params[path] if is_stacked(hf_key) else [params[path]]
+    lead = stacked_dims(hf_key)
+    layers = params[path].reshape(-1, *params[path].shape[lead:]) if lead else [params[path]]
     for key, array in zip(layer_keys(hf_key, params[path].shape), layers, strict=True):
       pieces.setdefault(key, {})[first] = to_hf(array, kind)
       totals[key] = fused.get(hf_key)
@@ -265,14 +266,17 @@ def fused_rows(param_map: Mapping[str, tuple[str, str]]) -> dict[str, int]:
   return fused
 
 
-def is_stacked(hf_key: str) -> bool:
-  """Whether a param_map key names one layer (`{i}`) of a param stacked N x ... over the layers."""
-  return "{i}" in hf_key
+def stacked_dims(hf_key: str) -> int:
+  """How many leading dims of a param its checkpoint keys run over: `{i}` the layers, then `{e}` an MoE's experts."""
+  return ("{i}" in hf_key) + ("{e}" in hf_key)
 
 
 def layer_keys(hf_key: str, shape: Sequence[int]) -> list[str]:
-  """The checkpoint keys behind one param: `hf_key`, or for a stacked param one per layer."""
-  return [hf_key.replace("{i}", str(i)) for i in range(shape[0])] if is_stacked(hf_key) else [hf_key]
+  """The checkpoint keys behind one param: `hf_key`, or for a stacked param one per layer (and expert), row-major."""
+  keys = [hf_key]
+  for dim, name in enumerate(n for n in ("{i}", "{e}") if n in hf_key):
+    keys = [key.replace(name, str(j)) for key in keys for j in range(shape[dim])]
+  return keys
 
 
 def load_params(abstract: Mapping[str, jax.ShapeDtypeStruct], shardings: Mapping[str, Any],
@@ -283,7 +287,7 @@ def load_params(abstract: Mapping[str, jax.ShapeDtypeStruct], shardings: Mapping
 
   Returns flat path -> array placed in its sharding. Missing keys, unexpected keys and shape
   mismatches are UserErrors unless a `new_params` / `unused_keys` regex covers them. A stacked
-  param (N x ...) is read layer by layer from N checkpoint keys.
+  param (N x ..., or N x E x ...) is read layer by layer (and expert by expert) from N (N x E) checkpoint keys.
   """
   keys = reader.keys()
   bare = base_prefix and not any(k.startswith(base_prefix) for k in keys)
@@ -307,7 +311,7 @@ def load_params(abstract: Mapping[str, jax.ShapeDtypeStruct], shardings: Mapping
   fused = fused_rows(param_map)
   for path in wanted:  # every shape checked before the first byte is read
     hf_key, kind = param_map[path]
-    shape = abstract[path].shape[1:] if is_stacked(hf_key) else abstract[path].shape
+    shape = abstract[path].shape[stacked_dims(hf_key):]
     want, span = hf_shape(kind, shape), rows(kind)[1]
     if span is not None:  # the whole fused tensor, of which this param is rows span
       want = (fused[hf_key], *want[1:])
@@ -316,26 +320,27 @@ def load_params(abstract: Mapping[str, jax.ShapeDtypeStruct], shardings: Mapping
       if reader.shape(key) != want:
         raise UserError(f"checkpoint key {key} has shape {reader.shape(key)}, but {path} needs {tuple(shape)}{piece} "
                         f"(per layer when stacked); the checkpoint does not match its config.json.")
-  return {path: _load(reader, expanded[path], param_map[path][1], abstract[path], is_stacked(param_map[path][0]),
+  return {path: _load(reader, expanded[path], param_map[path][1], abstract[path], stacked_dims(param_map[path][0]),
                       shardings[path]) for path in wanted}
 
 
-def _load(reader: Any, keys: Sequence[str], kind: str, target: jax.ShapeDtypeStruct, stacked: bool,
+def _load(reader: Any, keys: Sequence[str], kind: str, target: jax.ShapeDtypeStruct, lead: int,
           sharding: Any) -> jax.Array:
   """One param as a sharded array whose every shard is read from its own slice of the checkpoint.
 
   Only this process's devices get shards, so a host reads its slices and no more; a shard that several devices
   share (replicated axes) is read once. Each shard goes to its device as soon as it is read (rather than all of
   them first, as make_array_from_callback does), so the host holds one shard of the param at a time."""
-  shape = target.shape[1:] if stacked else target.shape
+  shape = target.shape[lead:]
 
   def shard(bounds: tuple[tuple[int, int], ...]) -> np.ndarray:
-    if not stacked:
+    if not lead:
       return _read(reader, keys[0], kind, shape, bounds).astype(target.dtype, copy=False)
-    (first, stop), rest = bounds[0], bounds[1:]  # the layer axis picks checkpoint keys; the rest slices each one
-    block = np.empty((stop - first, *[b - a for a, b in rest]), target.dtype)
-    for i, key in enumerate(keys[first:stop]):
-      block[i] = _read(reader, key, kind, shape, rest)
+    outer, rest = bounds[:lead], bounds[lead:]  # the layer (and expert) axes pick checkpoint keys; the rest slices
+    block = np.empty([b - a for a, b in bounds], target.dtype)
+    for index in np.ndindex(*block.shape[:lead]):
+      at = np.ravel_multi_index([a + j for (a, _), j in zip(outer, index)], target.shape[:lead])
+      block[index] = _read(reader, keys[at], kind, shape, rest)
     return block
 
   devices: dict[tuple[tuple[int, int], ...], list[Any]] = {}  # shard bounds -> the devices that hold that shard

@@ -60,7 +60,7 @@ def peft_adapter(params: Mapping[str, np.ndarray], param_map: Mapping[str, tuple
     base = path.removesuffix(".lora_a")
     hf_key, kind = param_map[base + ".kernel"]
     a, b = params[path], params[base + ".lora_b"]
-    stacked = hf.is_stacked(hf_key)
+    stacked = hf.stacked_dims(hf_key) > 0  # a Dense's adapter: stacked over the layers alone
     for i, key in enumerate(hf.layer_keys(hf_key, a.shape)):
       module = key.removesuffix(".weight")
       a_i, b_i = (a[i], b[i]) if stacked else (a, b)
