@@ -47,7 +47,7 @@ def test_finetune_evaluate_load_and_predict_on_a_tiny_bert(tmp_path, tiny_bert_d
   assert [set(g["probabilities"]) for g in guesses] == [{"great", "other"}] * 5
   assert all(abs(sum(g["probabilities"].values()) - 1) < 1e-5 for g in guesses)
   assert tokenizer is model.tokenizer and model.task == "classification"
-  with pytest.raises(UserError, match="generate is for causal_lm and seq2seq"):
+  with pytest.raises(UserError, match="generate is for causal_lm, preference and seq2seq"):
     model.generate(texts)
 
 
