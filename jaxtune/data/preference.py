@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from jaxtune.data import lm, origin
-from jaxtune.data.batching import pad_length
 from jaxtune.errors import UserError
 
 Ids = list[int]
@@ -125,17 +124,10 @@ def collate(data: Pairs, pairs: np.ndarray, batch_size: int, buckets: Sequence[i
   """The causal-LM batch of `pairs` (each a chosen then a rejected row: 2 x batch_size rows) with `ref_logps`;
   `part` is this process's share of the batch_size pairs. Missing pairs are padding (loss_mask 0)."""
   rows = np.stack([2 * pairs, 2 * pairs + 1], axis=1).reshape(-1)
-  length = pad_length(int(data.rows.lengths[rows].max()), buckets, data.seq_len) if len(rows) else data.seq_len
   start, stop, _ = part.indices(batch_size)
+  batch = lm.collate(data.rows, rows, 2 * batch_size, buckets, slice(2 * start, 2 * stop))
   mine = np.arange(2 * start, 2 * stop)
   real = rows[mine[mine < len(rows)]]
-  d = data.rows
-  fields = {"input_ids": d.tokens, "targets": d.targets, "segment_ids": d.segment_ids, "positions": d.positions,
-            "loss_mask": d.loss_mask}
-  batch = {}
-  for key, array in fields.items():
-    batch[key] = np.zeros((len(mine), length), array.dtype)
-    batch[key][:len(real)] = array[real, :length]
   batch["ref_logps"] = np.zeros(len(mine), np.float32)
   batch["ref_logps"][:len(real)] = np.nan_to_num(data.ref_logps[real])  # NaN: not computed (a live reference)
   return batch
