@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import runpy
 import shutil
 import subprocess
@@ -13,6 +14,17 @@ from pathlib import Path
 from jaxtune import cli
 
 cli.compile_only_tpu(host_cpu=False)  # before jax: quiet libtpu, two xdist workers compiling for TPU slices at once
+
+# The tests check what the programs compute, not how fast they run: XLA:CPU's LLVM backend at -O0 compiles the tiny
+# models' steps in about 2/3 of the time (tests/test_quant.py's three LoRA/export tests: 52 s -> 33 s). Set before
+# jax starts its backend; subprocesses inherit it, with_devices() keeps it beside a simulated device count.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
+
+def with_devices(n: int) -> str:
+  """XLA_FLAGS for a subprocess with `n` simulated CPU devices."""
+  return f"--xla_force_host_platform_device_count={n} {FAST_COMPILE}"
 
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
@@ -230,17 +242,36 @@ def export_run(run_dir: Path, step: str, out_dir: Path, peft: bool = False) -> P
                        peft)
 
 
+def built_once(tmp_path_factory, worker_id: str, name: str, build) -> Path:
+  """A directory that `build(dir)` fills once per test session, however many xdist workers ask for it: the first
+  builds it under a file lock while the others wait, then all read it (nothing may write into it afterwards)."""
+  import filelock
+
+  root = tmp_path_factory.getbasetemp()
+  d = (root if worker_id == "master" else root.parent) / name
+  with filelock.FileLock(f"{d}.lock"):
+    if not (d / ".built").exists():
+      shutil.rmtree(d, ignore_errors=True)
+      d.mkdir()
+      build(d)
+      (d / ".built").touch()
+  return d
+
+
 @pytest.fixture(scope="session")
-def resumable_job(tiny_bert_dir, reviews, tmp_path_factory) -> tuple[Path, Path]:
+def resumable_job(tiny_bert_dir, reviews, tmp_path_factory, worker_id) -> tuple[Path, Path]:
   """(config, its uninterrupted reference run dir): the tiny BERT for 12 steps across an epoch boundary, a
   checkpoint every 2 (the last 2 kept), evaluation every 4, one compile cache. The kill / resume tests on local
-  disk (test_recovery) and on object storage (test_object_store) compare their runs with this one."""
-  d = tmp_path_factory.mktemp("resumable")
-  cfg = write_config(d / "c.yaml", tiny_bert_dir, reviews,
-                     train={"max_steps": 12, "eval_every": 4, "compile_cache": str(d / "xla")},
-                     checkpoint={"save_every": 2, "keep_last": 2, "save_every_minutes": 0})
-  assert finetune(cfg, d / "reference").wait(timeout=600) == 0
-  return cfg, d / "reference"
+  disk (test_recovery) and on object storage (test_object_store) compare their runs with this one; built once for
+  both xdist workers."""
+  def build(d: Path) -> None:
+    cfg = write_config(d / "c.yaml", tiny_bert_dir, reviews,
+                       train={"max_steps": 12, "eval_every": 4, "compile_cache": str(d / "xla")},
+                       checkpoint={"save_every": 2, "keep_last": 2, "save_every_minutes": 0})
+    assert finetune(cfg, d / "reference").wait(timeout=600) == 0
+
+  d = built_once(tmp_path_factory, worker_id, "resumable", build)
+  return d / "c.yaml", d / "reference"
 
 
 @pytest.fixture(scope="session")

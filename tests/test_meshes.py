@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, save_tiny_bert, seq2seq_config, write_config
+from conftest import REPO, save_tiny_bert, seq2seq_config, with_devices, write_config
 
 # Every layout splits the batch over its data x fsdp devices (pure data=8, all params replicated, adds little);
 # tensor parallelism with data parallelism is in data2_fsdp2_tensor2.
@@ -98,7 +98,7 @@ def trim(spec):
 
 
 def train_all(config_path, out, runs, devices):
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  env = {**os.environ, "XLA_FLAGS": with_devices(devices)}
   result = subprocess.run([sys.executable, str(REPO / "tests" / "mesh_run.py"), str(config_path), str(out),
                            json.dumps(runs)], capture_output=True, text=True, cwd=REPO, env=env, timeout=1500)
   assert result.returncode == 0, result.stderr[-3000:]

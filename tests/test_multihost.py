@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, records, run_script
+from conftest import REPO, records, run_script, with_devices
 
 from jaxtune import distributed, sharding
 from jaxtune import params as params_lib
@@ -31,7 +31,7 @@ def launch_two_processes(multihost_config, run_dir, *overrides):
   port = free_port()
   procs = []
   for pid in range(2):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    env = {**os.environ, "XLA_FLAGS": with_devices(4),
            "JAXTUNE_COORDINATOR": f"127.0.0.1:{port}", "JAXTUNE_NUM_PROCESSES": "2", "JAXTUNE_PROCESS_ID": str(pid)}
     procs.append(subprocess.Popen([sys.executable, str(REPO / "scripts" / "finetune.py"), "--config",
                                    str(multihost_config), "--run-dir", str(run_dir), *overrides], cwd=REPO, env=env,
@@ -47,7 +47,7 @@ def launch_two_processes(multihost_config, run_dir, *overrides):
 def test_two_processes_match_one_process_with_eight_devices(multihost_config, tmp_path):
   mesh = ["mesh.data=4", "mesh.fsdp=2"]  # params sharded across the two processes, batch split over all 8
   one = run_script("finetune.py", "--config", multihost_config, "--run-dir", tmp_path / "one", *mesh,
-                   env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+                   env={**os.environ, "XLA_FLAGS": with_devices(8)})
   assert one.returncode == 0, one.stderr[-3000:]
   results = launch_two_processes(multihost_config, tmp_path / "two", *mesh)
   for code, _, err in results:
@@ -76,7 +76,7 @@ def test_two_processes_match_one_process_with_eight_devices(multihost_config, tm
     np.testing.assert_allclose(np.asarray(multi[path]), np.asarray(value), atol=1e-6, rtol=0, err_msg=path)
   # Both runs continue for 2 more steps in one process on another layout (tensor2 x data4): the
   # 2-process checkpoint reshards onto it and the two runs go on logging the same losses.
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = {**os.environ, "XLA_FLAGS": with_devices(8)}
   for run in ("one", "two"):
     result = run_script("finetune.py", "--config", multihost_config, "--run-dir", tmp_path / run, "--resume",
                         "--extend", "train.max_steps=6", "mesh.data=4", "mesh.fsdp=1", "mesh.tensor=2", env=env)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, reached, records, train_steps
+from conftest import REPO, reached, records, train_steps, with_devices
 from test_multihost import free_port
 
 from jaxtune import distributed
@@ -43,7 +43,7 @@ class Job:
     self.procs: list[tuple[subprocess.Popen, Path]] = []
     self.ended: list[float | None] = [None, None]
     for pid in range(2):
-      env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", PEER_TIMEOUT_VAR: str(TIMEOUT),
+      env = {**os.environ, "XLA_FLAGS": with_devices(4), PEER_TIMEOUT_VAR: str(TIMEOUT),
              "JAXTUNE_COORDINATOR": f"127.0.0.1:{port}", "JAXTUNE_NUM_PROCESSES": "2", "JAXTUNE_PROCESS_ID": str(pid)}
       err = Path(f"{run_dir}.{pid}.err")
       with open(f"{run_dir}.{pid}.out", "w") as out, open(err, "w") as err_file:

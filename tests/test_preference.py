@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, records, run_in_process
+from conftest import REPO, records, run_in_process, with_devices
 
 from jaxtune import config as config_lib
 from jaxtune.errors import UserError
@@ -190,7 +190,7 @@ def test_the_step_on_eight_devices_with_fsdp_equals_one_device(tmp_path, runs, t
   """LoRA-DPO with the adapters-off reference, fsdp 4 x tensor 2 on 8 simulated devices, against the 1-device run."""
   cfg = dpo_config(tmp_path / "c.yaml", tiny_llama_dir, pairs, model={"lora": LORA},
                    preference={"reference": "adapters_off"}, mesh={"data": 1, "fsdp": 4, "tensor": 2})
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+  env = {**os.environ, "XLA_FLAGS": with_devices(8), "JAX_PLATFORMS": "cpu",
          "JAXTUNE_NO_HOST_TUNING": "1"}
   done = subprocess.run([sys.executable, str(REPO / "scripts" / "finetune.py"), "--config", str(cfg), "--run-dir",
                          str(tmp_path / "eight")], env=env, capture_output=True, text=True, timeout=900, cwd=REPO)

@@ -20,7 +20,7 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import REPO
+from conftest import REPO, with_devices
 from test_export import decoder_batch, load_exported
 
 from jaxtune import config as config_lib
@@ -288,7 +288,7 @@ print(json.dumps(report))
 def test_quantised_base_is_split_over_fsdp_like_a_float_one(tiny_llama_dir, kind):
   """With mesh fsdp=8 each device holds 1/8 of the quantised kernels' codes (quantised where their float shards
   were loaded: the same bits as on one device), and LoRA steps on it give the one-device run's losses."""
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "XLA_FLAGS": with_devices(8), "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, "-c", SHARDED, str(tiny_llama_dir), kind], env=env, capture_output=True,
                         text=True, cwd=REPO, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from conftest import records, run_script, write_config
+from conftest import records, run_script, with_devices, write_config
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_evaluate_user_errors(tmp_path, trained_run):
 
 def test_batch_not_divisible_by_devices_fails_before_compiling(tmp_path, tiny_bert_dir, reviews):
   cfg = write_config(tmp_path / "c.yaml", tiny_bert_dir, reviews, train={"batch_size": 12})
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = {**os.environ, "XLA_FLAGS": with_devices(8)}
   result = run_script("finetune.py", "--config", cfg, "--run-dir", tmp_path / "r", env=env)
   assert result.returncode == 2
   assert "train.batch_size=12 is not divisible by the 8 batch shards" in result.stderr

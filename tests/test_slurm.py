@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, records, run_script
+from conftest import REPO, records, run_script, with_devices
 
 from jaxtune import distributed
 
@@ -74,7 +74,7 @@ def srun_env(job_id: int, nodelist: str, tasks_per_node: list[int], rank: int, d
   steps = len(tasks_per_node), sum(tasks_per_node), compressed(tasks_per_node)
   return {
       **{k: v for k, v in os.environ.items() if not k.startswith(NOT_FROM_SRUN)},
-      "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+      "XLA_FLAGS": with_devices(devices),
       "SLURM_JOB_ID": str(job_id), "SLURM_JOBID": str(job_id), "SLURM_STEP_ID": "0", "SLURM_STEPID": "0",
       "SLURM_JOB_NODELIST": nodelist, "SLURM_NODELIST": nodelist, "SLURM_STEP_NODELIST": nodelist,
       "SLURM_JOB_NUM_NODES": str(steps[0]), "SLURM_NNODES": str(steps[0]), "SLURM_STEP_NUM_NODES": str(steps[0]),
@@ -144,7 +144,7 @@ def test_readme_srun_recipe_trains_as_one_process(multihost_config, tmp_path):
   """`srun python scripts/finetune.py ...` on 2 nodes x 1 task, 4 devices each, logs what one process with 8 does."""
   mesh = ["mesh.data=4", "mesh.fsdp=2"]  # params sharded over both tasks' devices
   one = run_script("finetune.py", "--config", multihost_config, "--run-dir", tmp_path / "one", *mesh,
-                   env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+                   env={**os.environ, "XLA_FLAGS": with_devices(8)})
   assert one.returncode == 0, one.stderr[-3000:]
   job_id, _ = free_job_id()
   gpus = {"SLURM_GPUS_ON_NODE": "4", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}

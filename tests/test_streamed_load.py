@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, with_devices
 
 from jaxtune.errors import UserError
 from jaxtune.tools import loadmem
@@ -91,7 +91,7 @@ def test_sharded_load_reads_each_slice_once_and_equals_the_eager_import(tmp_path
   else:
     total = write_phi3(tmp_path / "ckpt")
   assert len(set(json.loads((tmp_path / "ckpt" / hf.INDEX).read_text())["weight_map"].values())) > 1
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "XLA_FLAGS": with_devices(8), "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "ckpt")], env=env, capture_output=True,
                         text=True, cwd=REPO, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -168,7 +168,7 @@ def test_benchmark_gguf_file_loads_equal_to_its_safetensors_checkpoint(tmp_path)
   total = loadmem.write_checkpoint(tmp_path / "ckpt", TINY, files=2, seed=3)
   assert loadmem.write_gguf(tmp_path / "model.gguf", TINY, seed=3) == total
   assert jgguf.GGUFReader(tmp_path / "model.gguf").hf_config() == TINY
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "XLA_FLAGS": with_devices(8), "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, "-c", GGUF_CHILD, str(tmp_path / "ckpt"), str(tmp_path / "model.gguf")],
                         env=env, capture_output=True, text=True, cwd=REPO, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -53,7 +53,13 @@ def compile_for_slice(cfg, hf_config):
   return model, lowered.compile()
 
 
-@pytest.fixture(scope="module", params=[(k, d) for k in KINDS for d in ("float32", "bfloat16")],
+# Every kind in float32 (the dtype that once failed to compile for TPU); bfloat16 for the decoder, the encoder's and
+# the encoder-decoder's bfloat16 compiles slow-tier (the same kernels, the same lowering of the other dtype).
+SLOW_BF16 = lambda kind, dtype: dtype == "bfloat16" and kind != "decoder"
+
+
+@pytest.fixture(scope="module", params=[pytest.param((k, d), marks=pytest.mark.slow if SLOW_BF16(k, d) else ())
+                                        for k in KINDS for d in ("float32", "bfloat16")],
                 ids=lambda p: f"{p[0]}-{p[1]}")
 def compiled_kind(request, tmp_path_factory):
   kind, dtype = request.param

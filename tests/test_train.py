@@ -29,6 +29,7 @@ from jaxtune.weights import pretrained
 CLS = TASKS["classification"]
 
 
+@pytest.mark.slow  # ~34 s; test_step_parity's minilm case trains the real weights step for step as PyTorch does
 def test_loss_falls_on_a_real_batch(minilm_dir):
   mesh = sharding.make_mesh(MeshConfig())
   model, params = pretrained.from_pretrained(ModelConfig(path=str(minilm_dir)), 2, mesh, seed=0)

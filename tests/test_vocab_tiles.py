@@ -89,8 +89,10 @@ def assert_close(want, got):
   flat, flat2 = params_lib.flatten(grads), params_lib.flatten(grads2)
   assert flat.keys() == flat2.keys()
   overall = max(float(jnp.abs(g).max()) for g in flat.values())
-  for path, g in flat.items():  # a gradient that is zero in exact arithmetic (a key bias) is float noise in both
-    assert float(jnp.abs(g - flat2[path]).max()) <= 1e-6 * float(jnp.abs(g).max()) + 1e-9 * overall, path
+  # A gradient that is zero in exact arithmetic (a key bias) is float noise in both, and a small one (T5's keys, ~1e-2
+  # of the largest) takes float32 rounding of the largest's size from the vocabulary sums' other order: 1e-7 of it.
+  for path, g in flat.items():
+    assert float(jnp.abs(g - flat2[path]).max()) <= 1e-6 * float(jnp.abs(g).max()) + 1e-7 * overall, path
 
 
 # Slow-tier: the untied Llama (llama_tied and the LoRA-head test read the same tiled head), GPT-2 (a tied table as

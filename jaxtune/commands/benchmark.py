@@ -1,5 +1,12 @@
 """Benchmarks, each measured side by side in one invocation.
 
+python scripts/benchmark.py suite [--suite cpu] [--rounds 3] [--only NAME,...] [--compile cold|warm] [--dir DIR]
+                                  [--output FILE]
+  Whole jobs, scripts/finetune.py against scripts/torch_reference.py on the same batches, alternating over --rounds,
+  each run a fresh process: in-loop seconds, end-to-end wall (with compile), peak RSS and their ratios, per
+  workload of the suite (cpu: MiniLM at fixed 32/64/128/256 tokens, short mixed-length reviews, the default job,
+  a SmolLM2 causal-LM job; jaxtune/tools/matrix.py), and the worst ratio.
+
 python scripts/benchmark.py peer [--shape minilm|bert-base|smollm2-135m|llama-1b] [--batch B] [--length L]
                                  [--dtype float32|bfloat16] [--dropout P] [--scan-layers] [--remat POLICY] [--reps N]
                                  [--settle N] [--output FILE]
@@ -127,6 +134,21 @@ def ckptcost(args: argparse.Namespace) -> dict:
   return result
 
 
+def suite(args: argparse.Namespace) -> dict:
+  from pathlib import Path
+
+  from jaxtune.errors import UserError
+  from jaxtune.tools import matrix
+
+  only = args.only.split(",") if args.only else None
+  try:
+    result = matrix.measure(args.suite, args.rounds, only, Path(args.dir) if args.dir else None, args.compile)
+  except ValueError as e:
+    raise UserError(str(e))
+  print(matrix.table(result))
+  return result
+
+
 def main() -> int:
   parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="mode", required=True)
@@ -170,7 +192,15 @@ def main() -> int:
   c.add_argument("--length", type=cli.positive_int, default=64, help="tokens per row")
   c.add_argument("--dir", help="work directory: config, compile cache, local run dirs (default a new temp dir)")
   c.set_defaults(run=ckptcost)
-  for sp in (p, o, s, m, d, c):
+  w = sub.add_parser("suite", help="a matrix of whole jobs, jaxtune vs the PyTorch reference, alternated")
+  w.add_argument("--suite", default="cpu", choices=("cpu",), help="which workloads (jaxtune/tools/matrix.py)")
+  w.add_argument("--rounds", type=cli.positive_int, default=3, help="runs per workload and side, alternating")
+  w.add_argument("--only", help="comma-separated workload names (default: the whole suite)")
+  w.add_argument("--compile", default="cold", choices=("cold", "warm"),
+                 help="jaxtune's compile cache: empty for every run (cold) or shared by a workload's runs (warm)")
+  w.add_argument("--dir", help="work directory: short-text data, run logs (default a new temp dir)")
+  w.set_defaults(run=suite)
+  for sp in (p, o, s, m, d, c, w):
     sp.add_argument("--output", help="also write the results as JSON here")
   args = parser.parse_args()
   result = args.run(args)
