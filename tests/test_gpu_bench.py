@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FAST_COMPILE  # XLA:CPU without LLVM's optimisations: the tiny run checks the report, not speed
 
 from jaxtune.tools import gpu_bench
 
@@ -22,8 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # other remat policies are the same code with another model.remat. All 12 tiny cases took 207 s on this 2-core machine
 # under load (each compiles its own step); these 6 (2 of them cuDNN, recorded unavailable) took 58 s.
 SUBSET = "full-ft remat=none,attention=,lora remat=full"
-# XLA:CPU without LLVM's optimisations: a third less compile time, and speed is not what the tiny run checks.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 @pytest.mark.slow  # ~65 s of CPU for a report format; the measurement itself needs the GPU CI never has

@@ -45,15 +45,11 @@ def test_sigkill_anywhere_then_resume_equals_no_interruption(resumable_job, tmp_
   rng = np.random.default_rng(9)
   first = int(rng.integers(3, 10))
   # a kill at a seeded random moment after a step was logged, the next in the middle of a checkpoint write
-  kills = [(lambda: reached(run, first, 1), rng.uniform(0, 0.05))]
-  args: tuple[str, ...] = ()
-  for ready, delay in kills:
-    code, err = stop_when(finetune(cfg, run, *args), ready, signal.SIGKILL, delay)
-    assert code == -signal.SIGKILL, err[-2000:]
-    args = ("--resume",)
-  for _ in range(3):  # the third kill lands while a checkpoint write is in flight (again if the write won the race)
+  code, err = stop_when(finetune(cfg, run), lambda: reached(run, first, 1), signal.SIGKILL, rng.uniform(0, 0.05))
+  assert code == -signal.SIGKILL, err[-2000:]
+  for _ in range(3):  # the second kill lands while a checkpoint write is in flight (again if the write won the race)
     old = partial_writes(run)
-    code, err = stop_when(finetune(cfg, run, *args), lambda: partial_writes(run) - old, signal.SIGKILL)
+    code, err = stop_when(finetune(cfg, run, "--resume"), lambda: partial_writes(run) - old, signal.SIGKILL)
     assert code == -signal.SIGKILL, err[-2000:]
     if partial_writes(run) - old:
       break

@@ -41,6 +41,8 @@ from typing import Any
 
 import yaml
 
+from jaxtune.tools.spread import spread
+
 REPO = Path(__file__).resolve().parents[2]
 MODES = {"queued": "true", "sync": "false"}  # side -> checkpoint.async_save
 
@@ -187,7 +189,7 @@ def measure(rounds: int, stores: tuple[str, ...], work_dir: Path | None, steps: 
 
 
 def _span(values: list[float]) -> dict[str, float]:
-  return {"n": len(values), "median": statistics.median(values), "min": min(values), "max": max(values)}
+  return {"n": len(values), **spread(values)}
 
 
 def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from jaxtune.tools.spread import spread
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_JOB = REPO / "configs" / "minilm_reviews.yaml"
@@ -197,9 +198,8 @@ def _summary(runs: list[dict[str, Any]], by: tuple[str, ...], keys: tuple[str, .
   groups: dict[tuple, list[dict[str, Any]]] = {}
   for run in runs:
     groups.setdefault(tuple(run[k] for k in by), []).append(run)
-  return [{**dict(zip(by, group)), "n": len(rs), **{k: {"median": statistics.median(r[k] for r in rs),
-                                                         "min": min(r[k] for r in rs), "max": max(r[k] for r in rs)}
-                                                     for k in keys}} for group, rs in groups.items()]
+  return [{**dict(zip(by, group)), "n": len(rs), **{k: spread(r[k] for r in rs) for k in keys}}
+          for group, rs in groups.items()]
 
 
 def measure(rounds: int, corpus_rounds: int, sizes: list[int], off_max_mb: int, work_dir: Path | None,

@@ -21,13 +21,14 @@ import dataclasses
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from jaxtune.tools.spread import spread
 
 REPO = Path(__file__).resolve().parents[2]
 MINILM = "configs/minilm_reviews.yaml"  # MiniLM (6-layer BERT), batch 32, the packaged reviews
@@ -90,14 +91,15 @@ def _child(argv: list[str], log: Path, env: dict[str, str]) -> tuple[float, int,
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
-  proc.returncode = os.waitstatus_to_exitcode(status)
+  proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
   return wall, usage.ru_maxrss * 1024, proc.returncode
 
 
-def run_side(side: str, load: Workload, work: Path, tag: str, short: Path, cache: Path) -> dict[str, Any]:
-  """One run of `load` by `side` (jaxtune or pytorch), in a fresh process."""
+def run_side(side: str, load: Workload, work: Path, round_: int, short: Path, cache: Path) -> dict[str, Any]:
+  """One run of `load` by `side` (jaxtune or pytorch) in round `round_`, in a fresh process."""
   overrides = [o.format(short=short) for o in load.overrides]
-  out = work / load.name / f"{side}-{tag}"
+  out = work / load.name / f"{side}-{round_}"
+  log = out.with_suffix(".log")
   out.parent.mkdir(parents=True, exist_ok=True)
   env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
   if side == "jaxtune":
@@ -106,22 +108,17 @@ def run_side(side: str, load: Workload, work: Path, tag: str, short: Path, cache
   else:
     argv = [sys.executable, "scripts/torch_reference.py", "--config", load.config, "--output", f"{out}.json",
             *overrides]
-  wall, rss, code = _child(argv, out.parent / f"{side}-{tag}.log", env)
+  wall, rss, code = _child(argv, log, env)
   if code:
-    tail = (out.parent / f"{side}-{tag}.log").read_text()[-3000:]
-    raise RuntimeError(f"{load.name}: the {side} run failed ({code}):\n{tail}")
+    raise RuntimeError(f"{load.name}: the {side} run failed ({code}):\n{log.read_text()[-3000:]}")
   if side == "jaxtune":
     timing = json.loads((out / "timing.json").read_text())
     loop_s, compile_s = timing["train_s"], timing["compile_s"]
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # keeps the work dir small: the logs are what is read
   else:
     loop_s, compile_s = json.loads(Path(f"{out}.json").read_text())["train_seconds"], None
-  return {"workload": load.name, "side": side, "tag": tag, "loop_s": loop_s, "wall_s": wall, "peak_rss": rss,
+  return {"round": round_, "workload": load.name, "side": side, "loop_s": loop_s, "wall_s": wall, "peak_rss": rss,
           "compile_s": compile_s}
-
-
-def _span(values: list[float]) -> dict[str, float]:
-  return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def summary(runs: list[dict[str, Any]], loads: tuple[Workload, ...]) -> list[dict[str, Any]]:
@@ -135,7 +132,7 @@ def summary(runs: list[dict[str, Any]], loads: tuple[Workload, ...]) -> list[dic
       continue
     row = {"workload": load.name, "about": load.about, "n": min(len(v) for v in sides.values())}
     for side, rs in sides.items():
-      row[side] = {k: _span([r[k] for r in rs]) for k in ("loop_s", "wall_s", "peak_rss")}
+      row[side] = {k: spread(r[k] for r in rs) for k in ("loop_s", "wall_s", "peak_rss")}
     for k in ("loop_s", "wall_s", "peak_rss"):
       row[f"ratio_{k}"] = row["pytorch"][k]["median"] / row["jaxtune"][k]["median"]
     rows.append(row)
@@ -158,7 +155,7 @@ def measure(suite: str, rounds: int, only: list[str] | None, work_dir: Path | No
     for r in range(rounds):
       for side in (("jaxtune", "pytorch") if r % 2 == 0 else ("pytorch", "jaxtune")):
         cache = work / "xla" / (f"{load.name}-{r}" if compile_cache == "cold" else load.name)
-        runs.append({"round": r, **run_side(side, load, work, str(r), short, cache)})
+        runs.append(run_side(side, load, work, r, short, cache))
         print(json.dumps(runs[-1]), flush=True)
       if compile_cache == "cold":
         shutil.rmtree(work / "xla" / f"{load.name}-{r}", ignore_errors=True)
