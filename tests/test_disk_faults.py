@@ -92,8 +92,9 @@ def once_committed(proc: subprocess.Popen, run_dir: Path, step: int, then) -> No
 
 
 def fill(disk: Path) -> None:
-  with open(disk / "filler", "wb") as f:
-    with pytest.raises(OSError):
+  """Fills `disk` to its last byte; it may be full already (even too full to open a new file)."""
+  with pytest.raises(OSError, match="No space left"):
+    with open(disk / "filler", "wb") as f:
       while True:
         f.write(b"\0" * 65536)
         f.flush()

@@ -4,6 +4,7 @@ compile for it."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 
 import jax
@@ -51,10 +52,10 @@ def compiled_functions():
     jax.monitoring.unregister_event_duration_listener(on_event)
 
 
-def train(run) -> None:
-  """The prepared run's loop to its end, its checkpoints committed and its lock released."""
+def train(run):
+  """The prepared run's loop to its end, its checkpoints committed and its lock released; loop.loop's result."""
   try:
-    loop.loop(run)
+    return loop.loop(run)
   finally:
     run.ckpts.wait()
     run.ckpts.close()
@@ -77,7 +78,8 @@ def test_a_run_that_fits_compiles_its_train_step_once(tmp_path, tiny_bert_dir, r
 
 def test_batches_that_move_between_buckets_compile_once_per_shape(tmp_path, tiny_bert_dir, reviews):
   """Mixed lengths, no grouping: batches hop between buckets, and the train step compiles once per bucket
-  it meets (the fit check's compile serving the first), never again when a shape comes back."""
+  it meets (the fit check's compile serving the first), never again when a shape comes back. The loop's step
+  times (timing.json's train_by_length) count each step under its batch's padded length."""
   with compiled_functions() as compiles:
     frame = pd.read_csv(reviews["train"])  # each review cut to 1-30 words, as short real text comes
     cut = np.random.default_rng(0).integers(1, 31, len(frame))
@@ -89,10 +91,13 @@ def test_batches_that_move_between_buckets_compile_once_per_shape(tmp_path, tiny
     run = setup.prepare(cfg, tmp_path / "run")
     shapes = [steps.device_batch(run.task, data, rows, 2, cfg, run.batch_sharding)["input_ids"].shape
               for data, rows in run.feed.batches(0, run.steps)]
-    train(run)
+    *_, times = train(run)[2]
   changes = sum(a != b for a, b in zip(shapes, shapes[1:]))
   assert len(set(shapes)) >= 2 and changes >= 3, shapes  # the shapes really come back
   assert compiles.count("jit(step)") == len(set(shapes)), compiles
+  by_length = times.summary()
+  assert {int(n): e["steps"] for n, e in by_length.items()} == collections.Counter(s[1] for s in shapes)
+  assert all(0 <= e["waited_s"] <= e["s"] and e["first_s"] <= e["s"] for e in by_length.values()), by_length
 
 
 def lowered_step_text(cfg) -> str:

@@ -37,3 +37,21 @@ def test_the_summary_takes_medians_per_side_and_the_table_names_the_worst_row():
 def test_an_unknown_workload_is_refused_by_name(tmp_path):
   with pytest.raises(ValueError, match="short-mixed"):
     matrix.measure("cpu", 1, ["short"], tmp_path)
+
+
+def test_the_per_length_table_compares_later_steps_and_first_steps_per_side():
+  load = matrix.SUITES["cpu"][4]  # short-mixed
+  records = [{"length": n, "seconds": s} for n, s in ((32, 2.0), (64, 3.0), (32, 1.0), (32, 1.2), (64, 1.5))]
+  torch_side = matrix.step_lengths(records)
+  assert list(torch_side) == ["32", "64"] and torch_side["32"]["steps"] == 3
+  assert torch_side["32"]["rest_mean_s"] == pytest.approx(1.1) and torch_side["64"]["first_s"] == 3.0
+  ours = {"32": {"steps": 3, "s": 2.0, "first_s": 1.0, "rest_mean_s": 0.5},
+          "64": {"steps": 2, "s": 1.6, "first_s": 0.8, "rest_mean_s": 0.8}}
+  runs = [{"workload": load.name, "side": side, "loop_s": 5.0, "wall_s": 9.0, "peak_rss": 2**30, "by_length": b}
+          for side, b in (("jaxtune", ours), ("pytorch", torch_side))]
+  row = matrix.summary(runs, (load,))[0]
+  assert [b["length"] for b in row["by_length"]] == [32, 64]
+  assert row["by_length"][0]["ratio_step_s"] == pytest.approx(1.1 / 0.5)
+  text = matrix.table({"suite": "cpu", "date": "d", "machine": "m", "rounds": 1, "compile_cache": "cold",
+                       "summary": [row]})
+  assert "| short-mixed | 64 | 2 | 0.800 [0.800-0.800] | 1.500 [1.500-1.500] | 1.88x | 0.80 [0.80-0.80] |" in text

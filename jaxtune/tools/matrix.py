@@ -113,12 +113,26 @@ def run_side(side: str, load: Workload, work: Path, round_: int, short: Path, ca
     raise RuntimeError(f"{load.name}: the {side} run failed ({code}):\n{log.read_text()[-3000:]}")
   if side == "jaxtune":
     timing = json.loads((out / "timing.json").read_text())
-    loop_s, compile_s = timing["train_s"], timing["compile_s"]
+    loop_s, compile_s, by_length = timing["train_s"], timing["compile_s"], timing.get("train_by_length", {})
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # keeps the work dir small: the logs are what is read
   else:
-    loop_s, compile_s = json.loads(Path(f"{out}.json").read_text())["train_seconds"], None
+    ref = json.loads(Path(f"{out}.json").read_text())
+    loop_s, compile_s, by_length = ref["train_seconds"], None, step_lengths(ref["train"])
   return {"round": round_, "workload": load.name, "side": side, "loop_s": loop_s, "wall_s": wall, "peak_rss": rss,
-          "compile_s": compile_s}
+          "compile_s": compile_s, "by_length": by_length}
+
+
+def step_lengths(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+  """The PyTorch reference's per-step records as jaxtune's timing.json train_by_length: per padded length, the
+  steps, their seconds, the first one's and the mean of the rest."""
+  out: dict[str, dict[str, float]] = {}
+  for r in records:
+    e = out.setdefault(str(r["length"]), {"steps": 0, "s": 0.0, "first_s": r["seconds"]})
+    e["steps"] += 1
+    e["s"] += r["seconds"]
+  for e in out.values():
+    e["rest_mean_s"] = (e["s"] - e["first_s"]) / (e["steps"] - 1) if e["steps"] > 1 else None
+  return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
 
 def summary(runs: list[dict[str, Any]], loads: tuple[Workload, ...]) -> list[dict[str, Any]]:
@@ -135,6 +149,24 @@ def summary(runs: list[dict[str, Any]], loads: tuple[Workload, ...]) -> list[dic
       row[side] = {k: spread(r[k] for r in rs) for k in ("loop_s", "wall_s", "peak_rss")}
     for k in ("loop_s", "wall_s", "peak_rss"):
       row[f"ratio_{k}"] = row["pytorch"][k]["median"] / row["jaxtune"][k]["median"]
+    row["by_length"] = by_length(sides)
+    rows.append(row)
+  return rows
+
+
+def by_length(sides: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+  """Per padded length both sides ran: the steps, and per side the median over runs of the first step's seconds
+  and of the mean seconds of the later steps."""
+  rows = []
+  lengths = set.intersection(*(set(r.get("by_length") or {}) for rs in sides.values() for r in rs))
+  for length in sorted(lengths, key=int):
+    row: dict[str, Any] = {"length": int(length), "steps": sides["jaxtune"][0]["by_length"][length]["steps"]}
+    for side, rs in sides.items():
+      entries = [r["by_length"][length] for r in rs]
+      rest = [e["rest_mean_s"] for e in entries if e["rest_mean_s"] is not None]
+      row[side] = {"first_s": spread(e["first_s"] for e in entries), "step_s": spread(rest) if rest else None}
+    if row["jaxtune"]["step_s"] and row["pytorch"]["step_s"]:
+      row["ratio_step_s"] = row["pytorch"]["step_s"]["median"] / row["jaxtune"]["step_s"]["median"]
     rows.append(row)
   return rows
 
@@ -190,4 +222,15 @@ def table(result: dict[str, Any]) -> str:
     lines += ["", f"worst in-loop ratio {worst_loop['ratio_loop_s']:.2f}x ({worst_loop['workload']}), worst wall "
               f"ratio {worst_wall['ratio_wall_s']:.2f}x ({worst_wall['workload']}); ratio = PyTorch / jaxtune"]
   lines += ["", *(f"- {row['workload']}: {row['about']}" for row in result["summary"])]
+  steps = [(row["workload"], b) for row in result["summary"] for b in row.get("by_length", ())]
+  if steps:
+    lines += ["", "Per padded length: the seconds of a step after a shape's first (median over runs of each run's "
+              "mean) and of its first step", "", "| workload | length | steps | jaxtune s/step | PyTorch s/step | "
+              "ratio | jaxtune first step s | PyTorch first step s |", "|---|---|---|---|---|---|---|---|"]
+    for name, b in steps:
+      j, t = b["jaxtune"], b["pytorch"]
+      each = [span(x["step_s"], fmt=".3f") if x["step_s"] else "-" for x in (j, t)]
+      ratio = f"{b['ratio_step_s']:.2f}x" if b.get("ratio_step_s") else "-"
+      lines.append(f"| {name} | {b['length']} | {b['steps']} | {each[0]} | {each[1]} | {ratio} | "
+                   f"{span(j['first_s'], fmt='.2f')} | {span(t['first_s'], fmt='.2f')} |")
   return "\n".join(lines)

@@ -41,7 +41,7 @@ TARGET_WEIGHTS = {"classification": "weights", "causal_lm": "loss_mask", "seq2se
 class Result:
   module: torch.nn.Module  # the trained transformers model
   initial: dict[str, np.ndarray]  # HF key -> the weights training started from
-  records: list[dict[str, float]]  # per step: loss, grad_norm (before clipping), lr
+  records: list[dict[str, float]]  # per step: loss, grad_norm (before clipping), lr, padded length, seconds
   metrics: dict[str, dict[str, Any]]  # split -> metrics of the final model
   train_seconds: float
 
@@ -252,8 +252,10 @@ def finetune(cfg: Config, init: str = "jaxtune", score_splits: Sequence[str] = (
   train = encoded["train"]
   for step, rows in enumerate(batching.step_batches(train.lengths, cfg.train.batch_size, cfg.train.seed,
                                                     cfg.data.group_by_length, per_epoch, 0, steps), 1):
+    tick = time.perf_counter()
     micro = microbatches(task, train, rows, cfg.train.grad_accum, cfg)
-    records.append(train_step(module, opt, sched, micro, cfg.task, cfg.optim.clip_norm, packs(cfg)))
+    record = train_step(module, opt, sched, micro, cfg.task, cfg.optim.clip_norm, packs(cfg))
+    records.append({**record, "length": int(micro[0]["input_ids"].shape[1]), "seconds": time.perf_counter() - tick})
     if log is not None and (step % cfg.train.log_every == 0 or step == steps):
       log(step, steps, records[-1])
   seconds = time.perf_counter() - start

@@ -52,7 +52,8 @@ def fit(cfg: Config, run_dir: str | Path | epath.Path, resume: bool = False, clo
       with clock.phase("checkpoint"):
         run.ckpts.wait()
         run.ckpts.close()
-    report = clock.report(*work, mesh=run.model.mesh)
+    tokens, flops, times = work
+    report = clock.report(tokens, flops, mesh=run.model.mesh, steps=times)
     if jax.process_index() == 0:
       with storage.writing(run_dir, kept="every checkpoint"):
         text = perf.write_report(report, run_dir / "timing.json")
@@ -108,8 +109,9 @@ class _Watch:
 
 
 def loop(run: setup.Run, clock: perf.RunClock | None = None, stop: StopRequests | None = None,
-         quiet: bool = False) -> tuple[steps.TrainState, dict[str, Any], tuple[int, float]]:
-  """Trains `run` to its last step: (final state, last validation metrics, (real tokens, FLOPs) trained on)."""
+         quiet: bool = False) -> tuple[steps.TrainState, dict[str, Any], tuple[int, float, perf.StepTimes]]:
+  """Trains `run` to its last step: (final state, last validation metrics, (real tokens, FLOPs) trained on and the
+  loop's step times)."""
   cfg, state, step = run.cfg, run.state, int(run.state.step)
   clock = clock or perf.RunClock()
   log = runlog.RunLog(run.dir, run.steps, step, cfg.train.tensorboard,  # on resume, drops later records
@@ -134,7 +136,8 @@ def loop(run: setup.Run, clock: perf.RunClock | None = None, stop: StopRequests 
   flops_per_token = functools.cache(lambda length: perf.train_flops_per_token(run.model.hf_config, length, cfg.task))
   tick, seen, work = time.perf_counter(), {"examples": 0, "tokens": 0}, [0, 0.0]
   save_every = cfg.checkpoint.save_every or cfg.train.eval_every
-  pending = None  # the previous step's (step, metrics, throughput or None): read once the next is dispatched
+  pending = None  # the previous step's (step, length, metrics, throughput or None): read once the next is dispatched
+  times = perf.StepTimes(clock)
   stop_now = failed = False
   try:
     for data, rows in run.feed.batches(step, run.steps):
@@ -150,16 +153,16 @@ def loop(run: setup.Run, clock: perf.RunClock | None = None, stop: StopRequests 
         work[0] += tokens
         work[1] += rows_per_step * length * flops_per_token(length)
         if pending is not None:
-          _read_step(log, run, watch, *pending)
+          _read_step(log, run, watch, times, *pending)
         log.advance()
         stop_now, save_for_time = watch.stop_and_save()
         evaluate_now = "validation" in run.splits and (
             step == run.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
         save_now = step == run.steps or (save_every and step % save_every == 0) or save_for_time or stop_now
         logged = step % cfg.train.log_every == 0 or step == run.steps
-        pending = step, step_metrics, (dict(seen), tick, run.feed.epoch(step)) if logged else None
+        pending = step, length, step_metrics, (dict(seen), tick, run.feed.epoch(step)) if logged else None
         if evaluate_now or save_now:  # the state is about to be read anyway; never save past a non-finite step
-          _read_step(log, run, watch, *pending)
+          _read_step(log, run, watch, times, *pending)
           pending = None
       if evaluate_now:
         with clock.phase("eval"):
@@ -185,7 +188,8 @@ def loop(run: setup.Run, clock: perf.RunClock | None = None, stop: StopRequests 
       if stop_now:
         break
     if pending is not None:
-      _read_step(log, run, watch, *pending)
+      with clock.phase("train"):
+        _read_step(log, run, watch, times, *pending)
   except BaseException:
     failed = True
     raise
@@ -194,7 +198,7 @@ def loop(run: setup.Run, clock: perf.RunClock | None = None, stop: StopRequests 
   if stop_now and step < run.steps and not early.stopped_at:
     run.ckpts.wait()
     raise errors.Stopped(f"stopped at step {step}; resume with --resume", errors.EXIT_PREEMPTED)
-  return state, last_eval, tuple(work)
+  return state, last_eval, (*work, times)
 
 
 @dataclasses.dataclass
@@ -242,10 +246,10 @@ def validate(run: setup.Run, params: Params) -> dict[str, Any]:
   return metrics
 
 
-def _read_step(log: runlog.RunLog, run: setup.Run, watch: _Watch, step: int, step_metrics: dict[str, jax.Array],
-               throughput: tuple[dict[str, int], float, float] | None) -> None:
+def _read_step(log: runlog.RunLog, run: setup.Run, watch: _Watch, times: perf.StepTimes, step: int, length: int,
+               step_metrics: dict[str, jax.Array], throughput: tuple[dict[str, int], float, float] | None) -> None:
   """Reads step `step`'s metrics (waiting for it, not for any later step): checks them and logs a log step."""
-  record = {k: v.item() for k, v in jax.device_get(step_metrics).items()}
+  record = {k: v.item() for k, v in times.read(length, lambda: jax.device_get(step_metrics)).items()}
   if throughput is not None:
     seen, tick, epoch = throughput
     elapsed = time.perf_counter() - tick

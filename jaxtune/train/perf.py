@@ -17,7 +17,7 @@ import contextlib
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +110,25 @@ def peak_rss_bytes() -> int:
 
 
 _COMPILE_SECONDS = [0.0]  # jax's tracing, lowering and XLA compile (or persistent-cache load) time in this process
+# function name: [XLA compiles (or cache loads), all seconds, XLA's seconds (the rest is tracing and lowering)]
+_COMPILE_BY_FUNCTION: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0])
 
 
-def _on_event(event: str, duration: float, **_: Any) -> None:
+def _on_event(event: str, duration: float, fun_name: str = "?", **_: Any) -> None:
   if event.startswith("/jax/core/compile/"):
     _COMPILE_SECONDS[0] += duration
+    entry = _COMPILE_BY_FUNCTION[fun_name.removeprefix("jit(").removesuffix(")")]
+    entry[1] += duration
+    if event.endswith("backend_compile_duration"):
+      entry[0] += 1
+      entry[2] += duration
+
+
+def compile_by_function(top: int = 8) -> dict[str, dict[str, float]]:
+  """The functions that took the most compile time, slowest first: {name: {compiles, s, xla_s}}, where `s` is
+  tracing, lowering and XLA's compile (or persistent-cache load), `xla_s` the last alone."""
+  ranked = sorted(_COMPILE_BY_FUNCTION.items(), key=lambda kv: -kv[1][1])[:top]
+  return {name: {"compiles": n, "s": round(seconds, 2), "xla_s": round(xla, 2)} for name, (n, seconds, xla) in ranked}
 
 
 jax.monitoring.register_event_duration_secs_listener(_on_event)
@@ -158,7 +172,12 @@ class RunClock:
     finally:
       self.seconds[name] += time.perf_counter() - tick - (compile_seconds() - compiled)
 
-  def report(self, train_tokens: int, train_flops: float, mesh: Mesh | None = None) -> dict[str, Any]:
+  def other_seconds(self) -> float:
+    """The seconds of every phase but `train` so far (compile excluded from each)."""
+    return sum(v for k, v in self.seconds.items() if k != "train")
+
+  def report(self, train_tokens: int, train_flops: float, mesh: Mesh | None = None,
+             steps: StepTimes | None = None) -> dict[str, Any]:
     """The breakdown, throughput, MFU and peak memory, as a JSON-ready dict.
 
     The peak FLOP/s and device memory are those of the run's `mesh` (its first device on this host): the host's
@@ -169,11 +188,54 @@ class RunClock:
     train_s = self.seconds["train"]
     stats = device.memory_stats() or {}
     return {"wall_s": time.perf_counter() - self.started, **{f"{k}_s": v for k, v in self.seconds.items()},
-            "compile_s": compile_seconds() - self.compile_at_start, **self.first_step, "train_tokens": train_tokens,
+            "compile_s": compile_seconds() - self.compile_at_start, "compile_by_function": compile_by_function(),
+            **self.first_step, "train_tokens": train_tokens,
             "tokens_per_s": train_tokens / train_s if train_s else None, "train_flops": train_flops,
             "devices": sharding.device_facts(mesh), "peak_flops": peak, "peak_source": "measured matmul" if device.platform == "cpu" else "vendor table",
             "mfu": train_flops / train_s / peak if train_s and peak else None,
-            "peak_host_bytes": peak_rss_bytes(), "peak_device_bytes": stats.get("peak_bytes_in_use")}
+            "peak_host_bytes": peak_rss_bytes(), "peak_device_bytes": stats.get("peak_bytes_in_use"),
+            **({"train_by_length": steps.summary()} if steps is not None else {})}
+
+
+class StepTimes:
+  """The train loop's seconds per step, by the batch's padded length: where a mixed-length run's loop goes.
+
+  A step's seconds run from the moment the previous step's metrics were read to the moment its own were, less
+  any compile and any other phase (evaluation, checkpoints) in between. The loop dispatches a step before it reads
+  the previous one, so while the host keeps ahead this is the device's time on the step; `waited` is the part the
+  host spent blocked on the device, the rest the host's own work (collate, transfer, dispatch, logging) that the
+  device did not hide. A shape's first step (`first_s`) pays its buffers' first allocation.
+  """
+
+  def __init__(self, clock: RunClock):
+    self.clock = clock
+    self.by_length: dict[int, dict[str, float]] = {}
+    self.last = self._now()
+
+  def _now(self) -> float:
+    """The wall clock less the compile and other phases so far: differences of it are train-loop time."""
+    return time.perf_counter() - compile_seconds() - self.clock.other_seconds()
+
+  def read(self, length: int, wait: Callable[[], Any]) -> Any:
+    """Runs `wait` (the blocking read of a step of `length`, the next in order) and counts the step's time."""
+    tick = time.perf_counter()
+    out = wait()
+    waited = time.perf_counter() - tick
+    now = self._now()
+    seconds, self.last = now - self.last, now
+    entry = self.by_length.setdefault(length, {"steps": 0, "s": 0.0, "waited_s": 0.0, "first_s": seconds})
+    entry["steps"] += 1
+    entry["s"] += seconds
+    entry["waited_s"] += min(waited, seconds)
+    return out
+
+  def summary(self) -> dict[str, dict[str, float]]:
+    """Per padded length: steps, seconds, seconds waited on the device, the first step's and the mean of the rest."""
+    out = {}
+    for length, e in sorted(self.by_length.items()):
+      rest = (e["s"] - e["first_s"]) / (e["steps"] - 1) if e["steps"] > 1 else None
+      out[str(length)] = {**{k: round(v, 4) for k, v in e.items()}, "rest_mean_s": rest and round(rest, 4)}
+    return out
 
 
 def write_report(report: dict[str, Any], path: Path) -> str:
@@ -190,6 +252,10 @@ def write_report(report: dict[str, Any], path: Path) -> str:
   if report.get("first_step_at_s") is not None:
     lines.append(f"first step dispatched {report['first_step_at_s']:.1f} s after start, after "
                  f"{report['compile_before_first_step_s']:.1f} s of compile")
+  if by_length := report.get("train_by_length"):
+    lines.append("train steps by padded length: " + ", ".join(
+        f"{n}: {e['steps']} steps, {e['s']:.1f} s ({e['s'] / e['steps']:.3f} s/step, "
+        f"{100 * e['waited_s'] / max(e['s'], 1e-9):.0f}% of it waiting on the device)" for n, e in by_length.items()))
   mfu = f"{100 * report['mfu']:.1f}%" if report["mfu"] is not None else "-"
   device = report["peak_device_bytes"]
   lines.append(f"train {report['tokens_per_s'] or 0:.0f} tokens/s, MFU {mfu} of {report['peak_flops'] or 0:.3g} "
