@@ -7,6 +7,12 @@ python scripts/benchmark.py suite [--suite cpu] [--rounds 3] [--only NAME,...] [
   workload of the suite (cpu: MiniLM at fixed 32/64/128/256 tokens, short mixed-length reviews, the default job,
   a SmolLM2 causal-LM job; jaxtune/tools/matrix.py), and the worst ratio.
 
+python scripts/benchmark.py probe optimizer|padding|compile|background|profile [--rounds N] [--length L] [--dir DIR]
+  Where a MiniLM step's time goes (jaxtune/tools/probes.py), the sides alternating over --rounds: the AdamW update
+  alone (jaxtune's, with the clipping as one scalar multiply, torch's fused AdamW); PyTorch's step with padded rows;
+  the train step compiled for two shapes one after the other or at once; the short mixed-length job with the later
+  shapes compiled on a background thread; a jax.profiler trace of the step at --length, op time by kind.
+
 python scripts/benchmark.py peer [--shape minilm|bert-base|smollm2-135m|llama-1b] [--batch B] [--length L]
                                  [--dtype float32|bfloat16] [--dropout P] [--scan-layers] [--remat POLICY] [--reps N]
                                  [--settle N] [--output FILE]
@@ -149,6 +155,16 @@ def suite(args: argparse.Namespace) -> dict:
   return result
 
 
+def probe(args: argparse.Namespace) -> dict:
+  from pathlib import Path
+
+  from jaxtune.tools import probes
+
+  result = probes.run(args.name, args.rounds, args.length, Path(args.dir) if args.dir else None)
+  print(json.dumps(result, indent=2))
+  return result
+
+
 def main() -> int:
   parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="mode", required=True)
@@ -200,7 +216,13 @@ def main() -> int:
                  help="jaxtune's compile cache: empty for every run (cold) or shared by a workload's runs (warm)")
   w.add_argument("--dir", help="work directory: short-text data, run logs (default a new temp dir)")
   w.set_defaults(run=suite)
-  for sp in (p, o, s, m, d, c, w):
+  b = sub.add_parser("probe", help="one question about where a MiniLM step's time goes (jaxtune/tools/probes.py)")
+  b.add_argument("name", choices=("optimizer", "padding", "compile", "background", "profile"))
+  b.add_argument("--rounds", type=cli.positive_int, default=5, help="turns per side, alternating")
+  b.add_argument("--length", type=cli.positive_int, default=32, help="profile: tokens per row")
+  b.add_argument("--dir", help="background: work directory (default a new temp dir)")
+  b.set_defaults(run=probe)
+  for sp in (p, o, s, m, d, c, w, b):
     sp.add_argument("--output", help="also write the results as JSON here")
   args = parser.parse_args()
   result = args.run(args)

@@ -204,13 +204,15 @@ class StepTimes:
   any compile and any other phase (evaluation, checkpoints) in between. The loop dispatches a step before it reads
   the previous one, so while the host keeps ahead this is the device's time on the step; `waited` is the part the
   host spent blocked on the device, the rest the host's own work (collate, transfer, dispatch, logging) that the
-  device did not hide. A shape's first step (`first_s`) pays its buffers' first allocation.
+  device did not hide. A shape's first step (`first_s`) pays its buffers' first allocation, and a step that ran
+  while the host compiled the next one's new shape counts only what was left after the compile; the mean
+  (`rest_mean_s`) leaves out both kinds (`timed_steps` says how many steps it is of).
   """
 
   def __init__(self, clock: RunClock):
     self.clock = clock
     self.by_length: dict[int, dict[str, float]] = {}
-    self.last = self._now()
+    self.last, self.compiled = self._now(), compile_seconds()
 
   def _now(self) -> float:
     """The wall clock less the compile and other phases so far: differences of it are train-loop time."""
@@ -221,20 +223,29 @@ class StepTimes:
     tick = time.perf_counter()
     out = wait()
     waited = time.perf_counter() - tick
-    now = self._now()
-    seconds, self.last = now - self.last, now
-    entry = self.by_length.setdefault(length, {"steps": 0, "s": 0.0, "waited_s": 0.0, "first_s": seconds})
+    now, compiled = self._now(), compile_seconds()
+    seconds, overlapped = max(now - self.last, 0.0), compiled > self.compiled  # a compile may outlast the step
+    self.last, self.compiled = now, compiled
+    entry = self.by_length.get(length)
+    if entry is None:
+      entry = self.by_length[length] = {"steps": 0, "s": 0.0, "waited_s": 0.0, "first_s": seconds,
+                                        "timed_steps": 0, "timed_s": 0.0}
+    elif not overlapped:
+      entry["timed_steps"] += 1
+      entry["timed_s"] += seconds
     entry["steps"] += 1
     entry["s"] += seconds
     entry["waited_s"] += min(waited, seconds)
     return out
 
   def summary(self) -> dict[str, dict[str, float]]:
-    """Per padded length: steps, seconds, seconds waited on the device, the first step's and the mean of the rest."""
+    """Per padded length: steps, seconds, seconds waited on the device, the first step's, and the mean of the steps
+    after it that ran with no compile beside them."""
     out = {}
     for length, e in sorted(self.by_length.items()):
-      rest = (e["s"] - e["first_s"]) / (e["steps"] - 1) if e["steps"] > 1 else None
-      out[str(length)] = {**{k: round(v, 4) for k, v in e.items()}, "rest_mean_s": rest and round(rest, 4)}
+      rest = e["timed_s"] / e["timed_steps"] if e["timed_steps"] else None
+      out[str(length)] = {**{k: round(v, 4) for k, v in e.items() if k != "timed_s"},
+                          "rest_mean_s": rest and round(rest, 4)}
     return out
 
 
