@@ -68,7 +68,7 @@ def optimizer(rounds: int) -> dict[str, Any]:
   tx = optim.make(cfg, 1000)
   hyper = jnp.asarray(tx.hyper)
   chains = {"jaxtune": tx.transform,
-            "jaxtune, scalar clip": lambda h: optax.chain(_scalar_clip(cfg.clip_norm), _adamw(cfg, h))}
+            "jaxtune, scalar clip": lambda h: optax.chain(_scalar_clip(cfg.clip_norm), tx.adamw(h))}
 
   def jitted(make: Any) -> Any:
     def step(p: Any, s: Any, g: Any, h: Any) -> tuple[Any, Any]:
@@ -114,16 +114,6 @@ def _scalar_clip(max_norm: float) -> Any:
     return jax.tree.map(lambda g: g * coef, updates), state
 
   return optax.GradientTransformation(optax.init_empty_state, update)
-
-
-def _adamw(cfg: Any, hyper: Any) -> Any:
-  """The AdamW part of optim.AdamW.transform."""
-  import optax
-
-  from jaxtune.train import optim
-
-  return optax.adamw(optim.schedule_of(cfg.schedule, hyper), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                     weight_decay=hyper[3], mask=optim.decay_mask)
 
 
 def padding(rounds: int, lengths: tuple[int, ...] = (32, 64)) -> dict[str, Any]:

@@ -63,11 +63,14 @@ class AdamW:
   hyper: np.ndarray
 
   def transform(self, hyper: Any) -> optax.GradientTransformation:
+    clip = [optax.clip_by_global_norm(self.cfg.clip_norm)] if self.cfg.clip_norm > 0 else []
+    return optax.chain(*clip, self.adamw(hyper))
+
+  def adamw(self, hyper: Any) -> optax.GradientTransformation:
+    """The chain's AdamW, after the clipping: the schedule, the moments and the masked weight decay."""
     cfg = self.cfg
-    chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-    chain.append(optax.adamw(schedule_of(cfg.schedule, hyper), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                             weight_decay=hyper[3], mask=decay_mask))
-    return optax.chain(*chain)
+    return optax.adamw(schedule_of(cfg.schedule, hyper), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=hyper[3],
+                       mask=decay_mask)
 
   @property
   def init(self) -> Any:
