@@ -117,7 +117,7 @@ def bert_layer_theirs(ref: torch.nn.Module, reps: int) -> torch.Tensor:
 
 
 def bert_model_ours(model: model_lib.Model, params: dict, key: jax.Array | None) -> jax.Array:
-  out = model.apply(params, bert_batch(), dropout_rng=key)
+  out = model.apply(params, bert_batch(), dropout_rng=key, all_hidden=True)
   return jnp.concatenate([out["hidden"][REAL_BxL].ravel(), out["logits"].ravel()])
 
 

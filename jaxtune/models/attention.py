@@ -106,7 +106,7 @@ def choose(ctx: layers.Context, q: jax.Array, k: jax.Array, mask: Mask, dropout:
   fits = mask.kernel_ok(q.shape[1], k.shape[1])
   where = platform(ctx)
   if wanted == "auto":
-    if not fits:
+    if not fits or q.shape[1] == 1:  # one query (an encoder's first-token-only last layer): a kernel pads it to a block
       return "xla"
     if where == "cpu":
       return "cpu" if _cpu_takes(ctx, q, k, mask, soft_cap) else "xla"

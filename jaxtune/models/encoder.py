@@ -150,10 +150,17 @@ class Layer(nnx.Module):
     self.attn_out_rate = 0.0 if cfg.family == "distilbert" else cfg.hidden_dropout_prob  # DistilBERT has none there
 
   def __call__(self, x_BxLxD: jax.Array, mask_BxL: jax.Array, rng: jax.Array | None,
-               ctx: layers.Context) -> jax.Array:
+               ctx: layers.Context, first_only: bool = False) -> jax.Array:
+    """The layer's output, B x L x D; with `first_only` that of the first token alone, B x 1 x D (its query
+    still attends to every key)."""
     r_attn, r_out, r_mlp = layers.split_rng(rng, 3)
     heads = ("batch", "length", "heads", "head_dim")
-    q, k, v = (ctx.constrain(y, heads) for y in layers.dense_many((self.query, self.key, self.value), x_BxLxD, ctx))
+    if first_only:
+      k, v = (ctx.constrain(y, heads) for y in layers.dense_many((self.key, self.value), x_BxLxD, ctx))
+      x_BxLxD = x_BxLxD[:, :1]
+      q = ctx.constrain(self.query(x_BxLxD, ctx), heads)
+    else:
+      q, k, v = (ctx.constrain(y, heads) for y in layers.dense_many((self.query, self.key, self.value), x_BxLxD, ctx))
     attn_BxLxHxK = attention.attend(q, k, v, ctx, attention.Mask(kv_segments=mask_BxL), None, self.attn_rate, r_attn)
     x_BxLxD = self.attn_norm(x_BxLxD + layers.dropout(self.attn_out(attn_BxLxHxK, ctx), self.attn_out_rate, r_out))
     h_BxLxF = ctx.constrain(self.act(self.mlp_in(x_BxLxD, ctx)), ("batch", "length", "mlp"))
@@ -173,8 +180,9 @@ class Encoder(nnx.Module):
                    if cfg.has_pooler else nnx.data(None))
 
   def __call__(self, ids_BxL, mask_BxL, types_BxL, dtype, rng, remat, ctx: layers.Context,
-               word_BxLxE=None) -> tuple[jax.Array, Any]:
-    """(last hidden states B x L x D, pooled [CLS] B x D or None without a pooler)."""
+               word_BxLxE=None, first_only: bool = False) -> tuple[jax.Array, Any]:
+    """(last hidden states B x L x D, or B x 1 x D with `first_only`: the last layer computes the first token's
+    alone; pooled [CLS] B x D or None without a pooler)."""
     rngs = None if rng is None else jax.random.split(rng, self.num_layers + 1)  # [0] embeddings, [1:] one per layer
     x_BxLxD = self.embeddings(ids_BxL, mask_BxL, types_BxL, dtype, None if rngs is None else rngs[0], word_BxLxE)
     if self.project is not None:
@@ -183,8 +191,11 @@ class Encoder(nnx.Module):
     def body(layer: Layer, x_BxLxD: jax.Array, r: jax.Array | None, ctx: layers.Context) -> tuple[jax.Array, None]:
       return layer(ctx.constrain(x_BxLxD, ("batch", "length", "embed")), mask_BxL, r, ctx), None
 
+    def first(layer: Layer, x_BxLxD: jax.Array, r: jax.Array | None, ctx: layers.Context) -> tuple[jax.Array, None]:
+      return layer(ctx.constrain(x_BxLxD, ("batch", "length", "embed")), mask_BxL, r, ctx, first_only=True), None
+
     x_BxLxD, _ = layers.scan(self.layers, body, x_BxLxD, None if rngs is None else rngs[1:], ctx, remat,
-                             unroll=not self.scan_layers)
+                             unroll=not self.scan_layers, last=first if first_only else None)
     pooled_BxD = None if self.pooler is None else jnp.tanh(self.pooler(x_BxLxD[:, 0], ctx))
     return x_BxLxD, pooled_BxD
 
@@ -224,16 +235,23 @@ class EncoderModel(nnx.Module):
       self.classifier = ClassificationHead(cfg, rngs)
 
   def __call__(self, batch: dict[str, jax.Array], *, ctx: layers.Context, dtype: jnp.dtype = jnp.float32,
-               dropout_rng: jax.Array | None = None, remat: str = "none") -> dict[str, jax.Array]:
+               dropout_rng: jax.Array | None = None, remat: str = "none",
+               all_hidden: bool = False) -> dict[str, jax.Array]:
     """`logits` (float32; B x C, B x L x 2 or B x L x C by head) and the last `hidden` states (B x L x D).
 
+    The sequence-classification head reads the first token's last hidden state alone, so unless `all_hidden` asks
+    for every token's, the last layer computes only that one (its query attends to all keys; the other tokens'
+    queries, attention output and MLP, 14% of MiniLM's layer matmuls, are never computed; HF computes and drops
+    them): `hidden` is then B x 1 x D. Same logits and gradients (tests/test_encoder_first_token.py).
     batch["word_embeddings"] (B x L x E), when present, stands in for the token embeddings of input_ids."""
     cfg = self.cfg
     r_enc, r_head = layers.split_rng(dropout_rng, 2)
     ids_BxL = batch["input_ids"]
     types_BxL = batch.get("token_type_ids", jnp.zeros_like(ids_BxL))
+    first_only = cfg.head == "classification" and not all_hidden
     hidden_BxLxD, pooled_BxD = getattr(self, self.base_name)(ids_BxL, batch["attention_mask"], types_BxL, dtype,
-                                                             r_enc, remat, ctx, batch.get("word_embeddings"))
+                                                             r_enc, remat, ctx, batch.get("word_embeddings"),
+                                                             first_only)
     if cfg.head == "question_answering":
       logits = self.qa_outputs(layers.dropout(hidden_BxLxD, cfg.qa_dropout, r_head), ctx)
     elif cfg.head == "token_classification":

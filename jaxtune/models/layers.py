@@ -262,9 +262,13 @@ def stack(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx
   return layers
 
 
-def scan(layers: nnx.Module, body: Callable[[nnx.Module, Any, Any, Context], tuple[Any, Any]], carry: Any, xs: Any,
-         ctx: Context, remat: str = "none", unroll: bool = False) -> tuple[Any, Any]:
+Body = Callable[[nnx.Module, Any, Any, Context], tuple[Any, Any]]
+
+
+def scan(layers: nnx.Module, body: Body, carry: Any, xs: Any, ctx: Context, remat: str = "none", unroll: bool = False,
+         last: Body | None = None) -> tuple[Any, Any]:
   """Runs body(layer_i, carry, xs[i], ctx_i) -> (carry, ys[i]) over a `stack`: one lax.scan, or N unrolled calls.
+  `last`, when given, runs the final layer instead of `body` (after the scan of the others).
 
   ctx_i is `ctx` with layer i's own adapter dropout key (split from ctx's), so no two layers' adapters share masks.
 
@@ -280,21 +284,29 @@ def scan(layers: nnx.Module, body: Callable[[nnx.Module, Any, Any, Context], tup
   n = jax.tree.leaves(nnx.to_pure_dict(state))[0].shape[0]
   adapter_rngs = None if ctx.adapter_rng is None else jax.random.split(ctx.adapter_rng, n)
 
-  def step(carry: Any, inputs: Any) -> tuple[Any, Any]:
-    layer_state, x, rng = inputs
-    return body(nnx.merge(graphdef, layer_state), carry, x, dataclasses.replace(ctx, adapter_rng=rng))
+  def stepper(run: Body) -> Callable[[Any, Any], tuple[Any, Any]]:
+    def step(carry: Any, inputs: Any) -> tuple[Any, Any]:
+      layer_state, x, rng = inputs
+      return run(nnx.merge(graphdef, layer_state), carry, x, dataclasses.replace(ctx, adapter_rng=rng))
 
-  if remat != "none":  # a scan body cannot be merged with its recomputation, so it needs no prevent_cse
-    step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    unroll = False
+    if remat != "none":  # a scan body cannot be merged with its recomputation, so it needs no prevent_cse
+      step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    return step
+
+  step, final = stepper(body), stepper(last or body)
   inputs = (nnx.to_pure_dict(state), xs, adapter_rngs)
-  if not unroll:
-    return jax.lax.scan(step, carry, inputs)
+  if remat != "none" or not unroll:
+    if last is None:
+      return jax.lax.scan(step, carry, inputs)
+    carry, ys = jax.lax.scan(step, carry, jax.tree.map(lambda a: a[:-1], inputs))
+    carry, y = final(carry, jax.tree.map(lambda a: a[-1], inputs))
+    return carry, jax.tree.map(lambda s, y: jnp.concatenate([s, y[None]]), ys, y)
   # lax.split's transpose is a concatenate: each layer's gradient lands in its rows of the stacked one.
   split = jax.tree.map(lambda a: [part[0] for part in jax.lax.split(a, [1] * n)], inputs)
   ys = []
   for i in range(n):
-    carry, y = step(carry, jax.tree.map(lambda parts: parts[i], split, is_leaf=lambda t: isinstance(t, list)))
+    run = final if i == n - 1 else step
+    carry, y = run(carry, jax.tree.map(lambda parts: parts[i], split, is_leaf=lambda t: isinstance(t, list)))
     ys.append(y)
   return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
 
