@@ -9,8 +9,9 @@ naming a fused kernel explicitly trains without that dropout (also logged). A so
 runs in splash and as XLA ops; cuDNN and the CPU kernel have none, nor has the CPU kernel a window, so those
 run as XLA ops (logged once). A layer of a mixed stack (windowed and full layers scanned as one) gets its
 window flag as a traced `Mask.local`: XLA's ops mask with it, a fused kernel runs under lax.cond on it.
-Decoding with a cache runs XLA's ops: one query per step reads memory, not FLOPs. Every path is tested against
-`reference`.
+Decoding with a cache runs XLA's ops: one query per step reads memory, not FLOPs. So does any single query (the
+encoders' first-token-only last layer, with its attention dropout), whatever is named: splash would pad it to a
+block of 128 and cuDNN refuses it. Every path is tested against `reference`.
 
 Dimensions: B batch, L queries, S keys, H query heads, G key/value heads (H = G x R), K head dim.
 """
@@ -105,8 +106,10 @@ def choose(ctx: layers.Context, q: jax.Array, k: jax.Array, mask: Mask, dropout:
     return wanted
   fits = mask.kernel_ok(q.shape[1], k.shape[1])
   where = platform(ctx)
+  if q.shape[1] == 1 < k.shape[1]:  # one query (an encoder's first-token-only last layer): nothing worth a kernel
+    return "xla"
   if wanted == "auto":
-    if not fits or q.shape[1] == 1:  # one query (an encoder's first-token-only last layer): a kernel pads it to a block
+    if not fits:
       return "xla"
     if where == "cpu":
       return "cpu" if _cpu_takes(ctx, q, k, mask, soft_cap) else "xla"
