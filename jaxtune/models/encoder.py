@@ -14,6 +14,7 @@ V vocab, C classes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Literal
 
 import jax
@@ -188,14 +189,13 @@ class Encoder(nnx.Module):
     if self.project is not None:
       x_BxLxD = self.project(x_BxLxD, ctx)
 
-    def body(layer: Layer, x_BxLxD: jax.Array, r: jax.Array | None, ctx: layers.Context) -> tuple[jax.Array, None]:
-      return layer(ctx.constrain(x_BxLxD, ("batch", "length", "embed")), mask_BxL, r, ctx), None
-
-    def first(layer: Layer, x_BxLxD: jax.Array, r: jax.Array | None, ctx: layers.Context) -> tuple[jax.Array, None]:
-      return layer(ctx.constrain(x_BxLxD, ("batch", "length", "embed")), mask_BxL, r, ctx, first_only=True), None
+    def body(layer: Layer, x_BxLxD: jax.Array, r: jax.Array | None, ctx: layers.Context,
+             first_only: bool = False) -> tuple[jax.Array, None]:
+      return layer(ctx.constrain(x_BxLxD, ("batch", "length", "embed")), mask_BxL, r, ctx, first_only), None
 
     x_BxLxD, _ = layers.scan(self.layers, body, x_BxLxD, None if rngs is None else rngs[1:], ctx, remat,
-                             unroll=not self.scan_layers, last=first if first_only else None)
+                             unroll=not self.scan_layers,
+                             last=functools.partial(body, first_only=True) if first_only else None)
     pooled_BxD = None if self.pooler is None else jnp.tanh(self.pooler(x_BxLxD[:, 0], ctx))
     return x_BxLxD, pooled_BxD
 
