@@ -18,10 +18,10 @@ from jaxtune.weights import pretrained
 MESH = sharding.make_mesh(MeshConfig())
 
 
-def classifier(family: str, **model_cfg):
-  """A random classification model of `family`'s tiny config, its params and a padded batch (jnp)."""
-  model = pretrained.from_config(CONFIGS[family].to_dict(), ModelConfig(path="tiny", **model_cfg), 5, MESH,
-                                 head="classification")
+def classifier(family: str, hf: dict | None = None, **model_cfg):
+  """A random classification model of `family`'s tiny config (updated by `hf`), its params and a padded batch."""
+  model = pretrained.from_config({**CONFIGS[family].to_dict(), **(hf or {})}, ModelConfig(path="tiny", **model_cfg), 5,
+                                 MESH, head="classification")
   inputs = {k: jnp.asarray(v) for k, v in batch(family).items()}
   return model, model_lib.init_params(model, 0), inputs
 
@@ -47,8 +47,10 @@ def test_first_token_only_gives_the_same_loss_and_gradients(family, scan, remat)
 
 
 def test_dropout_still_drops_in_the_last_layer():
-  """With dropout on, the first-token path trains on different masks per key and none with the key off."""
-  model, params, inputs = classifier("bert", dropout=0.5)
+  """One layer, the last, and dropout only on its attention probabilities (the single query's, on XLA's ops): each
+  key drops differently, and no key drops nothing."""
+  model, params, inputs = classifier("bert", {"num_hidden_layers": 1, "hidden_dropout_prob": 0.0,
+                                              "attention_probs_dropout_prob": 0.5, "classifier_dropout": 0.0})
   keys = [jax.random.key_data(jax.random.key(s)) for s in (0, 1)]
   losses = [float(loss(params, model, inputs, False, dropout_rng=k)) for k in keys]
   plain = float(loss(params, model, inputs, False))
