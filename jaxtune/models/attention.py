@@ -104,10 +104,10 @@ def choose(ctx: layers.Context, q: jax.Array, k: jax.Array, mask: Mask, dropout:
     raise ValueError(f"model.attention {wanted!r}: expected one of {IMPLEMENTATIONS}")
   if wanted in ("xla", "reference"):
     return wanted
-  fits = mask.kernel_ok(q.shape[1], k.shape[1])
-  where = platform(ctx)
   if q.shape[1] == 1 < k.shape[1]:  # one query (an encoder's first-token-only last layer): nothing worth a kernel
     return "xla"
+  fits = mask.kernel_ok(q.shape[1], k.shape[1])
+  where = platform(ctx)
   if wanted == "auto":
     if not fits:
       return "xla"
