@@ -125,9 +125,8 @@ def test_srun_tasks_join_one_group_from_slurm_variables(layout):
   results = srun([sys.executable, "-c", PROBE], envs, timeout=120)
   for code, _, err in results:
     assert code == 0, err[-3000:]
-  # the probe's JSON line: gloo may print its own "[Gloo] Rank ... connected" lines after it
-  found = [json.loads(next(line for line in reversed(out.splitlines()) if line.startswith("{")))
-           for _, out, _ in results]
+  # the probe's JSON object: gloo's own "[Gloo] Rank ... connected" text may come before or after it, on its line
+  found = [json.JSONDecoder().raw_decode(out[out.rindex('{"process_index"'):])[0] for _, out, _ in results]
   first_node = {"127.0.0.[1-2]": "127.0.0.1", "localhost": "localhost"}[nodelist]
   for rank, got in enumerate(found):
     assert got["process_index"] == rank and got["process_count"] == 2
