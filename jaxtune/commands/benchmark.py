@@ -7,11 +7,14 @@ python scripts/benchmark.py suite [--suite cpu] [--rounds 3] [--only NAME,...] [
   workload of the suite (cpu: MiniLM at fixed 32/64/128/256 tokens, short mixed-length reviews, the default job,
   a SmolLM2 causal-LM job; jaxtune/tools/matrix.py), and the worst ratio.
 
-python scripts/benchmark.py probe optimizer|padding|compile|background|profile [--rounds N] [--length L] [--dir DIR]
+python scripts/benchmark.py probe optimizer|padding|compile|background|profile|compile-cost [--rounds N] [--length L]
+                                  [--dir DIR]
   Where a MiniLM step's time goes (jaxtune/tools/probes.py), the sides alternating over --rounds: the AdamW update
   alone (jaxtune's, with the clipping as one scalar multiply, torch's fused AdamW); PyTorch's step with padded rows;
   the train step compiled for two shapes one after the other or at once; the short mixed-length job with the later
-  shapes compiled on a background thread; a jax.profiler trace of the step at --length, op time by kind.
+  shapes compiled on a background thread; a jax.profiler trace of the step at --length, op time by kind; the step's
+  compile and step seconds at --length as is and with each way to compile it faster (LLVM -O1, XLA:CPU's
+  fast-compile preset, scanned layers; SGD to size the optimiser's share), each a fresh process.
 
 python scripts/benchmark.py peer [--shape minilm|bert-base|smollm2-135m|llama-1b] [--batch B] [--length L]
                                  [--dtype float32|bfloat16] [--dropout P] [--scan-layers] [--remat POLICY] [--reps N]
@@ -217,9 +220,9 @@ def main() -> int:
   w.add_argument("--dir", help="work directory: short-text data, run logs (default a new temp dir)")
   w.set_defaults(run=suite)
   b = sub.add_parser("probe", help="one question about where a MiniLM step's time goes (jaxtune/tools/probes.py)")
-  b.add_argument("name", choices=("optimizer", "padding", "compile", "background", "profile"))
+  b.add_argument("name", choices=("optimizer", "padding", "compile", "background", "profile", "compile-cost"))
   b.add_argument("--rounds", type=cli.positive_int, default=5, help="turns per side, alternating")
-  b.add_argument("--length", type=cli.positive_int, default=32, help="profile: tokens per row")
+  b.add_argument("--length", type=cli.positive_int, default=32, help="profile, compile-cost: tokens per row")
   b.add_argument("--dir", help="background: work directory (default a new temp dir)")
   b.set_defaults(run=probe)
   for sp in (p, o, s, m, d, c, w, b):

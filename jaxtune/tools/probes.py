@@ -11,6 +11,8 @@ Each answers one question about where a MiniLM step's time goes, the sides alter
 - background: the short mixed-length job (matrix.py's short-mixed) as is, and with a thread that compiles the other
   train-step shape and the evaluation shapes once the first step is dispatched (the loop waiting for it at that
   shape's first step): each run a fresh process, wall / train / compile seconds.
+- compile-cost: the train step's compile seconds and step seconds as is and with each way to compile it faster
+  (jaxtune/tools/compile_cost.py).
 - profile: a jax.profiler trace of a few train steps at one length, op time summed by kind (fusion names without
   their numbers), per step.
 """
@@ -346,7 +348,7 @@ def profile(length: int, steps_: int = 3) -> dict[str, Any]:
           "op_ms_per_step": round(total, 1), "share": {k: round(v / total, 3) for k, v in top}}
 
 
-PROBES = ("optimizer", "padding", "compile", "background", "profile")
+PROBES = ("optimizer", "padding", "compile", "background", "profile", "compile-cost")
 
 
 def run(name: str, rounds: int, length: int = 32, work_dir: Path | None = None) -> dict[str, Any]:
@@ -358,6 +360,12 @@ def run(name: str, rounds: int, length: int = 32, work_dir: Path | None = None) 
     return compile_parallel(rounds)
   if name == "background":
     return background(rounds, work_dir)
+  if name == "compile-cost":
+    from jaxtune.tools import compile_cost
+
+    result = compile_cost.measure(rounds, length)
+    print(compile_cost.table(result))
+    return result
   return profile(length)
 
 
