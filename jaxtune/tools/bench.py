@@ -88,10 +88,12 @@ def batch_arrays(spec: Spec) -> dict[str, Any]:
           "loss_mask": np.ones(shape, np.float32)}
 
 
-def _jax_side(spec: Spec, compiler_options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+def _jax_side(spec: Spec, compiler_options: dict[str, Any] | None = None,
+              tx: Any = None) -> tuple[Any, dict[str, Any]]:
   """(one-step callable, facts) for jaxtune: the jitted train step of steps.make_train_step, state donated.
 
   `compiler_options`: XLA debug options for this compile only (e.g. {"xla_cpu_enable_fast_math": True}).
+  `tx`: the optimiser (default jaxtune's AdamW with clipping, optim.make).
   """
   import jax
   import jax.numpy as jnp
@@ -108,7 +110,7 @@ def _jax_side(spec: Spec, compiler_options: dict[str, Any] | None = None) -> tup
   model_cfg = ModelConfig(path=spec.shape, scan_layers=spec.scan_layers)
   model = pretrained.from_config(spec.hf, model_cfg, num_labels, mesh, spec.seed)
   opt = OptimConfig(lr=1e-4, schedule="constant")
-  tx = optim.make(opt, 1000)
+  tx = optim.make(opt, 1000) if tx is None else tx
   shardings = steps.state_shardings(model, tx)
   state = steps.init_state(model, init_params(model, spec.seed), tx, spec.seed, shardings)
   batch_sharding = sharding.batch_sharding(mesh)

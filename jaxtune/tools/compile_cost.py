@@ -16,11 +16,9 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
-import sys
-import time
 from typing import Any
 
+from jaxtune.tools import probes
 from jaxtune.tools.spread import spread
 
 # name -> (extra XLA_FLAGS, scan_layers, optimiser)
@@ -36,16 +34,10 @@ VARIANTS = {
 def measure(rounds: int, length: int) -> dict[str, Any]:
   runs = []
   for r in range(rounds):
-    names = list(VARIANTS) if r % 2 == 0 else list(VARIANTS)[::-1]
-    for name in names:
-      flags, _, _ = VARIANTS[name]
-      env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip(),
-             "JAX_COMPILATION_CACHE_DIR": ""}
-      out = subprocess.run([sys.executable, "-m", "jaxtune.tools.compile_cost", name, str(length)], env=env,
-                           capture_output=True, text=True)
-      if out.returncode:
-        raise RuntimeError(f"compile-cost {name!r} failed ({out.returncode}):\n{out.stderr[-3000:]}")
-      runs.append({"variant": name, "round": r, **json.loads(out.stdout.strip().splitlines()[-1])})
+    for name in list(VARIANTS) if r % 2 == 0 else list(VARIANTS)[::-1]:
+      flags = f"{os.environ.get('XLA_FLAGS', '')} {VARIANTS[name][0]}".strip()
+      runs.append({"variant": name, "round": r,
+                   **probes._child(["compile-cost-child", name, str(length)], env={"XLA_FLAGS": flags})})
       print(json.dumps(runs[-1]), flush=True)
   return {"length": length, "rounds": rounds,
           "variants": {name: {k: spread(x[k] for x in runs if x["variant"] == name) for k in ("compile_s", "step_s")}
@@ -67,46 +59,13 @@ def table(result: dict[str, Any]) -> str:
 
 
 def child(name: str, length: int) -> dict[str, float]:
-  """In this fresh process: the variant's step compiled and timed."""
-  import jax
-  import jax.numpy as jnp
+  """In this fresh process (probes' compile-cost-child): the variant's step compiled, then 2 untimed and 8 timed
+  steps."""
   import optax
 
-  from jaxtune import sharding
-  from jaxtune.config import MeshConfig, ModelConfig, OptimConfig
-  from jaxtune.models.model import init_params
-  from jaxtune.tasks import TASKS
   from jaxtune.tools import bench
-  from jaxtune.train import optim, steps
-  from jaxtune.weights import pretrained
 
   _, scan, optimiser = VARIANTS[name]
   spec = bench.Spec("minilm", 32, length, "float32", 0.1, scan_layers=scan)
-  mesh = sharding.make_mesh(MeshConfig())
-  model = pretrained.from_config(spec.hf, ModelConfig(path=spec.shape, scan_layers=scan), 2, mesh, spec.seed)
-  opt = OptimConfig(lr=1e-4, schedule="constant")
-  tx = optim.make(opt, 1000) if optimiser == "adamw" else optax.sgd(1e-4)
-  shardings = steps.state_shardings(model, tx)
-  state = steps.init_state(model, init_params(model, spec.seed), tx, spec.seed, shardings)
-  batch_sharding = sharding.batch_sharding(mesh)
-  step = steps.make_train_step(model, TASKS[spec.task], tx, optim.schedule(opt, 1000), jnp.float32, shardings,
-                               batch_sharding)
-  batch = jax.device_put(bench.batch_arrays(spec), batch_sharding)
-  tick = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - tick
-  times = []
-  for i in range(10):
-    tick = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    if i >= 2:
-      times.append(time.perf_counter() - tick)
-  return {"compile_s": compile_s, "step_s": statistics.median(times)}
-
-
-if __name__ == "__main__":
-  from jaxtune import cli
-
-  cli.tune_host()  # as scripts/finetune.py: it appends its XLA flag to the variant's and may re-execute
-  print(json.dumps(child(sys.argv[1], int(sys.argv[2]))))
+  run, facts = bench._jax_side(spec, tx=optax.sgd(1e-4) if optimiser == "sgd" else None)
+  return {"compile_s": facts["compile_s"], "step_s": statistics.median(bench._timed_steps(run, 10)[2:])}

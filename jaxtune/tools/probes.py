@@ -202,9 +202,10 @@ def compile_child(mode: str, lengths: tuple[int, ...] = (32, 64)) -> dict[str, A
   return {"mode": mode, "wall_s": wall, "cpu_per_wall": (time.process_time() - cpu) / wall, "each_s": each}
 
 
-def _child(args: list[str], log: Path | None = None) -> dict[str, Any]:
-  """Runs `python -m jaxtune.tools.probes ARGS` (a fresh process); its last output line, as JSON."""
-  env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "JAX_COMPILATION_CACHE_DIR": ""}
+def _child(args: list[str], log: Path | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
+  """Runs `python -m jaxtune.tools.probes ARGS` (a fresh process, `env` added to this one's); its last output line,
+  as JSON."""
+  env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "JAX_COMPILATION_CACHE_DIR": "", **(env or {})}
   out = subprocess.run([sys.executable, "-m", "jaxtune.tools.probes", *args], cwd=matrix.REPO, env=env,
                        capture_output=True, text=True)
   if log is not None:
@@ -375,5 +376,11 @@ if __name__ == "__main__":
 
     cli.tune_host()
     print(json.dumps(compile_child(sys.argv[2])))
+  elif sys.argv[1] == "compile-cost-child":
+    from jaxtune import cli
+    from jaxtune.tools import compile_cost
+
+    cli.tune_host()  # as scripts/finetune.py: it appends its XLA flag to the variant's and may re-execute
+    print(json.dumps(compile_cost.child(sys.argv[2], int(sys.argv[3]))))
   elif sys.argv[1] == "background-child":
     background_child(sys.argv[2], sys.argv[3:])
