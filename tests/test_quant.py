@@ -121,22 +121,29 @@ def test_code_books_are_bitsandbytes():
   assert bits(quant.DYNAMIC_CODE).tolist() == bits(bnb_dynamic_map().numpy()).tolist()
 
 
-@pytest.mark.parametrize("shape", [(64, 96), (48, 1000), (7, 13)])  # whole blocks; > 256 blocks; short last blocks
-def test_nf4_matches_bitsandbytes_bit_for_bit(shape):
+# Our kernels (*in, *out); bitsandbytes quantises the torch Linear weight (out, in) they stand for.
+@pytest.mark.parametrize("shape, n_in", [((64, 96), 1), ((1000, 48), 1), ((7, 13), 1), ((4, 8, 40), 2)],
+                         ids=["whole-blocks", "over-256-blocks", "short-last-block", "two-input-dims"])
+def test_nf4_matches_bitsandbytes_bit_for_bit(shape, n_in):
   rng = np.random.default_rng(0)
   w = (rng.standard_normal(shape) * 0.02).astype(np.float32)
-  w[0, :5] = 0  # a zero, and (for the small shape) nearly a zero block
-  q = quant.quantise(jnp.asarray(w), "nf4", 0, 1)
+  n_out = int(np.prod(shape[n_in:]))
+  weight = torch.from_numpy(w.reshape(-1, n_out).T.copy())  # the torch weight: a row of inputs per output channel
+  weight[0, :5] = 0  # a zero, and (for the small shape) nearly a zero block
+  w = weight.numpy().T.reshape(shape).copy()
+  q = quant.quantise(jnp.asarray(w), "nf4", 0, n_in)
   # The one float that is not bitsandbytes' bit for bit: the absmaxes' mean, which ours rounds correctly (float64
   # sum) and torch's float32 sum rounds its own way. Within an ulp of torch's; from it, everything is bit for bit.
-  absmax = bnb_blockwise(torch.from_numpy(w), torch.tensor(BNB_NF4), 64)[1]
+  absmax = bnb_blockwise(weight, torch.tensor(BNB_NF4), 64)[1]
   assert abs(int(bits(q.offset)) - int(bits(absmax.mean().numpy()))) <= 1
   assert float(q.offset) == np.float32(absmax.numpy().astype(np.float64).mean())
-  ref = bnb_nf4(torch.from_numpy(w), torch.tensor(np.asarray(q.offset)))
+  ref = bnb_nf4(weight, torch.tensor(np.asarray(q.offset)))
   for name in ("codes", "absmax", "absmax_scale", "offset"):
     assert bits(getattr(q, name)).tolist() == bits(ref[name].numpy()).tolist(), name
-  ours = np.asarray(quant.dequantise(q)).reshape(-1)
-  assert bits(ours).tolist() == bits(bnb_dequant_nf4(ref, w.size).numpy()).tolist()
+  ours = np.asarray(quant.dequantise(q))
+  assert ours.shape == shape
+  theirs = bnb_dequant_nf4(ref, w.size).numpy().reshape(n_out, -1).T.reshape(shape)
+  assert bits(ours).tolist() == bits(theirs).tolist()
 
 
 def test_nf4_and_int8_per_layer_and_matmul_gradient():
@@ -356,7 +363,7 @@ def test_nf4_error_on_the_packaged_q4_1_weights_is_that_of_gaussian_weights():
 
   tensor = next(t for t in gguf_package.GGUFReader(gguf.find_packaged_smollm2()).tensors
                 if t.name == "blk.3.ffn_up.weight")
-  w = quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+  w = quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32).T  # our kernel (in, out)
 
   def error(w):
     back = np.asarray(quant.dequantise(quant.quantise(jnp.asarray(w)[None], "nf4", 1, 1)))[0]

@@ -6,11 +6,12 @@ bitsandbytes would make, so that an adapter trained here sees the weights PEFT +
 and the test holds the code book and the block quantiser to bitsandbytes bit for bit. Both are small enough
 to own: a code book lookup, absmax blocks, and a custom VJP.
 
-NF4, as bitsandbytes' `quantize_4bit(quant_type="nf4", blocksize=64, compress_statistics=True)`: the
-flattened kernel in blocks of 64; each block scaled by its absmax into [-1, 1] and every value replaced by
-the index of the nearest of 16 NormalFloat levels (bucketised at the midpoints), two indices a byte (the
-first in the high nibble). Double quantisation: the float32 absmaxes, less their mean (`offset`), are
-quantised in blocks of 256 with bitsandbytes' signed 8-bit dynamic code book, keeping one float32 absmax
+NF4, as bitsandbytes' `quantize_4bit(quant_type="nf4", blocksize=64, compress_statistics=True)` quantises a
+torch Linear's weight: the kernel flattened in torch's (*out, *in) order, so each block of 64 runs along the
+inputs of one output channel, as in a PEFT + bitsandbytes base; each block scaled by its absmax into [-1, 1] and
+every value replaced by the index of the nearest of 16 NormalFloat levels (bucketised at the midpoints), two
+indices a byte (the first in the high nibble). Double quantisation: the float32 absmaxes, less their mean
+(`offset`), are quantised in blocks of 256 with bitsandbytes' signed 8-bit dynamic code book, keeping one float32 absmax
 per 256 blocks. So a weight costs 4 + 8/64 + 32/(64*256) bits. int8: one absmax per output channel
 (bitsandbytes' `int8_vectorwise_quant` rows), q = round(w * 127 / absmax).
 
@@ -70,13 +71,15 @@ DYNAMIC_CODE = np.frombuffer(bytes.fromhex(
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class NF4:
-  """A kernel (*lead, *shape) in NF4: codes (*lead, ceil(n/2)) uint8, absmax (*lead, blocks) uint8 (dynamic code
-  indices), absmax_scale (*lead, ceil(blocks/256)) float32, offset (*lead,) float32; n = prod(shape)."""
+  """A kernel (*lead, *shape) in NF4, flattened in torch's order (*out, *in): codes (*lead, ceil(n/2)) uint8,
+  absmax (*lead, blocks) uint8 (dynamic code indices), absmax_scale (*lead, ceil(blocks/256)) float32, offset
+  (*lead,) float32; n = prod(shape)."""
   codes: jax.Array
   absmax: jax.Array
   absmax_scale: jax.Array
   offset: jax.Array
-  shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})  # one layer's kernel
+  shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})  # one layer's kernel, our (*in, *out)
+  n_in: int = dataclasses.field(default=1, metadata={"static": True})  # codes run in torch's (*out, *in) order
 
 
 @jax.tree_util.register_dataclass
@@ -120,9 +123,14 @@ def _unblock(values: jax.Array, absmax: jax.Array, block: int) -> jax.Array:
   return out.reshape(-1)[:n]
 
 
-def _nf4_codes(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(packed NF4 codes, float32 absmax per block of 64) of one layer's kernel."""
-  flat = w.reshape(-1)
+def _torch_order(w: jax.Array, n_in: int) -> jax.Array:
+  """One layer's kernel (*in, *out) as torch's Linear weight (*out, *in) flattens it."""
+  return jnp.moveaxis(w, tuple(range(n_in)), tuple(range(w.ndim - n_in, w.ndim))).reshape(-1)
+
+
+def _nf4_codes(w: jax.Array, n_in: int) -> tuple[jax.Array, jax.Array]:
+  """(packed NF4 codes, float32 absmax per block of 64) of one layer's kernel, in torch's order."""
+  flat = _torch_order(w, n_in)
   idx, absmax = _blockwise(flat, NF4_CODE, NF4_BLOCK)
   idx = jnp.pad(idx, (0, flat.shape[0] % 2))
   return (idx[::2] << 4) | idx[1::2], absmax
@@ -169,13 +177,14 @@ def quantise(w: jax.Array, kind: str, n_lead: int, n_in: int, out: Quantised | N
   w = w.astype(jnp.float32)
   put = (lambda *names: tuple(getattr(out, n) for n in names)) if out is not None else (lambda *names: None)
   if kind == "nf4":
-    codes, absmax = jax.jit(_over_lead(_nf4_codes, n_lead), out_shardings=put("codes", "absmax"))(w)
+    codes, absmax = jax.jit(_over_lead(functools.partial(_nf4_codes, n_in=n_in), n_lead),
+                            out_shardings=put("codes", "absmax"))(w)
     # The mean is taken on the host in float64, so the offset is the correctly rounded mean on every platform;
     # bitsandbytes' is its backend's float32 sum (its CPU and CUDA kernels round differently), within an ulp of it.
     offset = _on_host(absmax).astype(np.float64).mean(axis=-1).astype(np.float32)
     offset = jax.device_put(offset, out.offset) if out is not None else jnp.asarray(offset)
     second = jax.jit(_over_lead(_second_level, n_lead), out_shardings=put("absmax", "absmax_scale"))
-    return NF4(codes, *second(absmax, offset), offset, shape=tuple(w.shape[n_lead:]))
+    return NF4(codes, *second(absmax, offset), offset, shape=tuple(w.shape[n_lead:]), n_in=n_in)
   if kind == "int8":
     return jax.jit(functools.partial(_int8, n_lead=n_lead, n_in=n_in), out_shardings=out)(w)
   raise ValueError(f"no quantisation {kind!r}")
@@ -193,10 +202,10 @@ def _on_host(x: jax.Array) -> np.ndarray:
 def abstract(w: jax.ShapeDtypeStruct, kind: str, n_lead: int, n_in: int) -> Quantised:
   """The shapes and dtypes `quantise` gives a kernel shaped like `w`, computing nothing."""
   if kind == "nf4":
-    codes, absmax = jax.eval_shape(_over_lead(_nf4_codes, n_lead), w)
+    codes, absmax = jax.eval_shape(_over_lead(functools.partial(_nf4_codes, n_in=n_in), n_lead), w)
     offset = jax.ShapeDtypeStruct(w.shape[:n_lead], jnp.float32)
     return NF4(codes, *jax.eval_shape(_over_lead(_second_level, n_lead), absmax, offset), offset,
-               shape=tuple(w.shape[n_lead:]))
+               shape=tuple(w.shape[n_lead:]), n_in=n_in)
   return jax.eval_shape(functools.partial(_int8, n_lead=n_lead, n_in=n_in), w)
 
 
@@ -205,8 +214,8 @@ def placement(q: Quantised, kernel: NamedSharding) -> Quantised:
   that FSDP and tensor parallelism split a quantised base as they split a float one.
 
   Every array keeps the kernel's leading (layer) axes. Int8 codes are the kernel's shape and take its spec; their
-  absmax takes the spec of the kernel's output dims. NF4's codes and first-level absmaxes are flat, in the
-  kernel's row-major order, so they are split in even contiguous runs over every mesh axis that splits the kernel
+  absmax takes the spec of the kernel's output dims. NF4's codes and first-level absmaxes are flat, in torch's
+  (*out, *in) order, so they are split in even contiguous runs over every mesh axis that splits the kernel
   (where the runs hold whole blocks of 64; else they stay whole); the second-level scales and the offset, 1/16384
   of the weights, are replicated. Inside the step a layer's dequantised kernel is then resharded as its float
   kernel would be gathered (XLA chooses where)."""
@@ -223,7 +232,7 @@ def placement(q: Quantised, kernel: NamedSharding) -> Quantised:
   flat = (axes if len(axes) > 1 else axes[0]) if even else None
   whole = NamedSharding(mesh, P(*lead, None))
   return NF4(NamedSharding(mesh, P(*lead, flat)), NamedSharding(mesh, P(*lead, flat)), whole,
-             NamedSharding(mesh, P(*lead)), shape=q.shape)
+             NamedSharding(mesh, P(*lead)), shape=q.shape, n_in=q.n_in)
 
 
 def held_bytes(q: Quantised) -> int:
@@ -238,7 +247,11 @@ def dequantise(q: Quantised) -> jax.Array:
     n = math.prod(q.shape)
     fn = _over_lead(lambda c, a, s, o: _nf4_dequant_one(c, a, s, o, n), n_lead)
     flat = fn(q.codes, q.absmax, q.absmax_scale, q.offset)
-    return flat.reshape(*flat.shape[:n_lead], *q.shape)
+    shape_in, shape_out = q.shape[:q.n_in], q.shape[q.n_in:]
+    torch_order = flat.reshape(*flat.shape[:n_lead], *shape_out, *shape_in)
+    n_out = len(shape_out)
+    return jnp.moveaxis(torch_order, tuple(range(n_lead + n_out, n_lead + n_out + q.n_in)),
+                        tuple(range(n_lead, n_lead + q.n_in)))
   n_in = q.codes.ndim - q.absmax.ndim
   scale = q.absmax * (1.0 / 127.0)
   return q.codes.astype(jnp.float32) * jnp.expand_dims(scale, tuple(range(q.absmax.ndim - q.n_out,
