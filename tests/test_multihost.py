@@ -10,7 +10,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, records, run_script, with_devices
+import yaml
+from conftest import REPO, records, run_script, with_devices, write_config
 
 from jaxtune import distributed, sharding
 from jaxtune import params as params_lib
@@ -88,6 +89,31 @@ def test_two_processes_match_one_process_with_eight_devices(multihost_config, tm
   starts = [r for r in records(tmp_path / "two") if r.get("event") in ("start", "resume")]
   assert [r["mesh"] for r in starts] == [{"data": 4, "fsdp": 2, "tensor": 1}, {"data": 4, "fsdp": 1, "tensor": 2}]
   assert [r["processes"] for r in starts] == [2, 1]
+
+
+def test_two_processes_quantise_an_nf4_base_and_train_it_as_one_process(tiny_llama_dir, reviews, tmp_path):
+  """QLoRA across processes, params split over both (fsdp=8): each process quantises the NF4 kernels' shards its
+  devices hold, the absmaxes' mean taken over both processes' blocks, and LoRA trains as in one process."""
+  path = write_config(tmp_path / "c.yaml", tiny_llama_dir, reviews, train={"max_steps": 3, "eval_every": 3},
+                      model={"new_params": [], "frozen_dtype": "nf4",
+                             "lora": {"targets": [r"layers\.(attn|mlp)\..*\.kernel"], "rank": 4}})
+  raw = yaml.safe_load(path.read_text())
+  raw["task"] = "causal_lm"
+  raw["data"].update(prompt_template="{review:.150}\n", response_column="score")
+  del raw["data"]["label_column"]
+  path.write_text(yaml.safe_dump(raw))
+  mesh = ["mesh.data=1", "mesh.fsdp=8"]
+  one = run_script("finetune.py", "--config", path, "--run-dir", tmp_path / "one", *mesh,
+                   env={**os.environ, "XLA_FLAGS": with_devices(8)})
+  assert one.returncode == 0, one.stderr[-3000:]
+  for code, _, err in launch_two_processes(path, tmp_path / "two", *mesh):
+    assert code == 0, err[-3000:]
+  want, got = records(tmp_path / "one"), records(tmp_path / "two")
+  assert got[0]["processes"] == 2
+  losses = {run: [(r["step"], r.get("split"), r["loss"]) for r in recs if "loss" in r]
+            for run, recs in (("one", want), ("two", got))}
+  assert len(losses["one"]) == 4 and [k[:2] for k in losses["two"]] == [k[:2] for k in losses["one"]]
+  np.testing.assert_allclose([k[2] for k in losses["two"]], [k[2] for k in losses["one"]], rtol=1e-5)
 
 
 @pytest.mark.parametrize(("env", "want"), [
