@@ -145,6 +145,23 @@ def write_config(path: Path, model_dir: Path, reviews: dict[str, Path], **sectio
   return path
 
 
+def lm_config(tmp_path: Path, model_dir: Path, reviews: dict[str, Path], sections: dict | None = None,
+              **data) -> Path:
+  """A small causal-LM config on `model_dir` and the review csvs, `data` keys added; `sections` merge in."""
+  cfg = {"task": "causal_lm", "model": {"path": str(model_dir), "new_params": []},
+         "data": {"train": str(reviews["train"]), "test": str(reviews["test"]), "validation_holdout": 16,
+                  "max_len": 64, **data},
+         "optim": {"lr": 3e-3, "warmup_steps": 0, "schedule": "constant"},
+         "train": {"batch_size": 8, "eval_batch_size": 8, "max_steps": 6, "eval_every": 3, "log_every": 1},
+         "checkpoint": {"best_metric": "loss", "best_mode": "min"},
+         "generate": {"max_new_tokens": 3, "exact_match": "response_column" in data}}
+  for section, values in (sections or {}).items():
+    cfg.setdefault(section, {}).update(values)
+  path = tmp_path / "lm.yaml"
+  path.write_text(yaml.safe_dump(cfg))
+  return path
+
+
 def records(run_dir: Path) -> list[dict]:
   """Every record of a run's metrics.jsonl, in order."""
   return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

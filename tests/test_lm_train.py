@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import transformers
 import yaml
-from conftest import export_run, records, run_script
+from conftest import export_run, lm_config, records, run_script
 
 from jaxtune import config, sharding
 from jaxtune.config import MeshConfig, ModelConfig
@@ -23,20 +23,6 @@ from jaxtune.train import loop, steps
 from jaxtune.weights import pretrained
 
 LM = TASKS["causal_lm"]
-
-
-def lm_config(tmp_path, model_dir, reviews, **data):
-  cfg = {"task": "causal_lm", "model": {"path": str(model_dir), "new_params": []},
-         "data": {"train": str(reviews["train"]), "test": str(reviews["test"]), "validation_holdout": 16,
-                  "max_len": 64, **data},
-         "optim": {"lr": 3e-3, "warmup_steps": 0, "schedule": "constant"},
-         "train": {"batch_size": 8, "eval_batch_size": 8, "max_steps": 6, "eval_every": 3, "log_every": 1},
-         "checkpoint": {"best_metric": "loss", "best_mode": "min"},
-         "generate": {"max_new_tokens": 3, "exact_match": "response_column" in data}}
-  path = tmp_path / "lm.yaml"
-  path.write_text(yaml.safe_dump(cfg))
-  return path
-
 
 
 def test_packed_text_finetune_lowers_loss_and_evaluate_reproduces_it(tmp_path, tiny_llama_dir, reviews):

@@ -10,8 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-import yaml
-from conftest import REPO, records, run_script, with_devices, write_config
+from conftest import REPO, lm_config, records, run_script, with_devices
 
 from jaxtune import distributed, sharding
 from jaxtune import params as params_lib
@@ -94,14 +93,10 @@ def test_two_processes_match_one_process_with_eight_devices(multihost_config, tm
 def test_two_processes_quantise_an_nf4_base_and_train_it_as_one_process(tiny_llama_dir, reviews, tmp_path):
   """QLoRA across processes, params split over both (fsdp=8): each process quantises the NF4 kernels' shards its
   devices hold, the absmaxes' mean taken over both processes' blocks, and LoRA trains as in one process."""
-  path = write_config(tmp_path / "c.yaml", tiny_llama_dir, reviews, train={"max_steps": 3, "eval_every": 3},
-                      model={"new_params": [], "frozen_dtype": "nf4",
-                             "lora": {"targets": [r"layers\.(attn|mlp)\..*\.kernel"], "rank": 4}})
-  raw = yaml.safe_load(path.read_text())
-  raw["task"] = "causal_lm"
-  raw["data"].update(prompt_template="{review:.150}\n", response_column="score")
-  del raw["data"]["label_column"]
-  path.write_text(yaml.safe_dump(raw))
+  path = lm_config(tmp_path, tiny_llama_dir, reviews, prompt_template="{review:.150}\n", response_column="score",
+                   sections={"model": {"frozen_dtype": "nf4",
+                                       "lora": {"targets": [r"layers\.(attn|mlp)\..*\.kernel"], "rank": 4}},
+                             "train": {"max_steps": 3}})
   mesh = ["mesh.data=1", "mesh.fsdp=8"]
   one = run_script("finetune.py", "--config", path, "--run-dir", tmp_path / "one", *mesh,
                    env={**os.environ, "XLA_FLAGS": with_devices(8)})
