@@ -79,7 +79,7 @@ class NF4:
   absmax_scale: jax.Array
   offset: jax.Array
   shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})  # one layer's kernel, our (*in, *out)
-  n_in: int = dataclasses.field(default=1, metadata={"static": True})  # codes run in torch's (*out, *in) order
+  n_in: int = dataclasses.field(metadata={"static": True})  # codes run in torch's (*out, *in) order
 
 
 @jax.tree_util.register_dataclass
